@@ -1,0 +1,68 @@
+//! Backends: where a volume's data lives. Each prepares and releases storage and says where the data is
+//! reachable; none knows Docker's protocol, and none is asked anything on the Get/List/Path path except
+//! `is_attached` and `status`, which answer from memory and a mount-table snapshot.
+
+mod local;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+use crate::mount::{MountError, MountTable};
+use crate::spec::{BackendKind, VolumeSpec};
+
+pub use local::LocalBackend;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} already exists but no volume record owns it; move it away or pick another volume name")]
+    Orphan { path: PathBuf },
+    #[error("the data of this volume is missing at {path}; restore it from a backup or remove the volume")]
+    Missing { path: PathBuf },
+    #[error("{path} is still mounted; stop whatever uses it and try again")]
+    StillMounted { path: PathBuf },
+    #[error("the {0} backend failed: {1}")]
+    Internal(BackendKind, String),
+}
+
+impl BackendError {
+    pub fn io<'a>(
+        op: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> BackendError + 'a {
+        move |source| BackendError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Storage for volumes. Every method is idempotent, because a crash can interrupt any of them and start-up
+/// reconciliation runs them again.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    /// Provisions the volume's storage.
+    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
+    /// Deletes the volume's storage and data; succeeds if there is nothing left to delete.
+    async fn remove(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
+    /// Makes the data reachable and returns where; called by the first active mount.
+    async fn attach(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError>;
+    /// Releases what `attach` set up; called when the last mount goes away.
+    async fn detach(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
+    /// Whether what `attach` sets up is in place right now, judged only from the given mount table; `None`
+    /// when the volume has nothing to attach (its data is always reachable).
+    fn is_attached(&self, name: &str, spec: &VolumeSpec, table: &MountTable) -> Option<bool>;
+    /// Backend facts for `Status`, known without any I/O.
+    fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value>;
+}

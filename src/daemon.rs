@@ -1,0 +1,81 @@
+//! `ferry serve`: puts the pieces together in the order correctness needs: state directory, catalog,
+//! reconciliation with the mount table, and only then the socket, so Docker never talks to a plugin that
+//! has not yet loaded its state. Shutdown stops accepting, finishes calls in flight, removes the socket and
+//! leaves every mount in place: containers may still be using them.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::backend::{Backend, LocalBackend};
+use crate::catalog::RedbCatalog;
+use crate::config::ServeConfig;
+use crate::mount::{Mounter, SystemMounter};
+use crate::plugin;
+use crate::service::VolumeService;
+
+/// Runs the plugin until SIGTERM or SIGINT.
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let state = &config.state_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state)
+        .with_context(|| format!("cannot create the state directory {}", state.display()))?;
+    // The catalog may name volumes and options: keep it from other users even if the directory existed.
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict the state directory {}", state.display()))?;
+
+    // Refuse early if another plugin answers on the socket, before touching any state.
+    if config.socket.exists() && std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
+        anyhow::bail!(plugin::SocketError::InUse(config.socket.clone()));
+    }
+
+    let catalog = Arc::new(
+        RedbCatalog::open(&state.join("catalog.redb")).context("cannot open the catalog")?,
+    );
+    let mounter: Arc<dyn Mounter> = Arc::new(SystemMounter);
+    let local: Arc<dyn Backend> =
+        Arc::new(LocalBackend::new(state.join("local"), mounter.clone())?);
+    let (service, report) =
+        VolumeService::start(catalog, vec![local], mounter, config.defaults.clone())
+            .await
+            .context("start-up reconciliation failed")?;
+    tracing::info!(
+        volumes = report.volumes,
+        adopted = report.adopted,
+        remounted = report.remounted,
+        released = report.released,
+        rolled_back = report.rolled_back,
+        removed = report.removed,
+        failed = report.failed,
+        "state reconciled"
+    );
+
+    let listener = plugin::bind_socket(&config.socket)?;
+    tracing::info!(socket = %config.socket.display(), state_dir = %state.display(), "ferry is serving");
+    plugin::serve(listener, service, shutdown_signal()).await;
+    match std::fs::remove_file(&config.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(error = %e, "cannot remove the socket"),
+    }
+    tracing::info!("stopped; mounts in use were left in place");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the plugin with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,19 @@
+//! Ferry: a Docker volume plugin that routes each volume to a backend.
+//!
+//! - `config`: flags, environment and the TOML file merged into one typed configuration.
+//! - `daemon`: `ferry serve`, which wires the parts together and owns start-up and shutdown order.
+//! - `plugin`: Docker's volume-plugin protocol (wire types, routing, the HTTP server on the Unix socket).
+//! - `service`: `VolumeService`, the protocol-agnostic core (locks, mount counts, reconciliation).
+//! - `spec`: validation of volume names and options into a `VolumeSpec`.
+//! - `catalog`: the persistent record of volumes, behind a compare-and-swap trait.
+//! - `backend`: the `Backend` trait and the `local` backend.
+//! - `mount`: mount(2), loop devices, mkfs and the mount table, with a recording double for tests.
+
+pub mod backend;
+pub mod catalog;
+pub mod config;
+pub mod daemon;
+pub mod mount;
+pub mod plugin;
+pub mod service;
+pub mod spec;

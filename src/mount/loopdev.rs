@@ -1,0 +1,129 @@
+//! Loop devices through ioctls: claim a free device from `/dev/loop-control` and bind it to an image with
+//! LOOP_CONFIGURE and autoclear, so unmounting the filesystem is all it takes to release the device.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+use super::MountError;
+
+const LOOP_CTL_GET_FREE: u16 = 0x4C82;
+const LOOP_CONFIGURE: u16 = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LOOP_MAJOR: u64 = 7;
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+nix::ioctl_none_bad!(loop_ctl_get_free, LOOP_CTL_GET_FREE);
+nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
+
+/// An open, configured loop device. Dropping it closes our descriptor; with autoclear the kernel then
+/// releases the device as soon as nothing (no mount) holds it.
+pub struct LoopDevice {
+    _file: File,
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn open_device(n: u32) -> std::io::Result<File> {
+    let path = PathBuf::from(format!("/dev/loop{n}"));
+    match OpenOptions::new().read(true).write(true).open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Some minimal /dev setups (containers) do not create nodes for new loop devices.
+            let dev = makedev(LOOP_MAJOR, u64::from(n));
+            mknod(&path, SFlag::S_IFBLK, Mode::from_bits_truncate(0o660), dev)?;
+            OpenOptions::new().read(true).write(true).open(&path)
+        }
+        other => other,
+    }
+}
+
+/// Binds `image` to a free loop device.
+pub fn attach(image: &Path) -> Result<LoopDevice, MountError> {
+    let err = |errno: Errno| MountError::Loop {
+        path: image.to_path_buf(),
+        errno,
+    };
+    let backing = OpenOptions::new().read(true).write(true).open(image)?;
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .map_err(|e| err(Errno::from_raw(e.raw_os_error().unwrap_or(libc::ENODEV))))?;
+    // Another process may claim the device between GET_FREE and CONFIGURE; that shows as EBUSY, so retry.
+    for _ in 0..16 {
+        // SAFETY: the descriptor is an open /dev/loop-control; the ioctl takes no argument.
+        let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }.map_err(err)?;
+        let n = u32::try_from(n).map_err(|_| err(Errno::EINVAL))?;
+        let dev = open_device(n)
+            .map_err(|e| err(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        let mut name = [0u8; 64];
+        let raw = image.as_os_str().as_encoded_bytes();
+        let len = raw.len().min(63);
+        name[..len].copy_from_slice(&raw[..len]);
+        let config = LoopConfig {
+            fd: u32::try_from(backing.as_raw_fd()).map_err(|_| err(Errno::EBADF))?,
+            block_size: 0,
+            info: LoopInfo64 {
+                lo_device: 0,
+                lo_inode: 0,
+                lo_rdevice: 0,
+                lo_offset: 0,
+                lo_sizelimit: 0,
+                lo_number: 0,
+                lo_encrypt_type: 0,
+                lo_encrypt_key_size: 0,
+                lo_flags: LO_FLAGS_AUTOCLEAR,
+                lo_file_name: name,
+                lo_crypt_name: [0; 64],
+                lo_encrypt_key: [0; 32],
+                lo_init: [0; 2],
+            },
+            reserved: [0; 8],
+        };
+        // SAFETY: `dev` is an open loop device and `config` is a properly laid out, initialised
+        // struct loop_config that outlives the call.
+        match unsafe { loop_configure(dev.as_raw_fd(), &config) } {
+            Ok(_) => {
+                return Ok(LoopDevice {
+                    _file: dev,
+                    path: PathBuf::from(format!("/dev/loop{n}")),
+                })
+            }
+            Err(Errno::EBUSY) => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(err(Errno::EBUSY))
+}

@@ -1,0 +1,845 @@
+//! `VolumeService`: the protocol-agnostic core.
+//!
+//! It owns per-volume serialisation, mount counts per mount ID, idempotency and start-up reconciliation.
+//! Every state change is durable in the catalog before a call returns. An in-memory view mirrors the catalog
+//! so that Get, List and Path are answered from memory: they never wait for a per-volume lock, a backend or
+//! a network. It must not know about HTTP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::OwnedMutexGuard;
+
+use crate::backend::{Backend, BackendError};
+use crate::catalog::{Catalog, CatalogError, Expect, Versioned, VolumeRecord, VolumeState};
+use crate::mount::{MountError, Mounter};
+use crate::spec::{self, BackendKind, SpecDefaults, SpecError, VolumeSpec};
+
+/// The longest mount ID accepted; Docker's are 64 hex characters.
+const MAX_MOUNT_ID_LEN: usize = 256;
+
+/// Errors of the core, each with a message a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidSpec(#[from] SpecError),
+    #[error("invalid mount ID: {0}")]
+    BadMountId(&'static str),
+    #[error("volume {0:?} does not exist")]
+    NotFound(String),
+    #[error("volume {name:?} already exists with a different value for option {option:?}; remove it first or use the same options")]
+    Conflict { name: String, option: &'static str },
+    #[error("volume {name:?} is in use by {mounts} active mount(s); stop the containers using it and try again")]
+    InUse { name: String, mounts: u64 },
+    #[error("volume {name:?} is {state}; try again when that has finished")]
+    Busy { name: String, state: &'static str },
+    #[error("backend {0} is not enabled on this host; enable it in the configuration file")]
+    BackendUnavailable(BackendKind),
+    #[error("volume {name:?}: {source}")]
+    Backend { name: String, source: BackendError },
+    #[error("volume {name:?}: the state could not be saved ({source}); nothing was changed")]
+    Catalog { name: String, source: CatalogError },
+    #[error("{op} of volume {name:?} did not finish within {secs} s; it goes on in the background, try again later")]
+    Timeout {
+        op: &'static str,
+        name: String,
+        secs: u64,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// Whether this is the caller's mistake (logged quietly) or the host's problem (logged as an error).
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            ServiceError::InvalidSpec(_)
+                | ServiceError::BadMountId(_)
+                | ServiceError::NotFound(_)
+                | ServiceError::Conflict { .. }
+                | ServiceError::InUse { .. }
+                | ServiceError::Busy { .. }
+                | ServiceError::BackendUnavailable(_)
+        )
+    }
+}
+
+type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// What Get returns about a volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub mountpoint: Option<PathBuf>,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub status: Map<String, Value>,
+}
+
+/// What List returns about a volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeSummary {
+    pub name: String,
+    pub mountpoint: Option<PathBuf>,
+}
+
+/// What start-up reconciliation did, for the log and for tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub volumes: usize,
+    pub adopted: usize,
+    pub remounted: usize,
+    pub released: usize,
+    pub rolled_back: usize,
+    pub removed: usize,
+    pub failed: usize,
+}
+
+/// Holds a volume's lock; on drop, forgets the lock entry if nobody else wants it, so churn of anonymous
+/// volumes does not grow the lock table forever.
+struct VolumeGuard<'a> {
+    service: &'a VolumeService,
+    name: String,
+    _guard: OwnedMutexGuard<()>,
+}
+
+impl Drop for VolumeGuard<'_> {
+    fn drop(&mut self) {
+        let mut locks = self.service.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: the table's and the one inside our guard. Any waiter holds a third.
+        if locks
+            .get(&self.name)
+            .is_some_and(|m| Arc::strong_count(m) == 2)
+        {
+            locks.remove(&self.name);
+        }
+    }
+}
+
+/// The core of Ferry.
+pub struct VolumeService {
+    catalog: Arc<dyn Catalog>,
+    backends: BTreeMap<BackendKind, Arc<dyn Backend>>,
+    mounter: Arc<dyn Mounter>,
+    defaults: SpecDefaults,
+    view: RwLock<BTreeMap<String, Arc<Versioned<VolumeRecord>>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn validate_mount_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(ServiceError::BadMountId(
+            "it is empty (Docker 1.12 or newer sends one)",
+        ));
+    }
+    if id.len() > MAX_MOUNT_ID_LEN {
+        return Err(ServiceError::BadMountId("it is longer than 256 bytes"));
+    }
+    if id.chars().any(|c| c.is_control()) {
+        return Err(ServiceError::BadMountId("it contains control characters"));
+    }
+    Ok(())
+}
+
+impl VolumeService {
+    /// Loads the catalog and reconciles it with the mount table. The service must not answer requests
+    /// before this returns.
+    pub async fn start(
+        catalog: Arc<dyn Catalog>,
+        backends: Vec<Arc<dyn Backend>>,
+        mounter: Arc<dyn Mounter>,
+        defaults: SpecDefaults,
+    ) -> Result<(Arc<Self>, ReconcileReport)> {
+        let records = catalog
+            .load()
+            .await
+            .map_err(|source| ServiceError::Catalog {
+                name: "*".into(),
+                source,
+            })?;
+        let service = Arc::new(VolumeService {
+            catalog,
+            backends: backends.into_iter().map(|b| (b.kind(), b)).collect(),
+            mounter,
+            defaults,
+            view: RwLock::new(
+                records
+                    .into_iter()
+                    .map(|r| (r.value.name.clone(), Arc::new(r)))
+                    .collect(),
+            ),
+            locks: Mutex::new(HashMap::new()),
+            tasks: tokio_util::task::TaskTracker::new(),
+        });
+        let report = service.reconcile().await?;
+        Ok((service, report))
+    }
+
+    pub fn defaults(&self) -> &SpecDefaults {
+        &self.defaults
+    }
+
+    async fn lock(&self, name: &str) -> VolumeGuard<'_> {
+        let mutex = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(name.to_string()).or_default().clone()
+        };
+        VolumeGuard {
+            service: self,
+            name: name.to_string(),
+            _guard: mutex.lock_owned().await,
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<Versioned<VolumeRecord>>> {
+        self.view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn backend(&self, kind: BackendKind) -> Result<&Arc<dyn Backend>> {
+        self.backends
+            .get(&kind)
+            .ok_or(ServiceError::BackendUnavailable(kind))
+    }
+
+    /// Writes a record durably, then publishes it to the view.
+    async fn store(
+        &self,
+        record: VolumeRecord,
+        expect: Expect,
+    ) -> Result<Arc<Versioned<VolumeRecord>>> {
+        let name = record.name.clone();
+        let revision = self
+            .catalog
+            .put(record.clone(), expect)
+            .await
+            .map_err(|source| ServiceError::Catalog {
+                name: name.clone(),
+                source,
+            })?;
+        let entry = Arc::new(Versioned {
+            value: record,
+            revision,
+        });
+        self.view
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, entry.clone());
+        Ok(entry)
+    }
+
+    async fn forget(&self, name: &str, revision: u64) -> Result<()> {
+        self.catalog
+            .delete(name, revision)
+            .await
+            .map_err(|source| ServiceError::Catalog {
+                name: name.to_string(),
+                source,
+            })?;
+        self.view
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(())
+    }
+
+    fn backend_error(name: &str) -> impl FnOnce(BackendError) -> ServiceError + '_ {
+        move |source| ServiceError::Backend {
+            name: name.to_string(),
+            source,
+        }
+    }
+
+    /// Creates a volume, or succeeds if it exists with the same options.
+    pub async fn create(&self, name: &str, opts: Option<&BTreeMap<String, String>>) -> Result<()> {
+        spec::validate_name(name)?;
+        let spec = VolumeSpec::from_options(opts, &self.defaults)?;
+        let _guard = self.lock(name).await;
+        if let Some(existing) = self.lookup(name) {
+            let rec = &existing.value;
+            return match rec.state {
+                VolumeState::Creating | VolumeState::Removing => Err(ServiceError::Busy {
+                    name: name.into(),
+                    state: rec.state.as_str(),
+                }),
+                _ => match rec.spec.first_difference(&spec) {
+                    Some(option) => Err(ServiceError::Conflict {
+                        name: name.into(),
+                        option,
+                    }),
+                    None => Ok(()),
+                },
+            };
+        }
+        let backend = self.backend(spec.backend)?.clone();
+        let mut record = VolumeRecord {
+            name: name.to_string(),
+            spec: spec.clone(),
+            created_at: now_secs(),
+            state: VolumeState::Creating,
+            mounts: BTreeMap::new(),
+            mountpoint: None,
+        };
+        let creating = self.store(record.clone(), Expect::Absent).await?;
+        if let Err(e) = backend.create(name, &spec).await {
+            // Roll back so a retry starts clean; an orphan directory is not ours to delete.
+            if !matches!(e, BackendError::Orphan { .. }) {
+                if let Err(cleanup) = backend.remove(name, &spec).await {
+                    tracing::warn!(volume = name, error = %cleanup, "cleanup after a failed create failed");
+                }
+            }
+            self.forget(name, creating.revision).await?;
+            return Err(Self::backend_error(name)(e));
+        }
+        record.state = VolumeState::Ready;
+        self.store(record, Expect::Revision(creating.revision))
+            .await?;
+        tracing::info!(volume = name, backend = %spec.backend, "volume created");
+        Ok(())
+    }
+
+    /// Removes a volume and its data; refuses while any mount ID is active.
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        spec::validate_name(name)?;
+        let _guard = self.lock(name).await;
+        let entry = self
+            .lookup(name)
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let rec = &entry.value;
+        if rec.state == VolumeState::Creating {
+            return Err(ServiceError::Busy {
+                name: name.into(),
+                state: rec.state.as_str(),
+            });
+        }
+        let mounts = rec.active_mounts();
+        if mounts > 0 {
+            return Err(ServiceError::InUse {
+                name: name.into(),
+                mounts,
+            });
+        }
+        let backend = self.backend(rec.spec.backend)?.clone();
+        let mut removing = rec.clone();
+        removing.state = VolumeState::Removing;
+        let marked = self
+            .store(removing.clone(), Expect::Revision(entry.revision))
+            .await?;
+        if let Err(e) = backend.remove(name, &rec.spec).await {
+            removing.state = VolumeState::Ready;
+            self.store(removing, Expect::Revision(marked.revision))
+                .await?;
+            return Err(Self::backend_error(name)(e));
+        }
+        self.forget(name, marked.revision).await?;
+        tracing::info!(volume = name, "volume removed");
+        Ok(())
+    }
+
+    /// Mounts a volume for one Docker mount ID and returns where its data is.
+    pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
+        spec::validate_name(name)?;
+        validate_mount_id(id)?;
+        let _guard = self.lock(name).await;
+        let entry = self
+            .lookup(name)
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let mut rec = entry.value.clone();
+        if rec.state != VolumeState::Ready {
+            return Err(ServiceError::Busy {
+                name: name.into(),
+                state: rec.state.as_str(),
+            });
+        }
+        if let Some(mountpoint) = rec.mountpoint.clone() {
+            *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
+            self.store(rec, Expect::Revision(entry.revision)).await?;
+            return Ok(mountpoint);
+        }
+        let backend = self.backend(rec.spec.backend)?.clone();
+        rec.state = VolumeState::Attaching;
+        let marked = self
+            .store(rec.clone(), Expect::Revision(entry.revision))
+            .await?;
+        let attached = backend.attach(name, &rec.spec).await;
+        rec.state = VolumeState::Ready;
+        let path = match attached {
+            Ok(path) => path,
+            Err(e) => {
+                self.store(rec, Expect::Revision(marked.revision)).await?;
+                return Err(Self::backend_error(name)(e));
+            }
+        };
+        *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
+        rec.mountpoint = Some(path.clone());
+        if let Err(e) = self
+            .store(rec.clone(), Expect::Revision(marked.revision))
+            .await
+        {
+            // Docker sends no Unmount for a failed Mount, so undo the attach now.
+            if let Err(d) = backend.detach(name, &rec.spec).await {
+                tracing::warn!(volume = name, error = %d, "detach after a failed mount failed");
+            }
+            return Err(e);
+        }
+        tracing::info!(volume = name, mountpoint = %path.display(), "storage prepared");
+        Ok(path)
+    }
+
+    /// Drops one mount of a mount ID; the last mount of the volume releases its storage. An unknown ID is
+    /// not an error: Docker may repeat an Unmount after a crash.
+    pub async fn unmount(&self, name: &str, id: &str) -> Result<()> {
+        spec::validate_name(name)?;
+        validate_mount_id(id)?;
+        let _guard = self.lock(name).await;
+        let entry = self
+            .lookup(name)
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let mut rec = entry.value.clone();
+        let Some(count) = rec.mounts.get_mut(id) else {
+            tracing::debug!(
+                volume = name,
+                mount_id = id,
+                "unmount of an unknown mount ID"
+            );
+            return Ok(());
+        };
+        *count -= 1;
+        if *count == 0 {
+            rec.mounts.remove(id);
+        }
+        if !rec.mounts.is_empty() || rec.mountpoint.is_none() {
+            self.store(rec, Expect::Revision(entry.revision)).await?;
+            return Ok(());
+        }
+        let backend = self.backend(rec.spec.backend)?.clone();
+        rec.state = VolumeState::Detaching;
+        let marked = self
+            .store(rec.clone(), Expect::Revision(entry.revision))
+            .await?;
+        let detached = backend.detach(name, &rec.spec).await;
+        rec.state = VolumeState::Ready;
+        if let Err(e) = detached {
+            // Keep the storage attached but idle: the next Mount reuses it, and Remove or a restart
+            // releases it. Keeping the ID would leave the volume "in use" forever.
+            self.store(rec, Expect::Revision(marked.revision)).await?;
+            return Err(Self::backend_error(name)(e));
+        }
+        rec.mountpoint = None;
+        self.store(rec, Expect::Revision(marked.revision)).await?;
+        tracing::info!(volume = name, "storage released");
+        Ok(())
+    }
+
+    fn visible(rec: &VolumeRecord) -> bool {
+        !matches!(rec.state, VolumeState::Creating | VolumeState::Removing)
+    }
+
+    /// The current mountpoint, or `None` when the volume is not mounted. Answered from memory.
+    pub fn path(&self, name: &str) -> Result<Option<PathBuf>> {
+        spec::validate_name(name)?;
+        let entry = self
+            .lookup(name)
+            .filter(|e| Self::visible(&e.value))
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        Ok(entry.value.mountpoint.clone())
+    }
+
+    /// Everything Docker shows in `docker volume inspect`. Answered from memory.
+    pub fn get(&self, name: &str) -> Result<VolumeInfo> {
+        spec::validate_name(name)?;
+        let entry = self
+            .lookup(name)
+            .filter(|e| Self::visible(&e.value))
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let rec = &entry.value;
+        let mut status = Map::new();
+        status.insert("backend".into(), json!(rec.spec.backend.as_str()));
+        status.insert(
+            "options".into(),
+            json!(spec::redact(&rec.spec.to_options())),
+        );
+        status.insert("state".into(), json!(rec.state.as_str()));
+        status.insert("active_mounts".into(), json!(rec.active_mounts()));
+        status.insert("mount_ids".into(), json!(rec.mounts.len()));
+        if let Some(b) = self.backends.get(&rec.spec.backend) {
+            status.extend(b.status(name, &rec.spec));
+        }
+        Ok(VolumeInfo {
+            name: rec.name.clone(),
+            mountpoint: rec.mountpoint.clone(),
+            created_at: rec.created_at,
+            status,
+        })
+    }
+
+    /// Every volume, in name order. Answered from memory.
+    pub fn list(&self) -> Vec<VolumeSummary> {
+        self.view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|e| Self::visible(&e.value))
+            .map(|e| VolumeSummary {
+                name: e.value.name.clone(),
+                mountpoint: e.value.mountpoint.clone(),
+            })
+            .collect()
+    }
+
+    /// Brings the catalog and the mount table into agreement: interrupted creates are rolled back,
+    /// interrupted removes finished, surviving mounts adopted, lost ones redone and idle ones released.
+    async fn reconcile(&self) -> Result<ReconcileReport> {
+        let table = {
+            let m = self.mounter.clone();
+            tokio::task::spawn_blocking(move || m.mount_table())
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))?
+                .map_err(|e: MountError| ServiceError::Internal(e.to_string()))?
+        };
+        let entries: Vec<_> = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut report = ReconcileReport {
+            volumes: entries.len(),
+            ..Default::default()
+        };
+        for entry in entries {
+            let name = entry.value.name.clone();
+            if let Err(e) = self.reconcile_one(&entry, &table, &mut report).await {
+                report.failed += 1;
+                tracing::error!(volume = %name, error = %e, "reconciliation failed; the volume is left as it was");
+            }
+        }
+        Ok(report)
+    }
+
+    async fn reconcile_one(
+        &self,
+        entry: &Versioned<VolumeRecord>,
+        table: &crate::mount::MountTable,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let rec = &entry.value;
+        let name = rec.name.as_str();
+        let backend = self.backend(rec.spec.backend)?.clone();
+        match rec.state {
+            VolumeState::Creating | VolumeState::Removing => {
+                backend
+                    .remove(name, &rec.spec)
+                    .await
+                    .map_err(Self::backend_error(name))?;
+                self.forget(name, entry.revision).await?;
+                if rec.state == VolumeState::Creating {
+                    report.rolled_back += 1;
+                    tracing::warn!(volume = name, "rolled back a create interrupted by a crash");
+                } else {
+                    report.removed += 1;
+                    tracing::warn!(volume = name, "finished a remove interrupted by a crash");
+                }
+                return Ok(());
+            }
+            VolumeState::Ready | VolumeState::Attaching | VolumeState::Detaching => {}
+        }
+        let mut next = rec.clone();
+        next.state = VolumeState::Ready;
+        let attached = backend.is_attached(name, &rec.spec, table);
+        if !rec.mounts.is_empty() {
+            // Containers may still hold this volume: keep it attached, redoing the attach if it was lost.
+            let path = backend
+                .attach(name, &rec.spec)
+                .await
+                .map_err(Self::backend_error(name))?;
+            if attached != Some(false) {
+                report.adopted += 1;
+            } else {
+                report.remounted += 1;
+                tracing::warn!(
+                    volume = name,
+                    "storage was not attached after restart; attached it again"
+                );
+            }
+            next.mountpoint = Some(path);
+        } else {
+            if attached == Some(true) || rec.mountpoint.is_some() || rec.state != VolumeState::Ready
+            {
+                backend
+                    .detach(name, &rec.spec)
+                    .await
+                    .map_err(Self::backend_error(name))?;
+                report.released += 1;
+            }
+            next.mountpoint = None;
+        }
+        if next != *rec {
+            self.store(next, Expect::Revision(entry.revision)).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs one call with a deadline. The call itself runs to completion in the background even when the
+    /// deadline passes or the caller goes away, so no operation is ever left half-done by a cancellation.
+    pub async fn with_deadline<T, F>(
+        &self,
+        op: &'static str,
+        name: &str,
+        deadline: Duration,
+        fut: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let task = self.tasks.spawn(fut);
+        match tokio::time::timeout(deadline, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(ServiceError::Internal(format!("{op} task failed: {join}"))),
+            Err(_) => Err(ServiceError::Timeout {
+                op,
+                name: name.to_string(),
+                secs: deadline.as_secs(),
+            }),
+        }
+    }
+
+    /// Waits, up to `limit`, for operations that outlived their callers; used at shutdown.
+    pub async fn finish_background_work(&self, limit: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(limit, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("operations still running at shutdown were abandoned");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalBackend;
+    use crate::catalog::RedbCatalog;
+    use crate::mount::RecordingMounter;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        mounter: Arc<RecordingMounter>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                dir: tempfile::tempdir().unwrap(),
+                mounter: Arc::new(RecordingMounter::default()),
+            }
+        }
+
+        async fn start(&self) -> (Arc<VolumeService>, ReconcileReport) {
+            let catalog =
+                Arc::new(RedbCatalog::open(&self.dir.path().join("catalog.redb")).unwrap());
+            let local = Arc::new(
+                LocalBackend::new(self.dir.path().join("local"), self.mounter.clone()).unwrap(),
+            );
+            VolumeService::start(
+                catalog,
+                vec![local],
+                self.mounter.clone(),
+                SpecDefaults::default(),
+            )
+            .await
+            .unwrap()
+        }
+    }
+
+    fn opts(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn create_is_idempotent_and_names_conflicts() {
+        let f = Fixture::new();
+        let (svc, _) = f.start().await;
+        svc.create("v", Some(&opts(&[("size", "1G")])))
+            .await
+            .unwrap();
+        svc.create("v", Some(&opts(&[("size", "1GiB"), ("fs", "ext4")])))
+            .await
+            .unwrap();
+        let err = svc
+            .create("v", Some(&opts(&[("size", "2G")])))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("\"size\""), "{err}");
+        assert_eq!(f.mounter.count("format"), 1);
+        assert!(matches!(
+            svc.create("../x", None).await,
+            Err(ServiceError::InvalidSpec(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn mounts_are_counted_per_id() {
+        let f = Fixture::new();
+        let (svc, _) = f.start().await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        let p1 = svc.mount("v", "a").await.unwrap();
+        let p2 = svc.mount("v", "a").await.unwrap();
+        assert_eq!(p1, p2);
+        assert_eq!(svc.path("v").unwrap(), Some(p1.clone()));
+        assert!(matches!(
+            svc.remove("v").await,
+            Err(ServiceError::InUse { mounts: 2, .. })
+        ));
+        svc.unmount("v", "unknown").await.unwrap();
+        svc.unmount("v", "a").await.unwrap();
+        assert_eq!(
+            f.mounter.count("unmount"),
+            0,
+            "docker cp's unmount must not release"
+        );
+        svc.unmount("v", "a").await.unwrap();
+        assert_eq!(f.mounter.count("mount "), 1);
+        assert_eq!(f.mounter.count("unmount"), 1);
+        assert_eq!(svc.path("v").unwrap(), None);
+        svc.remove("v").await.unwrap();
+        assert!(matches!(svc.get("v"), Err(ServiceError::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn concurrent_mounts_prepare_and_release_once() {
+        let f = Fixture::new();
+        let (svc, _) = f.start().await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        let mounts: Vec<_> = (0..50)
+            .map(|i| {
+                let svc = svc.clone();
+                tokio::spawn(async move { svc.mount("v", &format!("id{i}")).await })
+            })
+            .collect();
+        for m in mounts {
+            m.await.unwrap().unwrap();
+        }
+        assert_eq!(svc.get("v").unwrap().status["active_mounts"], 50);
+        let unmounts: Vec<_> = (0..50)
+            .map(|i| {
+                let svc = svc.clone();
+                tokio::spawn(async move { svc.unmount("v", &format!("id{i}")).await })
+            })
+            .collect();
+        for u in unmounts {
+            u.await.unwrap().unwrap();
+        }
+        assert_eq!(f.mounter.count("mount "), 1);
+        assert_eq!(f.mounter.count("unmount"), 1);
+        assert_eq!(svc.get("v").unwrap().status["active_mounts"], 0);
+    }
+
+    #[tokio::test]
+    async fn failed_mount_leaves_no_trace() {
+        let f = Fixture::new();
+        let (svc, _) = f.start().await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        f.mounter.fail_next_mount();
+        assert!(matches!(
+            svc.mount("v", "a").await,
+            Err(ServiceError::Backend { .. })
+        ));
+        let info = svc.get("v").unwrap();
+        assert_eq!(info.status["active_mounts"], 0);
+        assert_eq!(info.status["state"], "ready");
+        svc.remove("v").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn restart_adopts_remounts_and_releases() {
+        let f = Fixture::new();
+        {
+            let (svc, _) = f.start().await;
+            for v in ["kept", "lost", "idle"] {
+                svc.create(v, Some(&opts(&[("size", "64M")])))
+                    .await
+                    .unwrap();
+            }
+            svc.create("dir", None).await.unwrap();
+            svc.mount("kept", "a").await.unwrap();
+            svc.mount("dir", "b").await.unwrap();
+        }
+        // "idle" is mounted behind the catalog's back, as a crash between attach and commit leaves it.
+        let idle_data = f.dir.path().join("local/idle/data");
+        f.mounter
+            .mount_image(
+                &f.dir.path().join("local/idle/disk.img"),
+                &idle_data,
+                crate::spec::FsType::Ext4,
+            )
+            .unwrap();
+        let (svc, report) = f.start().await;
+        assert_eq!(report.adopted, 2, "{report:?}");
+        assert_eq!(report.released, 1, "{report:?}");
+        assert!(!f.mounter.mount_table().unwrap().is_mounted(&idle_data));
+        assert!(svc.get("kept").unwrap().mountpoint.is_some());
+        assert_eq!(svc.get("dir").unwrap().status["active_mounts"], 1);
+        drop(svc);
+        // After a reboot nothing is mounted: volumes with active IDs are attached again.
+        f.mounter.forget_mounts();
+        let (svc, report) = f.start().await;
+        assert_eq!(report.remounted, 1, "{report:?}");
+        svc.unmount("kept", "a").await.unwrap();
+        svc.unmount("dir", "b").await.unwrap();
+        assert_eq!(
+            svc.list().iter().filter(|v| v.mountpoint.is_some()).count(),
+            0
+        );
+        let _ = svc.mount("lost", "x").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn interrupted_create_is_rolled_back() {
+        let f = Fixture::new();
+        let catalog = Arc::new(RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap());
+        let rec = VolumeRecord {
+            name: "half".into(),
+            spec: VolumeSpec::from_options(None, &SpecDefaults::default()).unwrap(),
+            created_at: 0,
+            state: VolumeState::Creating,
+            mounts: BTreeMap::new(),
+            mountpoint: None,
+        };
+        catalog.put(rec, Expect::Absent).await.unwrap();
+        std::fs::create_dir_all(f.dir.path().join("local/half/data")).unwrap();
+        drop(catalog);
+        let (svc, report) = f.start().await;
+        assert_eq!(report.rolled_back, 1);
+        assert!(svc.list().is_empty());
+        assert!(!f.dir.path().join("local/half").exists());
+        svc.create("half", None).await.unwrap();
+    }
+}
