@@ -1,0 +1,250 @@
+//! Shared test support: starts the real `ferry` binary on a temporary socket and state directory and speaks
+//! raw HTTP/JSON to it, as dockerd does.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running `ferry serve`. Dropping it kills the daemon and detaches anything left mounted under its state
+/// directory, so a failed test does not leak loop devices into the next.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn ferry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+impl Daemon {
+    /// Starts a daemon in a fresh temporary directory.
+    pub fn start() -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("ferry-test")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut d = Daemon::start_in(&dir, &dir.join("ferry.sock"), &[]);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts a daemon with the given socket, state under `dir/state`, and extra environment.
+    pub fn start_in(dir: &Path, socket: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            socket: socket.to_path_buf(),
+            state: dir.join("state"),
+            log: dir.join("ferry.log"),
+            dir: dir.to_path_buf(),
+            _tmp: None,
+        };
+        d.spawn(env);
+        d
+    }
+
+    /// Starts the process again (after `kill9` or `terminate`) on the same socket and state.
+    pub fn spawn(&mut self, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .env("FERRY_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("ferry exited early with {status}:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ferry did not listen in time:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, and waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("daemon running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap()
+    }
+
+    /// One call; returns the HTTP status and the JSON body.
+    pub fn call(&self, endpoint: &str, body: &str) -> (u16, Value) {
+        let (status, text) = raw_call(&self.socket, "POST", endpoint, body.as_bytes());
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{endpoint}: non-JSON reply {text:?}: {e}"));
+        (status, json)
+    }
+
+    /// A call that must succeed.
+    pub fn ok(&self, endpoint: &str, body: &str) -> Value {
+        let (status, json) = self.call(endpoint, body);
+        assert_eq!(status, 200, "{endpoint} {body}: {json}");
+        assert!(json.get("Err").is_none(), "{endpoint} {body}: {json}");
+        json
+    }
+
+    /// A call that must fail; returns the error text.
+    pub fn err(&self, endpoint: &str, body: &str) -> String {
+        let (status, json) = self.call(endpoint, body);
+        assert_ne!(
+            status, 200,
+            "{endpoint} {body} unexpectedly succeeded: {json}"
+        );
+        json["Err"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no Err in {json}"))
+            .to_string()
+    }
+
+    pub fn create(&self, name: &str, opts: &str) {
+        self.ok(
+            "/VolumeDriver.Create",
+            &format!(r#"{{"Name":"{name}","Opts":{opts}}}"#),
+        );
+    }
+
+    pub fn mount(&self, name: &str, id: &str) -> PathBuf {
+        let v = self.ok(
+            "/VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
+        );
+        PathBuf::from(v["Mountpoint"].as_str().unwrap())
+    }
+
+    pub fn unmount(&self, name: &str, id: &str) {
+        self.ok(
+            "/VolumeDriver.Unmount",
+            &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
+        );
+    }
+
+    pub fn get(&self, name: &str) -> Value {
+        self.ok("/VolumeDriver.Get", &format!(r#"{{"Name":"{name}"}}"#))["Volume"].clone()
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.ok("/VolumeDriver.Remove", &format!(r#"{{"Name":"{name}"}}"#));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        unmount_under(&self.state);
+    }
+}
+
+/// Lazily unmounts every mount below `root`, deepest first.
+pub fn unmount_under(root: &Path) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|p| Path::new(p) == path)
+}
+
+/// Sends one raw HTTP/1.1 request over the socket and returns the status and body.
+pub fn raw_call(socket: &Path, method: &str, endpoint: &str, body: &[u8]) -> (u16, String) {
+    let mut head = format!(
+        "{method} {endpoint} HTTP/1.1\r\nHost: plugin.moby.localhost\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    head.extend_from_slice(body);
+    raw_request(socket, &head)
+}
+
+/// Sends arbitrary bytes and parses the HTTP reply.
+pub fn raw_request(socket: &Path, bytes: &[u8]) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(130))).unwrap();
+    // The server may answer (413) and close before reading a huge body: a broken pipe is expected then.
+    if let Err(e) = s.write_all(bytes) {
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ),
+            "{e}"
+        );
+    }
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP reply {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

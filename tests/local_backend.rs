@@ -1,0 +1,133 @@
+//! The local backend through real loop mounts: the size cap, filesystems, ownership and removal.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use common::{is_mounted, Daemon};
+
+fn fstype(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    text.lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|p| std::path::Path::new(p) == path)
+        })
+        .filter_map(|l| l.split(" - ").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .last()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn size_cap_is_enforced_by_the_kernel() {
+    let d = Daemon::start();
+    d.create("capped", r#"{"size":"32MiB"}"#);
+    let mp = d.mount("capped", "c1");
+    assert_eq!(fstype(&mp), "ext4");
+    let st = nix::sys::statvfs::statvfs(&mp).unwrap();
+    let total = st.blocks() * st.fragment_size();
+    assert!(
+        total <= 32 << 20 && total > 24 << 20,
+        "filesystem size {total}"
+    );
+    // The image is sparse: the cap costs no disk until written.
+    let image = d.state.join("local/capped/disk.img");
+    let meta = std::fs::metadata(&image).unwrap();
+    assert_eq!(meta.len(), 32 << 20);
+    assert!(
+        meta.blocks() * 512 < 16 << 20,
+        "image not sparse: {} blocks",
+        meta.blocks()
+    );
+
+    let mut f = std::fs::File::create(mp.join("fill")).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let mut written = 0u64;
+    let err = loop {
+        match f.write_all(&chunk).and_then(|_| f.sync_data()) {
+            Ok(()) => written += 1 << 20,
+            Err(e) => break e,
+        }
+        assert!(written <= 40 << 20, "wrote past the cap");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(err.to_string().contains("No space left on device"));
+    drop(f);
+    d.unmount("capped", "c1");
+    d.remove("capped");
+    assert!(!image.exists());
+    assert!(!d.state.join("local/capped").exists());
+}
+
+#[test]
+fn xfs_volume() {
+    let d = Daemon::start();
+    d.create(
+        "x",
+        r#"{"size":"300M","fs":"xfs","uid":"4321","mode":"0770"}"#,
+    );
+    let mp = d.mount("x", "c1");
+    assert_eq!(fstype(&mp), "xfs");
+    let meta = std::fs::metadata(&mp).unwrap();
+    assert_eq!(meta.uid(), 4321);
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o770);
+    assert_eq!(d.get("x")["Status"]["fs"], "xfs");
+    d.unmount("x", "c1");
+    d.remove("x");
+}
+
+#[test]
+fn ownership_and_mode() {
+    let d = Daemon::start();
+    d.create("dir", r#"{"uid":"1234","gid":"2345","mode":"0750"}"#);
+    d.create(
+        "capped",
+        r#"{"size":"32M","uid":"1234","gid":"2345","mode":"2770"}"#,
+    );
+    d.create("default", "null");
+    let dir = d.mount("dir", "a");
+    let capped = d.mount("capped", "b");
+    let default = d.mount("default", "c");
+    assert!(is_mounted(&capped));
+    for (path, mode) in [(&dir, 0o750), (&capped, 0o2770)] {
+        let meta = std::fs::metadata(path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1234, 2345), "{}", path.display());
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            mode,
+            "{}",
+            path.display()
+        );
+    }
+    let meta = std::fs::metadata(&default).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777),
+        (0, 0, 0o755)
+    );
+    // Ownership is set once at create; a user's later chown survives remounts.
+    nix::unistd::chown(&capped, Some(nix::unistd::Uid::from_raw(77)), None).unwrap();
+    d.unmount("capped", "b");
+    let capped = d.mount("capped", "b2");
+    assert_eq!(std::fs::metadata(&capped).unwrap().uid(), 77);
+    d.unmount("capped", "b2");
+    d.unmount("dir", "a");
+    d.unmount("default", "c");
+}
+
+#[test]
+fn remove_deletes_data_and_name_can_be_reused() {
+    let d = Daemon::start();
+    d.create("r", r#"{"size":"32M"}"#);
+    let mp = d.mount("r", "a");
+    std::fs::write(mp.join("secret"), b"old").unwrap();
+    d.unmount("r", "a");
+    d.remove("r");
+    d.create("r", r#"{"size":"32M"}"#);
+    let mp = d.mount("r", "a");
+    assert!(!mp.join("secret").exists());
+    d.unmount("r", "a");
+}
