@@ -211,3 +211,30 @@ mod tests {
         assert!(e.to_string().contains("ID"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever bytes arrive, routing answers with a request or an error; it never panics, and only the
+        /// three body-less endpoints succeed without a JSON object.
+        #[test]
+        fn route_never_panics(path_idx in 0..ENDPOINTS.len() + 1, body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let path = ENDPOINTS.get(path_idx).copied().unwrap_or("/Nope");
+            if let Ok(req) = route(&Method::POST, path, &body) {
+                let bodiless = matches!(req, Request::Activate | Request::List | Request::Capabilities);
+                prop_assert!(bodiless || serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+            }
+        }
+
+        #[test]
+        fn names_that_pass_are_safe_path_components(name in "\\PC{0,300}") {
+            if crate::spec::validate_name(&name).is_ok() {
+                prop_assert!(!name.contains('/') && name != "." && name != ".." && !name.is_empty());
+                prop_assert!(name.len() <= 255);
+            }
+        }
+    }
+}
