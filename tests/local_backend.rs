@@ -17,7 +17,7 @@ fn fstype(path: &std::path::Path) -> String {
         })
         .filter_map(|l| l.split(" - ").nth(1))
         .filter_map(|rest| rest.split(' ').next())
-        .last()
+        .next_back()
         .unwrap()
         .to_string()
 }
