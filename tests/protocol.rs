@@ -408,3 +408,45 @@ fn refuses_to_replace_a_non_socket() {
     assert_eq!(std::fs::read(&sock).unwrap(), b"not a socket");
     let _ = Path::new("/");
 }
+
+#[test]
+fn sigterm_and_sigint_finish_calls_in_flight() {
+    use std::io::{Read, Write};
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        let mut d = Daemon::start();
+        // Several slow creates (mkfs) in flight when the signal arrives.
+        let mut streams: Vec<_> = (0..4)
+            .map(|i| {
+                let body = format!(r#"{{"Name":"slow{i}","Opts":{{"size":"1G","fs":"xfs"}}}}"#);
+                let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+                write!(s, "POST /VolumeDriver.Create HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+                s
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while d.log_text().matches("call started").count() < 4 {
+            assert!(std::time::Instant::now() < deadline, "{}", d.log_text());
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.pid() as i32), signal).unwrap();
+        for s in &mut streams {
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            assert!(
+                out.starts_with("HTTP/1.1 200"),
+                "{signal}: {out}\n{}",
+                d.log_text()
+            );
+        }
+        let status = d.terminate_wait();
+        assert!(status.success(), "{status}");
+        assert!(!d.socket.exists(), "{signal}: the socket must be removed");
+        d.spawn(&[]);
+        for i in 0..4 {
+            assert_eq!(d.get(&format!("slow{i}"))["Status"]["fs"], "xfs");
+        }
+    }
+}

@@ -194,6 +194,7 @@ async fn handle(
     let span = tracing::info_span!("call", method = request.method(), volume, mount_id);
     let method_name = request.method();
     Ok(async move {
+        tracing::debug!("call started");
         match dispatch(&service, request).await {
             Ok(resp) => {
                 tracing::debug!("ok");

@@ -116,6 +116,11 @@ impl Daemon {
         c.wait().unwrap()
     }
 
+    /// Waits for a daemon that was already signalled to exit.
+    pub fn terminate_wait(&mut self) -> std::process::ExitStatus {
+        self.child.take().expect("daemon running").wait().unwrap()
+    }
+
     /// One call; returns the HTTP status and the JSON body.
     pub fn call(&self, endpoint: &str, body: &str) -> (u16, Value) {
         let (status, text) = raw_call(&self.socket, "POST", endpoint, body.as_bytes());
