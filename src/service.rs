@@ -14,7 +14,9 @@ use serde_json::{json, Map, Value};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::backend::{Backend, BackendError};
-use crate::catalog::{Catalog, CatalogError, Expect, Versioned, VolumeRecord, VolumeState};
+use crate::catalog::{
+    Catalog, CatalogError, Expect, PendingWrite, Versioned, VolumeRecord, VolumeState,
+};
 use crate::mount::{MountError, Mounter};
 use crate::spec::{self, BackendKind, SpecDefaults, SpecError, VolumeSpec};
 
@@ -224,7 +226,7 @@ impl VolumeService {
         expect: Expect,
     ) -> Result<Arc<Versioned<VolumeRecord>>> {
         let name = record.name.clone();
-        let revision = self
+        let version = self
             .catalog
             .put(record.clone(), expect)
             .await
@@ -234,7 +236,7 @@ impl VolumeService {
             })?;
         let entry = Arc::new(Versioned {
             value: record,
-            revision,
+            version,
         });
         self.view
             .write()
@@ -243,9 +245,50 @@ impl VolumeService {
         Ok(entry)
     }
 
-    async fn forget(&self, name: &str, revision: u64) -> Result<()> {
+    /// Queues a write and publishes it to the view at once, so the volume's lock can be released before the
+    /// write is durable: concurrent mounts of one volume then share a commit instead of waiting for one
+    /// each. The caller must pass the result to `settle` before replying.
+    fn store_queued(&self, record: VolumeRecord, expect: Expect) -> PendingWrite {
+        let pending = self.catalog.put(record.clone(), expect);
+        let entry = Arc::new(Versioned {
+            version: expect.next_version(),
+            value: record,
+        });
+        self.view
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(entry.value.name.clone(), entry);
+        pending
+    }
+
+    /// Waits until a queued write is durable. If it failed, the view ran ahead of the catalog: it is put
+    /// back to what is durable, and writes queued after this one fail too, since they chain on its version.
+    async fn settle(&self, name: &str, pending: PendingWrite) -> Result<()> {
+        let Err(source) = pending.await else {
+            return Ok(());
+        };
+        let _guard = self.lock(name).await;
+        match self.catalog.get(name).await {
+            Ok(durable) => {
+                let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
+                match durable {
+                    Some(d) => view.insert(name.to_string(), Arc::new(d)),
+                    None => view.remove(name),
+                };
+            }
+            Err(e) => {
+                tracing::error!(volume = name, error = %e, "cannot reload the volume after a failed write")
+            }
+        }
+        Err(ServiceError::Catalog {
+            name: name.to_string(),
+            source,
+        })
+    }
+
+    async fn forget(&self, name: &str, version: u64) -> Result<()> {
         self.catalog
-            .delete(name, revision)
+            .delete(name, version)
             .await
             .map_err(|source| ServiceError::Catalog {
                 name: name.to_string(),
@@ -303,11 +346,11 @@ impl VolumeService {
                     tracing::warn!(volume = name, error = %cleanup, "cleanup after a failed create failed");
                 }
             }
-            self.forget(name, creating.revision).await?;
+            self.forget(name, creating.version).await?;
             return Err(Self::backend_error(name)(e));
         }
         record.state = VolumeState::Ready;
-        self.store(record, Expect::Revision(creating.revision))
+        self.store(record, Expect::Version(creating.version))
             .await?;
         tracing::info!(volume = name, backend = %spec.backend, "volume created");
         Ok(())
@@ -338,15 +381,15 @@ impl VolumeService {
         let mut removing = rec.clone();
         removing.state = VolumeState::Removing;
         let marked = self
-            .store(removing.clone(), Expect::Revision(entry.revision))
+            .store(removing.clone(), Expect::Version(entry.version))
             .await?;
         if let Err(e) = backend.remove(name, &rec.spec).await {
             removing.state = VolumeState::Ready;
-            self.store(removing, Expect::Revision(marked.revision))
+            self.store(removing, Expect::Version(marked.version))
                 .await?;
             return Err(Self::backend_error(name)(e));
         }
-        self.forget(name, marked.revision).await?;
+        self.forget(name, marked.version).await?;
         tracing::info!(volume = name, "volume removed");
         Ok(())
     }
@@ -355,7 +398,7 @@ impl VolumeService {
     pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         spec::validate_name(name)?;
         validate_mount_id(id)?;
-        let _guard = self.lock(name).await;
+        let guard = self.lock(name).await;
         let entry = self
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
@@ -368,27 +411,29 @@ impl VolumeService {
         }
         if let Some(mountpoint) = rec.mountpoint.clone() {
             *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
-            self.store(rec, Expect::Revision(entry.revision)).await?;
+            let pending = self.store_queued(rec, Expect::Version(entry.version));
+            drop(guard);
+            self.settle(name, pending).await?;
             return Ok(mountpoint);
         }
         let backend = self.backend(rec.spec.backend)?.clone();
         rec.state = VolumeState::Attaching;
         let marked = self
-            .store(rec.clone(), Expect::Revision(entry.revision))
+            .store(rec.clone(), Expect::Version(entry.version))
             .await?;
         let attached = backend.attach(name, &rec.spec).await;
         rec.state = VolumeState::Ready;
         let path = match attached {
             Ok(path) => path,
             Err(e) => {
-                self.store(rec, Expect::Revision(marked.revision)).await?;
+                self.store(rec, Expect::Version(marked.version)).await?;
                 return Err(Self::backend_error(name)(e));
             }
         };
         *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
         rec.mountpoint = Some(path.clone());
         if let Err(e) = self
-            .store(rec.clone(), Expect::Revision(marked.revision))
+            .store(rec.clone(), Expect::Version(marked.version))
             .await
         {
             // Docker sends no Unmount for a failed Mount, so undo the attach now.
@@ -406,7 +451,7 @@ impl VolumeService {
     pub async fn unmount(&self, name: &str, id: &str) -> Result<()> {
         spec::validate_name(name)?;
         validate_mount_id(id)?;
-        let _guard = self.lock(name).await;
+        let guard = self.lock(name).await;
         let entry = self
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
@@ -424,24 +469,25 @@ impl VolumeService {
             rec.mounts.remove(id);
         }
         if !rec.mounts.is_empty() || rec.mountpoint.is_none() {
-            self.store(rec, Expect::Revision(entry.revision)).await?;
-            return Ok(());
+            let pending = self.store_queued(rec, Expect::Version(entry.version));
+            drop(guard);
+            return self.settle(name, pending).await;
         }
         let backend = self.backend(rec.spec.backend)?.clone();
         rec.state = VolumeState::Detaching;
         let marked = self
-            .store(rec.clone(), Expect::Revision(entry.revision))
+            .store(rec.clone(), Expect::Version(entry.version))
             .await?;
         let detached = backend.detach(name, &rec.spec).await;
         rec.state = VolumeState::Ready;
         if let Err(e) = detached {
             // Keep the storage attached but idle: the next Mount reuses it, and Remove or a restart
             // releases it. Keeping the ID would leave the volume "in use" forever.
-            self.store(rec, Expect::Revision(marked.revision)).await?;
+            self.store(rec, Expect::Version(marked.version)).await?;
             return Err(Self::backend_error(name)(e));
         }
         rec.mountpoint = None;
-        self.store(rec, Expect::Revision(marked.revision)).await?;
+        self.store(rec, Expect::Version(marked.version)).await?;
         tracing::info!(volume = name, "storage released");
         Ok(())
     }
@@ -548,7 +594,7 @@ impl VolumeService {
                     .remove(name, &rec.spec)
                     .await
                     .map_err(Self::backend_error(name))?;
-                self.forget(name, entry.revision).await?;
+                self.forget(name, entry.version).await?;
                 if rec.state == VolumeState::Creating {
                     report.rolled_back += 1;
                     tracing::warn!(volume = name, "rolled back a create interrupted by a crash");
@@ -591,7 +637,7 @@ impl VolumeService {
             next.mountpoint = None;
         }
         if next != *rec {
-            self.store(next, Expect::Revision(entry.revision)).await?;
+            self.store(next, Expect::Version(entry.version)).await?;
         }
         Ok(())
     }
@@ -841,5 +887,67 @@ mod tests {
         assert!(svc.list().is_empty());
         assert!(!f.dir.path().join("local/half").exists());
         svc.create("half", None).await.unwrap();
+    }
+
+    /// A catalog whose next put fails, to exercise recovery of the in-memory view.
+    struct FlakyCatalog {
+        inner: RedbCatalog,
+        fail_next: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Catalog for FlakyCatalog {
+        async fn load(&self) -> Result<Vec<Versioned<VolumeRecord>>, CatalogError> {
+            self.inner.load().await
+        }
+        async fn get(&self, name: &str) -> Result<Option<Versioned<VolumeRecord>>, CatalogError> {
+            self.inner.get(name).await
+        }
+        fn put(&self, record: VolumeRecord, expect: Expect) -> PendingWrite {
+            if self
+                .fail_next
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Box::pin(async { Err(CatalogError::Storage("disk on fire".into())) });
+            }
+            self.inner.put(record, expect)
+        }
+        fn delete(&self, name: &str, version: u64) -> PendingWrite {
+            self.inner.delete(name, version)
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_queued_write_restores_the_durable_view() {
+        let f = Fixture::new();
+        let catalog = Arc::new(FlakyCatalog {
+            inner: RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap(),
+            fail_next: false.into(),
+        });
+        let local =
+            Arc::new(LocalBackend::new(f.dir.path().join("local"), f.mounter.clone()).unwrap());
+        let (svc, _) = VolumeService::start(
+            catalog.clone(),
+            vec![local],
+            f.mounter.clone(),
+            SpecDefaults::default(),
+        )
+        .await
+        .unwrap();
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        svc.mount("v", "a").await.unwrap();
+        catalog
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = svc.mount("v", "b").await.unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert_eq!(svc.get("v").unwrap().status["active_mounts"], 1);
+        svc.mount("v", "c").await.unwrap();
+        assert_eq!(svc.get("v").unwrap().status["active_mounts"], 2);
+        svc.unmount("v", "a").await.unwrap();
+        svc.unmount("v", "c").await.unwrap();
+        assert_eq!(f.mounter.count("unmount"), 1);
     }
 }

@@ -1,7 +1,7 @@
 //! The catalog: the persistent record of every volume this host knows.
 //!
 //! One trait with compare-and-swap, so that a cluster store (etcd) can later replace the embedded one and
-//! ownership and fencing can be built on revisions. This module owns the record format; it must not know
+//! ownership and fencing can be built on versions. This module owns the record format; it must not know
 //! about HTTP, backends' data paths or mounts.
 
 mod redb_store;
@@ -66,27 +66,40 @@ impl VolumeRecord {
     }
 }
 
-/// A value with the revision the catalog stored it at. Revisions grow with every write to the catalog.
+/// A value with its version: the number of writes to that record since it was created (1 after the first),
+/// as etcd counts a key's `version`. Because the next version is always the current one plus one, a writer
+/// knows it before the write lands, which lets writes to one record be queued back to back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versioned<T> {
     pub value: T,
-    pub revision: u64,
+    pub version: u64,
 }
 
 /// The condition a write depends on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expect {
-    /// The name must not exist yet.
+    /// The name must not exist yet; the record is stored at version 1.
     Absent,
-    /// The stored record must still be at this revision.
-    Revision(u64),
+    /// The stored record must still be at this version; it is stored at the next one.
+    Version(u64),
 }
+
+impl Expect {
+    /// The version a put under this condition stores.
+    pub fn next_version(self) -> u64 {
+        match self {
+            Expect::Absent => 1,
+            Expect::Version(v) => v + 1,
+        }
+    }
+}
+
+/// A queued write: resolves once it is durable (with the stored version) or has failed.
+pub type PendingWrite = futures_core::future::BoxFuture<'static, Result<u64, CatalogError>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error(
-        "catalog conflict on volume {name:?}: expected {expected:?}, found revision {found:?}"
-    )]
+    #[error("catalog conflict on volume {name:?}: expected {expected:?}, found version {found:?}")]
     Conflict {
         name: String,
         expected: Expect,
@@ -98,14 +111,20 @@ pub enum CatalogError {
     Storage(String),
 }
 
-/// The persistent record of volumes, with compare-and-swap on revisions. Every successful write is durable
-/// when the call returns.
+/// The persistent record of volumes, with compare-and-swap on versions.
+///
+/// `put` and `delete` queue the write when they are called, not when their future is first polled, and a
+/// catalog applies writes in the order they were queued. A caller holding a record's lock can therefore
+/// queue a write, release the lock and wait for durability outside it, while the next writer chains on the
+/// version the first will store. A write is durable when its future resolves `Ok`.
 #[async_trait]
 pub trait Catalog: Send + Sync {
     /// Every record, in name order.
     async fn load(&self) -> Result<Vec<Versioned<VolumeRecord>>, CatalogError>;
-    /// Stores a record if `expect` holds and returns its new revision.
-    async fn put(&self, record: VolumeRecord, expect: Expect) -> Result<u64, CatalogError>;
-    /// Deletes a record if it is still at `revision`.
-    async fn delete(&self, name: &str, revision: u64) -> Result<(), CatalogError>;
+    /// One record, as durably stored.
+    async fn get(&self, name: &str) -> Result<Option<Versioned<VolumeRecord>>, CatalogError>;
+    /// Queues storing a record if `expect` holds; resolves to the stored version.
+    fn put(&self, record: VolumeRecord, expect: Expect) -> PendingWrite;
+    /// Queues deleting a record if it is still at `version`.
+    fn delete(&self, name: &str, version: u64) -> PendingWrite;
 }

@@ -14,12 +14,10 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{Catalog, CatalogError, Expect, Versioned, VolumeRecord};
+use super::{Catalog, CatalogError, Expect, PendingWrite, Versioned, VolumeRecord};
 
-/// Volume name -> 8-byte little-endian revision followed by the JSON record.
+/// Volume name -> 8-byte little-endian version followed by the JSON record.
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
-/// Holds the last revision handed out, under the key "revision".
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// How many queued writes one transaction takes at most, so one commit never grows without bound.
 const MAX_BATCH: usize = 512;
@@ -36,7 +34,7 @@ enum Write {
     },
     Delete {
         name: String,
-        revision: u64,
+        version: u64,
         reply: oneshot::Sender<Result<u64, CatalogError>>,
     },
 }
@@ -78,13 +76,13 @@ fn decode(name: &str, bytes: &[u8]) -> Result<Versioned<VolumeRecord>, CatalogEr
     if bytes.len() < 8 {
         return Err(corrupt("record too short".into()));
     }
-    let (rev, json) = bytes.split_at(8);
-    let revision = u64::from_le_bytes(rev.try_into().map_err(|_| corrupt("bad revision".into()))?);
+    let (ver, json) = bytes.split_at(8);
+    let version = u64::from_le_bytes(ver.try_into().map_err(|_| corrupt("bad version".into()))?);
     let value: VolumeRecord = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
-    Ok(Versioned { value, revision })
+    Ok(Versioned { value, version })
 }
 
-fn stored_revision(
+fn stored_version(
     table: &redb::Table<&str, &[u8]>,
     name: &str,
 ) -> Result<Option<u64>, CatalogError> {
@@ -117,7 +115,6 @@ impl RedbCatalog {
             // Make sure both tables exist so readers never see "table does not exist".
             let txn = db.begin_write().map_err(storage)?;
             txn.open_table(VOLUMES).map_err(storage)?;
-            txn.open_table(META).map_err(storage)?;
             txn.commit().map_err(storage)?;
         }
         let (tx, rx) = mpsc::channel::<Write>();
@@ -133,18 +130,23 @@ impl RedbCatalog {
         })
     }
 
-    async fn submit(
+    /// Queues a write now and returns a future for its outcome.
+    fn submit(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<u64, CatalogError>>) -> Write,
-    ) -> Result<u64, CatalogError> {
+    ) -> PendingWrite {
         let (reply, rx) = oneshot::channel();
-        self.writes
-            .as_ref()
-            .ok_or_else(|| storage("catalog is closing"))?
-            .send(make(reply))
-            .map_err(|_| storage("catalog writer has stopped"))?;
-        rx.await
-            .map_err(|_| storage("catalog writer has stopped"))?
+        let sent = match &self.writes {
+            Some(tx) => tx.send(make(reply)).is_ok(),
+            None => false,
+        };
+        Box::pin(async move {
+            if !sent {
+                return Err(storage("catalog writer has stopped"));
+            }
+            rx.await
+                .map_err(|_| storage("catalog writer has stopped"))?
+        })
     }
 }
 
@@ -182,23 +184,15 @@ fn apply_batch(
     let mut results = Vec::with_capacity(batch.len());
     {
         let mut volumes = txn.open_table(VOLUMES).map_err(storage)?;
-        let mut meta = txn.open_table(META).map_err(storage)?;
-        let mut last = meta
-            .get("revision")
-            .map_err(storage)?
-            .map(|g| g.value())
-            .unwrap_or(0);
         for w in batch {
             let (name, expect) = match w {
                 Write::Put { record, expect, .. } => (record.name.as_str(), *expect),
-                Write::Delete { name, revision, .. } => {
-                    (name.as_str(), Expect::Revision(*revision))
-                }
+                Write::Delete { name, version, .. } => (name.as_str(), Expect::Version(*version)),
             };
-            let found = stored_revision(&volumes, name)?;
+            let found = stored_version(&volumes, name)?;
             let holds = match expect {
                 Expect::Absent => found.is_none(),
-                Expect::Revision(r) => found == Some(r),
+                Expect::Version(v) => found == Some(v),
             };
             if !holds {
                 results.push(Err(CatalogError::Conflict {
@@ -208,10 +202,10 @@ fn apply_batch(
                 }));
                 continue;
             }
-            last += 1;
+            let version = expect.next_version();
             match w {
                 Write::Put { record, .. } => {
-                    let mut bytes = last.to_le_bytes().to_vec();
+                    let mut bytes = version.to_le_bytes().to_vec();
                     serde_json::to_writer(&mut bytes, record).map_err(storage)?;
                     volumes.insert(name, bytes.as_slice()).map_err(storage)?;
                 }
@@ -219,9 +213,8 @@ fn apply_batch(
                     volumes.remove(name).map_err(storage)?;
                 }
             }
-            results.push(Ok(last));
+            results.push(Ok(version));
         }
-        meta.insert("revision", last).map_err(storage)?;
     }
     txn.commit().map_err(storage)?;
     Ok(results)
@@ -245,24 +238,34 @@ impl Catalog for RedbCatalog {
         .map_err(storage)?
     }
 
-    async fn put(&self, record: VolumeRecord, expect: Expect) -> Result<u64, CatalogError> {
+    async fn get(&self, name: &str) -> Result<Option<Versioned<VolumeRecord>>, CatalogError> {
+        let db = self.db.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(storage)?;
+            let table = txn.open_table(VOLUMES).map_err(storage)?;
+            let found = table.get(name.as_str()).map_err(storage)?;
+            found.map(|g| decode(&name, g.value())).transpose()
+        })
+        .await
+        .map_err(storage)?
+    }
+
+    fn put(&self, record: VolumeRecord, expect: Expect) -> PendingWrite {
         self.submit(|reply| Write::Put {
             record,
             expect,
             reply,
         })
-        .await
     }
 
-    async fn delete(&self, name: &str, revision: u64) -> Result<(), CatalogError> {
+    fn delete(&self, name: &str, version: u64) -> PendingWrite {
         let name = name.to_string();
         self.submit(|reply| Write::Delete {
             name,
-            revision,
+            version,
             reply,
         })
-        .await
-        .map(|_| ())
     }
 }
 
@@ -289,18 +292,21 @@ mod tests {
         let path = dir.path().join("catalog.redb");
         let cat = RedbCatalog::open(&path).unwrap();
         let r1 = cat.put(record("a"), Expect::Absent).await.unwrap();
+        assert_eq!(r1, 1);
         assert!(matches!(
             cat.put(record("a"), Expect::Absent).await,
-            Err(CatalogError::Conflict { found: Some(f), .. }) if f == r1
+            Err(CatalogError::Conflict { found: Some(1), .. })
         ));
         let mut changed = record("a");
         changed.mounts.insert("id".into(), 2);
-        let r2 = cat
-            .put(changed.clone(), Expect::Revision(r1))
-            .await
-            .unwrap();
-        assert!(r2 > r1);
-        assert!(cat.put(record("a"), Expect::Revision(r1)).await.is_err());
+        // Writes queued back to back chain on the versions they will store.
+        let first = cat.put(record("a"), Expect::Version(r1));
+        let second = cat.put(changed.clone(), Expect::Version(r1 + 1));
+        assert_eq!(first.await.unwrap(), 2);
+        let r2 = second.await.unwrap();
+        assert_eq!(r2, 3);
+        assert_eq!(cat.get("a").await.unwrap().unwrap().value, changed);
+        assert!(cat.put(record("a"), Expect::Version(r1)).await.is_err());
         assert!(cat.delete("a", r1).await.is_err());
         cat.put(record("b"), Expect::Absent).await.unwrap();
         drop(cat);
@@ -308,7 +314,8 @@ mod tests {
         let all = cat.load().await.unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].value, changed);
-        assert_eq!(all[0].revision, r2);
+        assert_eq!(all[0].version, r2);
+        assert!(cat.get("zzz").await.unwrap().is_none());
         cat.delete("a", r2).await.unwrap();
         assert_eq!(cat.load().await.unwrap().len(), 1);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
