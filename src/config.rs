@@ -34,6 +34,7 @@ pub enum ConfigError {
 pub struct Overrides {
     pub socket: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    pub mount_root: Option<PathBuf>,
     pub config: Option<PathBuf>,
 }
 
@@ -42,6 +43,8 @@ pub struct Overrides {
 pub struct ServeConfig {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    /// Where volumes are exposed to Docker; `None` exposes each volume at its data path.
+    pub mount_root: Option<PathBuf>,
     pub defaults: SpecDefaults,
 }
 
@@ -51,6 +54,8 @@ pub struct ServeConfig {
 struct FileConfig {
     socket: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    /// Where volumes are mounted for Docker (a managed plugin's PropagatedMount).
+    mount_root: Option<PathBuf>,
     /// The backend of volumes created without `-o backend=`.
     default_backend: Option<String>,
     #[serde(default)]
@@ -107,6 +112,7 @@ impl ServeConfig {
                 .clone()
                 .or(file.state_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            mount_root: over.mount_root.clone().or(file.mount_root),
             defaults,
         })
     }

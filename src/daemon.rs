@@ -36,8 +36,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         RedbCatalog::open(&state.join("catalog.redb")).context("cannot open the catalog")?,
     );
     let mounter: Arc<dyn Mounter> = Arc::new(SystemMounter);
-    let local: Arc<dyn Backend> =
-        Arc::new(LocalBackend::new(state.join("local"), mounter.clone())?);
+    let local: Arc<dyn Backend> = Arc::new(LocalBackend::with_mount_root(
+        state.join("local"),
+        config.mount_root.clone(),
+        mounter.clone(),
+    )?);
     let (service, report) =
         VolumeService::start(catalog, vec![local], mounter, config.defaults.clone())
             .await

@@ -30,6 +30,10 @@ enum Command {
         /// [default: /var/lib/ferry]
         #[arg(long, env = "FERRY_STATE_DIR", value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Expose volumes to Docker under this directory instead of at their data paths; a managed
+        /// plugin sets it to its PropagatedMount. [default: none]
+        #[arg(long, env = "FERRY_MOUNT_ROOT", value_name = "DIR")]
+        mount_root: Option<PathBuf>,
         /// An optional TOML configuration file (default backend, per-backend settings).
         #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
@@ -50,11 +54,13 @@ fn main() -> anyhow::Result<()> {
         Command::Serve {
             socket,
             state_dir,
+            mount_root,
             config,
         } => {
             let config = ServeConfig::load(&Overrides {
                 socket,
                 state_dir,
+                mount_root,
                 config,
             })?;
             let runtime = tokio::runtime::Builder::new_multi_thread()

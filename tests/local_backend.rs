@@ -5,7 +5,7 @@ mod common;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use common::{is_mounted, Daemon};
+use common::{is_mounted, unmount_under, Daemon};
 
 fn fstype(path: &std::path::Path) -> String {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -130,4 +130,48 @@ fn remove_deletes_data_and_name_can_be_reused() {
     let mp = d.mount("r", "a");
     assert!(!mp.join("secret").exists());
     d.unmount("r", "a");
+}
+
+#[test]
+fn mount_root_exposes_volumes_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("propagated");
+    let root_s = root.to_str().unwrap().to_string();
+    let mut d = Daemon::start_in(
+        tmp.path(),
+        &tmp.path().join("f.sock"),
+        &[("FERRY_MOUNT_ROOT", &root_s)],
+    );
+    d.create("plain", "null");
+    d.create("capped", r#"{"size":"32M"}"#);
+    let plain = d.mount("plain", "a");
+    let capped = d.mount("capped", "b");
+    assert_eq!(plain, root.join("plain"));
+    assert_eq!(capped, root.join("capped"));
+    assert!(is_mounted(&plain) && is_mounted(&capped));
+    std::fs::write(plain.join("f"), b"through the bind mount").unwrap();
+    assert_eq!(
+        std::fs::read(d.state.join("local/plain/data/f")).unwrap(),
+        b"through the bind mount"
+    );
+    assert_eq!(fstype(&capped), "ext4");
+    d.kill9();
+    d.spawn(&[("FERRY_MOUNT_ROOT", &root_s)]);
+    assert_eq!(d.get("plain")["Mountpoint"], plain.to_str().unwrap());
+    d.unmount("plain", "a");
+    d.unmount("capped", "b");
+    assert!(!is_mounted(&plain) && !is_mounted(&capped));
+    assert!(
+        !plain.exists(),
+        "the mountpoint directory is removed with the mount"
+    );
+    let again = d.mount("plain", "c");
+    assert_eq!(
+        std::fs::read(again.join("f")).unwrap(),
+        b"through the bind mount"
+    );
+    d.unmount("plain", "c");
+    d.remove("plain");
+    d.remove("capped");
+    unmount_under(&root);
 }

@@ -1,8 +1,11 @@
 //! The `local` backend: a directory per volume under the state directory, or, with `size`, a sparse image
 //! file holding its own filesystem on a loop device, so the kernel enforces the cap.
 //!
-//! Layout: `<root>/<name>/data` is what containers see (a plain directory, or the image's mountpoint) and
-//! `<root>/<name>/disk.img` is the image. Names were validated by `spec`, so joining them is safe.
+//! Layout: `<root>/<name>/data` holds a plain volume's files and `<root>/<name>/disk.img` a capped volume's
+//! image. What Docker is given is the volume's exposed path: by default `data` itself (the image is mounted
+//! there), or, with a `mount_root` (a managed plugin's propagated mount), `<mount_root>/<name>`, onto which
+//! the image is mounted or the data directory bind-mounted. Names were validated by `spec`, so joining
+//! them is safe.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -22,6 +25,7 @@ const DEFAULT_MODE: u32 = 0o755;
 
 pub struct LocalBackend {
     root: PathBuf,
+    mount_root: Option<PathBuf>,
     mounter: Arc<dyn Mounter>,
 }
 
@@ -57,12 +61,40 @@ fn apply_ownership(path: &Path, spec: &VolumeSpec) -> Result<(), BackendError> {
 impl LocalBackend {
     /// `root` is where volume directories go; it is created (root-only) if missing.
     pub fn new(root: PathBuf, mounter: Arc<dyn Mounter>) -> Result<Self, BackendError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&root)
-            .map_err(BackendError::io("create", &root))?;
-        Ok(LocalBackend { root, mounter })
+        Self::with_mount_root(root, None, mounter)
+    }
+
+    /// Like `new`, but volumes are exposed to Docker under `mount_root` (created if missing).
+    pub fn with_mount_root(
+        root: PathBuf,
+        mount_root: Option<PathBuf>,
+        mounter: Arc<dyn Mounter>,
+    ) -> Result<Self, BackendError> {
+        for dir in std::iter::once(&root).chain(mount_root.as_ref()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(BackendError::io("create", dir))?;
+        }
+        Ok(LocalBackend {
+            root,
+            mount_root,
+            mounter,
+        })
+    }
+
+    /// Where Docker finds the volume's data while it is attached.
+    fn exposed(&self, name: &str) -> PathBuf {
+        match &self.mount_root {
+            Some(m) => m.join(name),
+            None => self.paths(name).data,
+        }
+    }
+
+    /// Whether attaching mounts anything: a capped volume always does, a plain one only under a mount root.
+    fn mounts_something(&self, spec: &VolumeSpec) -> bool {
+        sized(spec).is_some() || self.mount_root.is_some()
     }
 
     fn paths(&self, name: &str) -> Paths {
@@ -113,12 +145,17 @@ impl LocalBackend {
 
     fn remove_blocking(&self, name: &str) -> Result<(), BackendError> {
         let p = self.paths(name);
-        if self.mounter.mount_table()?.is_mounted(&p.data) {
-            self.mounter.unmount(&p.data)?;
-            // Never recurse into a filesystem that is still mounted: that would delete its contents.
-            if self.mounter.mount_table()?.is_mounted(&p.data) {
-                return Err(BackendError::StillMounted { path: p.data });
+        for target in [self.exposed(name), p.data.clone()] {
+            if self.mounter.mount_table()?.is_mounted(&target) {
+                self.mounter.unmount(&target)?;
+                // Never recurse into a filesystem that is still mounted: that would delete its contents.
+                if self.mounter.mount_table()?.is_mounted(&target) {
+                    return Err(BackendError::StillMounted { path: target });
+                }
             }
+        }
+        if self.mount_root.is_some() {
+            remove_empty_dir(&self.exposed(name))?;
         }
         match std::fs::remove_dir_all(&p.dir) {
             Ok(()) => Ok(()),
@@ -132,17 +169,56 @@ impl LocalBackend {
         if !p.data.is_dir() {
             return Err(BackendError::Missing { path: p.data });
         }
-        if let Some((_, fs)) = sized(spec) {
-            if !p.image.is_file() {
-                return Err(BackendError::Missing { path: p.image });
-            }
-            // A mount left by an earlier run is adopted, never stacked: two mounts of one image would
-            // corrupt it.
-            if !self.mounter.mount_table()?.is_mounted(&p.data) {
-                self.mounter.mount_image(&p.image, &p.data, fs)?;
-            }
+        let target = self.exposed(name);
+        if !self.mounts_something(spec) {
+            return Ok(target);
         }
-        Ok(p.data)
+        if self.mount_root.is_some() {
+            DirBuilder::new()
+                .mode(0o755)
+                .create(&target)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(BackendError::io("create", &target))?;
+        }
+        // A mount left by an earlier run is adopted, never stacked: two mounts of one image would
+        // corrupt it.
+        if self.mounter.mount_table()?.is_mounted(&target) {
+            return Ok(target);
+        }
+        match sized(spec) {
+            Some((_, fs)) => {
+                if !p.image.is_file() {
+                    return Err(BackendError::Missing { path: p.image });
+                }
+                self.mounter.mount_image(&p.image, &target, fs)?;
+            }
+            None => self.mounter.bind(&p.data, &target)?,
+        }
+        Ok(target)
+    }
+
+    fn detach_blocking(&self, name: &str) -> Result<(), BackendError> {
+        let target = self.exposed(name);
+        self.mounter.unmount(&target)?;
+        if self.mount_root.is_some() {
+            remove_empty_dir(&target)?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes a mountpoint directory that Ferry made; a missing one is fine.
+fn remove_empty_dir(path: &Path) -> Result<(), BackendError> {
+    match std::fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BackendError::io("remove the mountpoint", path)(e)),
     }
 }
 
@@ -180,16 +256,17 @@ impl Backend for LocalBackend {
     }
 
     async fn detach(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
-        if sized(spec).is_none() {
+        if !self.mounts_something(spec) {
             return Ok(());
         }
-        let mounter = self.mounter.clone();
-        let data = self.paths(name).data;
-        blocking(move || Ok(mounter.unmount(&data)?)).await
+        let this = self.clone_handle();
+        let name = name.to_string();
+        blocking(move || this.detach_blocking(&name)).await
     }
 
     fn is_attached(&self, name: &str, spec: &VolumeSpec, table: &MountTable) -> Option<bool> {
-        sized(spec).map(|_| table.is_mounted(&self.paths(name).data))
+        self.mounts_something(spec)
+            .then(|| table.is_mounted(&self.exposed(name)))
     }
 
     fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value> {
@@ -213,6 +290,7 @@ impl LocalBackend {
     fn clone_handle(&self) -> LocalBackend {
         LocalBackend {
             root: self.root.clone(),
+            mount_root: self.mount_root.clone(),
             mounter: self.mounter.clone(),
         }
     }

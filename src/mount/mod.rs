@@ -55,6 +55,8 @@ pub trait Mounter: Send + Sync {
     /// Attaches the image to a free loop device and mounts it on `target`. The loop device detaches itself
     /// when the filesystem is unmounted.
     fn mount_image(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError>;
+    /// Bind-mounts the directory `source` on `target`.
+    fn bind(&self, source: &Path, target: &Path) -> Result<(), MountError>;
     /// Unmounts `target`; succeeds if nothing is mounted there.
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
     /// The current mount table of this process's mount namespace.
@@ -114,6 +116,21 @@ impl Mounter for SystemMounter {
         // after a failed one autoclear releases it.
         res.map_err(|errno| MountError::Mount {
             device: format!("{} ({})", device.path().display(), image.display()),
+            target: target.to_path_buf(),
+            errno,
+        })
+    }
+
+    fn bind(&self, source: &Path, target: &Path) -> Result<(), MountError> {
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|errno| MountError::Mount {
+            device: source.display().to_string(),
             target: target.to_path_buf(),
             errno,
         })

@@ -86,6 +86,15 @@ impl Mounter for RecordingMounter {
         Ok(())
     }
 
+    fn bind(&self, source: &Path, target: &Path) -> Result<(), MountError> {
+        self.record(format!("bind {} {}", source.display(), target.display()));
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((target.to_path_buf(), FsType::Ext4));
+        Ok(())
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         let mut m = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = m.iter().rposition(|(t, _)| t == target) {
