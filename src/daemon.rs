@@ -3,7 +3,7 @@
 //! has not yet loaded its state. Shutdown stops accepting, finishes calls in flight, removes the socket and
 //! leaves every mount in place: containers may still be using them.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -57,12 +57,22 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     );
 
     let listener = plugin::bind_socket(&config.socket)?;
+    // Remember which file we bound: another daemon may have replaced the path by the time we stop, and its
+    // socket is not ours to remove.
+    let bound = std::fs::symlink_metadata(&config.socket)
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
     tracing::info!(socket = %config.socket.display(), state_dir = %state.display(), "ferry is serving");
     plugin::serve(listener, service, shutdown_signal()).await;
-    match std::fs::remove_file(&config.socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(error = %e, "cannot remove the socket"),
+    let current = std::fs::symlink_metadata(&config.socket)
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
+    if current.is_some() && current == bound {
+        if let Err(e) = std::fs::remove_file(&config.socket) {
+            tracing::warn!(error = %e, "cannot remove the socket");
+        }
+    } else if current.is_some() {
+        tracing::warn!(socket = %config.socket.display(), "the socket path now belongs to another process; left it");
     }
     tracing::info!("stopped; mounts in use were left in place");
     Ok(())

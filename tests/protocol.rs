@@ -450,3 +450,20 @@ fn sigterm_and_sigint_finish_calls_in_flight() {
         }
     }
 }
+
+#[test]
+fn shutdown_leaves_a_socket_that_another_daemon_took_over() {
+    let mut first = Daemon::start();
+    // Another process replaces the path while the first is still running (as a restart racing a stop can).
+    let _ = std::fs::remove_file(&first.socket);
+    std::fs::create_dir_all(first.dir.join("second")).unwrap();
+    let second = Daemon::start_in(&first.dir.join("second"), &first.socket, &[]);
+    let status = first.terminate();
+    assert!(status.success());
+    assert!(
+        first.log_text().contains("belongs to another process"),
+        "{}",
+        first.log_text()
+    );
+    second.ok("/VolumeDriver.List", "{}");
+}
