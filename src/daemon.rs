@@ -63,7 +63,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .map(|m| (m.dev(), m.ino()))
         .ok();
     tracing::info!(socket = %config.socket.display(), state_dir = %state.display(), "ferry is serving");
-    plugin::serve(listener, service, shutdown_signal()).await;
+    // Only now, with state reconciled and the socket answering, may systemd start dockerd after us.
+    crate::notify::notify("READY=1\nSTATUS=serving");
+    plugin::serve(listener, service, async {
+        shutdown_signal().await;
+        crate::notify::notify("STOPPING=1");
+    })
+    .await;
     let current = std::fs::symlink_metadata(&config.socket)
         .map(|m| (m.dev(), m.ino()))
         .ok();

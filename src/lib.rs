@@ -7,6 +7,7 @@
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
 //! - `catalog`: the persistent record of volumes, behind a compare-and-swap trait.
 //! - `backend`: the `Backend` trait and the `local` backend.
+//! - `notify`: systemd readiness notification.
 //! - `mount`: mount(2), loop devices, mkfs and the mount table, with a recording double for tests.
 
 pub mod backend;
@@ -14,6 +15,7 @@ pub mod catalog;
 pub mod config;
 pub mod daemon;
 pub mod mount;
+pub mod notify;
 pub mod plugin;
 pub mod service;
 pub mod spec;
