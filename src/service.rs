@@ -131,6 +131,8 @@ pub struct VolumeService {
     view: RwLock<BTreeMap<String, Arc<Versioned<VolumeRecord>>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     tasks: tokio_util::task::TaskTracker,
+    /// The last backend failure per volume, until an operation on it succeeds; shown as `health`.
+    failures: Mutex<HashMap<String, String>>,
 }
 
 fn now_secs() -> u64 {
@@ -184,6 +186,7 @@ impl VolumeService {
             ),
             locks: Mutex::new(HashMap::new()),
             tasks: tokio_util::task::TaskTracker::new(),
+            failures: Mutex::new(HashMap::new()),
         });
         let report = service.reconcile().await?;
         Ok((service, report))
@@ -301,6 +304,27 @@ impl VolumeService {
         Ok(())
     }
 
+    /// Records a backend failure for the volume's `health` in Status, and wraps it.
+    fn failed(&self, name: &str, source: BackendError) -> ServiceError {
+        let err = ServiceError::Backend {
+            name: name.to_string(),
+            source,
+        };
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), err.to_string());
+        err
+    }
+
+    /// Forgets a recorded failure once the storage was prepared or released successfully.
+    fn healthy(&self, name: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
     fn backend_error(name: &str) -> impl FnOnce(BackendError) -> ServiceError + '_ {
         move |source| ServiceError::Backend {
             name: name.to_string(),
@@ -347,7 +371,7 @@ impl VolumeService {
                 }
             }
             self.forget(name, creating.version).await?;
-            return Err(Self::backend_error(name)(e));
+            return Err(self.failed(name, e));
         }
         record.state = VolumeState::Ready;
         self.store(record, Expect::Version(creating.version))
@@ -387,9 +411,10 @@ impl VolumeService {
             removing.state = VolumeState::Ready;
             self.store(removing, Expect::Version(marked.version))
                 .await?;
-            return Err(Self::backend_error(name)(e));
+            return Err(self.failed(name, e));
         }
         self.forget(name, marked.version).await?;
+        self.healthy(name);
         tracing::info!(volume = name, "volume removed");
         Ok(())
     }
@@ -427,7 +452,7 @@ impl VolumeService {
             Ok(path) => path,
             Err(e) => {
                 self.store(rec, Expect::Version(marked.version)).await?;
-                return Err(Self::backend_error(name)(e));
+                return Err(self.failed(name, e));
             }
         };
         *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
@@ -442,6 +467,7 @@ impl VolumeService {
             }
             return Err(e);
         }
+        self.healthy(name);
         tracing::info!(volume = name, mountpoint = %path.display(), "storage prepared");
         Ok(path)
     }
@@ -484,10 +510,11 @@ impl VolumeService {
             // Keep the storage attached but idle: the next Mount reuses it, and Remove or a restart
             // releases it. Keeping the ID would leave the volume "in use" forever.
             self.store(rec, Expect::Version(marked.version)).await?;
-            return Err(Self::backend_error(name)(e));
+            return Err(self.failed(name, e));
         }
         rec.mountpoint = None;
         self.store(rec, Expect::Version(marked.version)).await?;
+        self.healthy(name);
         tracing::info!(volume = name, "storage released");
         Ok(())
     }
@@ -523,6 +550,22 @@ impl VolumeService {
         status.insert("state".into(), json!(rec.state.as_str()));
         status.insert("active_mounts".into(), json!(rec.active_mounts()));
         status.insert("mount_ids".into(), json!(rec.mounts.len()));
+        // Health comes from what Ferry already knows; Get never probes storage or a server for it.
+        let failure = self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned();
+        let health = match (&failure, rec.state) {
+            (Some(_), _) => "error",
+            (None, VolumeState::Ready) => "ok",
+            (None, _) => "busy",
+        };
+        status.insert("health".into(), json!(health));
+        if let Some(f) = failure {
+            status.insert("last_error".into(), json!(f));
+        }
         if let Some(b) = self.backends.get(&rec.spec.backend) {
             status.extend(b.status(name, &rec.spec));
         }
@@ -821,6 +864,15 @@ mod tests {
         let info = svc.get("v").unwrap();
         assert_eq!(info.status["active_mounts"], 0);
         assert_eq!(info.status["state"], "ready");
+        assert_eq!(info.status["health"], "error");
+        assert!(info.status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot mount"));
+        svc.mount("v", "a").await.unwrap();
+        assert_eq!(svc.get("v").unwrap().status["health"], "ok");
+        assert!(svc.get("v").unwrap().status.get("last_error").is_none());
+        svc.unmount("v", "a").await.unwrap();
         svc.remove("v").await.unwrap();
     }
 

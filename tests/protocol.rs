@@ -59,6 +59,7 @@ fn create_get_path_list_remove() {
     assert_eq!(st["backend"], "local");
     assert_eq!(st["size"], "32MiB");
     assert_eq!(st["active_mounts"], 0);
+    assert_eq!(st["health"], "ok");
     assert_eq!(st["options"]["mode"], "0750");
     assert_eq!(st["options"]["fs"], "ext4");
     assert_eq!(
