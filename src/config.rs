@@ -46,6 +46,8 @@ pub struct ServeConfig {
     /// Where volumes are exposed to Docker; `None` exposes each volume at its data path.
     pub mount_root: Option<PathBuf>,
     pub defaults: SpecDefaults,
+    /// Where to serve Prometheus metrics; `None` (the default) serves none.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The TOML file. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -60,6 +62,15 @@ struct FileConfig {
     default_backend: Option<String>,
     #[serde(default)]
     local: LocalSection,
+    #[serde(default)]
+    metrics: MetricsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    /// An address such as "127.0.0.1:9464"; unset turns the endpoint off.
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +112,15 @@ impl ServeConfig {
                 hint: "valid filesystems are: ext4, xfs".into(),
             })?;
         }
+        let metrics_listen = match &file.metrics.listen {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| ConfigError::Value {
+                path: path.clone(),
+                key: "metrics.listen",
+                value: a.clone(),
+                hint: "expected an IP address and port such as 127.0.0.1:9464".into(),
+            })?),
+        };
         Ok(ServeConfig {
             socket: over
                 .socket
@@ -114,6 +134,7 @@ impl ServeConfig {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             mount_root: over.mount_root.clone().or(file.mount_root),
             defaults,
+            metrics_listen,
         })
     }
 }
@@ -181,6 +202,11 @@ mod tests {
             err.contains("default_backend") && err.contains("local"),
             "{err}"
         );
+        let (_d, over) = with_file("[metrics]\nlisten = \"localhost\"\n");
+        assert!(ServeConfig::load(&over)
+            .unwrap_err()
+            .to_string()
+            .contains("metrics.listen"));
         let (_d, over) = with_file("[local]\ndefault_fs = \"fat\"\n");
         assert!(ServeConfig::load(&over).is_err());
         let missing = Overrides {

@@ -56,6 +56,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         "state reconciled"
     );
 
+    if let Some(addr) = config.metrics_listen {
+        crate::metrics::serve(addr, service.clone())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     let listener = plugin::bind_socket(&config.socket)?;
     // Remember which file we bound: another daemon may have replaced the path by the time we stop, and its
     // socket is not ours to remove.

@@ -7,6 +7,7 @@
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
 //! - `catalog`: the persistent record of volumes, behind a compare-and-swap trait.
 //! - `backend`: the `Backend` trait and the `local` backend.
+//! - `metrics`: Prometheus counters, histograms and gauges, and their optional HTTP endpoint.
 //! - `notify`: systemd readiness notification.
 //! - `mount`: mount(2), loop devices, mkfs and the mount table, with a recording double for tests.
 
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod catalog;
 pub mod config;
 pub mod daemon;
+pub mod metrics;
 pub mod mount;
 pub mod notify;
 pub mod plugin;

@@ -133,6 +133,7 @@ pub struct VolumeService {
     tasks: tokio_util::task::TaskTracker,
     /// The last backend failure per volume, until an operation on it succeeds; shown as `health`.
     failures: Mutex<HashMap<String, String>>,
+    metrics: crate::metrics::Metrics,
 }
 
 fn now_secs() -> u64 {
@@ -187,9 +188,32 @@ impl VolumeService {
             locks: Mutex::new(HashMap::new()),
             tasks: tokio_util::task::TaskTracker::new(),
             failures: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics::default(),
         });
         let report = service.reconcile().await?;
         Ok((service, report))
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Volume counts for the metrics endpoint, from memory.
+    pub fn gauges(&self) -> crate::metrics::Gauges {
+        let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::metrics::Gauges {
+            volumes_by_backend: BTreeMap::new(),
+            active_mounts: 0,
+            attached_volumes: 0,
+        };
+        for e in view.values().filter(|e| Self::visible(&e.value)) {
+            *g.volumes_by_backend
+                .entry(e.value.spec.backend.as_str())
+                .or_default() += 1;
+            g.active_mounts += e.value.active_mounts();
+            g.attached_volumes += u64::from(e.value.mountpoint.is_some());
+        }
+        g
     }
 
     pub fn defaults(&self) -> &SpecDefaults {
@@ -306,6 +330,11 @@ impl VolumeService {
 
     /// Records a backend failure for the volume's `health` in Status, and wraps it.
     fn failed(&self, name: &str, source: BackendError) -> ServiceError {
+        let backend = self
+            .lookup(name)
+            .map(|e| e.value.spec.backend.as_str())
+            .unwrap_or("unknown");
+        self.metrics.backend_error(backend, source.kind());
         let err = ServiceError::Backend {
             name: name.to_string(),
             source,

@@ -35,6 +35,18 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// A stable, low-cardinality name of the failure, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Mount(_) => "mount",
+            BackendError::Io { .. } => "io",
+            BackendError::Orphan { .. } => "orphan",
+            BackendError::Missing { .. } => "missing",
+            BackendError::StillMounted { .. } => "still_mounted",
+            BackendError::Internal(..) => "internal",
+        }
+    }
+
     pub fn io<'a>(
         op: &'static str,
         path: &'a Path,

@@ -195,7 +195,17 @@ async fn handle(
     let method_name = request.method();
     Ok(async move {
         tracing::debug!("call started");
-        match dispatch(&service, request).await {
+        let started = std::time::Instant::now();
+        let result = dispatch(&service, request).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) if e.is_user_error() => "refused",
+            Err(_) => "error",
+        };
+        service
+            .metrics()
+            .observe_call(method_name, outcome, started.elapsed());
+        match result {
             Ok(resp) => {
                 tracing::debug!("ok");
                 resp
