@@ -27,6 +27,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict the state directory {}", state.display()))?;
 
+    let state = &std::fs::canonicalize(state)
+        .with_context(|| format!("cannot resolve the state directory {}", state.display()))?;
+
     // Refuse early if another plugin answers on the socket, before touching any state.
     if config.socket.exists() && std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         anyhow::bail!(plugin::SocketError::InUse(config.socket.clone()));

@@ -325,6 +325,7 @@ impl VolumeService {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
+        self.healthy(name);
         Ok(())
     }
 
@@ -405,6 +406,7 @@ impl VolumeService {
         record.state = VolumeState::Ready;
         self.store(record, Expect::Version(creating.version))
             .await?;
+        self.healthy(name);
         tracing::info!(volume = name, backend = %spec.backend, "volume created");
         Ok(())
     }
@@ -739,6 +741,40 @@ impl VolumeService {
         }
     }
 
+    /// Mounts for a Docker caller who waits at most `deadline`. Docker sends no Unmount for a Mount it
+    /// considers failed, so a mount that completes after the caller gave up (deadline passed, connection
+    /// closed) is undone at once; otherwise its mount ID would keep the volume "in use" for ever.
+    pub async fn mount_for_caller(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        deadline: Duration,
+    ) -> Result<PathBuf> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let svc = self.clone();
+        let (n, i) = (name.to_string(), id.to_string());
+        self.tasks.spawn(async move {
+            let result = svc.mount(&n, &i).await;
+            if let Err(Ok(_)) = tx.send(result) {
+                tracing::warn!(volume = %n, mount_id = %i, "the caller gave up before the mount finished; undoing it");
+                if let Err(e) = svc.unmount(&n, &i).await {
+                    tracing::error!(volume = %n, error = %e, "cannot undo an abandoned mount");
+                }
+            }
+        });
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ServiceError::Internal(
+                "mount task ended without a result".into(),
+            )),
+            Err(_) => Err(ServiceError::Timeout {
+                op: "mount",
+                name: name.to_string(),
+                secs: deadline.as_secs(),
+            }),
+        }
+    }
+
     /// Waits, up to `limit`, for operations that outlived their callers; used at shutdown.
     pub async fn finish_background_work(&self, limit: Duration) {
         self.tasks.close();
@@ -1029,6 +1065,29 @@ mod tests {
         assert_eq!(svc.get("v").unwrap().status["active_mounts"], 2);
         svc.unmount("v", "a").await.unwrap();
         svc.unmount("v", "c").await.unwrap();
+        assert_eq!(f.mounter.count("unmount"), 1);
+    }
+
+    #[tokio::test]
+    async fn mount_abandoned_by_its_caller_is_undone() {
+        let f = Fixture::new();
+        let (svc, _) = f.start().await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        // Hold the volume's lock so the mount cannot finish within the caller's deadline.
+        let guard = svc.lock("v").await;
+        let err = svc
+            .mount_for_caller("v", "late", Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ServiceError::Timeout { .. }), "{err}");
+        drop(guard);
+        svc.finish_background_work(Duration::from_secs(10)).await;
+        let info = svc.get("v").unwrap();
+        assert_eq!(info.status["active_mounts"], 0);
+        assert!(info.mountpoint.is_none());
+        assert_eq!(f.mounter.count("mount "), 1);
         assert_eq!(f.mounter.count("unmount"), 1);
     }
 }

@@ -122,3 +122,27 @@ fn leaked_mount_without_ids_is_released_at_start() {
     assert!(!is_mounted(&mp), "{}", d.log_text());
     d.remove("v");
 }
+
+#[test]
+fn state_dir_behind_a_symlink_is_never_mounted_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut d = Daemon::start_in(&link, &tmp.path().join("f.sock"), &[]);
+    d.create("v", r#"{"size":"32M"}"#);
+    let mp = d.mount("v", "a");
+    assert_eq!(
+        mp,
+        real.join("state/local/v/data"),
+        "Docker is given the resolved path"
+    );
+    assert!(d.terminate().success());
+    d.spawn(&[]);
+    assert_eq!(mount_count(&mp), 1, "{}", d.log_text());
+    d.unmount("v", "a");
+    assert_eq!(mount_count(&mp), 0);
+    d.remove("v");
+    assert!(!real.join("state/local/v").exists());
+}

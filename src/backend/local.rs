@@ -77,6 +77,13 @@ impl LocalBackend {
                 .create(dir)
                 .map_err(BackendError::io("create", dir))?;
         }
+        // The mount table names resolved paths; compare against those, or a symlink or a relative path would
+        // make a mounted volume look unmounted and get mounted a second time.
+        let root = std::fs::canonicalize(&root).map_err(BackendError::io("resolve", &root))?;
+        let mount_root = match mount_root {
+            Some(m) => Some(std::fs::canonicalize(&m).map_err(BackendError::io("resolve", &m))?),
+            None => None,
+        };
         Ok(LocalBackend {
             root,
             mount_root,
@@ -207,7 +214,10 @@ impl LocalBackend {
         let target = self.exposed(name);
         self.mounter.unmount(&target)?;
         if self.mount_root.is_some() {
-            remove_empty_dir(&target)?;
+            // The storage is released either way; a leftover empty directory is harmless.
+            if let Err(e) = remove_empty_dir(&target) {
+                tracing::warn!(error = %e, "cannot remove an empty mountpoint");
+            }
         }
         Ok(())
     }

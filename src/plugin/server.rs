@@ -280,12 +280,8 @@ async fn dispatch(
             json_response(ok, &wire::Empty {})
         }
         Request::Mount(r) => {
-            let svc = service.clone();
-            let name = r.name.clone();
             let path = service
-                .with_deadline("mount", &name, LONG_DEADLINE, async move {
-                    svc.mount(&r.name, &r.id).await
-                })
+                .mount_for_caller(&r.name, &r.id, LONG_DEADLINE)
                 .await?;
             json_response(
                 ok,
