@@ -384,6 +384,11 @@ impl VolumeService {
             };
         }
         let backend = self.backend(spec.backend)?.clone();
+        // Refuse data Ferry does not own before recording anything: a crash after the record is written
+        // rolls the create back, and that must never delete someone else's files.
+        backend
+            .preflight(name, &spec)
+            .map_err(|e| self.failed(name, e))?;
         let mut record = VolumeRecord {
             name: name.to_string(),
             spec: spec.clone(),
@@ -459,7 +464,9 @@ impl VolumeService {
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
         let mut rec = entry.value.clone();
-        if rec.state != VolumeState::Ready {
+        // Under the volume's lock no operation is running, so Attaching or Detaching here is the trace of
+        // one whose last catalog write failed; attach is idempotent, so carry on rather than stay stuck.
+        if matches!(rec.state, VolumeState::Creating | VolumeState::Removing) {
             return Err(ServiceError::Busy {
                 name: name.into(),
                 state: rec.state.as_str(),

@@ -175,3 +175,19 @@ fn mount_root_exposes_volumes_elsewhere() {
     d.remove("capped");
     unmount_under(&root);
 }
+
+#[test]
+fn existing_data_without_a_record_is_never_touched() {
+    let mut d = Daemon::start();
+    let orphan = d.state.join("local/orphan/data");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("precious"), b"keep me").unwrap();
+    let err = d.err("/VolumeDriver.Create", r#"{"Name":"orphan","Opts":null}"#);
+    assert!(err.contains("no volume record owns it"), "{err}");
+    d.kill9();
+    d.spawn(&[]);
+    assert_eq!(std::fs::read(orphan.join("precious")).unwrap(), b"keep me");
+    assert!(d
+        .err("/VolumeDriver.Get", r#"{"Name":"orphan"}"#)
+        .contains("does not exist"));
+}

@@ -247,6 +247,14 @@ impl Backend for LocalBackend {
         BackendKind::Local
     }
 
+    fn preflight(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        let dir = self.paths(name).dir;
+        match std::fs::symlink_metadata(&dir) {
+            Ok(_) => Err(BackendError::Orphan { path: dir }),
+            Err(_) => Ok(()),
+        }
+    }
+
     async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
         let this = self.clone_handle();
         let (name, spec) = (name.to_string(), spec.clone());

@@ -64,6 +64,8 @@ impl BackendError {
 #[async_trait]
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
+    /// Cheap checks before a create is recorded, such as refusing storage that exists without a record.
+    fn preflight(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
     /// Provisions the volume's storage.
     async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
     /// Deletes the volume's storage and data; succeeds if there is nothing left to delete.
