@@ -1,19 +1,18 @@
 //! End-to-end tests against the real dockerd on this machine: the `ferry` binary is registered as a legacy
-//! volume plugin (`/run/docker/plugins/ferry-e2e.sock`, a symlink to the daemon's own socket: see
+//! volume plugin (`/run/docker/plugins/<name>.sock`, a symlink to the daemon's own socket: see
 //! `Plugin::link`) and driven through the `docker` and `docker-compose` command-line tools, as users would.
 //!
 //! These tests fail when dockerd is unreachable; set `FERRY_SKIP_DOCKER=1` to skip them instead.
 //! With `FERRY_E2E_SHOW_LOG=1` each scenario prints Ferry's debug log (every call dockerd made) at the end.
 //! Images cannot be pulled here, so the test image is built `FROM scratch` with the static busybox.
 //!
-//! **Why one fixed plugin name, taken under a lock.** dockerd remembers every legacy plugin it has ever
-//! activated until it restarts, and it keeps calling the dead ones: an unfiltered `docker volume ls` waits
-//! about 15 s for them (connection retries), and every lookup of a volume name Docker does not know (which
-//! `docker-compose up` makes twice per volume, and `docker volume inspect MISSING` once) tries each dead
-//! plugin in turn, about 15 s apiece. A fresh plugin name per run would make every later run, and every other
-//! user of this dockerd, slower without bound. So all scenarios register the same name, `ferry-e2e`, one at
-//! a time under an exclusive `flock`, each with its own daemon and state directory; volume names, compose
-//! projects and labels stay unique per run, and leftovers of a crashed run are swept before each scenario.
+//! **The plugin name.** Each run of this test binary registers its own plugin name,
+//! `ferry-e2e-<pid>-<random>`, so runs from different checkouts can never collide; the scenarios of one run
+//! share it, one at a time under an exclusive `flock`, each with its own daemon and state directory.
+//! dockerd remembers every legacy plugin it has ever activated until it restarts, and keeps calling the dead
+//! ones: every lookup of a volume name Docker does not know (`docker-compose up` makes two per volume) tries
+//! each dead plugin in turn, about 15 s apiece. On a long-lived dockerd that runs the suite often, set
+//! `FERRY_E2E_PLUGIN_NAME` to a fixed name so runs stop adding dead plugins (the lock keeps them apart).
 //!
 //! Dead plugins other programs left in dockerd still slow `docker-compose up` down (2 × 15 s each). The
 //! compose scenario counts them first (`docker info` lists every remembered driver) and fails at once, with
@@ -44,9 +43,17 @@ const VOLUME_IMAGE: &str = "ferry-test-busybox-volume:latest";
 const BAKED: &str = "baked into the image\n";
 const BUSYBOX: &str = "/usr/bin/busybox";
 const PLUGIN_DIR: &str = "/run/docker/plugins";
-/// The one plugin name all scenarios share (see the module comment).
-const PLUGIN_NAME: &str = "ferry-e2e";
-/// Serializes users of `PLUGIN_NAME` across threads and processes.
+/// The plugin name all scenarios of this run share (see the module comment).
+fn plugin_name() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::var("FERRY_E2E_PLUGIN_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("ferry-e2e-{}", run_id()))
+    })
+}
+/// Serializes users of the plugin name across threads and processes.
 const LOCK_FILE: &str = "/tmp/ferry-e2e-docker.lock";
 /// The key of the label on every container the tests start.
 const LABEL_KEY: &str = "ferry-e2e";
@@ -328,7 +335,7 @@ impl Plugin {
         let socket = tmp.path().join("ferry.sock");
         let daemon = Daemon::start_in(tmp.path(), &socket, &[]);
         let p = Plugin {
-            name: PLUGIN_NAME.to_string(),
+            name: plugin_name().to_string(),
             run_id: run_id(),
             projects: Vec::new(),
             daemon,
@@ -344,10 +351,10 @@ impl Plugin {
 
     /// Where dockerd looks for the plugin.
     fn public_socket() -> PathBuf {
-        Path::new(PLUGIN_DIR).join(format!("{PLUGIN_NAME}.sock"))
+        Path::new(PLUGIN_DIR).join(format!("{}.sock", plugin_name()))
     }
 
-    /// Points `/run/docker/plugins/ferry-e2e.sock` at this daemon's socket, atomically replacing whatever
+    /// Points `/run/docker/plugins/<name>.sock` at this daemon's socket, atomically replacing whatever
     /// an earlier run left there. A symlink rather than the socket itself: a daemon of an earlier run that is
     /// still shutting down (for example after its test process was killed, which also frees the lock)
     /// unlinks its socket path on the way out, and must not take ours with it. dockerd stats the path and
@@ -355,7 +362,8 @@ impl Plugin {
     fn link(&self) {
         std::fs::create_dir_all(PLUGIN_DIR).unwrap();
         let public = Self::public_socket();
-        let tmp_link = Path::new(PLUGIN_DIR).join(format!(".{PLUGIN_NAME}.{}.tmp", self.run_id));
+        let tmp_link =
+            Path::new(PLUGIN_DIR).join(format!(".{}.{}.tmp", plugin_name(), self.run_id));
         let _ = std::fs::remove_file(&tmp_link);
         std::os::unix::fs::symlink(&self.daemon.socket, &tmp_link)
             .and_then(|()| std::fs::rename(&tmp_link, &public))
@@ -850,7 +858,8 @@ volumes:
         panic!(
             "dockerd remembers {} dead legacy volume plugins, so `docker-compose up` would wait about {expected_wait} s \
              probing them (2 lookups × 15 s each) before creating its volume; that exceeds \
-             FERRY_E2E_COMPOSE_PROBE_BUDGET={budget}. Restart dockerd to make it forget them, or raise the budget.\n\
+             FERRY_E2E_COMPOSE_PROBE_BUDGET={budget}. Restart dockerd to make it forget them, or raise the budget \
+             (and set FERRY_E2E_PLUGIN_NAME to a fixed name so later runs add no more).\n\
              dead plugins: {dead:?}",
             dead.len()
         );
