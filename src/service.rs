@@ -671,10 +671,16 @@ impl VolumeService {
         let backend = self.backend(rec.spec.backend)?.clone();
         match rec.state {
             VolumeState::Creating | VolumeState::Removing => {
-                backend
-                    .remove(name, &rec.spec)
-                    .await
-                    .map_err(Self::backend_error(name))?;
+                if let Err(e) = backend.remove(name, &rec.spec).await {
+                    if rec.state == VolumeState::Removing {
+                        // Show the volume again so Docker sends Remove again, instead of hiding it until the
+                        // next restart.
+                        let mut back = rec.clone();
+                        back.state = VolumeState::Ready;
+                        self.store(back, Expect::Version(entry.version)).await?;
+                    }
+                    return Err(self.failed(name, e));
+                }
                 self.forget(name, entry.version).await?;
                 if rec.state == VolumeState::Creating {
                     report.rolled_back += 1;
@@ -1096,5 +1102,72 @@ mod tests {
         assert!(info.mountpoint.is_none());
         assert_eq!(f.mounter.count("mount "), 1);
         assert_eq!(f.mounter.count("unmount"), 1);
+    }
+
+    /// A backend whose remove always fails.
+    struct StuckBackend;
+
+    #[async_trait::async_trait]
+    impl Backend for StuckBackend {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Local
+        }
+        fn preflight(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
+            Ok(())
+        }
+        async fn create(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
+            Ok(())
+        }
+        async fn remove(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
+            Err(BackendError::Internal(
+                BackendKind::Local,
+                "device busy".into(),
+            ))
+        }
+        async fn attach(&self, name: &str, _: &VolumeSpec) -> Result<PathBuf, BackendError> {
+            Ok(PathBuf::from("/x").join(name))
+        }
+        async fn detach(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn is_attached(
+            &self,
+            _: &str,
+            _: &VolumeSpec,
+            _: &crate::mount::MountTable,
+        ) -> Option<bool> {
+            None
+        }
+        fn status(&self, _: &str, _: &VolumeSpec) -> Map<String, Value> {
+            Map::new()
+        }
+    }
+
+    #[tokio::test]
+    async fn remove_that_cannot_finish_at_start_up_shows_the_volume_again() {
+        let f = Fixture::new();
+        let catalog = Arc::new(RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap());
+        let rec = VolumeRecord {
+            name: "half-gone".into(),
+            spec: VolumeSpec::from_options(None, &SpecDefaults::default()).unwrap(),
+            created_at: 0,
+            state: VolumeState::Removing,
+            mounts: BTreeMap::new(),
+            mountpoint: None,
+        };
+        catalog.put(rec, Expect::Absent).await.unwrap();
+        let (svc, report) = VolumeService::start(
+            catalog,
+            vec![Arc::new(StuckBackend)],
+            f.mounter.clone(),
+            SpecDefaults::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.failed, 1);
+        let info = svc.get("half-gone").unwrap();
+        assert_eq!(info.status["state"], "ready");
+        assert_eq!(info.status["health"], "error");
+        assert!(svc.remove("half-gone").await.is_err());
     }
 }
