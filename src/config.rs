@@ -36,6 +36,7 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     pub mount_root: Option<PathBuf>,
     pub config: Option<PathBuf>,
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// Everything `ferry serve` needs.
@@ -48,6 +49,8 @@ pub struct ServeConfig {
     pub defaults: SpecDefaults,
     /// Where to serve Prometheus metrics; `None` (the default) serves none.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The operator CLI's socket (root-only); `STATE_DIR/admin.sock` unless configured.
+    pub admin_socket: PathBuf,
 }
 
 /// The TOML file. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -58,6 +61,8 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     /// Where volumes are mounted for Docker (a managed plugin's PropagatedMount).
     mount_root: Option<PathBuf>,
+    /// The operator CLI's socket.
+    admin_socket: Option<PathBuf>,
     /// The backend of volumes created without `-o backend=`.
     default_backend: Option<String>,
     #[serde(default)]
@@ -121,23 +126,38 @@ impl ServeConfig {
                 hint: "expected an IP address and port such as 127.0.0.1:9464".into(),
             })?),
         };
+        let state_dir = over
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         Ok(ServeConfig {
             socket: over
                 .socket
                 .clone()
                 .or(file.socket)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
-            state_dir: over
-                .state_dir
+            admin_socket: over
+                .admin_socket
                 .clone()
-                .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+                .or(file.admin_socket)
+                .unwrap_or_else(|| default_admin_socket(&state_dir)),
+            state_dir,
             mount_root: over.mount_root.clone().or(file.mount_root),
             defaults,
             metrics_listen,
         })
     }
 }
+
+/// Where the admin socket is when nothing names it: inside the state directory, whose mode 0700 already
+/// keeps it root-only, and which a managed plugin shares with the host through its bind mount.
+pub fn default_admin_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join(ADMIN_SOCKET_NAME)
+}
+
+/// The admin socket's file name inside the state directory.
+pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -172,6 +192,10 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.defaults.backend, BackendKind::Local);
         assert_eq!(c.defaults.fs, FsType::Ext4);
+        assert_eq!(
+            c.admin_socket,
+            PathBuf::from(DEFAULT_STATE_DIR).join("admin.sock")
+        );
     }
 
     #[test]

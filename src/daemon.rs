@@ -17,6 +17,11 @@ use crate::service::VolumeService;
 
 /// Runs the plugin until SIGTERM or SIGINT.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let started_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let state = &config.state_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -64,12 +69,26 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
     }
+    // The admin socket comes first, so an operator can look at a daemon that Docker has not reached yet.
+    let admin_listener = plugin::bind_socket(&config.admin_socket).context(
+        "cannot serve the admin socket (set admin_socket in the configuration to move it)",
+    )?;
+    let admin_bound = identity(&config.admin_socket);
+    let admin = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        Arc::new(crate::admin::AdminContext {
+            service: service.clone(),
+            started,
+            started_at,
+            socket: config.socket.clone(),
+            admin_socket: config.admin_socket.clone(),
+            state_dir: state.clone(),
+            mount_root: config.mount_root.clone(),
+            reconcile: report.clone(),
+        }),
+    ));
     let listener = plugin::bind_socket(&config.socket)?;
-    // Remember which file we bound: another daemon may have replaced the path by the time we stop, and its
-    // socket is not ours to remove.
-    let bound = std::fs::symlink_metadata(&config.socket)
-        .map(|m| (m.dev(), m.ino()))
-        .ok();
+    let bound = identity(&config.socket);
     tracing::info!(socket = %config.socket.display(), state_dir = %state.display(), "ferry is serving");
     // Only now, with state reconciled and the socket answering, may systemd start dockerd after us.
     crate::notify::notify("READY=1\nSTATUS=serving");
@@ -78,18 +97,30 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         crate::notify::notify("STOPPING=1");
     })
     .await;
-    let current = std::fs::symlink_metadata(&config.socket)
-        .map(|m| (m.dev(), m.ino()))
-        .ok();
-    if current.is_some() && current == bound {
-        if let Err(e) = std::fs::remove_file(&config.socket) {
-            tracing::warn!(error = %e, "cannot remove the socket");
-        }
-    } else if current.is_some() {
-        tracing::warn!(socket = %config.socket.display(), "the socket path now belongs to another process; left it");
-    }
+    admin.abort();
+    remove_if_ours(&config.socket, bound);
+    remove_if_ours(&config.admin_socket, admin_bound);
     tracing::info!("stopped; mounts in use were left in place");
     Ok(())
+}
+
+/// Which file a path names now, so that a socket is removed only if it is still the one we bound: another
+/// daemon may have replaced the path by the time we stop, and its socket is not ours to remove.
+fn identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .ok()
+}
+
+fn remove_if_ours(path: &std::path::Path, bound: Option<(u64, u64)>) {
+    let current = identity(path);
+    if current.is_some() && current == bound {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot remove the socket");
+        }
+    } else if current.is_some() {
+        tracing::warn!(socket = %path.display(), "the socket path now belongs to another process; left it");
+    }
 }
 
 async fn shutdown_signal() {

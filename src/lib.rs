@@ -1,7 +1,10 @@
 //! Ferry: a Docker volume plugin that routes each volume to a backend.
 //!
+//! - `admin`: the operator's read-only API on a root-only socket, and its client for the CLI.
+//! - `cli`: the operator commands (`ls`, `inspect`, `status`, `doctor`): tables and `--json`.
 //! - `config`: flags, environment and the TOML file merged into one typed configuration.
 //! - `daemon`: `ferry serve`, which wires the parts together and owns start-up and shutdown order.
+//! - `doctor`: the host checks behind `ferry doctor`.
 //! - `plugin`: Docker's volume-plugin protocol (wire types, routing, the HTTP server on the Unix socket).
 //! - `service`: `VolumeService`, the protocol-agnostic core (locks, mount counts, reconciliation).
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
@@ -11,10 +14,13 @@
 //! - `notify`: systemd readiness notification.
 //! - `mount`: mount(2), loop devices, mkfs and the mount table, with a recording double for tests.
 
+pub mod admin;
 pub mod backend;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod metrics;
 pub mod mount;
 pub mod notify;

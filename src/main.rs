@@ -1,9 +1,10 @@
 //! The `ferry` command: parses the command line, sets up logging and calls into the library.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use ferry::config::{Overrides, ServeConfig};
 
@@ -26,21 +27,89 @@ enum Command {
         /// [default: /run/docker/plugins/ferry.sock]
         #[arg(long, env = "FERRY_SOCKET", value_name = "PATH")]
         socket: Option<PathBuf>,
-        /// Where Ferry keeps its catalog and the data of local volumes.
-        /// [default: /var/lib/ferry]
-        #[arg(long, env = "FERRY_STATE_DIR", value_name = "DIR")]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
         /// Expose volumes to Docker under this directory instead of at their data paths; a managed
         /// plugin sets it to its PropagatedMount. [default: none]
         #[arg(long, env = "FERRY_MOUNT_ROOT", value_name = "DIR")]
         mount_root: Option<PathBuf>,
-        /// An optional TOML configuration file (default backend, per-backend settings).
-        #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
-        config: Option<PathBuf>,
+    },
+    /// List every volume: backend, size, state, health, mount count and where it is mounted.
+    Ls {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Show everything Ferry knows about one volume (option values that may be secret are redacted).
+    Inspect {
+        /// The volume's name.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Show the daemon's version and uptime, and whether each configured backend is reachable now.
+    /// Exits with 2 when a backend is unreachable.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Check that this host can run Ferry (privileges, kernel, FUSE, loop devices, mkfs tools, state
+    /// directory, the daemon and its backends); every problem comes with how to fix it. Exits with 2 when
+    /// a check fails.
+    Doctor {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+/// Which daemon: the same flags and variables `ferry serve` reads, so both agree on the admin socket.
+#[derive(Args)]
+struct Target {
+    /// Where Ferry keeps its catalog and the data of local volumes. [default: /var/lib/ferry]
+    #[arg(long, env = "FERRY_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The root-only socket of the operator commands. [default: STATE_DIR/admin.sock]
+    #[arg(long, env = "FERRY_ADMIN_SOCKET", value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    /// An optional TOML configuration file (default backend, per-backend settings).
+    #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct Format {
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// An empty variable (such as a managed plugin's unset FERRY_CONFIG) means "not given", not the path "".
+fn given(p: Option<PathBuf>) -> Option<PathBuf> {
+    p.filter(|p| !p.as_os_str().is_empty())
+}
+
+fn load(
+    target: Target,
+    socket: Option<PathBuf>,
+    mount_root: Option<PathBuf>,
+) -> anyhow::Result<ServeConfig> {
+    Ok(ServeConfig::load(&Overrides {
+        socket: given(socket),
+        state_dir: given(target.state_dir),
+        mount_root: given(mount_root),
+        config: given(target.config),
+        admin_socket: given(target.admin_socket),
+    })?)
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -50,25 +119,51 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match cli.command {
+    let result = match cli.command {
         Command::Serve {
             socket,
-            state_dir,
+            target,
             mount_root,
-            config,
-        } => {
-            let config = ServeConfig::load(&Overrides {
-                socket,
-                state_dir,
-                mount_root,
-                config,
-            })?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime.block_on(ferry::daemon::run(config))
+        } => serve(target, socket, mount_root).map(|()| 0),
+        Command::Ls { target, format } => operator(ferry::cli::Command::Ls, target, format),
+        Command::Inspect {
+            name,
+            target,
+            format,
+        } => operator(ferry::cli::Command::Inspect(name), target, format),
+        Command::Status { target, format } => operator(ferry::cli::Command::Status, target, format),
+        Command::Doctor { target, format } => operator(ferry::cli::Command::Doctor, target, format),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn serve(
+    target: Target,
+    socket: Option<PathBuf>,
+    mount_root: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let config = load(target, socket, mount_root)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(ferry::daemon::run(config))
+}
+
+fn operator(command: ferry::cli::Command, target: Target, format: Format) -> anyhow::Result<u8> {
+    let config = load(target, None, None)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let outcome = runtime.block_on(ferry::cli::run(&command, &config, format.json))?;
+    print!("{}", outcome.text);
+    Ok(outcome.exit_code)
 }

@@ -89,8 +89,46 @@ pub struct VolumeSummary {
     pub mountpoint: Option<PathBuf>,
 }
 
+/// Everything Ferry knows about one volume, for the operator CLI. Option values that may be secret are
+/// redacted, as in Get.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeReport {
+    pub name: String,
+    pub backend: String,
+    pub state: String,
+    pub health: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Where Docker sees the volume while it is mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<PathBuf>,
+    pub active_mounts: u64,
+    /// Docker mount ID -> how many times it holds the volume.
+    pub mount_ids: BTreeMap<String, u32>,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub options: BTreeMap<String, String>,
+    /// The record's catalog version: it grows with every durable change.
+    pub catalog_version: u64,
+    /// What the backend reports (size, image, and in time generation or snapshot), as in Get's Status.
+    pub backend_status: Map<String, Value>,
+}
+
+/// Whether one configured backend can be used right now.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BackendReport {
+    pub backend: String,
+    /// Whether volumes created without `-o backend=` use it.
+    pub default: bool,
+    pub reachable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub details: Map<String, Value>,
+    pub checked_in_ms: u64,
+}
+
 /// What start-up reconciliation did, for the log and for tests.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReconcileReport {
     pub volumes: usize,
     pub adopted: usize,
@@ -588,18 +626,7 @@ impl VolumeService {
         status.insert("state".into(), json!(rec.state.as_str()));
         status.insert("active_mounts".into(), json!(rec.active_mounts()));
         status.insert("mount_ids".into(), json!(rec.mounts.len()));
-        // Health comes from what Ferry already knows; Get never probes storage or a server for it.
-        let failure = self
-            .failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned();
-        let health = match (&failure, rec.state) {
-            (Some(_), _) => "error",
-            (None, VolumeState::Ready) => "ok",
-            (None, _) => "busy",
-        };
+        let (health, failure) = self.health_of(rec);
         status.insert("health".into(), json!(health));
         if let Some(f) = failure {
             status.insert("last_error".into(), json!(f));
@@ -613,6 +640,113 @@ impl VolumeService {
             created_at: rec.created_at,
             status,
         })
+    }
+
+    /// Everything known about one volume, for the operator. Answered from memory, like Get, and shows
+    /// volumes in every state (a stuck create or remove is exactly what an operator looks for).
+    pub fn report(&self, name: &str) -> Result<VolumeReport> {
+        spec::validate_name(name)?;
+        let entry = self
+            .lookup(name)
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        Ok(self.report_of(&entry))
+    }
+
+    /// Health comes from what Ferry already knows (the last backend failure and the state); nothing probes
+    /// storage or a server for it.
+    fn health_of(&self, rec: &VolumeRecord) -> (&'static str, Option<String>) {
+        let failure = self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&rec.name)
+            .cloned();
+        let health = match (&failure, rec.state) {
+            (Some(_), _) => "error",
+            (None, VolumeState::Ready) => "ok",
+            (None, _) => "busy",
+        };
+        (health, failure)
+    }
+
+    /// `report` for every volume, in name order.
+    pub fn reports(&self) -> Vec<VolumeReport> {
+        let entries: Vec<_> = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        entries.iter().map(|e| self.report_of(e)).collect()
+    }
+
+    fn report_of(&self, entry: &Versioned<VolumeRecord>) -> VolumeReport {
+        let rec = &entry.value;
+        let (health, last_error) = self.health_of(rec);
+        VolumeReport {
+            name: rec.name.clone(),
+            backend: rec.spec.backend.as_str().into(),
+            state: rec.state.as_str().into(),
+            health: health.into(),
+            last_error,
+            mountpoint: rec.mountpoint.clone(),
+            active_mounts: rec.active_mounts(),
+            mount_ids: rec.mounts.clone(),
+            created_at: rec.created_at,
+            options: spec::redact(&rec.spec.to_options()),
+            catalog_version: entry.version,
+            backend_status: self
+                .backends
+                .get(&rec.spec.backend)
+                .map(|b| b.status(&rec.name, &rec.spec))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Asks every configured backend whether it is usable now, all at once, each within `deadline`. For
+    /// the operator only: it may wait on storage or a network, which Get/List/Path never do.
+    pub async fn check_backends(&self, deadline: Duration) -> Vec<BackendReport> {
+        let mut set = tokio::task::JoinSet::new();
+        for (order, (kind, backend)) in self.backends.iter().enumerate() {
+            let (kind, backend) = (*kind, backend.clone());
+            let default = kind == self.defaults.backend;
+            set.spawn(async move {
+                let started = std::time::Instant::now();
+                let (reachable, error, details) =
+                    match tokio::time::timeout(deadline, backend.check()).await {
+                        Ok(Ok(details)) => (true, None, details),
+                        Ok(Err(e)) => (false, Some(e.to_string()), Map::new()),
+                        Err(_) => (
+                            false,
+                            Some(format!(
+                                "the {} backend did not answer within {} s",
+                                kind.as_str(),
+                                deadline.as_secs()
+                            )),
+                            Map::new(),
+                        ),
+                    };
+                let report = BackendReport {
+                    backend: kind.as_str().into(),
+                    default,
+                    reachable,
+                    error,
+                    details,
+                    checked_in_ms: started.elapsed().as_millis() as u64,
+                };
+                (order, report)
+            });
+        }
+        let mut out: Vec<(usize, BackendReport)> = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!(error = %e, "a backend check panicked"),
+            }
+        }
+        out.sort_by_key(|(order, _)| *order);
+        out.into_iter().map(|(_, r)| r).collect()
     }
 
     /// Every volume, in name order. Answered from memory.
@@ -1140,6 +1274,12 @@ mod tests {
         }
         fn status(&self, _: &str, _: &VolumeSpec) -> Map<String, Value> {
             Map::new()
+        }
+        async fn check(&self) -> Result<Map<String, Value>, BackendError> {
+            Err(BackendError::Internal(
+                BackendKind::Local,
+                "device busy".into(),
+            ))
         }
     }
 

@@ -302,6 +302,31 @@ impl Backend for LocalBackend {
         }
         m
     }
+
+    async fn check(&self) -> Result<Map<String, Value>, BackendError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let io = |e: nix::Error| BackendError::Io {
+                op: "check",
+                path: root.clone(),
+                source: std::io::Error::from(e),
+            };
+            // A read-only or full filesystem under the state directory is what breaks local volumes.
+            nix::unistd::access(&root, nix::unistd::AccessFlags::W_OK).map_err(io)?;
+            let st = nix::sys::statvfs::statvfs(&root).map_err(io)?;
+            let frag = st.fragment_size();
+            let mut m = Map::new();
+            m.insert("path".into(), json!(root));
+            m.insert("total_bytes".into(), json!(st.blocks() * frag));
+            m.insert(
+                "free_bytes".into(),
+                json!(st.blocks_available() * frag),
+            );
+            Ok(m)
+        })
+        .await
+        .map_err(|e| BackendError::Internal(BackendKind::Local, e.to_string()))?
+    }
 }
 
 impl LocalBackend {

@@ -79,4 +79,8 @@ pub trait Backend: Send + Sync {
     fn is_attached(&self, name: &str, spec: &VolumeSpec, table: &MountTable) -> Option<bool>;
     /// Backend facts for `Status`, known without any I/O.
     fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value>;
+    /// Whether the backend's storage (a directory, a server, a cloud API) can be used right now, with facts
+    /// such as free space. It may do I/O, so it serves the operator's `ferry status`, never Get/List/Path;
+    /// the caller bounds it with a deadline.
+    async fn check(&self) -> Result<Map<String, Value>, BackendError>;
 }

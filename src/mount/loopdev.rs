@@ -69,6 +69,18 @@ fn open_device(n: u32) -> std::io::Result<File> {
     }
 }
 
+/// Asks the kernel for a free loop device without binding anything, to tell an operator whether capped
+/// volumes can work here. Returns the device's path.
+pub fn probe_free() -> std::io::Result<PathBuf> {
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
+    // SAFETY: the descriptor is an open /dev/loop-control; the ioctl takes no argument.
+    let n = unsafe { loop_ctl_get_free(control.as_raw_fd()) }.map_err(std::io::Error::from)?;
+    Ok(PathBuf::from(format!("/dev/loop{n}")))
+}
+
 /// Binds `image` to a free loop device.
 pub fn attach(image: &Path) -> Result<LoopDevice, MountError> {
     let err = |errno: Errno| MountError::Loop {

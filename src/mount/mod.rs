@@ -16,6 +16,7 @@ use nix::mount::{umount2, MntFlags, MsFlags};
 
 use crate::spec::FsType;
 
+pub use loopdev::probe_free as probe_free_loop_device;
 pub use mountinfo::{MountEntry, MountTable};
 pub use recording::RecordingMounter;
 

@@ -1,0 +1,185 @@
+//! The admin socket's server: `GET /v1/volumes`, `GET /v1/volumes/NAME` and `GET /v1/status`. The socket
+//! is mode 0600 and every connection's peer must be root or the daemon's own user, so a permissive umask or
+//! a bind mount cannot open it to others.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::UnixListener;
+
+use super::{DaemonStatus, ErrorBody};
+use crate::service::{ReconcileReport, ServiceError, VolumeService};
+
+/// How long `GET /v1/status` waits for each backend's check; the CLI waits a little longer.
+pub const BACKEND_CHECK_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the admin API needs besides the service.
+pub struct AdminContext {
+    pub service: Arc<VolumeService>,
+    pub started: Instant,
+    /// Seconds since the Unix epoch.
+    pub started_at: u64,
+    pub socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub mount_root: Option<PathBuf>,
+    pub reconcile: ReconcileReport,
+}
+
+/// Serves the admin API on `listener` until the process exits or the task is aborted.
+pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
+    let own_uid = nix::unistd::geteuid().as_raw();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let allowed = match stream.peer_cred() {
+            Ok(cred) => cred.uid() == 0 || cred.uid() == own_uid,
+            Err(_) => false,
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let ctx = ctx.clone();
+                async move {
+                    let resp = if allowed {
+                        handle(&ctx, req.method(), req.uri().path()).await
+                    } else {
+                        error(
+                            StatusCode::FORBIDDEN,
+                            "the admin socket is for root only".into(),
+                        )
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed: the admin API is read-only"),
+        );
+    }
+    match path {
+        "/v1/volumes" => json(StatusCode::OK, &ctx.service.reports()),
+        "/v1/status" => json(StatusCode::OK, &status(ctx).await),
+        _ => match path.strip_prefix("/v1/volumes/") {
+            Some(name) => match percent_decode(name) {
+                Some(name) => match ctx.service.report(&name) {
+                    Ok(report) => json(StatusCode::OK, &report),
+                    Err(e @ ServiceError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+                    Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                },
+                None => error(
+                    StatusCode::BAD_REQUEST,
+                    "the volume name in the path is not valid percent-encoded UTF-8".into(),
+                ),
+            },
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("{path} is not part of the admin API (/v1/volumes, /v1/volumes/NAME, /v1/status)"),
+            ),
+        },
+    }
+}
+
+async fn status(ctx: &AdminContext) -> DaemonStatus {
+    let gauges = ctx.service.gauges();
+    DaemonStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        started_at: ctx.started_at,
+        uptime_secs: ctx.started.elapsed().as_secs(),
+        socket: ctx.socket.clone(),
+        admin_socket: ctx.admin_socket.clone(),
+        state_dir: ctx.state_dir.clone(),
+        mount_root: ctx.mount_root.clone(),
+        default_backend: ctx.service.defaults().backend.as_str().into(),
+        volumes: gauges.volumes_by_backend.values().sum(),
+        attached_volumes: gauges.attached_volumes,
+        active_mounts: gauges.active_mounts,
+        reconcile: ctx.reconcile.clone(),
+        backends: ctx.service.check_backends(BACKEND_CHECK_DEADLINE).await,
+    }
+}
+
+/// Decodes `%XX` escapes, so any name Docker accepts can be asked for; `None` if the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = status;
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Eb").as_deref(), Some("a.b"));
+        assert_eq!(
+            percent_decode("plain_name-1").as_deref(),
+            Some("plain_name-1")
+        );
+        assert_eq!(percent_decode("bad%2"), None);
+        assert_eq!(percent_decode("bad%zz"), None);
+        assert_eq!(percent_decode("%ff"), None);
+    }
+}
