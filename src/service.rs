@@ -171,6 +171,8 @@ pub struct VolumeService {
     tasks: tokio_util::task::TaskTracker,
     /// The last backend failure per volume, until an operation on it succeeds; shown as `health`.
     failures: Mutex<HashMap<String, String>>,
+    /// Volumes whose view may be ahead of the catalog, after a failed write whose reload failed too.
+    unsynced: Mutex<std::collections::HashSet<String>>,
     metrics: crate::metrics::Metrics,
 }
 
@@ -226,6 +228,7 @@ impl VolumeService {
             locks: Mutex::new(HashMap::new()),
             tasks: tokio_util::task::TaskTracker::new(),
             failures: Mutex::new(HashMap::new()),
+            unsynced: Mutex::new(std::collections::HashSet::new()),
             metrics: crate::metrics::Metrics::default(),
         });
         let report = service.reconcile().await?;
@@ -256,6 +259,40 @@ impl VolumeService {
 
     pub fn defaults(&self) -> &SpecDefaults {
         &self.defaults
+    }
+
+    /// Takes the volume's lock for an operation that changes it. If an earlier failed write left the view
+    /// out of step with the catalog, the durable record is reloaded first; while the catalog cannot be
+    /// read, the operation fails instead of acting on a record that may not exist.
+    async fn lock_synced(&self, name: &str) -> Result<VolumeGuard<'_>> {
+        let guard = self.lock(name).await;
+        let unsynced = self
+            .unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name);
+        if unsynced {
+            let durable = self
+                .catalog
+                .get(name)
+                .await
+                .map_err(|source| ServiceError::Catalog {
+                    name: name.to_string(),
+                    source,
+                })?;
+            let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
+            match durable {
+                Some(d) => view.insert(name.to_string(), Arc::new(d)),
+                None => view.remove(name),
+            };
+            drop(view);
+            self.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            tracing::info!(volume = name, "reloaded the volume from the catalog");
+        }
+        Ok(guard)
     }
 
     async fn lock(&self, name: &str) -> VolumeGuard<'_> {
@@ -342,7 +379,13 @@ impl VolumeService {
                 };
             }
             Err(e) => {
-                tracing::error!(volume = name, error = %e, "cannot reload the volume after a failed write")
+                // The view may now be ahead of the catalog; the next operation on this volume reloads it
+                // before trusting it, instead of chaining every later write on a version that never landed.
+                tracing::error!(volume = name, error = %e, "cannot reload the volume after a failed write");
+                self.unsynced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_string());
             }
         }
         Err(ServiceError::Catalog {
@@ -404,22 +447,35 @@ impl VolumeService {
     pub async fn create(&self, name: &str, opts: Option<&BTreeMap<String, String>>) -> Result<()> {
         spec::validate_name(name)?;
         let spec = VolumeSpec::from_options(opts, &self.defaults)?;
-        let _guard = self.lock(name).await;
+        let _guard = self.lock_synced(name).await?;
         if let Some(existing) = self.lookup(name) {
             let rec = &existing.value;
-            return match rec.state {
-                VolumeState::Creating | VolumeState::Removing => Err(ServiceError::Busy {
-                    name: name.into(),
-                    state: rec.state.as_str(),
-                }),
-                _ => match rec.spec.first_difference(&spec) {
-                    Some(option) => Err(ServiceError::Conflict {
-                        name: name.into(),
-                        option,
-                    }),
-                    None => Ok(()),
-                },
-            };
+            match rec.state {
+                // Every operation finishes under the lock we hold, so these are leftovers of one whose
+                // cleanup failed (at start-up or after a failed create): finish it, then create afresh.
+                VolumeState::Creating | VolumeState::Removing => {
+                    let backend = self.backend(rec.spec.backend)?.clone();
+                    backend
+                        .remove(name, &rec.spec)
+                        .await
+                        .map_err(|e| self.failed(name, e))?;
+                    self.forget(name, existing.version).await?;
+                    tracing::info!(
+                        volume = name,
+                        state = rec.state.as_str(),
+                        "finished a leftover operation before creating"
+                    );
+                }
+                _ => {
+                    return match rec.spec.first_difference(&spec) {
+                        Some(option) => Err(ServiceError::Conflict {
+                            name: name.into(),
+                            option,
+                        }),
+                        None => Ok(()),
+                    }
+                }
+            }
         }
         let backend = self.backend(spec.backend)?.clone();
         // Refuse data Ferry does not own before recording anything: a crash after the record is written
@@ -457,17 +513,13 @@ impl VolumeService {
     /// Removes a volume and its data; refuses while any mount ID is active.
     pub async fn remove(&self, name: &str) -> Result<()> {
         spec::validate_name(name)?;
-        let _guard = self.lock(name).await;
+        let _guard = self.lock_synced(name).await?;
         let entry = self
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
         let rec = &entry.value;
-        if rec.state == VolumeState::Creating {
-            return Err(ServiceError::Busy {
-                name: name.into(),
-                state: rec.state.as_str(),
-            });
-        }
+        // A record still Creating under the lock is the leftover of a create whose rollback failed; removing
+        // it is exactly what finishes that rollback.
         let mounts = rec.active_mounts();
         if mounts > 0 {
             return Err(ServiceError::InUse {
@@ -497,7 +549,7 @@ impl VolumeService {
     pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         spec::validate_name(name)?;
         validate_mount_id(id)?;
-        let guard = self.lock(name).await;
+        let guard = self.lock_synced(name).await?;
         let entry = self
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
@@ -553,7 +605,7 @@ impl VolumeService {
     pub async fn unmount(&self, name: &str, id: &str) -> Result<()> {
         spec::validate_name(name)?;
         validate_mount_id(id)?;
-        let guard = self.lock(name).await;
+        let guard = self.lock_synced(name).await?;
         let entry = self
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
@@ -1157,6 +1209,8 @@ mod tests {
     struct FlakyCatalog {
         inner: RedbCatalog,
         fail_next: std::sync::atomic::AtomicBool,
+        /// How many of the next reads fail.
+        fail_gets: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -1165,6 +1219,14 @@ mod tests {
             self.inner.load().await
         }
         async fn get(&self, name: &str) -> Result<Option<Versioned<VolumeRecord>>, CatalogError> {
+            let failing = self.fail_gets.fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            );
+            if failing.is_ok() {
+                return Err(CatalogError::Storage("disk still on fire".into()));
+            }
             self.inner.get(name).await
         }
         fn put(&self, record: VolumeRecord, expect: Expect) -> PendingWrite {
@@ -1187,6 +1249,7 @@ mod tests {
         let catalog = Arc::new(FlakyCatalog {
             inner: RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap(),
             fail_next: false.into(),
+            fail_gets: 0.into(),
         });
         let local =
             Arc::new(LocalBackend::new(f.dir.path().join("local"), f.mounter.clone()).unwrap());
@@ -1216,6 +1279,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn view_ahead_of_the_catalog_is_reloaded_before_the_next_change() {
+        let f = Fixture::new();
+        let catalog = Arc::new(FlakyCatalog {
+            inner: RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap(),
+            fail_next: false.into(),
+            fail_gets: 0.into(),
+        });
+        let local =
+            Arc::new(LocalBackend::new(f.dir.path().join("local"), f.mounter.clone()).unwrap());
+        let (svc, _) = VolumeService::start(
+            catalog.clone(),
+            vec![local],
+            f.mounter.clone(),
+            SpecDefaults::default(),
+        )
+        .await
+        .unwrap();
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        svc.mount("v", "a").await.unwrap();
+        // The write of mount "b" fails, and so does the reload meant to undo it in the view.
+        catalog
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        catalog
+            .fail_gets
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(svc.mount("v", "b").await.is_err());
+        // While the catalog cannot be read, changes fail rather than chain on a write that never landed.
+        catalog
+            .fail_gets
+            .store(1, std::sync::atomic::Ordering::SeqCst);
+        let err = svc.mount("v", "c").await.unwrap_err();
+        assert!(err.to_string().contains("disk still on fire"), "{err}");
+        // Once it can be read, the durable record wins: only "a" and the new "c" hold the volume.
+        svc.mount("v", "c").await.unwrap();
+        let info = svc.get("v").unwrap();
+        assert_eq!(info.status["active_mounts"], 2);
+        svc.unmount("v", "a").await.unwrap();
+        svc.unmount("v", "c").await.unwrap();
+        assert!(svc.get("v").unwrap().mountpoint.is_none());
+        assert_eq!(f.mounter.count("unmount"), 1);
+    }
+
+    #[tokio::test]
     async fn mount_abandoned_by_its_caller_is_undone() {
         let f = Fixture::new();
         let (svc, _) = f.start().await;
@@ -1238,8 +1347,16 @@ mod tests {
         assert_eq!(f.mounter.count("unmount"), 1);
     }
 
-    /// A backend whose remove always fails.
-    struct StuckBackend;
+    /// A backend whose remove fails while `stuck` is set.
+    struct StuckBackend {
+        stuck: std::sync::atomic::AtomicBool,
+    }
+
+    impl StuckBackend {
+        fn new() -> Arc<Self> {
+            Arc::new(StuckBackend { stuck: true.into() })
+        }
+    }
 
     #[async_trait::async_trait]
     impl Backend for StuckBackend {
@@ -1253,6 +1370,9 @@ mod tests {
             Ok(())
         }
         async fn remove(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
+            if !self.stuck.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
             Err(BackendError::Internal(
                 BackendKind::Local,
                 "device busy".into(),
@@ -1298,7 +1418,7 @@ mod tests {
         catalog.put(rec, Expect::Absent).await.unwrap();
         let (svc, report) = VolumeService::start(
             catalog,
-            vec![Arc::new(StuckBackend)],
+            vec![StuckBackend::new()],
             f.mounter.clone(),
             SpecDefaults::default(),
         )
@@ -1309,5 +1429,43 @@ mod tests {
         assert_eq!(info.status["state"], "ready");
         assert_eq!(info.status["health"], "error");
         assert!(svc.remove("half-gone").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn create_whose_rollback_failed_at_start_up_can_be_created_again() {
+        let f = Fixture::new();
+        let catalog = Arc::new(RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap());
+        let rec = VolumeRecord {
+            name: "half-made".into(),
+            spec: VolumeSpec::from_options(None, &SpecDefaults::default()).unwrap(),
+            created_at: 0,
+            state: VolumeState::Creating,
+            mounts: BTreeMap::new(),
+            mountpoint: None,
+        };
+        catalog.put(rec, Expect::Absent).await.unwrap();
+        let backend = StuckBackend::new();
+        let (svc, report) = VolumeService::start(
+            catalog,
+            vec![backend.clone()],
+            f.mounter.clone(),
+            SpecDefaults::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.failed, 1);
+        assert!(matches!(
+            svc.get("half-made"),
+            Err(ServiceError::NotFound(_))
+        ));
+        // While the leftover cannot be cleaned, Create says why instead of "busy".
+        let err = svc.create("half-made", None).await.unwrap_err();
+        assert!(err.to_string().contains("device busy"), "{err}");
+        backend
+            .stuck
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        svc.create("half-made", None).await.unwrap();
+        assert_eq!(svc.get("half-made").unwrap().status["state"], "ready");
+        assert!(svc.report("half-made").unwrap().created_at > 0);
     }
 }
