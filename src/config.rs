@@ -170,6 +170,94 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// One key of the TOML file, as the configuration reference documents it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfigKey {
+    /// The key as written in the file; `section.key` for keys inside a `[section]`.
+    pub key: &'static str,
+    /// The value used when neither a flag nor the file sets the key (Markdown).
+    pub default: &'static str,
+    /// What the key does, and the flag and variable that override it (Markdown, one line).
+    pub meaning: &'static str,
+    /// A valid TOML value for the key; tests set every key to it and load the result.
+    pub example: &'static str,
+}
+
+/// Every key the configuration file accepts. Unit tests check this list against the parser (no key missing,
+/// none extra), the examples against `ServeConfig::load` and the defaults against the embedded ones;
+/// `tests/docs.rs` checks that docs/configuration.md shows `reference_markdown()`.
+pub const REFERENCE: &[ConfigKey] = &[
+    ConfigKey {
+        key: "socket",
+        default: "`/run/docker/plugins/ferry.sock`",
+        meaning: "Unix socket Docker connects to (mode 0600); its file name without `.sock` is the driver \
+                  name. Flag `--socket`, variable `FERRY_SOCKET`",
+        example: "\"/run/docker/plugins/ferry.sock\"",
+    },
+    ConfigKey {
+        key: "state_dir",
+        default: "`/var/lib/ferry`",
+        meaning: "the catalog (`catalog.redb`), local volumes (`local/NAME/`) and the admin socket; created \
+                  with mode 0700; keep it on persistent storage and back it up. Flag `--state-dir`, variable \
+                  `FERRY_STATE_DIR`",
+        example: "\"/srv/ferry\"",
+    },
+    ConfigKey {
+        key: "mount_root",
+        default: "none",
+        meaning: "if set, volumes are mounted (images) or bind-mounted (directories) at `mount_root/NAME` \
+                  and Docker is given that path; a managed plugin sets it to its PropagatedMount. Unset, \
+                  Docker is given each volume's data path. Flag `--mount-root`, variable `FERRY_MOUNT_ROOT`",
+        example: "\"/mnt/volumes\"",
+    },
+    ConfigKey {
+        key: "admin_socket",
+        default: "`STATE_DIR/admin.sock`",
+        meaning: "Unix socket of the operator commands (`ferry ls`, `ferry inspect`, `ferry status`, \
+                  `ferry doctor`); root-only. Flag `--admin-socket`, variable `FERRY_ADMIN_SOCKET`",
+        example: "\"/run/ferry/admin.sock\"",
+    },
+    ConfigKey {
+        key: "default_backend",
+        default: "`local`",
+        meaning: "backend of volumes created without `-o backend=`; valid: `local`",
+        example: "\"local\"",
+    },
+    ConfigKey {
+        key: "local.default_fs",
+        default: "`ext4`",
+        meaning: "filesystem of size-capped volumes created without `-o fs=`: `ext4` or `xfs`",
+        example: "\"xfs\"",
+    },
+    ConfigKey {
+        key: "metrics.listen",
+        default: "none (off)",
+        meaning: "address of the Prometheus endpoint `GET /metrics`: `ferry_calls_total` and \
+                  `ferry_call_duration_seconds` by method and outcome (`ok`, `refused`, `error`), \
+                  `ferry_backend_errors_total` by backend and kind, `ferry_volumes` by backend, \
+                  `ferry_active_mounts`, `ferry_attached_volumes`. Plain HTTP without authentication: bind \
+                  it to loopback or a trusted network",
+        example: "\"127.0.0.1:9464\"",
+    },
+];
+
+/// The configuration reference as a Markdown table, one row per key of `REFERENCE`.
+pub fn reference_markdown() -> String {
+    // A `|` inside a cell would end it early.
+    let cell = |s: &str| s.replace('|', "\\|");
+    let mut out = String::from("| key | default | example | meaning |\n|---|---|---|---|\n");
+    for k in REFERENCE {
+        out.push_str(&format!(
+            "| `{}` | {} | `{}` | {} |\n",
+            k.key,
+            cell(k.default),
+            cell(k.example),
+            cell(k.meaning)
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +329,138 @@ mod tests {
             ServeConfig::load(&missing),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    /// The fields serde accepts in the table at `path` ("" for the top level), learnt from the parser
+    /// itself: an unknown key there makes `deny_unknown_fields` list the expected ones.
+    fn accepted_fields(path: &str) -> Vec<String> {
+        let probe = "zz_not_a_key";
+        let text = if path.is_empty() {
+            format!("{probe} = 1\n")
+        } else {
+            format!("[{path}]\n{probe} = 1\n")
+        };
+        let err = toml::from_str::<FileConfig>(&text).unwrap_err().to_string();
+        let marker = format!("unknown field `{probe}`, ");
+        let rest = err
+            .split_once(&marker)
+            .unwrap_or_else(|| panic!("no unknown-field error for [{path}]: {err}"))
+            .1;
+        let line = rest.lines().next().unwrap_or("");
+        if line.starts_with("there are no fields") {
+            return Vec::new();
+        }
+        // serde writes "expected `a`", "expected `a` or `b`" or "expected one of `a`, `b`, `c`".
+        line.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(String::from)
+            .collect()
+    }
+
+    /// Whether the field at `path` is a table with fields of its own (a section) rather than a value.
+    fn is_section(path: &str) -> bool {
+        let err = toml::from_str::<FileConfig>(&format!("[{path}]\nzz_not_a_key = 1\n"))
+            .unwrap_err()
+            .to_string();
+        err.contains("unknown field `zz_not_a_key`")
+    }
+
+    /// Every key path the parser accepts, sections expanded.
+    fn parser_keys(path: &str, out: &mut Vec<String>) {
+        for field in accepted_fields(path) {
+            let full = if path.is_empty() {
+                field
+            } else {
+                format!("{path}.{field}")
+            };
+            if is_section(&full) {
+                parser_keys(&full, out);
+            } else {
+                out.push(full);
+            }
+        }
+    }
+
+    #[test]
+    fn reference_lists_exactly_the_keys_the_parser_accepts() {
+        let mut parsed = Vec::new();
+        parser_keys("", &mut parsed);
+        parsed.sort();
+        let mut documented: Vec<String> = REFERENCE.iter().map(|k| k.key.to_string()).collect();
+        documented.sort();
+        assert!(
+            parsed.len() >= 7,
+            "the probe found too few keys: {parsed:?}"
+        );
+        assert_eq!(
+            parsed, documented,
+            "config::REFERENCE must list every key of the configuration file, and only those"
+        );
+    }
+
+    #[test]
+    fn every_reference_example_loads() {
+        // Top-level keys first: after a [section] header every key belongs to that section.
+        let mut text = String::new();
+        let mut sections: std::collections::BTreeMap<&str, String> = Default::default();
+        for k in REFERENCE {
+            match k.key.split_once('.') {
+                None => text.push_str(&format!("{} = {}\n", k.key, k.example)),
+                Some((section, key)) => sections
+                    .entry(section)
+                    .or_default()
+                    .push_str(&format!("{key} = {}\n", k.example)),
+            }
+        }
+        for (section, body) in sections {
+            text.push_str(&format!("[{section}]\n{body}"));
+        }
+        let (_d, over) = with_file(&text);
+        let c = ServeConfig::load(&over).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.state_dir, PathBuf::from("/srv/ferry"));
+        assert_eq!(c.defaults.fs, FsType::Xfs);
+        assert!(c.metrics_listen.is_some());
+    }
+
+    #[test]
+    fn reference_defaults_are_the_embedded_ones() {
+        let c = ServeConfig::load(&Overrides::default()).unwrap();
+        let code = |s: &str| format!("`{s}`");
+        for k in REFERENCE {
+            let expected = match k.key {
+                "socket" => code(&c.socket.display().to_string()),
+                "state_dir" => code(&c.state_dir.display().to_string()),
+                "mount_root" => {
+                    assert!(c.mount_root.is_none());
+                    "none".into()
+                }
+                "admin_socket" => code(
+                    &default_admin_socket(Path::new("STATE_DIR"))
+                        .display()
+                        .to_string(),
+                ),
+                "default_backend" => code(c.defaults.backend.as_str()),
+                "local.default_fs" => code(c.defaults.fs.as_str()),
+                "metrics.listen" => {
+                    assert!(c.metrics_listen.is_none());
+                    "none (off)".into()
+                }
+                other => panic!("add a check of the documented default of {other:?} here"),
+            };
+            assert_eq!(k.default, expected, "documented default of {}", k.key);
+        }
+    }
+
+    #[test]
+    fn reference_markdown_is_one_row_per_key() {
+        let md = reference_markdown();
+        let rows: Vec<_> = md.lines().collect();
+        assert_eq!(rows.len(), REFERENCE.len() + 2, "{md}");
+        for (row, k) in rows[2..].iter().zip(REFERENCE) {
+            assert!(row.starts_with(&format!("| `{}` |", k.key)), "{row}");
+            // Four cells: five unescaped bars.
+            assert_eq!(row.replace("\\|", "").matches('|').count(), 5, "{row}");
+        }
     }
 }
