@@ -78,9 +78,10 @@ struct Target {
     /// The root-only socket of the operator commands. [default: STATE_DIR/admin.sock]
     #[arg(long, env = "FERRY_ADMIN_SOCKET", value_name = "PATH")]
     admin_socket: Option<PathBuf>,
-    /// An optional TOML configuration file (default backend, per-backend settings).
+    /// An optional TOML configuration file (default backend, per-backend settings). Empty means none.
+    // A string, not a path: clap refuses an empty path, and a managed plugin's unset FERRY_CONFIG is empty.
     #[arg(long, env = "FERRY_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
+    config: Option<std::ffi::OsString>,
 }
 
 #[derive(Args)]
@@ -104,7 +105,7 @@ fn load(
         socket: given(socket),
         state_dir: given(target.state_dir),
         mount_root: given(mount_root),
-        config: given(target.config),
+        config: given(target.config.map(PathBuf::from)),
         admin_socket: given(target.admin_socket),
     })?)
 }
