@@ -318,10 +318,7 @@ impl Backend for LocalBackend {
             let mut m = Map::new();
             m.insert("path".into(), json!(root));
             m.insert("total_bytes".into(), json!(st.blocks() * frag));
-            m.insert(
-                "free_bytes".into(),
-                json!(st.blocks_available() * frag),
-            );
+            m.insert("free_bytes".into(), json!(st.blocks_available() * frag));
             Ok(m)
         })
         .await
