@@ -108,6 +108,30 @@ impl Server {
         Pid::from_raw(text.trim().parse().unwrap())
     }
 
+    /// Waits until every thread of the server has stopped: SIGSTOP is delivered asynchronously, and a
+    /// thread still running could answer one more call.
+    fn wait_until_frozen(&self) {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
+                let stat =
+                    std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ganesha did not stop within 5 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn config(&self) -> NfsClientConfig {
         let mut config = NfsClientConfig::new(LOCALHOST, "/export");
         config.nfs_port = Some(self.nfs_port);
@@ -448,6 +472,7 @@ async fn calls_fail_within_the_deadline_and_recover_when_the_server_returns() {
 
     // A frozen server accepts connections (the kernel does that) but never answers.
     kill(server.pid(), Signal::SIGSTOP).unwrap();
+    server.wait_until_frozen();
     for round in 0..3 {
         let started = Instant::now();
         let err = client.fsstat().await.unwrap_err();
