@@ -153,6 +153,15 @@ pub struct NfsClient {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for NfsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NfsClient")
+            .field("at", &self.shared.at)
+            .field("timeout", &self.shared.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Shared {
     at: Endpoint,
     timeout: Duration,
