@@ -10,6 +10,7 @@
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
 //! - `catalog`: the persistent record of volumes, behind a compare-and-swap trait.
 //! - `backend`: the `Backend` trait and the `local` backend.
+//! - `nfs`: an NFSv3 client for control operations on an export (pooled, with deadlines).
 //! - `metrics`: Prometheus counters, histograms and gauges, and their optional HTTP endpoint.
 //! - `notify`: systemd readiness notification.
 //! - `mount`: mount(2), loop devices, mkfs and the mount table, with a recording double for tests.
@@ -23,6 +24,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod metrics;
 pub mod mount;
+pub mod nfs;
 pub mod notify;
 pub mod plugin;
 pub mod service;

@@ -191,7 +191,7 @@ pub fn parse_size(value: &str) -> Option<u64> {
 /// Formats a byte count in the largest binary unit that divides it, so it parses back to the same number.
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }
