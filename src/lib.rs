@@ -12,6 +12,7 @@
 //! - `backend`: the `Backend` trait and the `local` backend.
 //! - `metrics`: Prometheus counters, histograms and gauges, and their optional HTTP endpoint.
 //! - `notify`: systemd readiness notification.
+//! - `fuse`: a `FileStore` (NFSv3-shaped remote filesystem) served as a FUSE mount, with an in-memory store for tests.
 //! - `mount`: mount(2), loop devices, mkfs and the mount table, with a recording double for tests.
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod fuse;
 pub mod metrics;
 pub mod mount;
 pub mod notify;
