@@ -13,6 +13,7 @@
 //! - `nfs`: an NFSv3 client for control operations on an export (pooled, with deadlines).
 //! - `metrics`: Prometheus counters, histograms and gauges, and their optional HTTP endpoint.
 //! - `notify`: systemd readiness notification.
+//! - `fuse`: a `FileStore` (NFSv3-shaped remote filesystem) served as a FUSE mount, with an in-memory store for tests.
 //! - `mount`: mount(2), loop devices, mkfs and the mount table, with a recording double for tests.
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod fuse;
 pub mod metrics;
 pub mod mount;
 pub mod nfs;

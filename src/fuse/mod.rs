@@ -1,0 +1,946 @@
+//! FUSE: serves a `FileStore` as a mounted filesystem, for backends whose data the kernel cannot mount itself
+//! (NFS on a kernel without an NFS client).
+//!
+//! This module owns the kernel-facing side only: mounting and unmounting, translating FUSE requests into
+//! `FileStore` calls, inode numbers (`inode`), and the few things the kernel expects that a stateless remote
+//! store does not give: keeping an unlinked-but-open file alive, committing writes on close, and paging
+//! directories with cookies. Everything about where the data lives is in the store (`store` defines the
+//! contract, `memory` is the in-memory double). It must not retry, cache data or enforce deadlines: the store
+//! owns its deadline, and the kernel owns the page cache and permission checks (`default_permissions`).
+//!
+//! Every request runs in its own task (the `fuse3` session spawns one per request) and holds no lock across
+//! a store call, so a request stuck on an unreachable server never delays the others.
+
+mod inode;
+pub mod memory;
+pub mod store;
+
+use std::ffi::OsStr;
+use std::num::NonZeroU32;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use fuse3::raw::prelude::{
+    DirectoryEntry, DirectoryEntryPlus, FileAttr, Filesystem, ReplyAttr, ReplyCreated, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyInit, ReplyOpen, ReplyStatFs, ReplyWrite,
+    Request,
+};
+use fuse3::{FileType, Timestamp};
+use futures_core::Stream;
+
+pub use inode::{InodeTable, ROOT_INODE};
+pub use memory::MemoryStore;
+pub use store::{
+    Attr, CookieVerifier, CreateMode, DirEntry, DirPage, FileHandle, FileKind, FileStore, FsStat,
+    NewAttr, ReadReply, SetAttr, SetTime, StoreError, StoreErrorKind, StoreResult,
+};
+
+use inode::Hidden;
+
+/// The largest read and write the kernel sends in one request: 1 MiB, the kernel's ceiling (256 pages) and
+/// the usual NFS rsize/wsize, so one FUSE request becomes one NFS call.
+pub const MAX_IO: u32 = 1 << 20;
+
+/// `MAX_IO` as fuse3 wants it; checked at compile time.
+const MAX_WRITE: NonZeroU32 = match NonZeroU32::new(MAX_IO) {
+    Some(n) => n,
+    None => panic!("MAX_IO must not be zero"),
+};
+
+/// How many directory entries to ask the store for per FUSE readdir. The kernel's reply buffer usually holds
+/// a few dozen; more would be fetched only to be thrown away.
+const DIR_PAGE: u32 = 128;
+
+/// The block size reported to `statfs` and used to count blocks.
+const BLOCK: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    #[error(
+        "/dev/fuse is missing; load the fuse module (modprobe fuse) or give the plugin the device"
+    )]
+    NoDevice,
+    #[error("cannot reach the volume's root through the store: {0}")]
+    Root(#[source] StoreError),
+    #[error("cannot mount FUSE on {path}: {source}")]
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot unmount {path}: {errno}{}", if *.errno == nix::errno::Errno::EBUSY { "; a process still uses it, stop it and try again" } else { "" })]
+    Unmount {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
+    #[error("the FUSE session on {path} ended with an error: {source}")]
+    Session {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// How long the kernel may trust attributes and names before asking again.
+    pub attr_ttl: Duration,
+    /// Let users other than the mounting one (root) use the mount: needed for containers with other uids.
+    pub allow_other: bool,
+    /// The source column of the mount table, e.g. `ferry-nfs:VOLUME`.
+    pub fsname: String,
+    /// Shown as the type `fuse.SUBTYPE` in the mount table.
+    pub subtype: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            attr_ttl: Duration::from_secs(1),
+            allow_other: false,
+            fsname: "ferry".into(),
+            subtype: "ferry".into(),
+        }
+    }
+}
+
+/// A mounted FUSE filesystem. `unmount` unmounts and waits. Dropping a handle whose session still runs stops
+/// serving and unmounts in the background (non-lazily: if the mount is busy it is left dead, answering
+/// "transport endpoint is not connected", until a lazy `umount -l`), so unmount explicitly.
+pub struct MountHandle {
+    session: Option<fuse3::raw::MountHandle>,
+    mountpoint: PathBuf,
+    /// The session's own teardown on drop spawns a task, which needs the runtime it was mounted in.
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for MountHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountHandle")
+            .field("mountpoint", &self.mountpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MountHandle {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts and waits for the session to end. If a process still uses the mount this fails with
+    /// `Unmount` (EBUSY) and the filesystem stays mounted and served; call again later. Succeeds if someone
+    /// already unmounted it.
+    pub async fn unmount(&mut self) -> Result<(), FuseError> {
+        if self.session.is_none() {
+            return Ok(());
+        }
+        let path = self.mountpoint.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            nix::mount::umount2(&path, nix::mount::MntFlags::empty())
+        })
+        .await;
+        match result {
+            // EINVAL: not a mount point any more, someone unmounted it already.
+            Ok(Ok(())) | Ok(Err(nix::errno::Errno::EINVAL)) => {}
+            Ok(Err(errno)) => {
+                return Err(FuseError::Unmount {
+                    path: self.mountpoint.clone(),
+                    errno,
+                })
+            }
+            Err(join) => {
+                return Err(FuseError::Session {
+                    path: self.mountpoint.clone(),
+                    source: std::io::Error::other(join.to_string()),
+                })
+            }
+        }
+        // The kernel has cut the connection; the session's next read fails with ENODEV and it ends.
+        self.finished().await
+    }
+
+    /// Waits until the filesystem is unmounted from outside (`umount`) and the session has ended.
+    pub async fn wait(&mut self) -> Result<(), FuseError> {
+        self.finished().await
+    }
+
+    async fn finished(&mut self) -> Result<(), FuseError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        session.await.map_err(|source| FuseError::Session {
+            path: self.mountpoint.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            let _guard = self.runtime.enter();
+            drop(session);
+        }
+    }
+}
+
+/// Mounts `store` on `mountpoint` (an existing, empty directory) and serves it until unmounted. Needs root
+/// and `/dev/fuse`. Must be called inside a multi-threaded Tokio runtime, which then serves the requests:
+/// do not block its worker threads on the mount itself.
+pub async fn mount(
+    store: Arc<dyn FileStore>,
+    mountpoint: &Path,
+    opts: MountOptions,
+) -> Result<MountHandle, FuseError> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(FuseError::NoDevice);
+    }
+    let root = store.root().await.map_err(FuseError::Root)?;
+    let fs = FerryFs {
+        store,
+        inodes: Arc::new(InodeTable::new(root)),
+        ttl: opts.attr_ttl,
+        next_fh: AtomicU64::new(1),
+        dirs: Mutex::new(std::collections::HashMap::new()),
+        hidden_serial: AtomicU64::new(0),
+    };
+    let mut options = fuse3::MountOptions::default();
+    options
+        .fs_name(opts.fsname.clone())
+        .allow_other(opts.allow_other)
+        .default_permissions(true)
+        // Always readdirplus: one store call lists names with attributes, no lookup per entry afterwards.
+        .force_readdir_plus(true)
+        .custom_options(format!("subtype={},max_read={MAX_IO}", opts.subtype));
+    let session = fuse3::raw::Session::new(options)
+        .mount(fs, mountpoint)
+        .await
+        .map_err(|source| FuseError::Mount {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+    Ok(MountHandle {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        runtime: tokio::runtime::Handle::current(),
+    })
+}
+
+/// The FUSE filesystem: requests in, store calls out.
+struct FerryFs {
+    store: Arc<dyn FileStore>,
+    /// Shared with readdirplus replies, which count lookups as the kernel takes entries.
+    inodes: Arc<InodeTable>,
+    ttl: Duration,
+    next_fh: AtomicU64,
+    /// The cookie verifier of each open directory, to continue its listing.
+    dirs: Mutex<std::collections::HashMap<u64, CookieVerifier>>,
+    /// Makes hidden names of unlinked open files unique.
+    hidden_serial: AtomicU64,
+}
+
+type FuseResult<T> = fuse3::Result<T>;
+
+/// Turns a store failure into the errno the application sees, logging it here, once. Expected outcomes
+/// (ENOENT for a missing name, EEXIST, ...) are debug noise; a failing or silent server is a warning.
+fn fail(op: &'static str, e: StoreError) -> fuse3::Errno {
+    match e.kind {
+        StoreErrorKind::Io | StoreErrorKind::TimedOut | StoreErrorKind::Stale => {
+            tracing::warn!(op, error = %e, "fuse request failed")
+        }
+        _ => tracing::debug!(op, error = %e, "fuse request failed"),
+    }
+    e.errno().into()
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        // The store cannot say which special kind; a regular file is the least surprising stand-in.
+        FileKind::Other => FileType::RegularFile,
+    }
+}
+
+fn fuse_attr(inode: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: inode,
+        size: a.size,
+        blocks: a.used.div_ceil(512),
+        atime: Timestamp::from(a.atime),
+        mtime: Timestamp::from(a.mtime),
+        ctime: Timestamp::from(a.ctime),
+        kind: file_type(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: BLOCK as u32,
+    }
+}
+
+fn system_time(t: Timestamp) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(t.nsec));
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::from_secs(t.sec as u64) + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + nanos
+    }
+}
+
+fn name_bytes(name: &OsStr) -> &[u8] {
+    name.as_bytes()
+}
+
+impl FerryFs {
+    fn handle(&self, inode: u64) -> FuseResult<FileHandle> {
+        // An inode the table does not know was forgotten already; the kernel should not ask, so say stale.
+        self.inodes.handle(inode).ok_or_else(|| libc::ESTALE.into())
+    }
+
+    /// Hands the kernel an inode for `handle` (one lookup) and the entry reply.
+    fn entry(&self, handle: &FileHandle, attr: &Attr) -> ReplyEntry {
+        let inode = self.inodes.remember(handle, attr.fileid);
+        ReplyEntry {
+            ttl: self.ttl,
+            attr: fuse_attr(inode, attr),
+            generation: 0,
+        }
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// If `name` in `dir` is a file that is open here and would vanish with this name, renames it to a
+    /// hidden name instead and records that for the last close. Returns whether it did. A stateless server
+    /// would otherwise destroy the file and the open descriptors would fail with ESTALE.
+    async fn hide_if_open(&self, dir: &FileHandle, name: &[u8]) -> FuseResult<bool> {
+        if !self.inodes.any_open() {
+            return Ok(false);
+        }
+        let (handle, attr) = match self.store.lookup(dir, name).await {
+            Ok(found) => found,
+            Err(e) if e.kind == StoreErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(fail("lookup", e)),
+        };
+        let Some(inode) = self.inodes.inode_of(&handle) else {
+            return Ok(false);
+        };
+        if attr.kind == FileKind::Directory || attr.nlink > 1 || !self.inodes.is_open(inode) {
+            return Ok(false);
+        }
+        let serial = self.hidden_serial.fetch_add(1, Ordering::Relaxed);
+        let hidden_name = format!(".ferry-unlinked-{inode:x}-{serial}").into_bytes();
+        self.store
+            .rename(dir, name, dir, &hidden_name)
+            .await
+            .map_err(|e| fail("rename", e))?;
+        let hidden = Hidden {
+            dir: dir.clone(),
+            name: hidden_name,
+        };
+        if !self.inodes.hide(inode, hidden.clone()) {
+            // Closed while we renamed: nobody will release it any more, so remove it now.
+            self.remove_hidden(hidden).await;
+        }
+        Ok(true)
+    }
+
+    async fn remove_hidden(&self, hidden: Hidden) {
+        if let Err(e) = self.store.unlink(&hidden.dir, &hidden.name).await {
+            tracing::warn!(
+                name = %String::from_utf8_lossy(&hidden.name),
+                error = %e,
+                "cannot remove the hidden name of a file unlinked while open; remove it by hand"
+            );
+        }
+    }
+
+    /// One page of `dir` after `cookie`, using the verifier remembered for the open directory `fh`.
+    async fn dir_page(&self, dir: &FileHandle, fh: u64, cookie: u64) -> FuseResult<DirPage> {
+        let verifier = if cookie == 0 {
+            [0; 8]
+        } else {
+            self.dirs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&fh)
+                .copied()
+                .unwrap_or([0; 8])
+        };
+        let page = self
+            .store
+            .readdirplus(dir, cookie, verifier, DIR_PAGE)
+            .await
+            .map_err(|e| fail("readdirplus", e))?;
+        if let Some(v) = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&fh)
+        {
+            *v = page.verifier;
+        }
+        Ok(page)
+    }
+}
+
+/// The entries of one readdirplus reply. `fuse3` pulls entries until one does not fit the kernel's buffer,
+/// then drops the stream; the kernel counts a lookup only for the entries it received. So an entry's lookup
+/// is counted when it is handed out and undone if the stream is dropped before being asked for the next one
+/// (the entry that did not fit). This relies on `fuse3` asking for the next entry right after writing one.
+struct DirPlusStream {
+    inodes: Arc<InodeTable>,
+    entries: std::vec::IntoIter<DirEntry>,
+    /// The inode of the last entry handed out, not yet known to have been sent.
+    unconfirmed: Option<u64>,
+    ttl: Duration,
+}
+
+impl Stream for DirPlusStream {
+    type Item = FuseResult<DirectoryEntryPlus>;
+
+    fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // Being asked again means the previous entry was written into the reply.
+        self.unconfirmed = None;
+        let Some(e) = self.entries.next() else {
+            return Poll::Ready(None);
+        };
+        let inode = self.inodes.remember(&e.handle, e.attr.fileid);
+        self.unconfirmed = Some(inode);
+        Poll::Ready(Some(Ok(DirectoryEntryPlus {
+            inode,
+            generation: 0,
+            kind: file_type(e.attr.kind),
+            name: OsStr::from_bytes(&e.name).to_os_string(),
+            offset: e.cookie as i64,
+            attr: fuse_attr(inode, &e.attr),
+            entry_ttl: self.ttl,
+            attr_ttl: self.ttl,
+        })))
+    }
+}
+
+impl Drop for DirPlusStream {
+    fn drop(&mut self) {
+        if let Some(inode) = self.unconfirmed.take() {
+            self.inodes.forget(inode, 1);
+        }
+    }
+}
+
+/// A stream over a finished list (plain readdir).
+struct ListStream(std::vec::IntoIter<DirectoryEntry>);
+
+impl Stream for ListStream {
+    type Item = FuseResult<DirectoryEntry>;
+
+    fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Poll::Ready(self.0.next().map(Ok))
+    }
+}
+
+impl Filesystem for FerryFs {
+    async fn init(&self, _req: Request) -> FuseResult<ReplyInit> {
+        let mut reply = ReplyInit::new(MAX_WRITE);
+        // Enough background requests for readahead and async writes of several files at once.
+        reply.max_background = Some(64);
+        reply.congestion_threshold = Some(48);
+        Ok(reply)
+    }
+
+    async fn destroy(&self, _req: Request) {}
+
+    async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<ReplyEntry> {
+        let fs = self;
+        let dir = fs.handle(parent)?;
+        let (handle, attr) = fs
+            .store
+            .lookup(&dir, name_bytes(name))
+            .await
+            .map_err(|e| fail("lookup", e))?;
+        Ok(fs.entry(&handle, &attr))
+    }
+
+    async fn forget(&self, _req: Request, inode: u64, nlookup: u64) {
+        self.inodes.forget(inode, nlookup);
+    }
+
+    async fn batch_forget(&self, _req: Request, inodes: &[(u64, u64)]) {
+        for &(inode, n) in inodes {
+            self.inodes.forget(inode, n);
+        }
+    }
+
+    async fn getattr(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: Option<u64>,
+        _flags: u32,
+    ) -> FuseResult<ReplyAttr> {
+        let fs = self;
+        let handle = fs.handle(inode)?;
+        let attr = fs
+            .store
+            .getattr(&handle)
+            .await
+            .map_err(|e| fail("getattr", e))?;
+        Ok(ReplyAttr {
+            ttl: fs.ttl,
+            attr: fuse_attr(inode, &attr),
+        })
+    }
+
+    async fn setattr(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: Option<u64>,
+        set: fuse3::SetAttr,
+    ) -> FuseResult<ReplyAttr> {
+        let fs = self;
+        let handle = fs.handle(inode)?;
+        // fuse3 turns UTIME_NOW into this process's clock, so "now" arrives as an instant.
+        let to_set = SetAttr {
+            mode: set.mode.map(|m| m & 0o7777),
+            uid: set.uid,
+            gid: set.gid,
+            size: set.size,
+            atime: set.atime.map(|t| SetTime::At(system_time(t))),
+            mtime: set.mtime.map(|t| SetTime::At(system_time(t))),
+        };
+        let attr = fs
+            .store
+            .setattr(&handle, &to_set)
+            .await
+            .map_err(|e| fail("setattr", e))?;
+        Ok(ReplyAttr {
+            ttl: fs.ttl,
+            attr: fuse_attr(inode, &attr),
+        })
+    }
+
+    async fn readlink(&self, _req: Request, inode: u64) -> FuseResult<ReplyData> {
+        let fs = self;
+        let handle = fs.handle(inode)?;
+        let target = fs
+            .store
+            .readlink(&handle)
+            .await
+            .map_err(|e| fail("readlink", e))?;
+        Ok(ReplyData {
+            data: Bytes::from(target),
+        })
+    }
+
+    async fn symlink(
+        &self,
+        req: Request,
+        parent: u64,
+        name: &OsStr,
+        link: &OsStr,
+    ) -> FuseResult<ReplyEntry> {
+        let fs = self;
+        let dir = fs.handle(parent)?;
+        let owner = NewAttr {
+            mode: 0o777,
+            uid: req.uid,
+            gid: req.gid,
+        };
+        let (handle, attr) = fs
+            .store
+            .symlink(&dir, name_bytes(name), link.as_bytes(), owner)
+            .await
+            .map_err(|e| fail("symlink", e))?;
+        Ok(fs.entry(&handle, &attr))
+    }
+
+    async fn mkdir(
+        &self,
+        req: Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+    ) -> FuseResult<ReplyEntry> {
+        let fs = self;
+        let dir = fs.handle(parent)?;
+        // The kernel applied the umask already (no FUSE_DONT_MASK).
+        let owner = NewAttr {
+            mode: mode & 0o7777,
+            uid: req.uid,
+            gid: req.gid,
+        };
+        let (handle, attr) = fs
+            .store
+            .mkdir(&dir, name_bytes(name), owner)
+            .await
+            .map_err(|e| fail("mkdir", e))?;
+        Ok(fs.entry(&handle, &attr))
+    }
+
+    async fn unlink(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<()> {
+        let fs = self;
+        let dir = fs.handle(parent)?;
+        if fs.hide_if_open(&dir, name_bytes(name)).await? {
+            return Ok(());
+        }
+        fs.store
+            .unlink(&dir, name_bytes(name))
+            .await
+            .map_err(|e| fail("unlink", e))
+    }
+
+    async fn rmdir(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<()> {
+        let fs = self;
+        let dir = fs.handle(parent)?;
+        fs.store
+            .rmdir(&dir, name_bytes(name))
+            .await
+            .map_err(|e| fail("rmdir", e))
+    }
+
+    async fn rename(
+        &self,
+        _req: Request,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+    ) -> FuseResult<()> {
+        let fs = self;
+        let from = fs.handle(parent)?;
+        let to = fs.handle(new_parent)?;
+        // A target that is open here would be destroyed by the rename; keep it alive under a hidden name.
+        fs.hide_if_open(&to, name_bytes(new_name)).await?;
+        fs.store
+            .rename(&from, name_bytes(name), &to, name_bytes(new_name))
+            .await
+            .map_err(|e| fail("rename", e))
+    }
+
+    async fn rename2(
+        &self,
+        req: Request,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FuseResult<()> {
+        // NFSv3 has no atomic no-replace or exchange; refusing is honest, emulating would race.
+        if flags != 0 {
+            return Err(libc::EINVAL.into());
+        }
+        self.rename(req, parent, name, new_parent, new_name).await
+    }
+
+    async fn link(
+        &self,
+        _req: Request,
+        inode: u64,
+        new_parent: u64,
+        new_name: &OsStr,
+    ) -> FuseResult<ReplyEntry> {
+        let fs = self;
+        let handle = fs.handle(inode)?;
+        let dir = fs.handle(new_parent)?;
+        let attr = fs
+            .store
+            .link(&handle, &dir, name_bytes(new_name))
+            .await
+            .map_err(|e| fail("link", e))?;
+        Ok(fs.entry(&handle, &attr))
+    }
+
+    async fn open(&self, _req: Request, inode: u64, flags: u32) -> FuseResult<ReplyOpen> {
+        let fs = self;
+        let handle = fs.handle(inode)?;
+        // fuse3 negotiates FUSE_ATOMIC_O_TRUNC, so truncation on open is ours to do.
+        if flags as i32 & libc::O_TRUNC != 0 {
+            let set = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            fs.store
+                .setattr(&handle, &set)
+                .await
+                .map_err(|e| fail("truncate", e))?;
+        }
+        fs.inodes.open(inode);
+        Ok(ReplyOpen {
+            fh: fs.new_fh(),
+            flags: 0,
+        })
+    }
+
+    async fn create(
+        &self,
+        req: Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: u32,
+    ) -> FuseResult<ReplyCreated> {
+        let fs = self;
+        let dir = fs.handle(parent)?;
+        let how = if flags as i32 & libc::O_EXCL != 0 {
+            CreateMode::Exclusive
+        } else {
+            CreateMode::Unchecked
+        };
+        let owner = NewAttr {
+            mode: mode & 0o7777,
+            uid: req.uid,
+            gid: req.gid,
+        };
+        let (handle, mut attr) = fs
+            .store
+            .create(&dir, name_bytes(name), owner, how)
+            .await
+            .map_err(|e| fail("create", e))?;
+        // Unchecked create may have opened a file another client made meanwhile: honour O_TRUNC on it.
+        if flags as i32 & libc::O_TRUNC != 0 && attr.size > 0 {
+            let set = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            attr = fs
+                .store
+                .setattr(&handle, &set)
+                .await
+                .map_err(|e| fail("truncate", e))?;
+        }
+        let entry = fs.entry(&handle, &attr);
+        fs.inodes.open(entry.attr.ino);
+        Ok(ReplyCreated {
+            ttl: entry.ttl,
+            attr: entry.attr,
+            generation: 0,
+            fh: fs.new_fh(),
+            flags: 0,
+        })
+    }
+
+    async fn read(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> FuseResult<ReplyData> {
+        let fs = self;
+        let handle = fs.handle(inode)?;
+        let first = fs
+            .store
+            .read(&handle, offset, size)
+            .await
+            .map_err(|e| fail("read", e))?;
+        if first.eof || first.data.len() >= size as usize {
+            return Ok(ReplyData { data: first.data });
+        }
+        // The kernel takes a short reply for end of file and fills the rest with zeros, so a short read
+        // that is not at the end must be completed here.
+        let mut data = BytesMut::from(&first.data[..]);
+        while data.len() < size as usize {
+            let got = data.len() as u32;
+            let more = fs
+                .store
+                .read(&handle, offset + u64::from(got), size - got)
+                .await
+                .map_err(|e| fail("read", e))?;
+            data.extend_from_slice(&more.data);
+            if more.eof || more.data.is_empty() {
+                break;
+            }
+        }
+        Ok(ReplyData {
+            data: data.freeze(),
+        })
+    }
+
+    async fn write(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: u64,
+        offset: u64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: u32,
+    ) -> FuseResult<ReplyWrite> {
+        let fs = self;
+        let handle = fs.handle(inode)?;
+        let all = Bytes::copy_from_slice(data);
+        let mut done = 0usize;
+        // The kernel expects the whole write taken; a server may take less per call.
+        while done < all.len() {
+            let n = fs
+                .store
+                .write(&handle, offset + done as u64, all.slice(done..))
+                .await
+                .map_err(|e| fail("write", e))?;
+            if n == 0 {
+                tracing::warn!(inode, "the store took no bytes of a write");
+                return Err(libc::EIO.into());
+            }
+            done += n as usize;
+            fs.inodes.mark_dirty(inode);
+        }
+        Ok(ReplyWrite {
+            written: done as u32,
+        })
+    }
+
+    async fn statfs(&self, _req: Request, inode: u64) -> FuseResult<ReplyStatFs> {
+        let fs = self;
+        let handle = fs.handle(inode).or_else(|_| fs.handle(ROOT_INODE))?;
+        let st = fs
+            .store
+            .statfs(&handle)
+            .await
+            .map_err(|e| fail("statfs", e))?;
+        Ok(ReplyStatFs {
+            blocks: st.total_bytes / BLOCK,
+            bfree: st.free_bytes / BLOCK,
+            bavail: st.avail_bytes / BLOCK,
+            files: st.total_files,
+            ffree: st.free_files,
+            bsize: BLOCK as u32,
+            namelen: 255,
+            frsize: BLOCK as u32,
+        })
+    }
+
+    async fn release(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: u64,
+        _flags: u32,
+        _lock_owner: u64,
+        _flush: bool,
+    ) -> FuseResult<()> {
+        let fs = self;
+        if let Some(hidden) = fs.inodes.release(inode) {
+            fs.remove_hidden(hidden).await;
+        }
+        Ok(())
+    }
+
+    async fn fsync(&self, _req: Request, inode: u64, _fh: u64, _datasync: bool) -> FuseResult<()> {
+        let fs = self;
+        let handle = fs.handle(inode)?;
+        fs.inodes.take_dirty(inode);
+        if let Err(e) = fs.store.commit(&handle).await {
+            fs.inodes.mark_dirty(inode);
+            return Err(fail("commit", e));
+        }
+        Ok(())
+    }
+
+    async fn flush(&self, _req: Request, inode: u64, _fh: u64, _lock_owner: u64) -> FuseResult<()> {
+        // Close-to-open consistency, as NFS clients do: data written through this file is committed by
+        // close(2), and a failure is reported there.
+        let fs = self;
+        if !fs.inodes.take_dirty(inode) {
+            return Ok(());
+        }
+        let handle = fs.handle(inode)?;
+        if let Err(e) = fs.store.commit(&handle).await {
+            fs.inodes.mark_dirty(inode);
+            return Err(fail("commit", e));
+        }
+        Ok(())
+    }
+
+    async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> FuseResult<ReplyOpen> {
+        let fs = self;
+        fs.handle(inode)?;
+        let fh = fs.new_fh();
+        fs.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, [0; 8]);
+        Ok(ReplyOpen { fh, flags: 0 })
+    }
+
+    async fn releasedir(&self, _req: Request, _inode: u64, fh: u64, _flags: u32) -> FuseResult<()> {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+        Ok(())
+    }
+
+    async fn fsyncdir(
+        &self,
+        _req: Request,
+        _inode: u64,
+        _fh: u64,
+        _datasync: bool,
+    ) -> FuseResult<()> {
+        // NFSv3 directory operations are synchronous on the server: nothing is pending.
+        Ok(())
+    }
+
+    async fn readdir<'a>(
+        &'a self,
+        _req: Request,
+        parent: u64,
+        fh: u64,
+        offset: i64,
+    ) -> FuseResult<ReplyDirectory<impl Stream<Item = FuseResult<DirectoryEntry>> + Send + 'a>>
+    {
+        let fs = self;
+        let dir = fs.handle(parent)?;
+        // Offsets are the store's cookies, passed through unchanged (u64 in an i64).
+        let page = fs.dir_page(&dir, fh, offset as u64).await?;
+        let entries: Vec<DirectoryEntry> = page
+            .entries
+            .into_iter()
+            .map(|e| DirectoryEntry {
+                inode: fs.inodes.inode_of(&e.handle).unwrap_or(e.attr.fileid),
+                kind: file_type(e.attr.kind),
+                name: OsStr::from_bytes(&e.name).to_os_string(),
+                offset: e.cookie as i64,
+            })
+            .collect();
+        Ok(ReplyDirectory {
+            entries: ListStream(entries.into_iter()),
+        })
+    }
+
+    async fn readdirplus<'a>(
+        &'a self,
+        _req: Request,
+        parent: u64,
+        fh: u64,
+        offset: u64,
+        _lock_owner: u64,
+    ) -> FuseResult<
+        ReplyDirectoryPlus<impl Stream<Item = FuseResult<DirectoryEntryPlus>> + Send + 'a>,
+    > {
+        let fs = self;
+        let dir = fs.handle(parent)?;
+        let page = fs.dir_page(&dir, fh, offset).await?;
+        Ok(ReplyDirectoryPlus {
+            entries: DirPlusStream {
+                inodes: Arc::clone(&fs.inodes),
+                entries: page.entries.into_iter(),
+                unconfirmed: None,
+                ttl: fs.ttl,
+            },
+        })
+    }
+}
