@@ -343,10 +343,7 @@ mod tests {
         };
         let handle = FileHandle::from_fh3(fh.clone());
         assert_eq!(handle.to_fh3(), fh);
-        assert_eq!(
-            format!("{handle:?}"),
-            "FileHandle(01ab00000000000000007f)"
-        );
+        assert_eq!(format!("{handle:?}"), "FileHandle(01ab000000000000007f)");
         assert_eq!(handle.short(), "handle 000000000000007f");
         assert_eq!(
             FileHandle::from_bytes(handle.to_bytes()),

@@ -231,9 +231,9 @@ pub fn status_errno(status: nfsstat3) -> i32 {
         nfsstat3::NFS3ERR_NOTSUPP | nfsstat3::NFS3ERR_BADTYPE => libc::EOPNOTSUPP,
         // NOT_SYNC answers a SETATTR guard, which this client never sends; JUKEBOX is retried until
         // the deadline, so reaching the caller means the server stayed busy for all of it.
-        nfsstat3::NFS3ERR_NOT_SYNC
-        | nfsstat3::NFS3ERR_SERVERFAULT
-        | nfsstat3::NFS3ERR_JUKEBOX => libc::EIO,
+        nfsstat3::NFS3ERR_NOT_SYNC | nfsstat3::NFS3ERR_SERVERFAULT | nfsstat3::NFS3ERR_JUKEBOX => {
+            libc::EIO
+        }
     }
 }
 

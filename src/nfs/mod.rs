@@ -31,10 +31,10 @@ pub use client::{
     ExclusiveCreate, NfsClient, NfsClientConfig, DEFAULT_CONNECTIONS, DEFAULT_TIMEOUT,
     SMALL_FILE_LIMIT,
 };
-pub use ops::{DirEntryPlus, DirPagePlus, HandleOps, WriteVerifier, Written};
 pub use connector::{TcpConnector, TcpStreamIo};
 pub use error::{
     describe_auth, describe_connect, describe_io, describe_mount_status, describe_rpc,
     describe_status, status_errno, Endpoint, ExportPath, NfsError,
 };
+pub use ops::{DirEntryPlus, DirPagePlus, HandleOps, WriteVerifier, Written};
 pub use path::MAX_NAME_LEN;

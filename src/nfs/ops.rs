@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nfs3_client::nfs3_types::nfs3::{
-    cookieverf3, createhow3, createverf3, diropargs3, filename3, nfspath3, nfsstat3,
-    symlinkdata3, COMMIT3args, CREATE3args, FSINFO3args, FSSTAT3args, GETATTR3args, LINK3args,
-    LOOKUP3args, MKDIR3args, Nfs3Option, Nfs3Result, READ3args, READDIRPLUS3args, READLINK3args,
-    REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
+    cookieverf3, createhow3, createverf3, diropargs3, filename3, nfspath3, nfsstat3, symlinkdata3,
+    COMMIT3args, CREATE3args, FSINFO3args, FSSTAT3args, GETATTR3args, LINK3args, LOOKUP3args,
+    MKDIR3args, Nfs3Option, Nfs3Result, READ3args, READDIRPLUS3args, READLINK3args, REMOVE3args,
+    RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
 };
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::RpcError;
@@ -328,7 +328,7 @@ impl HandleOps {
                         *time = SetTime::ServerTime;
                     }
                 }
-                let attr = self.setattr(&fh, &set).await?;
+                let attr = self.apply_new_attrs(&fh, &set).await?;
                 Ok((fh, attr))
             }
         }
@@ -748,7 +748,28 @@ impl HandleOps {
             mtime: SetTime::DontChange,
             ..want
         };
-        let attr = self.setattr(&fh, &fix).await?;
+        let attr = self.apply_new_attrs(&fh, &fix).await?;
         Ok((fh, attr))
+    }
+
+    /// SETATTR for a new object. A change of owner clears setuid and setgid on the server (as chown(2)
+    /// does), even within the same SETATTR: so when both are asked for, the owner goes first and the
+    /// mode in a second call.
+    async fn apply_new_attrs(&self, fh: &FileHandle, set: &SetAttrs) -> Result<Fattr, NfsError> {
+        match set.mode {
+            Some(mode) if mode & 0o6000 != 0 && (set.uid.is_some() || set.gid.is_some()) => {
+                let owner = SetAttrs {
+                    mode: None,
+                    ..set.clone()
+                };
+                self.setattr(fh, &owner).await?;
+                let mode = SetAttrs {
+                    mode: Some(mode),
+                    ..SetAttrs::default()
+                };
+                self.setattr(fh, &mode).await
+            }
+            _ => self.setattr(fh, set).await,
+        }
     }
 }
