@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nfs3_client::nfs3_types::nfs3::{
@@ -25,6 +25,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections per client when the configuration names no number: each carries one call at a time, so
 /// this is how many READs or WRITEs a data path can have in flight.
 pub const DEFAULT_CONNECTIONS: usize = 8;
+/// Bounds of the deadline of calls made while the server is suspected down (a quarter of the timeout).
+const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+const MAX_PROBE_TIMEOUT: Duration = Duration::from_millis(2500);
 /// The most `read_file` returns: it is meant for markers and small records, not data.
 pub const SMALL_FILE_LIMIT: u64 = 1 << 20;
 /// Bytes per READ and WRITE in the small-file helpers, and the reply budget of one READDIR page.
@@ -104,6 +107,10 @@ struct Shared {
     pool: Pool,
     /// FSINFO of the export, read by the first call that needs it.
     fsinfo: tokio::sync::OnceCell<FsInfo>,
+    /// Set when a call timed out and none has been answered since: the time from which a call may
+    /// have the full deadline again. See `NfsClient::call_timeout`; a std mutex, never held across an
+    /// await.
+    suspect: Mutex<Option<std::time::Instant>>,
 }
 
 /// One RPC on a pooled connection: `rpc!(self, "op", path, method, args)`, where `args` is an expression
@@ -162,6 +169,7 @@ impl NfsClient {
                 timeout: config.timeout,
                 pool: Pool::new(target, config.connections),
                 fsinfo: tokio::sync::OnceCell::new(),
+                suspect: Mutex::new(None),
             }),
         }
     }
@@ -518,11 +526,14 @@ impl NfsClient {
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = (Connection, Result<T, RpcError>)>,
     {
-        let timeout = self.shared.timeout;
+        let timeout = self.call_timeout();
         // On expiry the pool's future is dropped, and with it the connection: its stream may still
         // carry the late reply, so it must never be reused.
         match tokio::time::timeout(timeout, self.shared.pool.run(&f)).await {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(value)) => {
+                self.note_answer();
+                Ok(value)
+            }
             Ok(Err(PoolFailure::Connect(e))) => Err(NfsError::Connect {
                 at: self.at(),
                 reason: describe_connect(&e),
@@ -533,12 +544,74 @@ impl NfsClient {
                 path: path.into(),
                 reason: describe_rpc(&e),
             }),
-            Err(_elapsed) => Err(NfsError::Timeout {
-                at: self.at(),
-                op,
-                path: path.into(),
-                timeout,
-            }),
+            Err(_elapsed) => {
+                self.note_timeout();
+                Err(NfsError::Timeout {
+                    at: self.at(),
+                    op,
+                    path: path.into(),
+                    timeout,
+                })
+            }
+        }
+    }
+
+    /// The deadline of a call starting now: the configured timeout, or, while the server is suspected
+    /// down (a call timed out and none has been answered since), a short probe.
+    ///
+    /// Without the probe, whatever retries after an error waits the full deadline again: the kernel
+    /// re-reads a page synchronously after its readahead failed, so a read(2) on a FUSE mount would take
+    /// twice the deadline, and an application's loop of calls many times it. Probes still reach the
+    /// server, so the first one answered ends the suspicion; and once per two deadlines one call gets
+    /// the full deadline, so a server that is back but slower to reach than a probe allows (a new
+    /// connection and MOUNT over a slow link) is still found.
+    pub(super) fn call_timeout(&self) -> Duration {
+        let full = self.shared.timeout;
+        let mut suspect = self
+            .shared
+            .suspect
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match *suspect {
+            None => full,
+            Some(full_allowed_at) => {
+                let now = std::time::Instant::now();
+                if now >= full_allowed_at {
+                    *suspect = Some(now + 2 * full);
+                    full
+                } else {
+                    full.min((full / 4).clamp(MIN_PROBE_TIMEOUT, MAX_PROBE_TIMEOUT))
+                }
+            }
+        }
+    }
+
+    /// The server answered a call (with success or an NFS error: either way it is alive).
+    pub(super) fn note_answer(&self) {
+        let mut suspect = self
+            .shared
+            .suspect
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if suspect.take().is_some() {
+            tracing::info!(at = %self.shared.at, "the nfs server answers again");
+        }
+    }
+
+    /// A call reached its deadline without an answer.
+    pub(super) fn note_timeout(&self) {
+        let mut suspect = self
+            .shared
+            .suspect
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if suspect.is_none() {
+            *suspect = Some(std::time::Instant::now() + self.shared.timeout);
+            tracing::warn!(
+                at = %self.shared.at,
+                timeout = ?self.shared.timeout,
+                "the nfs server does not answer; calls get a short deadline until it does"
+            );
         }
     }
 

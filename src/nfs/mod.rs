@@ -9,6 +9,7 @@
 //!
 //! - `attr`: file handles, attributes and the other Rust-side types, and their wire forms.
 //! - `ops`: `HandleOps`, the NFSv3 procedures on file handles, for a data path such as FUSE.
+//! - `store`: `NfsStore`, the FUSE adapter's `FileStore` over `HandleOps`, rooted at a volume's directory.
 //! - `connector`: the TCP transport, which turns a closed connection into an error (a client defect).
 //! - `pool`: the connections.
 //! - `client`: `NfsClient` and its operations.
@@ -22,6 +23,7 @@ mod error;
 mod ops;
 mod path;
 mod pool;
+mod store;
 
 pub use attr::{
     Attributes, CreateHow, Fattr, FileHandle, FileKind, FsInfo, FsStat, SetAttrs, SetTime,
@@ -38,3 +40,4 @@ pub use error::{
 };
 pub use ops::{DirEntryPlus, DirPagePlus, HandleOps, WriteVerifier, Written};
 pub use path::MAX_NAME_LEN;
+pub use store::NfsStore;

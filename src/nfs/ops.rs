@@ -624,7 +624,8 @@ impl HandleOps {
     // ---- building blocks ----
 
     /// Runs one procedure under the client's deadline (which covers waiting for a connection, making
-    /// one, and JUKEBOX pauses) and turns an NFS error status into `NfsError::Status`.
+    /// one, and JUKEBOX pauses; shortened while the server is suspected down, see
+    /// `NfsClient::call_timeout`) and turns an NFS error status into `NfsError::Status`.
     async fn procedure<T, E, F, Fut>(
         &self,
         op: &'static str,
@@ -635,13 +636,16 @@ impl HandleOps {
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = (Connection, Result<Nfs3Result<T, E>, RpcError>)>,
     {
-        let timeout = self.client.timeout();
+        let timeout = self.client.call_timeout();
         let deadline = Instant::now() + timeout;
         loop {
             // On expiry the pool's future is dropped, and with it the connection, whose stream may
             // still carry the late reply.
             let reply = match tokio::time::timeout_at(deadline, self.client.pool().run(&f)).await {
-                Ok(Ok(reply)) => reply,
+                Ok(Ok(reply)) => {
+                    self.client.note_answer();
+                    reply
+                }
                 Ok(Err(PoolFailure::Connect(e))) => {
                     return Err(NfsError::Connect {
                         at: self.client.at(),
@@ -657,12 +661,13 @@ impl HandleOps {
                     })
                 }
                 Err(_elapsed) => {
+                    self.client.note_timeout();
                     return Err(NfsError::Timeout {
                         at: self.client.at(),
                         op,
                         path: subject.describe(),
                         timeout,
-                    })
+                    });
                 }
             };
             match reply {

@@ -95,6 +95,20 @@ impl Server {
         run_script(self.dir.path(), self.nfs_port, self.mount_port, action)
     }
 
+    /// Starts the server again on the same ports after `run_script("stop")`. Retried: ganesha exits
+    /// with "Cannot register NFS V3 on TCP" when another test's server registers with rpcbind at the
+    /// same moment.
+    pub fn restart(&self) {
+        for attempt in 1..=5 {
+            if self.run_script("start") {
+                return;
+            }
+            eprintln!("restart attempt {attempt} failed; trying again");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("scripts/nfs-server start failed five times on the same ports");
+    }
+
     /// The exported directory on disk.
     pub fn export(&self) -> PathBuf {
         self.dir.path().join("export")
