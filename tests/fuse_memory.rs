@@ -357,6 +357,51 @@ fn an_unlinked_open_file_stays_readable_until_closed() {
 }
 
 #[test]
+fn a_file_open_when_renamed_over_keeps_its_data_until_closed() {
+    // A long TTL keeps the kernel from looking names up again while the store is stalled below.
+    let m = Mounted::new(
+        MemoryStore::with_timeout(Duration::from_secs(1)),
+        MountOptions {
+            attr_ttl: Duration::from_secs(30),
+            ..MountOptions::default()
+        },
+    );
+    fs::write(m.path("victim"), b"old").unwrap();
+    fs::write(m.path("new"), b"new").unwrap();
+    let f = File::open(m.path("victim")).unwrap();
+    fs::rename(m.path("new"), m.path("victim")).unwrap();
+    assert_eq!(fs::read(m.path("victim")).unwrap(), b"new");
+    let mut buf = [0u8; 3];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"old");
+
+    // A rename over an open file that the store then refuses leaves the file under its name.
+    fs::create_dir(m.path("a")).unwrap();
+    fs::write(m.path("a/src"), b"src").unwrap();
+    let g = File::open(m.path("victim")).unwrap();
+    let dir_id = fs::metadata(m.path("a")).unwrap().ino();
+    m.store.stall(dir_id);
+    let e = fs::rename(m.path("a/src"), m.path("victim")).unwrap_err();
+    m.store.resume(dir_id);
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(fs::read(m.path("victim")).unwrap(), b"new");
+    drop((f, g));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut left: Vec<_> = fs::read_dir(m.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        if left == ["a", "victim"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn a_directory_of_5000_entries_lists_every_name_once() {
     let m = Mounted::default();
     let d = m.path("many");

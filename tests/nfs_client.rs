@@ -480,7 +480,12 @@ async fn calls_fail_within_the_deadline_and_recover_when_the_server_returns() {
         eprintln!("frozen server, call {round}: failed after {took:?}: {err}");
         assert!(matches!(err, NfsError::Timeout { .. }), "{err}");
         assert!(err.is_unreachable());
-        assert!(took >= timeout && took < timeout + margin, "took {took:?}");
+        if round == 0 {
+            assert!(took >= timeout && took < timeout + margin, "took {took:?}");
+        } else {
+            // Once a call has timed out, the next ones only probe (a quarter of the deadline here).
+            assert!(took < timeout, "took {took:?}");
+        }
         let text = err.to_string();
         assert!(
             text.contains("nfs server 127.0.0.1") && text.contains("/export"),
@@ -520,8 +525,18 @@ async fn calls_fail_within_the_deadline_and_recover_when_the_server_returns() {
     assert!(err.to_string().contains("nfs server 127.0.0.1"), "{err}");
     assert!(took < timeout + margin, "took {took:?}");
 
-    // Restarted on the same ports: the next call reconnects by itself.
-    assert!(server.run_script("start"));
+    // Restarted on the same ports: the next call reconnects by itself. The start is retried: ganesha
+    // exits with "Cannot register NFS V3 on TCP" when another test's server registers with rpcbind at
+    // the same moment.
+    let mut restarted = false;
+    for _ in 0..5 {
+        restarted = server.run_script("start");
+        if restarted {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(restarted, "restart failed five times");
     let started = Instant::now();
     let attrs = client.getattr("thawed").await.unwrap();
     eprintln!("restarted server: first call took {:?}", started.elapsed());

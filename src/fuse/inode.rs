@@ -194,6 +194,18 @@ impl InodeTable {
         }
     }
 
+    /// Takes back a hidden name recorded by `hide`, if it is still the one recorded. Returns whether it was.
+    pub fn unhide(&self, inode: u64, hidden: &Hidden) -> bool {
+        let mut inner = self.lock();
+        match inner.by_inode.get_mut(&inode) {
+            Some(e) if e.hidden.as_ref() == Some(hidden) => {
+                e.hidden = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Notes that `inode` has writes not yet committed.
     pub fn mark_dirty(&self, inode: u64) {
         if let Some(e) = self.lock().by_inode.get_mut(&inode) {
@@ -299,7 +311,27 @@ mod tests {
         assert_eq!(t.release(i), None);
         assert_eq!(t.release(i), Some(hidden.clone()));
         // Closed files cannot be hidden: the caller must remove the name itself.
-        assert!(!t.hide(i, hidden));
+        assert!(!t.hide(i, hidden.clone()));
+        assert!(!t.unhide(i, &hidden));
+    }
+
+    #[test]
+    fn unhide_takes_back_only_the_recorded_name() {
+        let t = InodeTable::new(h(0));
+        let i = t.remember(&h(1), 9);
+        t.open(i);
+        let hidden = Hidden {
+            dir: h(0),
+            name: b".a".to_vec(),
+        };
+        let other = Hidden {
+            dir: h(0),
+            name: b".b".to_vec(),
+        };
+        assert!(t.hide(i, hidden.clone()));
+        assert!(!t.unhide(i, &other));
+        assert!(t.unhide(i, &hidden));
+        assert_eq!(t.release(i), None);
     }
 
     #[test]

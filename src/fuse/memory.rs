@@ -485,7 +485,7 @@ impl State {
         if size < node.attr.size {
             let keep = size.div_ceil(CHUNK);
             let dropped = chunks.0.split_off(&keep);
-            if size % CHUNK != 0 {
+            if !size.is_multiple_of(CHUNK) {
                 if let Some(last) = chunks.0.get_mut(&(size / CHUNK)) {
                     last[(size % CHUNK) as usize..].fill(0);
                 }

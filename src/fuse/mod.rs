@@ -224,11 +224,39 @@ pub async fn mount(
             path: mountpoint.to_path_buf(),
             source,
         })?;
+    raise_readahead(mountpoint).await;
     Ok(MountHandle {
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         runtime: tokio::runtime::Handle::current(),
     })
+}
+
+/// Lets the kernel read ahead up to `MAX_IO` at a time on this mount, so sequential reads reach the store as
+/// 1 MiB requests instead of the default 128 KiB. The kernel caps FUSE readahead at what it proposed at init
+/// (its 128 KiB default), and only this sysfs knob of the mount's backing device raises it. Failing is not
+/// fatal: reads still work, in smaller pieces.
+async fn raise_readahead(mountpoint: &Path) {
+    let path = mountpoint.to_path_buf();
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        // The stat is answered by the session, which already runs in its own tasks.
+        let dev = std::fs::metadata(&path)?.dev();
+        let knob = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        );
+        std::fs::write(knob, format!("{}", MAX_IO / 1024))
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "cannot raise FUSE readahead; reads stay at 128 KiB per request")
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise FUSE readahead"),
+    }
 }
 
 /// The FUSE filesystem: requests in, store calls out.
@@ -286,13 +314,18 @@ fn fuse_attr(inode: u64, a: &Attr) -> FileAttr {
     }
 }
 
+/// A FUSE timestamp as a `SystemTime`; times beyond what `SystemTime` holds clamp to the epoch rather than
+/// panic (the kernel does not send them for real files).
 fn system_time(t: Timestamp) -> SystemTime {
-    let nanos = Duration::from_nanos(u64::from(t.nsec));
-    if t.sec >= 0 {
-        UNIX_EPOCH + Duration::from_secs(t.sec as u64) + nanos
+    let secs = Duration::from_secs(t.sec.unsigned_abs());
+    let whole = if t.sec >= 0 {
+        UNIX_EPOCH.checked_add(secs)
     } else {
-        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + nanos
-    }
+        UNIX_EPOCH.checked_sub(secs)
+    };
+    whole
+        .and_then(|w| w.checked_add(Duration::from_nanos(u64::from(t.nsec))))
+        .unwrap_or(UNIX_EPOCH)
 }
 
 fn name_bytes(name: &OsStr) -> &[u8] {
@@ -320,22 +353,26 @@ impl FerryFs {
     }
 
     /// If `name` in `dir` is a file that is open here and would vanish with this name, renames it to a
-    /// hidden name instead and records that for the last close. Returns whether it did. A stateless server
-    /// would otherwise destroy the file and the open descriptors would fail with ESTALE.
-    async fn hide_if_open(&self, dir: &FileHandle, name: &[u8]) -> FuseResult<bool> {
+    /// hidden name instead and records that for the last close. Returns the inode and hidden name if it did.
+    /// A stateless server would otherwise destroy the file and the open descriptors would fail with ESTALE.
+    async fn hide_if_open(
+        &self,
+        dir: &FileHandle,
+        name: &[u8],
+    ) -> FuseResult<Option<(u64, Hidden)>> {
         if !self.inodes.any_open() {
-            return Ok(false);
+            return Ok(None);
         }
         let (handle, attr) = match self.store.lookup(dir, name).await {
             Ok(found) => found,
-            Err(e) if e.kind == StoreErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind == StoreErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(fail("lookup", e)),
         };
         let Some(inode) = self.inodes.inode_of(&handle) else {
-            return Ok(false);
+            return Ok(None);
         };
         if attr.kind == FileKind::Directory || attr.nlink > 1 || !self.inodes.is_open(inode) {
-            return Ok(false);
+            return Ok(None);
         }
         let serial = self.hidden_serial.fetch_add(1, Ordering::Relaxed);
         let hidden_name = format!(".ferry-unlinked-{inode:x}-{serial}").into_bytes();
@@ -350,8 +387,31 @@ impl FerryFs {
         if !self.inodes.hide(inode, hidden.clone()) {
             // Closed while we renamed: nobody will release it any more, so remove it now.
             self.remove_hidden(hidden).await;
+            return Ok(None);
         }
-        Ok(true)
+        Ok(Some((inode, hidden)))
+    }
+
+    /// Undoes `hide_if_open` after the operation it made room for failed: the file gets its name back.
+    async fn unhide(&self, inode: u64, hidden: Hidden, name: &[u8]) {
+        if !self.inodes.unhide(inode, &hidden) {
+            // Closed meanwhile and its hidden name already removed: nothing to give back.
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .rename(&hidden.dir, &hidden.name, &hidden.dir, name)
+            .await
+        {
+            tracing::warn!(
+                name = %String::from_utf8_lossy(&hidden.name),
+                error = %e,
+                "cannot give an open file its name back after a failed rename; it stays under the hidden name"
+            );
+            // Still open: keep it hidden so the last close removes it. Already closed: it stays under the
+            // hidden name, as the warning says, rather than losing data that the failed rename should keep.
+            let _ = self.inodes.hide(inode, hidden);
+        }
     }
 
     async fn remove_hidden(&self, hidden: Hidden) {
@@ -591,7 +651,7 @@ impl Filesystem for FerryFs {
     async fn unlink(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<()> {
         let fs = self;
         let dir = fs.handle(parent)?;
-        if fs.hide_if_open(&dir, name_bytes(name)).await? {
+        if fs.hide_if_open(&dir, name_bytes(name)).await?.is_some() {
             return Ok(());
         }
         fs.store
@@ -621,11 +681,15 @@ impl Filesystem for FerryFs {
         let from = fs.handle(parent)?;
         let to = fs.handle(new_parent)?;
         // A target that is open here would be destroyed by the rename; keep it alive under a hidden name.
-        fs.hide_if_open(&to, name_bytes(new_name)).await?;
-        fs.store
+        let hidden = fs.hide_if_open(&to, name_bytes(new_name)).await?;
+        let result = fs
+            .store
             .rename(&from, name_bytes(name), &to, name_bytes(new_name))
-            .await
-            .map_err(|e| fail("rename", e))
+            .await;
+        if let (Err(_), Some((inode, hidden))) = (&result, hidden) {
+            fs.unhide(inode, hidden, name_bytes(new_name)).await;
+        }
+        result.map_err(|e| fail("rename", e))
     }
 
     async fn rename2(
@@ -942,5 +1006,46 @@ impl Filesystem for FerryFs {
                 ttl: fs.ttl,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_convert_both_sides_of_the_epoch() {
+        let t = system_time(Timestamp::new(1_600_000_000, 5));
+        assert_eq!(t, UNIX_EPOCH + Duration::new(1_600_000_000, 5));
+        // -1.5 s is sec -2 plus 0.5 s, as timespec holds it.
+        let t = system_time(Timestamp::new(-2, 500_000_000));
+        assert_eq!(t, UNIX_EPOCH - Duration::from_millis(1500));
+        // The extremes convert without panicking.
+        assert!(system_time(Timestamp::new(i64::MAX, 999_999_999)) > SystemTime::now());
+        assert!(system_time(Timestamp::new(i64::MIN, 0)) < UNIX_EPOCH);
+    }
+
+    #[test]
+    fn attributes_carry_the_inode_not_the_fileid() {
+        let now = SystemTime::now();
+        let a = Attr {
+            kind: FileKind::Symlink,
+            mode: 0o100777,
+            nlink: 1,
+            uid: 5,
+            gid: 6,
+            size: 3,
+            used: 513,
+            fileid: 99,
+            atime: now,
+            mtime: now,
+            ctime: now,
+        };
+        let f = fuse_attr(42, &a);
+        assert_eq!(f.ino, 42);
+        assert_eq!(f.kind, FileType::Symlink);
+        assert_eq!(f.perm, 0o777);
+        assert_eq!(f.blocks, 2);
+        assert_eq!((f.uid, f.gid), (5, 6));
     }
 }

@@ -3,8 +3,8 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use nfs3_client::nfs3_types::nfs3::{
     cookieverf3, createhow3, createverf3, diropargs3, fattr3, filename3, ftype3, nfs_fh3, nfsstat3,
@@ -15,15 +15,19 @@ use nfs3_client::nfs3_types::nfs3::{
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::RpcError;
 
+use super::attr::{Fattr, FileHandle, FsInfo, FsStat};
 use super::error::{describe_connect, describe_rpc, Endpoint, NfsError};
 use super::path;
 use super::pool::{Connection, Pool, PoolFailure, PoolTarget};
 
 /// The deadline of one RPC when the configuration names none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections per client when the configuration names no number: enough for a few control operations
-/// at once; a data path wants more.
-pub const DEFAULT_CONNECTIONS: usize = 4;
+/// Connections per client when the configuration names no number: each carries one call at a time, so
+/// this is how many READs or WRITEs a data path can have in flight.
+pub const DEFAULT_CONNECTIONS: usize = 8;
+/// Bounds of the deadline of calls made while the server is suspected down (a quarter of the timeout).
+const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+const MAX_PROBE_TIMEOUT: Duration = Duration::from_millis(2500);
 /// The most `read_file` returns: it is meant for markers and small records, not data.
 pub const SMALL_FILE_LIMIT: u64 = 1 << 20;
 /// Bytes per READ and WRITE in the small-file helpers, and the reply budget of one READDIR page.
@@ -57,7 +61,7 @@ pub struct NfsClientConfig {
 }
 
 impl NfsClientConfig {
-    /// A configuration with the defaults: root credentials, portmapper, 10 s deadline, 4 connections.
+    /// A configuration with the defaults: root credentials, portmapper, 10 s deadline, 8 connections.
     pub fn new(server: IpAddr, export: impl Into<String>) -> Self {
         Self {
             server,
@@ -71,71 +75,6 @@ impl NfsClientConfig {
             privileged_port: false,
         }
     }
-}
-
-/// An NFS file handle: opaque, valid until the file is removed (or the server's export changes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileHandle(nfs_fh3);
-
-impl FileHandle {
-    pub fn as_bytes(&self) -> &[u8] {
-        self.0.data.as_ref()
-    }
-}
-
-/// What kind of object a path names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
-    File,
-    Directory,
-    Symlink,
-    /// Devices, sockets and FIFOs.
-    Other,
-}
-
-/// The attributes of a file, as the server reports them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attributes {
-    pub kind: FileKind,
-    /// Permission bits, including setuid, setgid and sticky (`mode & 0o7777`).
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub mtime: SystemTime,
-    /// The server's inode number.
-    pub fileid: u64,
-}
-
-impl From<&fattr3> for Attributes {
-    fn from(a: &fattr3) -> Self {
-        Self {
-            kind: match a.type_ {
-                ftype3::NF3REG => FileKind::File,
-                ftype3::NF3DIR => FileKind::Directory,
-                ftype3::NF3LNK => FileKind::Symlink,
-                _ => FileKind::Other,
-            },
-            mode: a.mode & 0o7777,
-            uid: a.uid,
-            gid: a.gid,
-            size: a.size,
-            mtime: SystemTime::from(&a.mtime),
-            fileid: a.fileid,
-        }
-    }
-}
-
-/// Space and inodes of the exported file system.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FsStat {
-    pub total_bytes: u64,
-    pub free_bytes: u64,
-    /// Free bytes available to this client's user (less than `free_bytes` when space is reserved).
-    pub avail_bytes: u64,
-    pub total_files: u64,
-    pub free_files: u64,
-    pub avail_files: u64,
 }
 
 /// The outcome of [`NfsClient::create_exclusive`].
@@ -166,6 +105,12 @@ struct Shared {
     at: Endpoint,
     timeout: Duration,
     pool: Pool,
+    /// FSINFO of the export, read by the first call that needs it.
+    fsinfo: tokio::sync::OnceCell<FsInfo>,
+    /// Set when a call timed out and none has been answered since: the time from which a call may
+    /// have the full deadline again. See `NfsClient::call_timeout`; a std mutex, never held across an
+    /// await.
+    suspect: Mutex<Option<std::time::Instant>>,
 }
 
 /// One RPC on a pooled connection: `rpc!(self, "op", path, method, args)`, where `args` is an expression
@@ -223,6 +168,8 @@ impl NfsClient {
                 at,
                 timeout: config.timeout,
                 pool: Pool::new(target, config.connections),
+                fsinfo: tokio::sync::OnceCell::new(),
+                suspect: Mutex::new(None),
             }),
         }
     }
@@ -245,14 +192,14 @@ impl NfsClient {
     pub async fn lookup_path(&self, path: &str) -> Result<FileHandle, NfsError> {
         let names = self.components(path)?;
         let (fh, _) = self.walk(path, &names).await?;
-        Ok(FileHandle(fh))
+        Ok(FileHandle::from_fh3(fh))
     }
 
     /// The attributes of `path`.
-    pub async fn getattr(&self, path: &str) -> Result<Attributes, NfsError> {
+    pub async fn getattr(&self, path: &str) -> Result<Fattr, NfsError> {
         let names = self.components(path)?;
         let (fh, _) = self.walk(path, &names).await?;
-        Ok(Attributes::from(&self.getattr_fh(&fh, path).await?))
+        Ok(Fattr::from(&self.getattr_fh(&fh, path).await?))
     }
 
     /// Makes directory `path` if it is missing and applies `uid`, `gid` and `mode` (`& 0o7777`) to it.
@@ -319,7 +266,7 @@ impl NfsClient {
             },
         )
         .await?;
-        Ok(FileHandle(fh))
+        Ok(FileHandle::from_fh3(fh))
     }
 
     /// Removes `path` and, if it is a directory, everything below it. A path that is already gone is
@@ -393,14 +340,7 @@ impl NfsClient {
         )
         .await?;
         match reply {
-            Nfs3Result::Ok(ok) => Ok(FsStat {
-                total_bytes: ok.tbytes,
-                free_bytes: ok.fbytes,
-                avail_bytes: ok.abytes,
-                total_files: ok.tfiles,
-                free_files: ok.ffiles,
-                avail_files: ok.afiles,
-            }),
+            Nfs3Result::Ok(ok) => Ok(FsStat::from(&ok)),
             Nfs3Result::Err((status, _)) => Err(self.status("fsstat", "", status)),
         }
     }
@@ -453,7 +393,7 @@ impl NfsClient {
             },
         )
         .await?;
-        Ok(ExclusiveCreate::Created(FileHandle(fh)))
+        Ok(ExclusiveCreate::Created(FileHandle::from_fh3(fh)))
     }
 
     /// Writes `data` as the whole content of file `path`, creating it (mode 0644) if missing.
@@ -586,11 +526,14 @@ impl NfsClient {
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = (Connection, Result<T, RpcError>)>,
     {
-        let timeout = self.shared.timeout;
+        let timeout = self.call_timeout();
         // On expiry the pool's future is dropped, and with it the connection: its stream may still
         // carry the late reply, so it must never be reused.
         match tokio::time::timeout(timeout, self.shared.pool.run(&f)).await {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(value)) => {
+                self.note_answer();
+                Ok(value)
+            }
             Ok(Err(PoolFailure::Connect(e))) => Err(NfsError::Connect {
                 at: self.at(),
                 reason: describe_connect(&e),
@@ -601,17 +544,92 @@ impl NfsClient {
                 path: path.into(),
                 reason: describe_rpc(&e),
             }),
-            Err(_elapsed) => Err(NfsError::Timeout {
-                at: self.at(),
-                op,
-                path: path.into(),
-                timeout,
-            }),
+            Err(_elapsed) => {
+                self.note_timeout();
+                Err(NfsError::Timeout {
+                    at: self.at(),
+                    op,
+                    path: path.into(),
+                    timeout,
+                })
+            }
         }
     }
 
+    /// The deadline of a call starting now: the configured timeout, or, while the server is suspected
+    /// down (a call timed out and none has been answered since), a short probe.
+    ///
+    /// Without the probe, whatever retries after an error waits the full deadline again: the kernel
+    /// re-reads a page synchronously after its readahead failed, so a read(2) on a FUSE mount would take
+    /// twice the deadline, and an application's loop of calls many times it. Probes still reach the
+    /// server, so the first one answered ends the suspicion; and once per two deadlines one call gets
+    /// the full deadline, so a server that is back but slower to reach than a probe allows (a new
+    /// connection and MOUNT over a slow link) is still found.
+    pub(super) fn call_timeout(&self) -> Duration {
+        let full = self.shared.timeout;
+        let mut suspect = self
+            .shared
+            .suspect
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match *suspect {
+            None => full,
+            Some(full_allowed_at) => {
+                let now = std::time::Instant::now();
+                if now >= full_allowed_at {
+                    *suspect = Some(now + 2 * full);
+                    full
+                } else {
+                    full.min((full / 4).clamp(MIN_PROBE_TIMEOUT, MAX_PROBE_TIMEOUT))
+                }
+            }
+        }
+    }
+
+    /// The server answered a call (with success or an NFS error: either way it is alive).
+    pub(super) fn note_answer(&self) {
+        let mut suspect = self
+            .shared
+            .suspect
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if suspect.take().is_some() {
+            tracing::info!(at = %self.shared.at, "the nfs server answers again");
+        }
+    }
+
+    /// A call reached its deadline without an answer.
+    pub(super) fn note_timeout(&self) {
+        let mut suspect = self
+            .shared
+            .suspect
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if suspect.is_none() {
+            *suspect = Some(std::time::Instant::now() + self.shared.timeout);
+            tracing::warn!(
+                at = %self.shared.at,
+                timeout = ?self.shared.timeout,
+                "the nfs server does not answer; calls get a short deadline until it does"
+            );
+        }
+    }
+
+    /// The deadline of each call.
+    pub fn timeout(&self) -> Duration {
+        self.shared.timeout
+    }
+
+    pub(super) fn pool(&self) -> &Pool {
+        &self.shared.pool
+    }
+
+    pub(super) fn fsinfo_cell(&self) -> &tokio::sync::OnceCell<FsInfo> {
+        &self.shared.fsinfo
+    }
+
     /// The export root's handle, mounting a first connection if there is none yet.
-    async fn root(&self) -> Result<nfs_fh3, NfsError> {
+    pub(super) async fn root(&self) -> Result<nfs_fh3, NfsError> {
         if let Some(root) = self.shared.pool.cached_root() {
             return Ok(root);
         }
@@ -825,7 +843,7 @@ impl NfsClient {
 
     // ---- errors ----
 
-    fn at(&self) -> Endpoint {
+    pub(super) fn at(&self) -> Endpoint {
         self.shared.at.clone()
     }
 
@@ -854,7 +872,7 @@ impl NfsClient {
         }
     }
 
-    fn protocol(&self, op: &'static str, path: &str, reason: &'static str) -> NfsError {
+    pub(super) fn protocol(&self, op: &'static str, path: &str, reason: &'static str) -> NfsError {
         NfsError::Protocol {
             at: self.at(),
             op,

@@ -126,6 +126,28 @@ impl NfsError {
         )
     }
 
+    /// True when the server did not answer within the deadline.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, NfsError::Timeout { .. })
+    }
+
+    /// The errno an application should see for this failure (for a FUSE reply). Failures to reach
+    /// the server, timeouts included, are `EIO`: applications read that as "the storage failed", which
+    /// is what happened, and few expect `ETIMEDOUT` from a file operation.
+    pub fn errno(&self) -> i32 {
+        match self {
+            NfsError::Status { status, .. } => status_errno(*status),
+            NfsError::Connect { .. }
+            | NfsError::Timeout { .. }
+            | NfsError::Rpc { .. }
+            | NfsError::Protocol { .. } => libc::EIO,
+            NfsError::NotADirectory { .. } => libc::ENOTDIR,
+            NfsError::NotAFile { .. } => libc::EISDIR,
+            NfsError::FileTooLarge { .. } => libc::EFBIG,
+            NfsError::InvalidPath { .. } | NfsError::RemoveRoot { .. } => libc::EINVAL,
+        }
+    }
+
     /// A stable, low-cardinality name of the failure, for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -175,6 +197,43 @@ pub fn describe_status(status: nfsstat3) -> &'static str {
         nfsstat3::NFS3ERR_SERVERFAULT => "internal server error",
         nfsstat3::NFS3ERR_BADTYPE => "file type not supported by the server",
         nfsstat3::NFS3ERR_JUKEBOX => "the server is busy; try again later",
+    }
+}
+
+/// The errno matching an NFSv3 status. The NFS-only codes get the nearest errno an application knows
+/// (the kernel's own NFS client uses internal codes for them that applications never see).
+pub fn status_errno(status: nfsstat3) -> i32 {
+    match status {
+        nfsstat3::NFS3_OK => 0,
+        nfsstat3::NFS3ERR_PERM => libc::EPERM,
+        nfsstat3::NFS3ERR_NOENT => libc::ENOENT,
+        nfsstat3::NFS3ERR_IO => libc::EIO,
+        nfsstat3::NFS3ERR_NXIO => libc::ENXIO,
+        nfsstat3::NFS3ERR_ACCES => libc::EACCES,
+        nfsstat3::NFS3ERR_EXIST => libc::EEXIST,
+        nfsstat3::NFS3ERR_XDEV => libc::EXDEV,
+        nfsstat3::NFS3ERR_NODEV => libc::ENODEV,
+        nfsstat3::NFS3ERR_NOTDIR => libc::ENOTDIR,
+        nfsstat3::NFS3ERR_ISDIR => libc::EISDIR,
+        nfsstat3::NFS3ERR_INVAL => libc::EINVAL,
+        nfsstat3::NFS3ERR_FBIG => libc::EFBIG,
+        nfsstat3::NFS3ERR_NOSPC => libc::ENOSPC,
+        nfsstat3::NFS3ERR_ROFS => libc::EROFS,
+        nfsstat3::NFS3ERR_MLINK => libc::EMLINK,
+        nfsstat3::NFS3ERR_NAMETOOLONG => libc::ENAMETOOLONG,
+        nfsstat3::NFS3ERR_NOTEMPTY => libc::ENOTEMPTY,
+        nfsstat3::NFS3ERR_DQUOT => libc::EDQUOT,
+        nfsstat3::NFS3ERR_STALE => libc::ESTALE,
+        nfsstat3::NFS3ERR_REMOTE => libc::EREMOTE,
+        // The handle is malformed rather than outdated, but either way it names nothing.
+        nfsstat3::NFS3ERR_BADHANDLE => libc::ESTALE,
+        nfsstat3::NFS3ERR_BAD_COOKIE | nfsstat3::NFS3ERR_TOOSMALL => libc::EINVAL,
+        nfsstat3::NFS3ERR_NOTSUPP | nfsstat3::NFS3ERR_BADTYPE => libc::EOPNOTSUPP,
+        // NOT_SYNC answers a SETATTR guard, which this client never sends; JUKEBOX is retried until
+        // the deadline, so reaching the caller means the server stayed busy for all of it.
+        nfsstat3::NFS3ERR_NOT_SYNC | nfsstat3::NFS3ERR_SERVERFAULT | nfsstat3::NFS3ERR_JUKEBOX => {
+            libc::EIO
+        }
     }
 }
 
@@ -330,6 +389,58 @@ mod tests {
             );
             assert_eq!(words, words.to_lowercase(), "{status:?}");
         }
+    }
+
+    #[test]
+    fn statuses_and_failures_become_errnos() {
+        let table = [
+            (nfsstat3::NFS3ERR_NOENT, libc::ENOENT),
+            (nfsstat3::NFS3ERR_EXIST, libc::EEXIST),
+            (nfsstat3::NFS3ERR_NOTEMPTY, libc::ENOTEMPTY),
+            (nfsstat3::NFS3ERR_NOTDIR, libc::ENOTDIR),
+            (nfsstat3::NFS3ERR_ISDIR, libc::EISDIR),
+            (nfsstat3::NFS3ERR_ACCES, libc::EACCES),
+            (nfsstat3::NFS3ERR_PERM, libc::EPERM),
+            (nfsstat3::NFS3ERR_NOSPC, libc::ENOSPC),
+            (nfsstat3::NFS3ERR_DQUOT, libc::EDQUOT),
+            (nfsstat3::NFS3ERR_STALE, libc::ESTALE),
+            (nfsstat3::NFS3ERR_NAMETOOLONG, libc::ENAMETOOLONG),
+            (nfsstat3::NFS3ERR_ROFS, libc::EROFS),
+            (nfsstat3::NFS3ERR_INVAL, libc::EINVAL),
+            (nfsstat3::NFS3ERR_FBIG, libc::EFBIG),
+            (nfsstat3::NFS3ERR_XDEV, libc::EXDEV),
+            (nfsstat3::NFS3ERR_MLINK, libc::EMLINK),
+            (nfsstat3::NFS3ERR_BADHANDLE, libc::ESTALE),
+            (nfsstat3::NFS3ERR_NOTSUPP, libc::EOPNOTSUPP),
+            (nfsstat3::NFS3ERR_JUKEBOX, libc::EIO),
+        ];
+        for (status, errno) in table {
+            let err = NfsError::Status {
+                at: at(),
+                op: "op",
+                path: "p".into(),
+                status,
+            };
+            assert_eq!(err.errno(), errno, "{status:?}");
+        }
+        for status in ALL_STATUSES.into_iter().skip(1) {
+            assert!(status_errno(status) > 0, "{status:?}");
+        }
+        let timeout = NfsError::Timeout {
+            at: at(),
+            op: "read",
+            path: "".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(timeout.errno(), libc::EIO);
+        assert!(timeout.is_timeout());
+        let rpc = NfsError::Rpc {
+            at: at(),
+            op: "read",
+            path: "".into(),
+            reason: "connection reset by the server".into(),
+        };
+        assert_eq!(rpc.errno(), libc::EIO);
     }
 
     #[test]

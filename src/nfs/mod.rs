@@ -1,30 +1,43 @@
 //! A client for NFSv3 exports, built on `nfs3_client`: the control operations of the NFS backend
 //! (make a volume directory with its owner and mode, remove a tree, report free space) and the small-file
-//! and exclusive-create primitives that host markers and locks on the export are built from.
+//! and exclusive-create primitives that host markers and locks on the export are built from; and, through
+//! `HandleOps`, every NFSv3 data operation on file handles, for the FUSE data path.
 //!
 //! It owns connections (a small pool, each call under a deadline, broken connections replaced lazily),
 //! path validation inside the export, and the translation of protocol codes into words. It knows nothing
 //! about Docker or volumes: callers pass paths relative to the export root.
 //!
+//! - `attr`: file handles, attributes and the other Rust-side types, and their wire forms.
+//! - `ops`: `HandleOps`, the NFSv3 procedures on file handles, for a data path such as FUSE.
+//! - `store`: `NfsStore`, the FUSE adapter's `FileStore` over `HandleOps`, rooted at a volume's directory.
 //! - `connector`: the TCP transport, which turns a closed connection into an error (a client defect).
 //! - `pool`: the connections.
 //! - `client`: `NfsClient` and its operations.
 //! - `path`: what a path inside the export may look like.
 //! - `error`: `NfsError` and the code-to-words tables.
 
+mod attr;
 mod client;
 mod connector;
 mod error;
+mod ops;
 mod path;
 mod pool;
+mod store;
 
+pub use attr::{
+    Attributes, CreateHow, Fattr, FileHandle, FileKind, FsInfo, FsStat, SetAttrs, SetTime,
+    Stability,
+};
 pub use client::{
-    Attributes, ExclusiveCreate, FileHandle, FileKind, FsStat, NfsClient, NfsClientConfig,
-    DEFAULT_CONNECTIONS, DEFAULT_TIMEOUT, SMALL_FILE_LIMIT,
+    ExclusiveCreate, NfsClient, NfsClientConfig, DEFAULT_CONNECTIONS, DEFAULT_TIMEOUT,
+    SMALL_FILE_LIMIT,
 };
 pub use connector::{TcpConnector, TcpStreamIo};
 pub use error::{
     describe_auth, describe_connect, describe_io, describe_mount_status, describe_rpc,
-    describe_status, Endpoint, ExportPath, NfsError,
+    describe_status, status_errno, Endpoint, ExportPath, NfsError,
 };
+pub use ops::{DirEntryPlus, DirPagePlus, HandleOps, WriteVerifier, Written};
 pub use path::MAX_NAME_LEN;
+pub use store::NfsStore;

@@ -1,0 +1,195 @@
+//! A real NFS-Ganesha for the NFS data-path tests (`nfs_ops`, `nfs_fuse`): one server per test, started
+//! by `scripts/nfs-server` on free loopback ports in its own temporary directory, stopped (even when
+//! frozen) when dropped. The same harness as in `nfs_client.rs`, shared by the data-path tests.
+//!
+//! Ganesha and rpcbind must be installed (`scripts/deps`); without them these tests fail, unless
+//! FERRY_SKIP_NFS=1 says to skip them.
+
+#![allow(dead_code)]
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry::nfs::{NfsClient, NfsClientConfig};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// ganesha.nfsd and rpcbind live in /usr/sbin, which a non-login PATH may lack.
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A running ganesha; dropping it stops the server (even a SIGSTOPped one) by its PID.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub nfs_port: u16,
+    pub mount_port: u16,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nfs-server")
+}
+
+fn installed(cmd: &str) -> bool {
+    std::env::split_paths(SYSTEM_PATH).any(|p| p.join(cmd).is_file())
+}
+
+/// Two ports that were free a moment ago (the script refuses ports in use, and the caller retries).
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+fn run_script(dir: &Path, nfs_port: u16, mount_port: u16, action: &str) -> bool {
+    let out = Command::new(script())
+        .arg(action)
+        .arg(dir)
+        .env("NFS_PORT", nfs_port.to_string())
+        .env("MOUNT_PORT", mount_port.to_string())
+        .env("PATH", SYSTEM_PATH)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "scripts/nfs-server {action} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
+}
+
+impl Server {
+    /// Starts a server, or returns None when FERRY_SKIP_NFS=1 and ganesha is not installed.
+    pub fn start() -> Option<Server> {
+        if !installed("ganesha.nfsd") || !installed("rpcbind") {
+            if std::env::var("FERRY_SKIP_NFS").as_deref() == Ok("1") {
+                eprintln!("skipped: ganesha.nfsd or rpcbind is missing and FERRY_SKIP_NFS=1");
+                return None;
+            }
+            panic!("ganesha.nfsd or rpcbind is missing: run scripts/deps as root (or set FERRY_SKIP_NFS=1 to skip the NFS tests)");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-nfs")
+            .tempdir()
+            .unwrap();
+        for _ in 0..3 {
+            let (nfs_port, mount_port) = free_ports();
+            if run_script(dir.path(), nfs_port, mount_port, "start") {
+                return Some(Server {
+                    dir,
+                    nfs_port,
+                    mount_port,
+                });
+            }
+        }
+        panic!("scripts/nfs-server start failed three times; see the output above");
+    }
+
+    pub fn run_script(&self, action: &str) -> bool {
+        run_script(self.dir.path(), self.nfs_port, self.mount_port, action)
+    }
+
+    /// Starts the server again on the same ports after `run_script("stop")`. Retried: ganesha exits
+    /// with "Cannot register NFS V3 on TCP" when another test's server registers with rpcbind at the
+    /// same moment.
+    pub fn restart(&self) {
+        for attempt in 1..=5 {
+            if self.run_script("start") {
+                return;
+            }
+            eprintln!("restart attempt {attempt} failed; trying again");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("scripts/nfs-server start failed five times on the same ports");
+    }
+
+    /// The exported directory on disk.
+    pub fn export(&self) -> PathBuf {
+        self.dir.path().join("export")
+    }
+
+    pub fn pid(&self) -> Pid {
+        let text = std::fs::read_to_string(self.dir.path().join("ganesha.pid")).unwrap();
+        Pid::from_raw(text.trim().parse().unwrap())
+    }
+
+    /// Freezes the server and waits until every thread has stopped: SIGSTOP is delivered
+    /// asynchronously, and a thread still running could answer one more call.
+    pub fn freeze(&self) {
+        kill(self.pid(), Signal::SIGSTOP).unwrap();
+        let tasks = format!("/proc/{}/task", self.pid());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
+                let stat =
+                    std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ganesha did not stop within 5 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn thaw(&self) {
+        kill(self.pid(), Signal::SIGCONT).unwrap();
+    }
+
+    pub fn config(&self) -> NfsClientConfig {
+        let mut config = NfsClientConfig::new(LOCALHOST, "/export");
+        config.nfs_port = Some(self.nfs_port);
+        config.mount_port = Some(self.mount_port);
+        config.timeout = Duration::from_secs(5);
+        config
+    }
+
+    pub fn client(&self) -> NfsClient {
+        NfsClient::new(self.config())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.run_script("stop");
+    }
+}
+
+macro_rules! server_or_skip {
+    () => {
+        match nfs_support::Server::start() {
+            Some(server) => server,
+            None => return,
+        }
+    };
+}
+
+/// Deterministic, position-dependent bytes (xorshift per 8-byte word, seeded by the word's offset), so
+/// a chunk in the wrong place or a stale page is caught, not only a wrong length.
+pub fn pattern(offset: u64, len: usize, seed: u64) -> Vec<u8> {
+    assert_eq!(offset % 8, 0);
+    let mut out = Vec::with_capacity(len + 8);
+    let mut word = offset / 8;
+    while out.len() < len {
+        let mut x = (word ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+        word += 1;
+    }
+    out.truncate(len);
+    out
+}
