@@ -77,6 +77,7 @@ pub async fn run(
         }
         Command::Doctor => {
             let mut checks = doctor::host_checks(config);
+            checks.extend(doctor::server_checks(config).await);
             match client.get::<DaemonStatus>("/v1/status").await {
                 Ok(status) => {
                     checks.push(Check::ok(

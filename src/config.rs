@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::spec::{BackendKind, FsType, SpecDefaults};
+use crate::backend::nfs::{DataPath, NfsSettings};
+use crate::spec::{
+    canonical_export, AllowedServer, BackendKind, FsType, NfsDefaults, SpecDefaults,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/ferry.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
@@ -51,6 +54,8 @@ pub struct ServeConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The operator CLI's socket (root-only); `STATE_DIR/admin.sock` unless configured.
     pub admin_socket: PathBuf,
+    /// The nfs backend's settings; `None` leaves the backend off.
+    pub nfs: Option<NfsSettings>,
 }
 
 /// The TOML file. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -69,7 +74,30 @@ struct FileConfig {
     local: LocalSection,
     #[serde(default)]
     metrics: MetricsSection,
+    /// Present only where the nfs backend is wanted.
+    nfs: Option<NfsSection>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NfsSection {
+    server: Option<String>,
+    export: Option<String>,
+    nfs_port: Option<u16>,
+    mount_port: Option<u16>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    allowed_servers: Option<Vec<String>>,
+    data_path: Option<String>,
+    timeout: Option<String>,
+    attr_cache: Option<String>,
+    connections: Option<usize>,
+}
+
+/// Defaults of the `[nfs]` section.
+pub const NFS_DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const NFS_DEFAULT_ATTR_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
+pub const NFS_DEFAULT_CONNECTIONS: usize = 8;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +154,25 @@ impl ServeConfig {
                 hint: "expected an IP address and port such as 127.0.0.1:9464".into(),
             })?),
         };
+        let nfs = match file.nfs {
+            None => None,
+            Some(section) => Some(nfs_settings(section, &path)?),
+        };
+        if let Some(n) = &nfs {
+            defaults.nfs = Some(NfsDefaults {
+                server: n.server.to_string(),
+                export: n.export.clone(),
+                allowed: n.allowed_servers.clone(),
+            });
+        }
+        if defaults.backend == BackendKind::Nfs && nfs.is_none() {
+            return Err(ConfigError::Value {
+                path: path.clone(),
+                key: "default_backend",
+                value: "nfs".into(),
+                hint: "the nfs backend needs an [nfs] section with server and export".into(),
+            });
+        }
         let state_dir = over
             .state_dir
             .clone()
@@ -146,8 +193,105 @@ impl ServeConfig {
             mount_root: over.mount_root.clone().or(file.mount_root),
             defaults,
             metrics_listen,
+            nfs,
         })
     }
+}
+
+/// Validates the `[nfs]` section.
+fn nfs_settings(n: NfsSection, path: &Path) -> Result<NfsSettings, ConfigError> {
+    let bad = |key: &'static str, value: String, hint: &str| ConfigError::Value {
+        path: path.to_path_buf(),
+        key,
+        value,
+        hint: hint.to_string(),
+    };
+    let server = n.server.ok_or_else(|| {
+        bad(
+            "nfs.server",
+            String::new(),
+            "set it to the NFS server's IP address",
+        )
+    })?;
+    let server = server.trim().parse().map_err(|_| {
+        bad(
+            "nfs.server",
+            server.clone(),
+            "expected an IP address such as 10.0.0.5",
+        )
+    })?;
+    let export = n.export.ok_or_else(|| {
+        bad(
+            "nfs.export",
+            String::new(),
+            "set it to the export path, such as /srv/nfs",
+        )
+    })?;
+    let export = canonical_export(&export).ok_or_else(|| {
+        bad(
+            "nfs.export",
+            export.clone(),
+            "expected an absolute path without . or ..",
+        )
+    })?;
+    let allowed_servers = n
+        .allowed_servers
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| {
+            AllowedServer::parse(&a).ok_or_else(|| {
+                bad(
+                    "nfs.allowed_servers",
+                    a.clone(),
+                    "expected entries such as \"10.0.0.6\" or \"10.0.0.6:/export\"",
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let data_path = match n.data_path {
+        None => DataPath::Auto,
+        Some(d) => DataPath::parse(d.trim()).ok_or_else(|| {
+            bad(
+                "nfs.data_path",
+                d.clone(),
+                "valid values are: auto, kernel, fuse",
+            )
+        })?,
+    };
+    let duration = |key: &'static str, v: Option<String>, default| match v {
+        None => Ok(default),
+        Some(t) => humantime::parse_duration(t.trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| bad(key, t.clone(), "expected a duration such as 10s or 500ms")),
+    };
+    let timeout = duration("nfs.timeout", n.timeout, NFS_DEFAULT_TIMEOUT)?;
+    let attr_cache = match n.attr_cache.as_deref().map(str::trim) {
+        // Zero is meaningful here: no caching at all.
+        Some("0") | Some("0s") => std::time::Duration::ZERO,
+        _ => duration("nfs.attr_cache", n.attr_cache, NFS_DEFAULT_ATTR_CACHE)?,
+    };
+    let connections = n.connections.unwrap_or(NFS_DEFAULT_CONNECTIONS);
+    if !(1..=64).contains(&connections) {
+        return Err(bad(
+            "nfs.connections",
+            connections.to_string(),
+            "expected 1 to 64",
+        ));
+    }
+    Ok(NfsSettings {
+        server,
+        export,
+        nfs_port: n.nfs_port,
+        mount_port: n.mount_port,
+        uid: n.uid.unwrap_or(0),
+        gid: n.gid.unwrap_or(0),
+        allowed_servers,
+        data_path,
+        timeout,
+        attr_cache,
+        connections,
+    })
 }
 
 /// Where the admin socket is when nothing names it: inside the state directory, whose mode 0700 already
@@ -220,7 +364,7 @@ pub const REFERENCE: &[ConfigKey] = &[
     ConfigKey {
         key: "default_backend",
         default: "`local`",
-        meaning: "backend of volumes created without `-o backend=`; valid: `local`",
+        meaning: "backend of volumes created without `-o backend=`; valid: `local`, `nfs` (needs `[nfs]`)",
         example: "\"local\"",
     },
     ConfigKey {
@@ -238,6 +382,80 @@ pub const REFERENCE: &[ConfigKey] = &[
                   `ferry_active_mounts`, `ferry_attached_volumes`. Plain HTTP without authentication: bind \
                   it to loopback or a trusted network",
         example: "\"127.0.0.1:9464\"",
+    },
+    ConfigKey {
+        key: "nfs.server",
+        default: "none (required with `[nfs]`)",
+        meaning: "IP address of the NFS server (NFSv3 over TCP) of volumes created with `-o backend=nfs`; \
+                  the `[nfs]` section turns the nfs backend on",
+        example: "\"127.0.0.1\"",
+    },
+    ConfigKey {
+        key: "nfs.export",
+        default: "none (required with `[nfs]`)",
+        meaning: "the export path on that server; each volume is a directory of it, named after the volume \
+                  (or `-o subdir=`)",
+        example: "\"/export\"",
+    },
+    ConfigKey {
+        key: "nfs.nfs_port",
+        default: "none (ask the portmapper)",
+        meaning: "the server's NFS port; with `mount_port` also set the portmapper is never asked",
+        example: "12049",
+    },
+    ConfigKey {
+        key: "nfs.mount_port",
+        default: "none (ask the portmapper)",
+        meaning: "the server's MOUNT port",
+        example: "12050",
+    },
+    ConfigKey {
+        key: "nfs.uid",
+        default: "`0`",
+        meaning: "AUTH_UNIX user id of every call to the server (the export must not squash it if volumes \
+                  are to get the owners `-o uid=` asks for)",
+        example: "0",
+    },
+    ConfigKey {
+        key: "nfs.gid",
+        default: "`0`",
+        meaning: "AUTH_UNIX group id of every call",
+        example: "0",
+    },
+    ConfigKey {
+        key: "nfs.allowed_servers",
+        default: "`[]`",
+        meaning: "other servers (`\"IP\"`, any export) or exports (`\"IP:/path\"`) that `-o server=` and \
+                  `-o export=` may name; nothing else can be reached through volume options",
+        example: "[\"10.0.0.6\", \"10.0.0.7:/data\"]",
+    },
+    ConfigKey {
+        key: "nfs.data_path",
+        default: "`auto`",
+        meaning: "how containers reach the data: `kernel` (an NFS mount), `fuse` (Ferry's own client in a \
+                  helper process per mount), `auto` (kernel where `/proc/filesystems` lists nfs, else fuse)",
+        example: "\"fuse\"",
+    },
+    ConfigKey {
+        key: "nfs.timeout",
+        default: "`10s`",
+        meaning: "how long any operation waits on the server before it fails: Create and Mount with an \
+                  error naming the server, file operations in containers with EIO",
+        example: "\"10s\"",
+    },
+    ConfigKey {
+        key: "nfs.attr_cache",
+        default: "`1s`",
+        meaning: "how long the FUSE data path caches attributes and names, so other hosts' changes show up \
+                  within it; `0` caches nothing",
+        example: "\"1s\"",
+    },
+    ConfigKey {
+        key: "nfs.connections",
+        default: "`8`",
+        meaning: "connections to the server per FUSE mount (and for control operations): requests in flight \
+                  at once; 1 to 64",
+        example: "8",
     },
 ];
 
@@ -426,6 +644,9 @@ mod tests {
     #[test]
     fn reference_defaults_are_the_embedded_ones() {
         let c = ServeConfig::load(&Overrides::default()).unwrap();
+        // The [nfs] defaults apply once the section names its two required keys.
+        let (_d, over) = with_file("[nfs]\nserver = \"10.0.0.5\"\nexport = \"/x\"\n");
+        let nfs = ServeConfig::load(&over).unwrap().nfs.unwrap();
         let code = |s: &str| format!("`{s}`");
         for k in REFERENCE {
             let expected = match k.key {
@@ -446,6 +667,24 @@ mod tests {
                     assert!(c.metrics_listen.is_none());
                     "none (off)".into()
                 }
+                "nfs.server" | "nfs.export" => {
+                    assert!(c.nfs.is_none());
+                    "none (required with `[nfs]`)".into()
+                }
+                "nfs.nfs_port" | "nfs.mount_port" => {
+                    assert_eq!(nfs.nfs_port.or(nfs.mount_port), None);
+                    "none (ask the portmapper)".into()
+                }
+                "nfs.uid" => code(&nfs.uid.to_string()),
+                "nfs.gid" => code(&nfs.gid.to_string()),
+                "nfs.allowed_servers" => {
+                    assert!(nfs.allowed_servers.is_empty());
+                    "`[]`".into()
+                }
+                "nfs.data_path" => code(nfs.data_path.as_str()),
+                "nfs.timeout" => code(&humantime::format_duration(nfs.timeout).to_string()),
+                "nfs.attr_cache" => code(&humantime::format_duration(nfs.attr_cache).to_string()),
+                "nfs.connections" => code(&nfs.connections.to_string()),
                 other => panic!("add a check of the documented default of {other:?} here"),
             };
             assert_eq!(k.default, expected, "documented default of {}", k.key);
@@ -461,6 +700,53 @@ mod tests {
             assert!(row.starts_with(&format!("| `{}` |", k.key)), "{row}");
             // Four cells: five unescaped bars.
             assert_eq!(row.replace("\\|", "").matches('|').count(), 5, "{row}");
+        }
+    }
+
+    #[test]
+    fn nfs_section() {
+        let (_d, over) = with_file(
+            "default_backend = \"nfs\"\n[nfs]\nserver = \"127.0.0.1\"\nexport = \"/export/\"\n\
+             nfs_port = 12049\nmount_port = 12050\ntimeout = \"2s\"\nattr_cache = \"0\"\n\
+             allowed_servers = [\"10.0.0.6\"]\n",
+        );
+        let c = ServeConfig::load(&over).unwrap();
+        let n = c.nfs.unwrap();
+        assert_eq!(n.export, "/export");
+        assert_eq!(n.timeout, std::time::Duration::from_secs(2));
+        assert_eq!(n.attr_cache, std::time::Duration::ZERO);
+        assert_eq!(c.defaults.backend, BackendKind::Nfs);
+        let d = c.defaults.nfs.unwrap();
+        assert_eq!(d.server, "127.0.0.1");
+        assert_eq!(d.allowed.len(), 1);
+        for (text, key) in [
+            ("[nfs]\nexport = \"/x\"\n", "nfs.server"),
+            (
+                "[nfs]\nserver = \"nfs.example\"\nexport = \"/x\"\n",
+                "nfs.server",
+            ),
+            ("[nfs]\nserver = \"10.0.0.5\"\n", "nfs.export"),
+            (
+                "[nfs]\nserver = \"10.0.0.5\"\nexport = \"/x\"\ndata_path = \"nfs4\"\n",
+                "nfs.data_path",
+            ),
+            (
+                "[nfs]\nserver = \"10.0.0.5\"\nexport = \"/x\"\ntimeout = \"soon\"\n",
+                "nfs.timeout",
+            ),
+            (
+                "[nfs]\nserver = \"10.0.0.5\"\nexport = \"/x\"\nallowed_servers = [\"h:/x\"]\n",
+                "nfs.allowed_servers",
+            ),
+            (
+                "[nfs]\nserver = \"10.0.0.5\"\nexport = \"/x\"\nconnections = 0\n",
+                "nfs.connections",
+            ),
+            ("default_backend = \"nfs\"\n", "default_backend"),
+        ] {
+            let (_d, over) = with_file(text);
+            let err = ServeConfig::load(&over).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
         }
     }
 }

@@ -49,8 +49,22 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.mount_root.clone(),
         mounter.clone(),
     )?);
+    let mut backends = vec![local];
+    if let Some(settings) = &config.nfs {
+        let host_id = crate::backend::nfs::host_id(&state.join("host-id"))
+            .context("cannot read or make this host's id (STATE_DIR/host-id)")?;
+        let binary = std::env::current_exe()
+            .context("cannot find the ferry binary to run FUSE helpers from")?;
+        backends.push(Arc::new(crate::backend::NfsBackend::new(
+            settings.clone(),
+            state.join("nfs"),
+            config.mount_root.clone(),
+            host_id,
+            binary,
+        )?));
+    }
     let (service, report) =
-        VolumeService::start(catalog, vec![local], mounter, config.defaults.clone())
+        VolumeService::start(catalog, backends, mounter, config.defaults.clone())
             .await
             .context("start-up reconciliation failed")?;
     tracing::info!(

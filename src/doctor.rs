@@ -108,6 +108,44 @@ pub fn host_checks(config: &ServeConfig) -> Vec<Check> {
     ]
 }
 
+/// Checks each configured server directly, so `ferry doctor` tells whether the host reaches them even while
+/// the daemon is down. Each check waits at most the backend's own timeout.
+pub async fn server_checks(config: &ServeConfig) -> Vec<Check> {
+    let mut out = Vec::new();
+    if let Some(nfs) = &config.nfs {
+        let name = format!("nfs server {}:{}", nfs.server, nfs.export);
+        let mut c = crate::nfs::NfsClientConfig::new(nfs.server, nfs.export.clone());
+        c.nfs_port = nfs.nfs_port;
+        c.mount_port = nfs.mount_port;
+        c.uid = nfs.uid;
+        c.gid = nfs.gid;
+        c.timeout = nfs.timeout;
+        c.connections = 1;
+        let client = crate::nfs::NfsClient::new(c);
+        out.push(match client.fsstat().await {
+            Ok(stat) => Check::ok(
+                &name,
+                format!(
+                    "answers; {} available of {}",
+                    human_bytes(stat.avail_bytes),
+                    human_bytes(stat.total_bytes)
+                ),
+            ),
+            Err(e) => Check::bad(
+                &name,
+                if config.defaults.backend == crate::spec::BackendKind::Nfs {
+                    Verdict::Fail
+                } else {
+                    Verdict::Warn
+                },
+                e.to_string(),
+                "check the [nfs] server, export and ports, the network, and the server's export list",
+            ),
+        });
+    }
+    out
+}
+
 fn privileges(root: bool, proc_status: &str) -> Check {
     let cap = proc_status
         .lines()

@@ -67,6 +67,13 @@ enum Command {
         #[command(flatten)]
         format: Format,
     },
+    /// Serve one nfs volume's FUSE mount; started by `ferry serve`, not by people.
+    #[command(hide = true)]
+    NfsMount {
+        /// The helper's settings, as JSON.
+        #[arg(long)]
+        spec: String,
+    },
 }
 
 /// Which daemon: the same flags and variables `ferry serve` reads, so both agree on the admin socket.
@@ -134,6 +141,7 @@ fn main() -> ExitCode {
         } => operator(ferry::cli::Command::Inspect(name), target, format),
         Command::Status { target, format } => operator(ferry::cli::Command::Status, target, format),
         Command::Doctor { target, format } => operator(ferry::cli::Command::Doctor, target, format),
+        Command::NfsMount { spec } => nfs_mount(&spec),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -156,6 +164,32 @@ fn serve(
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(ferry::daemon::run(config))
+}
+
+fn nfs_mount(spec: &str) -> anyhow::Result<u8> {
+    use ferry::backend::nfs::{helper::HelperSpec, serve};
+    let spec: HelperSpec = match serde_json::from_str(spec) {
+        Ok(s) => s,
+        Err(e) => {
+            serve::report(&format!("error: the helper's settings are not valid: {e}"));
+            return Ok(1);
+        }
+    };
+    // Several FUSE requests wait on the server at once; more workers than cores keeps them flowing.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match runtime.block_on(serve::run(spec)) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            // Before "ready" this reaches the daemon; after it, only the log (stdout is /dev/null then).
+            serve::report(&format!("error: {e}"));
+            tracing::error!(error = %e, "the FUSE helper failed");
+            Ok(1)
+        }
+    }
 }
 
 fn operator(command: ferry::cli::Command, target: Target, format: Format) -> anyhow::Result<u8> {

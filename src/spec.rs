@@ -13,7 +13,16 @@ use serde::{Deserialize, Serialize};
 pub const MAX_NAME_LEN: usize = 255;
 
 /// Every option key a volume accepts, in the order error messages list them.
-pub const OPTION_KEYS: &[&str] = &["backend", "size", "fs", "uid", "gid", "mode"];
+pub const OPTION_KEYS: &[&str] = &[
+    "backend", "size", "fs", "uid", "gid", "mode", "server", "export", "subdir",
+];
+
+/// The options each backend accepts besides `backend`; the rest are refused with a message naming them.
+const LOCAL_KEYS: &[&str] = &["size", "fs", "uid", "gid", "mode"];
+const NFS_KEYS: &[&str] = &["uid", "gid", "mode", "server", "export", "subdir"];
+
+/// The longest `subdir` accepted, in bytes.
+pub const MAX_SUBDIR_LEN: usize = 1024;
 
 /// The smallest `size` accepted: smaller images cannot hold a journal and useful data.
 pub const MIN_SIZE: u64 = 16 << 20;
@@ -45,6 +54,26 @@ pub enum SpecError {
         "option \"fs\" needs option \"size\": only size-capped volumes have their own filesystem"
     )]
     FsWithoutSize,
+    #[error("option {key:?} does not apply to the {backend} backend; its options are: {}", backend_keys(*backend).join(", "))]
+    NotForBackend {
+        key: &'static str,
+        backend: BackendKind,
+    },
+    #[error("the nfs backend is not configured on this plugin: its administrator must add an [nfs] section with server and export to the configuration file")]
+    NfsNotConfigured,
+    #[error("nfs server {server} export {export:?} is not allowed by this plugin; allowed: {allowed}. Its administrator can add it to allowed_servers in the [nfs] section")]
+    NfsNotAllowed {
+        server: String,
+        export: String,
+        allowed: String,
+    },
+}
+
+fn backend_keys(backend: BackendKind) -> &'static [&'static str] {
+    match backend {
+        BackendKind::Local => LOCAL_KEYS,
+        BackendKind::Nfs => NFS_KEYS,
+    }
 }
 
 /// Which backend stores a volume.
@@ -52,15 +81,17 @@ pub enum SpecError {
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Local,
+    Nfs,
 }
 
 impl BackendKind {
     /// Every backend this build knows, for error messages.
-    pub const ALL: &'static [BackendKind] = &[BackendKind::Local];
+    pub const ALL: &'static [BackendKind] = &[BackendKind::Local, BackendKind::Nfs];
 
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Local => "local",
+            BackendKind::Nfs => "nfs",
         }
     }
 
@@ -105,6 +136,8 @@ impl FsType {
 pub struct SpecDefaults {
     pub backend: BackendKind,
     pub fs: FsType,
+    /// The configured NFS server, if the nfs backend is configured.
+    pub nfs: Option<NfsDefaults>,
 }
 
 impl Default for SpecDefaults {
@@ -112,8 +145,104 @@ impl Default for SpecDefaults {
         SpecDefaults {
             backend: BackendKind::Local,
             fs: FsType::Ext4,
+            nfs: None,
         }
     }
+}
+
+/// Where nfs volumes go unless they name another allowed server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NfsDefaults {
+    /// An IP address, in canonical form.
+    pub server: String,
+    /// An absolute export path.
+    pub export: String,
+    /// Servers (any export) or server:export pairs that volume options may name besides the default.
+    pub allowed: Vec<AllowedServer>,
+}
+
+/// One `allowed_servers` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowedServer {
+    pub server: String,
+    /// `None` allows every export of the server.
+    pub export: Option<String>,
+}
+
+impl AllowedServer {
+    /// Parses `IP` or `IP:/export`; the IP is returned in canonical form.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (server, export) = match s.find(":/") {
+            // An IPv6 address holds colons but never ":/".
+            Some(i) => (&s[..i], Some(&s[i + 1..])),
+            None => (s, None),
+        };
+        let server = canonical_ip(server)?;
+        let export = match export {
+            Some(e) => Some(canonical_export(e)?),
+            None => None,
+        };
+        Some(AllowedServer { server, export })
+    }
+}
+
+impl fmt::Display for AllowedServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.export {
+            Some(e) => write!(f, "{}:{e}", self.server),
+            None => write!(f, "{} (any export)", self.server),
+        }
+    }
+}
+
+impl NfsDefaults {
+    fn allows(&self, server: &str, export: &str) -> bool {
+        (server == self.server && export == self.export)
+            || self
+                .allowed
+                .iter()
+                .any(|a| a.server == server && a.export.as_deref().is_none_or(|e| e == export))
+    }
+}
+
+/// An IP address in canonical form; host names are refused, since the NFS client needs an address and a
+/// name could be made to resolve anywhere.
+pub fn canonical_ip(s: &str) -> Option<String> {
+    s.trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string())
+}
+
+/// An export path: absolute, no `.` or `..` or empty components, no trailing slash (except `/`).
+pub fn canonical_export(s: &str) -> Option<String> {
+    let s = s.trim();
+    if !s.starts_with('/') || s.len() > MAX_SUBDIR_LEN || s.contains('\0') {
+        return None;
+    }
+    let parts: Vec<&str> = s.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.iter().any(|p| *p == "." || *p == "..") {
+        return None;
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+/// A path inside an export: relative, components of at most 255 bytes, no `.` or `..`, no control
+/// characters; returned without leading, trailing or doubled slashes.
+pub fn canonical_subdir(s: &str) -> Option<String> {
+    if s.len() > MAX_SUBDIR_LEN || s.starts_with('/') {
+        return None;
+    }
+    let parts: Vec<&str> = s.split('/').filter(|p| !p.is_empty()).collect();
+    let ok = !parts.is_empty()
+        && parts.iter().all(|p| {
+            *p != "." && *p != ".." && p.len() <= 255 && !p.chars().any(|c| c.is_control())
+        })
+        // The .ferry area at the top of the export belongs to Ferry's markers.
+        && parts[0] != ".ferry";
+    ok.then(|| parts.join("/"))
 }
 
 /// A volume's options after validation and normalisation: two specs are equal exactly when they ask for the
@@ -128,6 +257,17 @@ pub struct VolumeSpec {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mode: Option<u32>,
+    /// nfs: the server's IP address, resolved from the configuration at create time so that a volume
+    /// keeps pointing at its data when the configured default changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// nfs: the export path, resolved like `server`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
+    /// nfs: an existing directory of the export to adopt instead of one named after the volume; never
+    /// deleted by Remove.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdir: Option<String>,
 }
 
 /// Checks a volume name before any path is built from it.
@@ -230,6 +370,11 @@ impl VolumeSpec {
                 )
             })?,
         };
+        if let Some(key) = OPTION_KEYS.iter().find(|k| {
+            **k != "backend" && opts.contains_key(**k) && !backend_keys(backend).contains(k)
+        }) {
+            return Err(SpecError::NotForBackend { key, backend });
+        }
         let size = match opts.get("size") {
             None => None,
             Some(v) => {
@@ -287,6 +432,52 @@ impl VolumeSpec {
                 Some(m)
             }
         };
+        let (server, export, subdir) = if backend == BackendKind::Nfs {
+            let nfs = defaults.nfs.as_ref().ok_or(SpecError::NfsNotConfigured)?;
+            let server = match opts.get("server") {
+                None => nfs.server.clone(),
+                Some(v) => canonical_ip(v).ok_or_else(|| {
+                    bad(
+                        "server",
+                        v,
+                        "expected the IP address of an NFS server, such as 10.0.0.5",
+                    )
+                })?,
+            };
+            let export = match opts.get("export") {
+                // Another server without an export means the default export path on that server.
+                None => nfs.export.clone(),
+                Some(v) => canonical_export(v).ok_or_else(|| {
+                    bad(
+                        "export",
+                        v,
+                        "expected an absolute export path such as /srv/nfs, without . or ..",
+                    )
+                })?,
+            };
+            if !nfs.allows(&server, &export) {
+                let mut allowed = vec![format!("{}:{}", nfs.server, nfs.export)];
+                allowed.extend(nfs.allowed.iter().map(|a| a.to_string()));
+                return Err(SpecError::NfsNotAllowed {
+                    server,
+                    export,
+                    allowed: allowed.join(", "),
+                });
+            }
+            let subdir = match opts.get("subdir") {
+                None => None,
+                Some(v) => Some(canonical_subdir(v).ok_or_else(|| {
+                    bad(
+                        "subdir",
+                        v,
+                        "expected a relative path inside the export, such as projects/data, without . or .. or a leading /",
+                    )
+                })?),
+            };
+            (Some(server), Some(export), subdir)
+        } else {
+            (None, None, None)
+        };
         Ok(VolumeSpec {
             backend,
             size,
@@ -294,6 +485,9 @@ impl VolumeSpec {
             uid,
             gid,
             mode,
+            server,
+            export,
+            subdir,
         })
     }
 
@@ -315,6 +509,15 @@ impl VolumeSpec {
         }
         if let Some(m) = self.mode {
             out.insert("mode".into(), format!("{m:04o}"));
+        }
+        for (key, value) in [
+            ("server", &self.server),
+            ("export", &self.export),
+            ("subdir", &self.subdir),
+        ] {
+            if let Some(v) = value {
+                out.insert(key.into(), v.clone());
+            }
         }
         out
     }
@@ -338,6 +541,15 @@ impl VolumeSpec {
         }
         if self.mode != other.mode {
             return Some("mode");
+        }
+        if self.server != other.server {
+            return Some("server");
+        }
+        if self.export != other.export {
+            return Some("export");
+        }
+        if self.subdir != other.subdir {
+            return Some("subdir");
         }
         None
     }
@@ -468,7 +680,8 @@ mod tests {
         let err = spec(&[("password", "hunter2")]).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("\"password\"") && msg.contains("backend, size, fs, uid, gid, mode"),
+            msg.contains("\"password\"")
+                && msg.contains("backend, size, fs, uid, gid, mode, server, export, subdir"),
             "{msg}"
         );
         assert!(!msg.contains("hunter2"));
@@ -515,5 +728,105 @@ mod tests {
         assert_eq!(r["password"], "<redacted>");
         assert_eq!(r["AwsSecretKey"], "<redacted>");
         assert_eq!(r["size"], "1G");
+    }
+
+    fn nfs_defaults() -> SpecDefaults {
+        SpecDefaults {
+            nfs: Some(NfsDefaults {
+                server: "10.0.0.5".into(),
+                export: "/srv/nfs".into(),
+                allowed: vec![
+                    AllowedServer::parse("10.0.0.6").unwrap(),
+                    AllowedServer::parse("10.0.0.7:/data/").unwrap(),
+                ],
+            }),
+            ..SpecDefaults::default()
+        }
+    }
+
+    fn nfs(pairs: &[(&str, &str)]) -> Result<VolumeSpec, SpecError> {
+        let mut all = opts(pairs);
+        all.insert("backend".into(), "nfs".into());
+        VolumeSpec::from_options(Some(&all), &nfs_defaults())
+    }
+
+    #[test]
+    fn nfs_options_resolve_the_configured_server() {
+        let plain = nfs(&[]).unwrap();
+        assert_eq!(plain.server.as_deref(), Some("10.0.0.5"));
+        assert_eq!(plain.export.as_deref(), Some("/srv/nfs"));
+        assert_eq!(plain.subdir, None);
+        // Spelling does not matter, so a repeated create is idempotent.
+        let other = nfs(&[("server", " 10.0.0.6"), ("export", "/srv//nfs/")]).unwrap();
+        assert_eq!(other.export.as_deref(), Some("/srv/nfs"));
+        assert_eq!(
+            nfs(&[("server", "10.0.0.7"), ("export", "/data")])
+                .unwrap()
+                .server
+                .as_deref(),
+            Some("10.0.0.7")
+        );
+        let adopted = nfs(&[("subdir", "projects//a/"), ("uid", "33")]).unwrap();
+        assert_eq!(adopted.subdir.as_deref(), Some("projects/a"));
+        let back = VolumeSpec::from_options(Some(&adopted.to_options()), &nfs_defaults()).unwrap();
+        assert_eq!(back, adopted);
+        assert_eq!(plain.first_difference(&other), Some("server"));
+        assert_eq!(plain.first_difference(&adopted), Some("uid"));
+    }
+
+    #[test]
+    fn nfs_options_refused() {
+        let not_allowed = nfs(&[("server", "10.9.9.9")]).unwrap_err().to_string();
+        assert!(
+            not_allowed.contains("10.9.9.9") && not_allowed.contains("allowed_servers"),
+            "{not_allowed}"
+        );
+        // An allowed server:export pair allows only that export.
+        assert!(matches!(
+            nfs(&[("server", "10.0.0.7"), ("export", "/other")]),
+            Err(SpecError::NfsNotAllowed { .. })
+        ));
+        for (key, value) in [
+            ("server", "nfs.example.com"),
+            ("server", ""),
+            ("export", "relative"),
+            ("export", "/a/../b"),
+            ("subdir", "/abs"),
+            ("subdir", "a/../b"),
+            ("subdir", ".ferry/mounts"),
+            ("subdir", ""),
+            ("subdir", "a\nb"),
+        ] {
+            match nfs(&[(key, value)]) {
+                Err(SpecError::BadValue { key: k, .. }) => assert_eq!(k, key, "{value:?}"),
+                other => panic!("{key}={value:?}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            nfs(&[("size", "1G")]),
+            Err(SpecError::NotForBackend {
+                key: "size",
+                backend: BackendKind::Nfs
+            })
+        );
+        assert_eq!(
+            spec(&[("server", "10.0.0.5")]),
+            Err(SpecError::NotForBackend {
+                key: "server",
+                backend: BackendKind::Local
+            })
+        );
+        let unconfigured =
+            VolumeSpec::from_options(Some(&opts(&[("backend", "nfs")])), &SpecDefaults::default());
+        assert_eq!(unconfigured, Err(SpecError::NfsNotConfigured));
+        assert_eq!(
+            AllowedServer::parse("fe80::1:/x")
+                .unwrap()
+                .export
+                .as_deref(),
+            Some("/x")
+        );
+        assert_eq!(AllowedServer::parse("::1").unwrap().export, None);
+        assert!(AllowedServer::parse("host:/x").is_none());
     }
 }

@@ -3,6 +3,7 @@
 //! `is_attached` and `status`, which answer from memory and a mount-table snapshot.
 
 mod local;
+pub mod nfs;
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ use crate::mount::{MountError, MountTable};
 use crate::spec::{BackendKind, VolumeSpec};
 
 pub use local::LocalBackend;
+pub use nfs::NfsBackend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -32,6 +34,19 @@ pub enum BackendError {
     StillMounted { path: PathBuf },
     #[error("the {0} backend failed: {1}")]
     Internal(BackendKind, String),
+    /// Boxed: NFS errors carry the endpoint and path, and every result of the service would grow with them.
+    #[error(transparent)]
+    Nfs(Box<crate::nfs::NfsError>),
+    #[error("the volume is still mounted on host {host} (its marker was refreshed {age_secs} s ago); unmount it there first. A host that stops refreshing its marker for {stale_secs} s no longer counts")]
+    MountedElsewhere {
+        host: String,
+        age_secs: u64,
+        stale_secs: u64,
+    },
+    #[error("subdir {subdir:?} cannot be used: {reason}; subdir must name an existing directory of the export")]
+    NoSuchSubdir { subdir: String, reason: String },
+    #[error("cannot serve volume {volume} through FUSE: {reason}")]
+    Helper { volume: String, reason: String },
 }
 
 impl BackendError {
@@ -44,6 +59,10 @@ impl BackendError {
             BackendError::Missing { .. } => "missing",
             BackendError::StillMounted { .. } => "still_mounted",
             BackendError::Internal(..) => "internal",
+            BackendError::Nfs(e) => e.kind(),
+            BackendError::MountedElsewhere { .. } => "mounted_elsewhere",
+            BackendError::NoSuchSubdir { .. } => "no_such_subdir",
+            BackendError::Helper { .. } => "helper",
         }
     }
 

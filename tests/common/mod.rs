@@ -253,3 +253,4 @@ pub fn raw_request(socket: &Path, bytes: &[u8]) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+pub mod ganesha;

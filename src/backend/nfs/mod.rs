@@ -1,0 +1,531 @@
+//! The nfs backend: each volume is a directory of an NFS export, so every host that reaches the server sees
+//! the same data. Control operations (make the directory with its owner and mode, remove it, free space)
+//! go through `NfsClient`, each call under the configured deadline. The data path is a kernel NFS mount
+//! where the kernel has an NFS client, otherwise a FUSE filesystem served by a helper process per mount.
+//! While a volume is mounted, the host keeps a marker in the export so that Remove on another host is
+//! refused. Status is answered from memory: free space is what the last check saw.
+
+pub mod helper;
+pub mod kernel;
+pub mod marker;
+pub mod serve;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use nix::errno::Errno;
+use nix::mount::{umount2, MntFlags};
+use serde_json::{json, Map, Value};
+
+use super::{Backend, BackendError};
+use crate::mount::MountTable;
+use crate::nfs::{FileKind, FsStat, NfsClient, NfsClientConfig, NfsError};
+use crate::spec::{AllowedServer, BackendKind, VolumeSpec};
+
+/// How data reaches containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// The kernel's NFS client where the kernel has one, FUSE otherwise.
+    Auto,
+    Kernel,
+    Fuse,
+}
+
+impl DataPath {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(DataPath::Auto),
+            "kernel" => Some(DataPath::Kernel),
+            "fuse" => Some(DataPath::Fuse),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Auto => "auto",
+            DataPath::Kernel => "kernel",
+            DataPath::Fuse => "fuse",
+        }
+    }
+}
+
+/// The `[nfs]` section of the configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NfsSettings {
+    pub server: IpAddr,
+    pub export: String,
+    pub nfs_port: Option<u16>,
+    pub mount_port: Option<u16>,
+    /// AUTH_UNIX identity of every call.
+    pub uid: u32,
+    pub gid: u32,
+    pub allowed_servers: Vec<AllowedServer>,
+    pub data_path: DataPath,
+    /// How long any operation may wait on the server.
+    pub timeout: Duration,
+    /// How long FUSE may cache attributes and names.
+    pub attr_cache: Duration,
+    /// Connections per server and export (in the daemon, and in each FUSE helper).
+    pub connections: usize,
+}
+
+/// Grace for a helper to exit on its own once its mount is gone.
+const HELPER_GRACE: Duration = Duration::from_secs(3);
+
+pub struct NfsBackend {
+    settings: NfsSettings,
+    /// `<state>/nfs`: per volume, the helper's pid file and log, and the mountpoint without a mount root.
+    root: PathBuf,
+    mount_root: Option<PathBuf>,
+    host_id: String,
+    hostname: String,
+    /// The `ferry` binary, run as `ferry nfs-mount` for each FUSE mount.
+    helper_binary: PathBuf,
+    kernel: bool,
+    clients: Mutex<HashMap<(String, String), NfsClient>>,
+    /// What the last successful FSSTAT of each export said, and when; Status shows it without waiting.
+    free_space: Mutex<HashMap<(String, String), (FsStat, SystemTime)>>,
+}
+
+fn nfs_err(e: NfsError) -> BackendError {
+    BackendError::Nfs(Box::new(e))
+}
+
+impl NfsBackend {
+    /// `root` (created root-only if missing) holds per-volume helper files; `host_id` names this host's
+    /// markers in exports and must be stable across restarts.
+    pub fn new(
+        settings: NfsSettings,
+        root: PathBuf,
+        mount_root: Option<PathBuf>,
+        host_id: String,
+        helper_binary: PathBuf,
+    ) -> Result<Self, BackendError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(BackendError::io("create", &root))?;
+        let root = std::fs::canonicalize(&root).map_err(BackendError::io("resolve", &root))?;
+        let kernel = match settings.data_path {
+            DataPath::Kernel => true,
+            DataPath::Fuse => false,
+            DataPath::Auto => {
+                kernel::available(&std::fs::read_to_string("/proc/filesystems").unwrap_or_default())
+            }
+        };
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        tracing::info!(
+            server = %settings.server,
+            export = %settings.export,
+            data_path = if kernel { "kernel" } else { "fuse" },
+            "nfs backend configured"
+        );
+        Ok(NfsBackend {
+            settings,
+            root,
+            mount_root,
+            host_id,
+            hostname,
+            helper_binary,
+            kernel,
+            clients: Mutex::new(HashMap::new()),
+            free_space: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn target(spec: &VolumeSpec, settings: &NfsSettings) -> (String, String) {
+        (
+            spec.server
+                .clone()
+                .unwrap_or_else(|| settings.server.to_string()),
+            spec.export
+                .clone()
+                .unwrap_or_else(|| settings.export.clone()),
+        )
+    }
+
+    fn client_for(&self, server: &str, export: &str) -> Result<NfsClient, BackendError> {
+        let key = (server.to_string(), export.to_string());
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let ip: IpAddr = server.parse().map_err(|_| {
+            BackendError::Internal(BackendKind::Nfs, format!("{server} is not an IP address"))
+        })?;
+        let mut config = NfsClientConfig::new(ip, export);
+        config.nfs_port = self.settings.nfs_port;
+        config.mount_port = self.settings.mount_port;
+        config.uid = self.settings.uid;
+        config.gid = self.settings.gid;
+        config.timeout = self.settings.timeout;
+        config.connections = self.settings.connections.max(1);
+        let client = NfsClient::new(config);
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    fn client(&self, spec: &VolumeSpec) -> Result<NfsClient, BackendError> {
+        let (server, export) = Self::target(spec, &self.settings);
+        self.client_for(&server, &export)
+    }
+
+    /// The volume's directory inside the export.
+    fn dir(name: &str, spec: &VolumeSpec) -> String {
+        spec.subdir.clone().unwrap_or_else(|| name.to_string())
+    }
+
+    fn volume_root(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn mountpoint(&self, name: &str) -> PathBuf {
+        match &self.mount_root {
+            Some(m) => m.join(name),
+            None => self.volume_root(name).join("data"),
+        }
+    }
+
+    fn pid_file(&self, name: &str) -> PathBuf {
+        self.volume_root(name).join("helper.pid")
+    }
+
+    async fn note_free_space(&self, client: &NfsClient, spec: &VolumeSpec) {
+        if let Ok(stat) = client.fsstat().await {
+            self.free_space
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    Self::target(spec, &self.settings),
+                    (stat, SystemTime::now()),
+                );
+        }
+    }
+
+    fn helper_spec(&self, name: &str, spec: &VolumeSpec) -> helper::HelperSpec {
+        let (server, export) = Self::target(spec, &self.settings);
+        helper::HelperSpec {
+            volume: name.to_string(),
+            server,
+            export,
+            nfs_port: self.settings.nfs_port,
+            mount_port: self.settings.mount_port,
+            uid: self.settings.uid,
+            gid: self.settings.gid,
+            timeout_ms: self.settings.timeout.as_millis() as u64,
+            attr_cache_ms: self.settings.attr_cache.as_millis() as u64,
+            connections: self.settings.connections.max(1),
+            dir: Self::dir(name, spec),
+            mountpoint: self.mountpoint(name),
+            pid_file: self.pid_file(name),
+            log_file: self.volume_root(name).join("helper.log"),
+            host_id: self.host_id.clone(),
+            marker: marker::content(&self.host_id, &self.hostname, name),
+        }
+    }
+
+    /// Unmounts whatever is at the mountpoint, lazily if it is busy: Unmount must always succeed.
+    fn unmount_blocking(target: &Path) -> Result<(), BackendError> {
+        match umount2(target, MntFlags::empty()) {
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+            Err(Errno::EBUSY) => {
+                tracing::warn!(target = %target.display(), "mount busy; detaching it lazily");
+                umount2(target, MntFlags::MNT_DETACH).map_err(|errno| {
+                    BackendError::Mount(crate::mount::MountError::Unmount {
+                        target: target.to_path_buf(),
+                        errno,
+                    })
+                })
+            }
+            Err(errno) => Err(BackendError::Mount(crate::mount::MountError::Unmount {
+                target: target.to_path_buf(),
+                errno,
+            })),
+        }
+    }
+
+    /// Whether the mount at `target` answers: a FUSE mount whose helper died answers ENOTCONN.
+    async fn mount_alive(target: &Path) -> bool {
+        let target = target.to_path_buf();
+        let check = tokio::task::spawn_blocking(move || std::fs::metadata(&target));
+        match tokio::time::timeout(Duration::from_secs(2), check).await {
+            Ok(Ok(Err(e))) => e.raw_os_error() != Some(libc::ENOTCONN),
+            // A slow answer is a live helper waiting on its server: not dead.
+            _ => true,
+        }
+    }
+
+    async fn attach_fuse(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
+        let target = self.mountpoint(name);
+        let table = crate::mount::MountTable::read_self().map_err(BackendError::Mount)?;
+        if table.is_mounted(&target) {
+            let helper_alive = helper::running(&self.pid_file(name), name).is_some();
+            if helper_alive && Self::mount_alive(&target).await {
+                return Ok(target);
+            }
+            tracing::warn!(
+                volume = name,
+                "the FUSE mount lost its helper; mounting it again"
+            );
+            let t = target.clone();
+            tokio::task::spawn_blocking(move || Self::unmount_blocking(&t))
+                .await
+                .map_err(|e| BackendError::Internal(BackendKind::Nfs, e.to_string()))??;
+            helper::stop(&self.pid_file(name), name, Duration::ZERO).await;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(self.volume_root(name))
+            .map_err(BackendError::io("create", &self.volume_root(name)))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&target)
+            .map_err(BackendError::io("create", &target))?;
+        // Connecting, looking the directory up and mounting each wait on the server at most `timeout`.
+        let deadline = self.settings.timeout * 2 + Duration::from_secs(5);
+        helper::start(&self.helper_binary, &self.helper_spec(name, spec), deadline)
+            .await
+            .map_err(|e| BackendError::Helper {
+                volume: name.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(target)
+    }
+
+    async fn attach_kernel(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
+        let target = self.mountpoint(name);
+        let table = crate::mount::MountTable::read_self().map_err(BackendError::Mount)?;
+        if table.is_mounted(&target) {
+            return Ok(target);
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&target)
+            .map_err(BackendError::io("create", &target))?;
+        let (server, export) = Self::target(spec, &self.settings);
+        let args = kernel::mount_args(
+            &server,
+            &export,
+            &Self::dir(name, spec),
+            self.settings.nfs_port,
+            self.settings.mount_port,
+            self.settings.timeout,
+        );
+        let t = target.clone();
+        tokio::task::spawn_blocking(move || kernel::mount(&args, &t))
+            .await
+            .map_err(|e| BackendError::Internal(BackendKind::Nfs, e.to_string()))?
+            .map_err(|errno| {
+                BackendError::Mount(crate::mount::MountError::Mount {
+                    device: format!("{server}:{export}"),
+                    target: target.clone(),
+                    errno,
+                })
+            })?;
+        let client = self.client(spec)?;
+        let body = marker::content(&self.host_id, &self.hostname, name);
+        marker::write(&client, &Self::dir(name, spec), &self.host_id, &body)
+            .await
+            .map_err(nfs_err)?;
+        Ok(target)
+    }
+}
+
+#[async_trait]
+impl Backend for NfsBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Nfs
+    }
+
+    fn preflight(&self, _name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+        let client = self.client(spec)?;
+        let dir = Self::dir(name, spec);
+        let given = spec.uid.is_some() || spec.gid.is_some() || spec.mode.is_some();
+        match client.getattr(&dir).await {
+            Ok(attrs) => {
+                if attrs.kind != FileKind::Directory {
+                    return Err(nfs_err(NfsError::NotADirectory {
+                        at: client.endpoint().clone(),
+                        path: dir.as_str().into(),
+                    }));
+                }
+                // An existing directory (another host's create, or adopted data) keeps the owner and mode
+                // its containers gave it, unless the options ask for others.
+                if given {
+                    client
+                        .ensure_dir(
+                            &dir,
+                            spec.uid.unwrap_or(attrs.uid),
+                            spec.gid.unwrap_or(attrs.gid),
+                            spec.mode.unwrap_or(attrs.mode),
+                        )
+                        .await
+                        .map_err(nfs_err)?;
+                }
+            }
+            Err(e) if e.is_not_found() && spec.subdir.is_some() => {
+                return Err(BackendError::NoSuchSubdir {
+                    subdir: dir,
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) if e.is_not_found() => {
+                client
+                    .ensure_dir(
+                        &dir,
+                        spec.uid.unwrap_or(0),
+                        spec.gid.unwrap_or(0),
+                        spec.mode.unwrap_or(0o755),
+                    )
+                    .await
+                    .map_err(nfs_err)?;
+            }
+            Err(e) => return Err(nfs_err(e)),
+        }
+        self.note_free_space(&client, spec).await;
+        Ok(())
+    }
+
+    async fn remove(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+        let client = self.client(spec)?;
+        let dir = Self::dir(name, spec);
+        let holders = marker::holders(&client, &dir, &self.host_id)
+            .await
+            .map_err(nfs_err)?;
+        if let Some(h) = holders.first() {
+            return Err(BackendError::MountedElsewhere {
+                host: h.hostname.clone().unwrap_or_else(|| h.host_id.clone()),
+                age_secs: h.age.as_secs(),
+                stale_secs: marker::STALE_AFTER.as_secs(),
+            });
+        }
+        if spec.subdir.is_none() {
+            client.remove_tree(&dir).await.map_err(nfs_err)?;
+        }
+        marker::forget(&client, &dir).await.map_err(nfs_err)?;
+        let local = self.volume_root(name);
+        match std::fs::remove_dir_all(&local) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BackendError::io("remove", &local)(e)),
+        }
+        Ok(())
+    }
+
+    async fn attach(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
+        if self.kernel {
+            self.attach_kernel(name, spec).await
+        } else {
+            self.attach_fuse(name, spec).await
+        }
+    }
+
+    async fn detach(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+        let target = self.mountpoint(name);
+        let t = target.clone();
+        tokio::task::spawn_blocking(move || Self::unmount_blocking(&t))
+            .await
+            .map_err(|e| BackendError::Internal(BackendKind::Nfs, e.to_string()))??;
+        if !self.kernel {
+            // The helper exits once its mount is gone and removes its marker on the way out.
+            let signalled = helper::stop(&self.pid_file(name), name, HELPER_GRACE).await;
+            if !signalled {
+                return Ok(());
+            }
+        }
+        // The helper could not remove the marker (or there is none, on the kernel path): do it here, but an
+        // unreachable server must not fail the Unmount; the marker then goes stale on its own.
+        if let Ok(client) = self.client(spec) {
+            if let Err(e) = marker::remove(&client, &Self::dir(name, spec), &self.host_id).await {
+                tracing::warn!(volume = name, error = %e, "cannot remove this host's marker; it goes stale");
+            }
+        }
+        Ok(())
+    }
+
+    fn is_attached(&self, name: &str, _spec: &VolumeSpec, table: &MountTable) -> Option<bool> {
+        Some(table.is_mounted(&self.mountpoint(name)))
+    }
+
+    fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value> {
+        let (server, export) = Self::target(spec, &self.settings);
+        let mut m = Map::new();
+        m.insert("server".into(), json!(server));
+        m.insert("export".into(), json!(export));
+        m.insert("path".into(), json!(Self::dir(name, spec)));
+        m.insert(
+            "data_path".into(),
+            json!(if self.kernel { "kernel" } else { "fuse" }),
+        );
+        if let Some((stat, when)) = self
+            .free_space
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(server, export))
+        {
+            m.insert("export_avail_bytes".into(), json!(stat.avail_bytes));
+            m.insert("export_total_bytes".into(), json!(stat.total_bytes));
+            m.insert(
+                "export_space_checked".into(),
+                json!(humantime::format_rfc3339_seconds(*when).to_string()),
+            );
+        }
+        m
+    }
+
+    async fn check(&self) -> Result<Map<String, Value>, BackendError> {
+        let server = self.settings.server.to_string();
+        let export = self.settings.export.clone();
+        let client = self.client_for(&server, &export)?;
+        let stat = client.fsstat().await.map_err(nfs_err)?;
+        self.free_space
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((server.clone(), export.clone()), (stat, SystemTime::now()));
+        let mut m = Map::new();
+        m.insert("server".into(), json!(server));
+        m.insert("export".into(), json!(export));
+        m.insert("free_bytes".into(), json!(stat.avail_bytes));
+        m.insert("total_bytes".into(), json!(stat.total_bytes));
+        m.insert(
+            "data_path".into(),
+            json!(if self.kernel { "kernel" } else { "fuse" }),
+        );
+        Ok(m)
+    }
+}
+
+/// Reads this host's id from `path`, making a random one the first time. Two daemons on one machine with
+/// separate state directories are two hosts as far as markers go.
+pub fn host_id(path: &Path) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if s.trim().len() >= 8 => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut raw = [0u8; 8];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
+    let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(id)
+}

@@ -1,0 +1,132 @@
+//! FUSE helper processes, the helper's side: `ferry nfs-mount --spec JSON` connects to the server, mounts
+//! the volume's directory with FUSE, writes this host's marker, says "ready" on its standard output and
+//! then serves until the mount is unmounted (or SIGTERM unmounts it). It refreshes the marker while it
+//! serves and removes it on the way out. It never talks to the daemon, so the daemon can restart freely.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::helper::{HelperSpec, READY};
+use super::marker;
+use crate::fuse::{self, MountOptions};
+use crate::nfs::{NfsClient, NfsClientConfig, NfsStore};
+
+/// Runs a helper to the end. Errors before "ready" are reported on standard output, where the daemon
+/// reads them; later ones go to the log.
+pub async fn run(spec: HelperSpec) -> Result<(), String> {
+    let server = spec
+        .server
+        .parse()
+        .map_err(|_| format!("{} is not an IP address", spec.server))?;
+    let mut config = NfsClientConfig::new(server, spec.export.clone());
+    config.nfs_port = spec.nfs_port;
+    config.mount_port = spec.mount_port;
+    config.uid = spec.uid;
+    config.gid = spec.gid;
+    config.timeout = Duration::from_millis(spec.timeout_ms);
+    config.connections = spec.connections.max(1);
+    let client = NfsClient::new(config);
+
+    let store = NfsStore::open(&client, &spec.dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut mount = fuse::mount(
+        Arc::new(store),
+        &spec.mountpoint,
+        MountOptions {
+            attr_ttl: Duration::from_millis(spec.attr_cache_ms),
+            // Containers run as any user; the kernel checks modes (default_permissions).
+            allow_other: true,
+            fsname: format!("ferry-nfs:{}", spec.volume),
+            subtype: "ferry-nfs".into(),
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    // From here on every failure must undo the mount before reporting.
+    let setup = async {
+        marker::write(&client, &spec.dir, &spec.host_id, &spec.marker)
+            .await
+            .map_err(|e| format!("cannot write this host's marker: {e}"))?;
+        write_pid_file(&spec)
+            .map_err(|e| format!("cannot write the pid file {}: {e}", spec.pid_file.display()))
+    };
+    if let Err(e) = setup.await {
+        let _ = mount.unmount().await;
+        return Err(e);
+    }
+    report(READY);
+    tracing::info!(volume = %spec.volume, mountpoint = %spec.mountpoint.display(), "serving");
+
+    let refresher = {
+        let client = client.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(marker::REFRESH_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = marker::write(&client, &spec.dir, &spec.host_id, &spec.marker).await
+                {
+                    tracing::warn!(error = %e, "cannot refresh this host's marker");
+                }
+            }
+        })
+    };
+    let term = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        res = mount.wait() => {
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "the FUSE session ended with an error");
+            }
+            tracing::info!("unmounted; exiting");
+        }
+        () = term => {
+            tracing::info!("signalled; unmounting");
+            if let Err(e) = mount.unmount().await {
+                // Busy: detach it lazily, so the helper can still exit; users see the data until they close it.
+                tracing::warn!(error = %e, "unmount failed; detaching lazily");
+                let _ = nix::mount::umount2(&spec.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                let _ = mount.wait().await;
+            }
+        }
+    }
+    refresher.abort();
+    if let Err(e) = marker::remove(&client, &spec.dir, &spec.host_id).await {
+        tracing::warn!(error = %e, "cannot remove this host's marker; it goes stale");
+    }
+    let _ = std::fs::remove_file(&spec.pid_file);
+    Ok(())
+}
+
+/// Tells the daemon how the start went: one line on standard output, which is then pointed at /dev/null
+/// so a daemon that goes away later cannot break the helper with SIGPIPE.
+pub fn report(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1);
+    }
+}
+
+fn write_pid_file(spec: &HelperSpec) -> std::io::Result<()> {
+    let tmp = spec.pid_file.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, &spec.pid_file)
+}

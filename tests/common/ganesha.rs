@@ -1,0 +1,158 @@
+//! A real NFS-Ganesha for tests: one server per `Ganesha`, started by `scripts/nfs-server` on free
+//! loopback ports in its own temporary directory, stopped (even when frozen) when dropped.
+//!
+//! Ganesha and rpcbind must be installed (`scripts/deps`); without them tests fail, unless FERRY_SKIP_NFS=1
+//! says to skip them.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// ganesha.nfsd and rpcbind live in /usr/sbin, which a non-login PATH may lack.
+const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub struct Ganesha {
+    dir: tempfile::TempDir,
+    pub nfs_port: u16,
+    pub mount_port: u16,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nfs-server")
+}
+
+fn installed(cmd: &str) -> bool {
+    std::env::split_paths(SYSTEM_PATH).any(|p| p.join(cmd).is_file())
+}
+
+/// Two ports that were free a moment ago (the script refuses ports in use, and the caller retries).
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+fn run_script(dir: &Path, nfs_port: u16, mount_port: u16, action: &str) -> bool {
+    let out = Command::new(script())
+        .arg(action)
+        .arg(dir)
+        .env("NFS_PORT", nfs_port.to_string())
+        .env("MOUNT_PORT", mount_port.to_string())
+        .env("PATH", SYSTEM_PATH)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "scripts/nfs-server {action} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
+}
+
+impl Ganesha {
+    /// Starts a server, or returns None when FERRY_SKIP_NFS=1 and ganesha is not installed.
+    pub fn start() -> Option<Ganesha> {
+        if !installed("ganesha.nfsd") || !installed("rpcbind") {
+            if std::env::var("FERRY_SKIP_NFS").as_deref() == Ok("1") {
+                eprintln!("skipped: ganesha.nfsd or rpcbind is missing and FERRY_SKIP_NFS=1");
+                return None;
+            }
+            panic!("ganesha.nfsd or rpcbind is missing: run scripts/deps as root (or set FERRY_SKIP_NFS=1 to skip the NFS tests)");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-nfs")
+            .tempdir()
+            .unwrap();
+        for _ in 0..3 {
+            let (nfs_port, mount_port) = free_ports();
+            if run_script(dir.path(), nfs_port, mount_port, "start") {
+                return Some(Ganesha {
+                    dir,
+                    nfs_port,
+                    mount_port,
+                });
+            }
+        }
+        panic!("scripts/nfs-server start failed three times; see the output above");
+    }
+
+    /// The exported directory on this machine's disk.
+    pub fn export(&self) -> PathBuf {
+        self.dir.path().join("export")
+    }
+
+    pub fn pid(&self) -> Pid {
+        let text = std::fs::read_to_string(self.dir.path().join("ganesha.pid")).unwrap();
+        Pid::from_raw(text.trim().parse().unwrap())
+    }
+
+    /// Freezes the server (SIGSTOP) and waits until every thread has stopped: delivery is asynchronous,
+    /// and a thread still running could answer one more call.
+    pub fn freeze(&self) {
+        kill(self.pid(), Signal::SIGSTOP).unwrap();
+        let tasks = format!("/proc/{}/task", self.pid());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
+                let stat =
+                    std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            });
+            if all_stopped {
+                return;
+            }
+            assert!(Instant::now() < deadline, "ganesha did not stop within 5 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn thaw(&self) {
+        kill(self.pid(), Signal::SIGCONT).unwrap();
+    }
+
+    /// Stops the server, as a crash or a maintenance would.
+    pub fn stop(&self) {
+        assert!(run_script(
+            self.dir.path(),
+            self.nfs_port,
+            self.mount_port,
+            "stop"
+        ));
+    }
+
+    /// Starts it again on the same ports and export.
+    pub fn restart(&self) {
+        assert!(run_script(
+            self.dir.path(),
+            self.nfs_port,
+            self.mount_port,
+            "start"
+        ));
+    }
+
+    /// An `[nfs]` configuration section for Ferry pointing at this server.
+    pub fn config_section(&self, timeout: &str) -> String {
+        format!(
+            "[nfs]\nserver = \"127.0.0.1\"\nexport = \"/export\"\nnfs_port = {}\nmount_port = {}\n\
+             timeout = \"{timeout}\"\ndata_path = \"fuse\"\n",
+            self.nfs_port, self.mount_port
+        )
+    }
+}
+
+impl Drop for Ganesha {
+    fn drop(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGCONT);
+        run_script(self.dir.path(), self.nfs_port, self.mount_port, "stop");
+    }
+}
