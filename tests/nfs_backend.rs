@@ -304,3 +304,51 @@ fn unmount_succeeds_while_a_process_holds_the_mount() {
     d.remove("v");
     let _ = PathBuf::new();
 }
+
+#[test]
+fn a_server_restart_mid_use_fails_operations_then_resumes() {
+    let g = ganesha_or_skip!();
+    let (_t, d) = daemon(&g, "restart", "3s");
+    nfs_create(&d, "v", "");
+    let mnt = d.mount("v", "c1");
+    std::fs::write(mnt.join("kept"), b"before the restart").unwrap();
+    let mut open = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(mnt.join("log"))
+        .unwrap();
+    open.write_all(b"one\n").unwrap();
+    open.sync_all().unwrap();
+
+    g.stop();
+    let started = Instant::now();
+    let err = std::fs::write(mnt.join("during"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    let err = open.write_all(b"two\n").and_then(|()| open.sync_all());
+    assert!(err.is_err(), "a sync against a stopped server must fail");
+
+    g.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match std::fs::read(mnt.join("kept")) {
+            Ok(data) => {
+                assert_eq!(data, b"before the restart");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "still failing: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The file opened before the outage is usable again, through the same descriptor.
+    open.write_all(b"three\n").unwrap();
+    open.sync_all().unwrap();
+    let log = std::fs::read_to_string(g.export().join("v/log")).unwrap();
+    assert!(
+        log.starts_with("one\n") && log.ends_with("three\n"),
+        "{log:?}"
+    );
+    drop(open);
+    d.unmount("v", "c1");
+    d.remove("v");
+}
