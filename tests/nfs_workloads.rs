@@ -104,6 +104,14 @@ impl Mounted {
         })
     }
 
+    /// The FUSE helper's log (`STATE/nfs/VOLUME/helper.log`), for failure messages: it names every
+    /// error the helper returned to an application.
+    fn helper_log(&self) -> String {
+        let log = self.d.state.join("nfs").join(&self.name).join("helper.log");
+        std::fs::read_to_string(&log)
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", log.display()))
+    }
+
     /// The volume's directory in the export, on the server's disk.
     fn on_server(&self) -> PathBuf {
         self.g.export().join(&self.name)
@@ -918,7 +926,8 @@ fn sqlite_database_stays_consistent_with_a_concurrent_reader() {
         .unwrap();
     assert!(
         status.success(),
-        "the sqlite3 writer failed with {status}: {err}"
+        "the sqlite3 writer failed with {status}: {err}\n--- helper log:\n{}",
+        v.helper_log()
     );
     println!(
         "sqlite: {TRANSACTIONS} transactions, index, update, delete and VACUUM in {:.2} s; \

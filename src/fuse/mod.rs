@@ -274,6 +274,17 @@ struct FerryFs {
 
 type FuseResult<T> = fuse3::Result<T>;
 
+/// What `hide_if_open` did with a name about to vanish.
+#[derive(Debug)]
+enum Hiding {
+    /// Not a file open here (or no such name): the caller goes ahead.
+    NotOpen,
+    /// Renamed to the hidden name, recorded for the last close of the inode.
+    Hidden(u64, Hidden),
+    /// Renamed, then removed at once because its last close came meanwhile: the name is gone.
+    Removed,
+}
+
 /// Turns a store failure into the errno the application sees, logging it here, once. Expected outcomes
 /// (ENOENT for a missing name, EEXIST, ...) are debug noise; a failing or silent server is a warning.
 fn fail(op: &'static str, e: StoreError) -> fuse3::Errno {
@@ -353,26 +364,22 @@ impl FerryFs {
     }
 
     /// If `name` in `dir` is a file that is open here and would vanish with this name, renames it to a
-    /// hidden name instead and records that for the last close. Returns the inode and hidden name if it did.
+    /// hidden name instead and records that for the last close.
     /// A stateless server would otherwise destroy the file and the open descriptors would fail with ESTALE.
-    async fn hide_if_open(
-        &self,
-        dir: &FileHandle,
-        name: &[u8],
-    ) -> FuseResult<Option<(u64, Hidden)>> {
+    async fn hide_if_open(&self, dir: &FileHandle, name: &[u8]) -> FuseResult<Hiding> {
         if !self.inodes.any_open() {
-            return Ok(None);
+            return Ok(Hiding::NotOpen);
         }
         let (handle, attr) = match self.store.lookup(dir, name).await {
             Ok(found) => found,
-            Err(e) if e.kind == StoreErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind == StoreErrorKind::NotFound => return Ok(Hiding::NotOpen),
             Err(e) => return Err(fail("lookup", e)),
         };
         let Some(inode) = self.inodes.inode_of(&handle) else {
-            return Ok(None);
+            return Ok(Hiding::NotOpen);
         };
         if attr.kind == FileKind::Directory || attr.nlink > 1 || !self.inodes.is_open(inode) {
-            return Ok(None);
+            return Ok(Hiding::NotOpen);
         }
         let serial = self.hidden_serial.fetch_add(1, Ordering::Relaxed);
         let hidden_name = format!(".ferry-unlinked-{inode:x}-{serial}").into_bytes();
@@ -385,11 +392,25 @@ impl FerryFs {
             name: hidden_name,
         };
         if !self.inodes.hide(inode, hidden.clone()) {
-            // Closed while we renamed: nobody will release it any more, so remove it now.
+            // Closed while we renamed (the kernel sends RELEASE after close(2) has returned, so an unlink
+            // right after a close often gets here): nobody will release it any more, so remove it now.
             self.remove_hidden(hidden).await;
-            return Ok(None);
+            return Ok(Hiding::Removed);
         }
-        Ok(Some((inode, hidden)))
+        Ok(Hiding::Hidden(inode, hidden))
+    }
+
+    /// Unlinks `name` in `dir`, keeping a file that is open here readable until its last close.
+    async fn unlink_name(&self, dir: &FileHandle, name: &[u8]) -> FuseResult<()> {
+        match self.hide_if_open(dir, name).await? {
+            // The name is gone already, by the rename that hid it: the unlink is done.
+            Hiding::Hidden(..) | Hiding::Removed => Ok(()),
+            Hiding::NotOpen => self
+                .store
+                .unlink(dir, name)
+                .await
+                .map_err(|e| fail("unlink", e)),
+        }
     }
 
     /// Undoes `hide_if_open` after the operation it made room for failed: the file gets its name back.
@@ -651,13 +672,7 @@ impl Filesystem for FerryFs {
     async fn unlink(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<()> {
         let fs = self;
         let dir = fs.handle(parent)?;
-        if fs.hide_if_open(&dir, name_bytes(name)).await?.is_some() {
-            return Ok(());
-        }
-        fs.store
-            .unlink(&dir, name_bytes(name))
-            .await
-            .map_err(|e| fail("unlink", e))
+        fs.unlink_name(&dir, name_bytes(name)).await
     }
 
     async fn rmdir(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<()> {
@@ -686,7 +701,7 @@ impl Filesystem for FerryFs {
             .store
             .rename(&from, name_bytes(name), &to, name_bytes(new_name))
             .await;
-        if let (Err(_), Some((inode, hidden))) = (&result, hidden) {
+        if let (Err(_), Hiding::Hidden(inode, hidden)) = (&result, hidden) {
             fs.unhide(inode, hidden, name_bytes(new_name)).await;
         }
         result.map_err(|e| fail("rename", e))
@@ -1012,6 +1027,63 @@ impl Filesystem for FerryFs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuse::memory::MemoryStore;
+
+    fn ferry_fs(store: Arc<MemoryStore>, root: FileHandle) -> FerryFs {
+        FerryFs {
+            store,
+            inodes: Arc::new(InodeTable::new(root)),
+            ttl: Duration::from_secs(1),
+            next_fh: AtomicU64::new(1),
+            dirs: Mutex::new(std::collections::HashMap::new()),
+            hidden_serial: AtomicU64::new(0),
+        }
+    }
+
+    /// The kernel sends RELEASE after close(2) returns, so an application's close-then-unlink (SQLite
+    /// deleting its journal) can find the file still open here, hide it, and see the release land while
+    /// the hiding rename runs. The unlink must still succeed and leave nothing behind.
+    #[tokio::test(start_paused = true)]
+    async fn unlink_succeeds_when_the_last_close_lands_during_the_hiding_rename() {
+        let store = Arc::new(MemoryStore::new());
+        let root = store.root().await.unwrap();
+        let fs = Arc::new(ferry_fs(store.clone(), root.clone()));
+        let new = NewAttr {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        };
+        let (handle, attr) = store
+            .create(&root, b"app.db-journal", new, CreateMode::Exclusive)
+            .await
+            .unwrap();
+        let inode = fs.inodes.remember(&handle, attr.fileid);
+        fs.inodes.open(inode);
+
+        // Every store call now takes 100 ms of virtual time: the lookup ends at 100 ms, the rename at 200.
+        store.set_delay(Duration::from_millis(100));
+        let unlink = tokio::spawn({
+            let fs = fs.clone();
+            let root = root.clone();
+            async move { fs.unlink_name(&root, b"app.db-journal").await }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(fs.inodes.release(inode).is_none(), "nothing hidden yet");
+        unlink.await.unwrap().expect("the unlink succeeds");
+
+        store.set_delay(Duration::ZERO);
+        let page = store
+            .readdirplus(&root, 0, CookieVerifier::default(), 100)
+            .await
+            .unwrap();
+        let names: Vec<_> = page
+            .entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        assert!(names.is_empty(), "left behind: {names:?}");
+    }
 
     #[test]
     fn timestamps_convert_both_sides_of_the_epoch() {
