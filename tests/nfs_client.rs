@@ -4,161 +4,14 @@
 //! Ganesha and rpcbind must be installed (`scripts/deps`); without them these tests fail, unless
 //! FERRY_SKIP_NFS=1 says to skip them.
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+#[macro_use]
+mod nfs_support;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry::nfs::{ExclusiveCreate, FileKind, NfsClient, NfsClientConfig, NfsError};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-
-/// A running ganesha; dropping it stops the server (even a SIGSTOPped one) by its PID.
-struct Server {
-    dir: tempfile::TempDir,
-    nfs_port: u16,
-    mount_port: u16,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nfs-server")
-}
-
-fn on_path(cmd: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(cmd).is_file()))
-        .unwrap_or(false)
-}
-
-/// Two ports that were free a moment ago (the script refuses ports in use, and the caller retries).
-fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
-}
-
-fn run_script(dir: &Path, nfs_port: u16, mount_port: u16, action: &str) -> bool {
-    let out = Command::new(script())
-        .arg(action)
-        .arg(dir)
-        .env("NFS_PORT", nfs_port.to_string())
-        .env("MOUNT_PORT", mount_port.to_string())
-        // ganesha.nfsd and rpcbind live in /usr/sbin, which a non-login PATH may lack.
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        eprintln!(
-            "scripts/nfs-server {action} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out.status.success()
-}
-
-impl Server {
-    /// Starts a server, or returns None when FERRY_SKIP_NFS=1 and ganesha is not installed.
-    fn start() -> Option<Server> {
-        // ganesha.nfsd and rpcbind live in /usr/sbin, which a non-login PATH may lack.
-        let have = |cmd: &str| on_path(cmd) || Path::new("/usr/sbin").join(cmd).is_file();
-        if !have("ganesha.nfsd") || !have("rpcbind") {
-            if std::env::var("FERRY_SKIP_NFS").as_deref() == Ok("1") {
-                eprintln!("skipped: ganesha.nfsd or rpcbind is missing and FERRY_SKIP_NFS=1");
-                return None;
-            }
-            panic!("ganesha.nfsd or rpcbind is missing: run scripts/deps as root (or set FERRY_SKIP_NFS=1 to skip the NFS tests)");
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-nfs")
-            .tempdir()
-            .unwrap();
-        for _ in 0..3 {
-            let (nfs_port, mount_port) = free_ports();
-            if run_script(dir.path(), nfs_port, mount_port, "start") {
-                return Some(Server {
-                    dir,
-                    nfs_port,
-                    mount_port,
-                });
-            }
-        }
-        panic!("scripts/nfs-server start failed three times; see the output above");
-    }
-
-    fn run_script(&self, action: &str) -> bool {
-        run_script(self.dir.path(), self.nfs_port, self.mount_port, action)
-    }
-
-    fn export(&self) -> PathBuf {
-        self.dir.path().join("export")
-    }
-
-    fn pid(&self) -> Pid {
-        let text = std::fs::read_to_string(self.dir.path().join("ganesha.pid")).unwrap();
-        Pid::from_raw(text.trim().parse().unwrap())
-    }
-
-    /// Waits until every thread of the server has stopped: SIGSTOP is delivered asynchronously, and a
-    /// thread still running could answer one more call.
-    fn wait_until_frozen(&self) {
-        let tasks = format!("/proc/{}/task", self.pid());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
-                let stat =
-                    std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
-                // The state follows the parenthesised command name.
-                stat.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| rest.starts_with('T'))
-            });
-            if all_stopped {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ganesha did not stop within 5 s of SIGSTOP"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn config(&self) -> NfsClientConfig {
-        let mut config = NfsClientConfig::new(LOCALHOST, "/export");
-        config.nfs_port = Some(self.nfs_port);
-        config.mount_port = Some(self.mount_port);
-        config.timeout = Duration::from_secs(5);
-        config
-    }
-
-    fn client(&self) -> NfsClient {
-        NfsClient::new(self.config())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.run_script("stop");
-    }
-}
-
-macro_rules! server_or_skip {
-    () => {
-        match Server::start() {
-            Some(server) => server,
-            None => return,
-        }
-    };
-}
 
 fn mode_of(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
@@ -471,8 +324,7 @@ async fn calls_fail_within_the_deadline_and_recover_when_the_server_returns() {
     b.unwrap();
 
     // A frozen server accepts connections (the kernel does that) but never answers.
-    kill(server.pid(), Signal::SIGSTOP).unwrap();
-    server.wait_until_frozen();
+    server.freeze();
     for round in 0..3 {
         let started = Instant::now();
         let err = client.fsstat().await.unwrap_err();
@@ -508,7 +360,7 @@ async fn calls_fail_within_the_deadline_and_recover_when_the_server_returns() {
         started.elapsed()
     );
 
-    kill(server.pid(), Signal::SIGCONT).unwrap();
+    server.thaw();
     let started = Instant::now();
     client.ensure_dir("thawed", 0, 0, 0o755).await.unwrap();
     eprintln!("after SIGCONT: first call took {:?}", started.elapsed());

@@ -1,22 +1,27 @@
 //! A real NFS-Ganesha for tests: one server per `Ganesha`, started by `scripts/nfs-server` on free
-//! loopback ports in its own temporary directory, stopped (even when frozen) when dropped.
+//! loopback ports in its own temporary directory, stopped (even when frozen) when dropped. The one
+//! harness every NFS test uses, from the client tests to the dockerd tests.
 //!
 //! Ganesha and rpcbind must be installed (`scripts/deps`); without them tests fail, unless FERRY_SKIP_NFS=1
 //! says to skip them.
 
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ferry::nfs::{NfsClient, NfsClientConfig};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// ganesha.nfsd and rpcbind live in /usr/sbin, which a non-login PATH may lack.
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub struct Ganesha {
-    dir: tempfile::TempDir,
+    /// The server's own directory: its config, pid file, log and the `export` directory.
+    pub dir: tempfile::TempDir,
     pub nfs_port: u16,
     pub mount_port: u16,
 }
@@ -99,12 +104,17 @@ impl Ganesha {
     /// and a thread still running could answer one more call.
     pub fn freeze(&self) {
         kill(self.pid(), Signal::SIGSTOP).unwrap();
+        self.wait_until_frozen();
+    }
+
+    fn wait_until_frozen(&self) {
         let tasks = format!("/proc/{}/task", self.pid());
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
                 let stat =
                     std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
                 stat.rsplit_once(") ")
                     .is_some_and(|(_, rest)| rest.starts_with('T'))
             });
@@ -120,24 +130,40 @@ impl Ganesha {
         kill(self.pid(), Signal::SIGCONT).unwrap();
     }
 
-    /// Stops the server, as a crash or a maintenance would.
-    pub fn stop(&self) {
-        assert!(run_script(
-            self.dir.path(),
-            self.nfs_port,
-            self.mount_port,
-            "stop"
-        ));
+    /// Runs `scripts/nfs-server ACTION` for this server; whether it succeeded.
+    pub fn run_script(&self, action: &str) -> bool {
+        run_script(self.dir.path(), self.nfs_port, self.mount_port, action)
     }
 
-    /// Starts it again on the same ports and export.
+    /// Stops the server, as a crash or a maintenance would.
+    pub fn stop(&self) {
+        assert!(self.run_script("stop"));
+    }
+
+    /// Starts it again on the same ports and export. Retried: ganesha exits with "Cannot register NFS V3
+    /// on TCP" when another test's server registers with rpcbind at the same moment.
     pub fn restart(&self) {
-        assert!(run_script(
-            self.dir.path(),
-            self.nfs_port,
-            self.mount_port,
-            "start"
-        ));
+        for attempt in 1..=5 {
+            if self.run_script("start") {
+                return;
+            }
+            eprintln!("restart attempt {attempt} failed; trying again");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("scripts/nfs-server start failed five times on the same ports");
+    }
+
+    /// A client configuration for this server, with a 5 s deadline.
+    pub fn config(&self) -> NfsClientConfig {
+        let mut config = NfsClientConfig::new(LOCALHOST, "/export");
+        config.nfs_port = Some(self.nfs_port);
+        config.mount_port = Some(self.mount_port);
+        config.timeout = Duration::from_secs(5);
+        config
+    }
+
+    pub fn client(&self) -> NfsClient {
+        NfsClient::new(self.config())
     }
 
     /// An `[nfs]` configuration section for Ferry pointing at this server.
@@ -152,7 +178,8 @@ impl Ganesha {
 
 impl Drop for Ganesha {
     fn drop(&mut self) {
+        // A frozen server would not exit on the script's SIGTERM.
         let _ = kill(self.pid(), Signal::SIGCONT);
-        run_script(self.dir.path(), self.nfs_port, self.mount_port, "stop");
+        self.run_script("stop");
     }
 }
