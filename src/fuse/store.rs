@@ -162,6 +162,12 @@ pub enum StoreErrorKind {
     ReadOnly,
     /// A bad argument: renaming a directory into itself, a bad cookie, a name like `.`.
     Invalid,
+    /// The file would grow past the server's largest size (NFS3ERR_FBIG).
+    TooBig,
+    /// A rename or hard link across filesystems of the server (NFS3ERR_XDEV): `mv` copies instead.
+    CrossDevice,
+    /// The object has as many hard links as the server allows (NFS3ERR_MLINK).
+    TooManyLinks,
     /// The object is of a kind this operation does not handle.
     NotSupported,
     /// The server failed or spoke nonsense; the message says how.
@@ -211,6 +217,9 @@ impl StoreErrorKind {
             StoreErrorKind::NameTooLong => libc::ENAMETOOLONG,
             StoreErrorKind::ReadOnly => libc::EROFS,
             StoreErrorKind::Invalid => libc::EINVAL,
+            StoreErrorKind::TooBig => libc::EFBIG,
+            StoreErrorKind::CrossDevice => libc::EXDEV,
+            StoreErrorKind::TooManyLinks => libc::EMLINK,
             StoreErrorKind::NotSupported => libc::EOPNOTSUPP,
             StoreErrorKind::Io | StoreErrorKind::TimedOut => libc::EIO,
         }
@@ -324,6 +333,9 @@ mod tests {
             (StoreErrorKind::NameTooLong, libc::ENAMETOOLONG),
             (StoreErrorKind::ReadOnly, libc::EROFS),
             (StoreErrorKind::Invalid, libc::EINVAL),
+            (StoreErrorKind::TooBig, libc::EFBIG),
+            (StoreErrorKind::CrossDevice, libc::EXDEV),
+            (StoreErrorKind::TooManyLinks, libc::EMLINK),
             (StoreErrorKind::NotSupported, libc::EOPNOTSUPP),
             (StoreErrorKind::Io, libc::EIO),
             (StoreErrorKind::TimedOut, libc::EIO),

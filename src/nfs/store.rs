@@ -155,8 +155,7 @@ fn set_time(t: Option<StoreTime>) -> SetTime {
 }
 
 /// The store's kind for an NFS failure; the message is the client's, which names the server and the
-/// operation. The store has no kinds for EFBIG, EXDEV and EMLINK: they become `Invalid` (EINVAL), the
-/// nearest an application gets for "this cannot be done here".
+/// operation.
 fn store_error(e: NfsError) -> StoreError {
     let kind = if e.is_timeout() {
         StoreErrorKind::TimedOut
@@ -173,7 +172,10 @@ fn store_error(e: NfsError) -> StoreError {
             libc::ESTALE => StoreErrorKind::Stale,
             libc::ENAMETOOLONG => StoreErrorKind::NameTooLong,
             libc::EROFS => StoreErrorKind::ReadOnly,
-            libc::EINVAL | libc::EFBIG | libc::EXDEV | libc::EMLINK => StoreErrorKind::Invalid,
+            libc::EINVAL => StoreErrorKind::Invalid,
+            libc::EFBIG => StoreErrorKind::TooBig,
+            libc::EXDEV => StoreErrorKind::CrossDevice,
+            libc::EMLINK => StoreErrorKind::TooManyLinks,
             libc::EOPNOTSUPP => StoreErrorKind::NotSupported,
             _ => StoreErrorKind::Io,
         }
@@ -494,6 +496,9 @@ mod tests {
             (nfsstat3::NFS3ERR_NAMETOOLONG, StoreErrorKind::NameTooLong),
             (nfsstat3::NFS3ERR_ROFS, StoreErrorKind::ReadOnly),
             (nfsstat3::NFS3ERR_INVAL, StoreErrorKind::Invalid),
+            (nfsstat3::NFS3ERR_FBIG, StoreErrorKind::TooBig),
+            (nfsstat3::NFS3ERR_XDEV, StoreErrorKind::CrossDevice),
+            (nfsstat3::NFS3ERR_MLINK, StoreErrorKind::TooManyLinks),
             (nfsstat3::NFS3ERR_NOTSUPP, StoreErrorKind::NotSupported),
             (nfsstat3::NFS3ERR_IO, StoreErrorKind::Io),
             (nfsstat3::NFS3ERR_SERVERFAULT, StoreErrorKind::Io),
