@@ -562,7 +562,23 @@ impl VolumeService {
                 state: rec.state.as_str(),
             });
         }
-        if let Some(mountpoint) = rec.mountpoint.clone() {
+        if let Some(mut mountpoint) = rec.mountpoint.clone() {
+            let backend = self.backend(rec.spec.backend)?.clone();
+            // Attached for other containers, but what attach set up can die under them (a FUSE helper
+            // killed by the OOM killer): give this container working storage instead of a dead mount.
+            let table = crate::mount::MountTable::read_self()
+                .map_err(|e| self.failed(name, BackendError::Mount(e)))?;
+            if backend.is_attached(name, &rec.spec, &table) == Some(false) {
+                tracing::warn!(
+                    volume = name,
+                    "storage attached for other containers was lost; attaching it again"
+                );
+                mountpoint = backend
+                    .attach(name, &rec.spec)
+                    .await
+                    .map_err(|e| self.failed(name, e))?;
+                rec.mountpoint = Some(mountpoint.clone());
+            }
             *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
             let pending = self.store_queued(rec, Expect::Version(entry.version));
             drop(guard);

@@ -266,7 +266,7 @@ fn plugin_crash_leaves_the_mount_working_and_restart_adopts_it() {
 }
 
 #[test]
-fn a_killed_helper_is_replaced_on_the_next_mount() {
+fn a_killed_helper_is_replaced_by_the_next_mount_and_by_a_restart() {
     let g = ganesha_or_skip!();
     let (_t, mut d) = daemon(&g, "helper", "5s");
     nfs_create(&d, "v", "");
@@ -278,15 +278,33 @@ fn a_killed_helper_is_replaced_on_the_next_mount() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    // The dead mount answers ENOTCONN; a restart of the plugin mounts it again.
+    // The dead mount answers ENOTCONN; the next container's Mount, with the plugin still running, gets
+    // a working mount with a new helper at the same place.
     let err = std::fs::metadata(mnt.join("x")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    assert_eq!(d.mount("v", "c2"), mnt);
+    std::fs::write(mnt.join("second"), b"container").unwrap();
+    assert_eq!(
+        std::fs::read(g.export().join("v/second")).unwrap(),
+        b"container"
+    );
+    let second = helper_pid(&d, "v").unwrap();
+    assert_ne!(second, pid);
+
+    // Killed again; this time a restart of the plugin mounts it again for the containers it knows.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
     d.kill9();
     let config = d.dir.join("ferry.toml");
     d.spawn(&[("FERRY_CONFIG", config.to_str().unwrap())]);
     std::fs::write(mnt.join("works"), b"again").unwrap();
-    assert_ne!(helper_pid(&d, "v"), Some(pid));
+    assert!(![Some(pid), Some(second)].contains(&helper_pid(&d, "v")));
     d.unmount("v", "c1");
+    d.unmount("v", "c2");
     d.remove("v");
 }
 

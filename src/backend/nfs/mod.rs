@@ -460,7 +460,9 @@ impl Backend for NfsBackend {
     }
 
     fn is_attached(&self, name: &str, _spec: &VolumeSpec, table: &MountTable) -> Option<bool> {
-        Some(table.is_mounted(&self.mountpoint(name)))
+        let mounted = table.is_mounted(&self.mountpoint(name));
+        // A FUSE mount whose helper died is still in the table but answers only ENOTCONN.
+        Some(mounted && (self.kernel || helper::running(&self.pid_file(name), name).is_some()))
     }
 
     fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value> {
