@@ -9,7 +9,7 @@
 //! - `service`: `VolumeService`, the protocol-agnostic core (locks, mount counts, reconciliation).
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
 //! - `catalog`: the persistent record of volumes, behind a compare-and-swap trait.
-//! - `backend`: the `Backend` trait and the `local` backend.
+//! - `backend`: the `Backend` trait, the `local` and `nfs` backends, and the block maps the `ebs` backend builds on.
 //! - `nfs`: an NFSv3 client for control operations on an export (pooled, with deadlines).
 //! - `metrics`: Prometheus counters, histograms and gauges, and their optional HTTP endpoint.
 //! - `notify`: systemd readiness notification.

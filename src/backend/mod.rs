@@ -2,6 +2,7 @@
 //! reachable; none knows Docker's protocol, and none is asked anything on the Get/List/Path path except
 //! `is_attached` and `status`, which answer from memory and a mount-table snapshot.
 
+pub mod ebs;
 mod local;
 pub mod nfs;
 
