@@ -1229,6 +1229,28 @@ mod tests {
         fail_gets: std::sync::atomic::AtomicUsize,
     }
 
+    impl FlakyCatalog {
+        /// A service with the local backend over a `FlakyCatalog` that fails nothing yet.
+        async fn service(f: &Fixture) -> (Arc<VolumeService>, Arc<FlakyCatalog>) {
+            let catalog = Arc::new(FlakyCatalog {
+                inner: RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap(),
+                fail_next: false.into(),
+                fail_gets: 0.into(),
+            });
+            let local =
+                Arc::new(LocalBackend::new(f.dir.path().join("local"), f.mounter.clone()).unwrap());
+            let (svc, _) = VolumeService::start(
+                catalog.clone(),
+                vec![local],
+                f.mounter.clone(),
+                SpecDefaults::default(),
+            )
+            .await
+            .unwrap();
+            (svc, catalog)
+        }
+    }
+
     #[async_trait::async_trait]
     impl Catalog for FlakyCatalog {
         async fn load(&self) -> Result<Vec<Versioned<VolumeRecord>>, CatalogError> {
@@ -1262,21 +1284,7 @@ mod tests {
     #[tokio::test]
     async fn failed_queued_write_restores_the_durable_view() {
         let f = Fixture::new();
-        let catalog = Arc::new(FlakyCatalog {
-            inner: RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap(),
-            fail_next: false.into(),
-            fail_gets: 0.into(),
-        });
-        let local =
-            Arc::new(LocalBackend::new(f.dir.path().join("local"), f.mounter.clone()).unwrap());
-        let (svc, _) = VolumeService::start(
-            catalog.clone(),
-            vec![local],
-            f.mounter.clone(),
-            SpecDefaults::default(),
-        )
-        .await
-        .unwrap();
+        let (svc, catalog) = FlakyCatalog::service(&f).await;
         svc.create("v", Some(&opts(&[("size", "64M")])))
             .await
             .unwrap();
@@ -1297,21 +1305,7 @@ mod tests {
     #[tokio::test]
     async fn view_ahead_of_the_catalog_is_reloaded_before_the_next_change() {
         let f = Fixture::new();
-        let catalog = Arc::new(FlakyCatalog {
-            inner: RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap(),
-            fail_next: false.into(),
-            fail_gets: 0.into(),
-        });
-        let local =
-            Arc::new(LocalBackend::new(f.dir.path().join("local"), f.mounter.clone()).unwrap());
-        let (svc, _) = VolumeService::start(
-            catalog.clone(),
-            vec![local],
-            f.mounter.clone(),
-            SpecDefaults::default(),
-        )
-        .await
-        .unwrap();
+        let (svc, catalog) = FlakyCatalog::service(&f).await;
         svc.create("v", Some(&opts(&[("size", "64M")])))
             .await
             .unwrap();

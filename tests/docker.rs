@@ -20,20 +20,21 @@
 //! dockerd clears them, or raise the budget to wait.
 
 mod common;
+#[path = "common/e2e.rs"]
+mod e2e;
 
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::Daemon;
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use e2e::{lock_docker_tests, run_id};
+use nix::fcntl::Flock;
 use serde_json::Value;
 
 /// Busybox with its applets installed as symlinks; `CMD` is a shell.
@@ -54,7 +55,6 @@ fn plugin_name() -> &'static str {
     })
 }
 /// Serializes users of the plugin name across threads and processes.
-const LOCK_FILE: &str = "/tmp/ferry-e2e-docker.lock";
 /// The key of the label on every container the tests start.
 const LABEL_KEY: &str = "ferry-e2e";
 const MIB64: u64 = 64 * 1024 * 1024;
@@ -244,35 +244,6 @@ fn docker_ready() -> bool {
     true
 }
 
-/// `<pid>-<random hex>`, unique per scenario and run.
-fn run_id() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let random = nanos
-        .wrapping_mul(2_654_435_761)
-        .wrapping_add(n.wrapping_mul(40_503))
-        & 0xff_ffff;
-    format!("{}-{random:06x}", std::process::id())
-}
-
-/// Holds `LOCK_FILE` exclusively until dropped (flock locks belong to the open file, so threads of one
-/// process exclude each other too).
-fn lock_plugin_name() -> Flock<File> {
-    let mut file =
-        File::create(LOCK_FILE).unwrap_or_else(|e| panic!("cannot open {LOCK_FILE}: {e}"));
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusive) {
-            Ok(lock) => return lock,
-            Err((f, Errno::EINTR)) => file = f,
-            Err((_, e)) => panic!("cannot lock {LOCK_FILE}: {e}"),
-        }
-    }
-}
-
 /// Legacy volume plugins dockerd remembers (it lists every driver it knows in `docker info`) that no
 /// longer answer: each costs about 15 s whenever dockerd looks up a volume name it does not know.
 fn dead_legacy_plugins() -> Result<Vec<String>, String> {
@@ -326,7 +297,7 @@ impl Plugin {
         if !docker_ready() {
             return None;
         }
-        let lock = lock_plugin_name();
+        let lock = lock_docker_tests();
         let tmp = tempfile::Builder::new()
             .prefix(&format!("ferry-e2e-{scenario}"))
             .tempdir()

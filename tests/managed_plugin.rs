@@ -12,22 +12,24 @@
 //! the first of `FERRY_DOCKERD_LOG`, /var/log/dockerd.log, /var/log/docker.log,
 //! /var/log/ferry-test-dockerd.log that exists.
 
+#[path = "common/e2e.rs"]
+mod e2e;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use e2e::{lock_docker_tests, run_id};
+use nix::fcntl::Flock;
 use serde_json::Value;
 
 /// Busybox with its applets installed as symlinks; the same image (and build) as `tests/docker.rs`.
 const BASE_IMAGE: &str = "ferry-test-busybox:latest";
 const BUSYBOX: &str = "/usr/bin/busybox";
 /// Shared with `tests/docker.rs`: one dockerd test at a time, across processes.
-const LOCK_FILE: &str = "/tmp/ferry-e2e-docker.lock";
 /// Every plugin this test creates starts with this; under the lock any other one is a dead run's leftover.
 const NAME_PREFIX: &str = "ferry-mp-";
 /// The key of the label on every container the test starts.
@@ -190,32 +192,6 @@ fn build_base_image() -> Result<(), String> {
         .map_err(|e| format!("cannot copy {BUSYBOX} (apt-get install busybox-static): {e}"))?;
     let dir = ctx.path().to_str().unwrap();
     run_ok("docker", &["build", "-q", "-t", BASE_IMAGE, dir]).map(|_| ())
-}
-
-/// Holds `LOCK_FILE` exclusively until dropped.
-fn lock_docker_tests() -> Flock<File> {
-    let mut file =
-        File::create(LOCK_FILE).unwrap_or_else(|e| panic!("cannot open {LOCK_FILE}: {e}"));
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusive) {
-            Ok(lock) => return lock,
-            Err((f, Errno::EINTR)) => file = f,
-            Err((_, e)) => panic!("cannot lock {LOCK_FILE}: {e}"),
-        }
-    }
-}
-
-/// `<pid>-<random hex>`.
-fn run_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{}-{:06x}",
-        std::process::id(),
-        nanos.wrapping_mul(2_654_435_761) & 0xff_ffff
-    )
 }
 
 /// Removes a managed plugin and every volume and container that uses it, ignoring errors. The volumes go

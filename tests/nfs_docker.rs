@@ -31,6 +31,8 @@
 
 #[path = "common/docker2.rs"]
 mod docker2;
+#[path = "common/e2e.rs"]
+mod e2e;
 #[allow(dead_code)]
 #[path = "common/ganesha.rs"]
 mod ganesha;
@@ -40,14 +42,12 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use docker2::{
-    DockerCli, FerryPlugin, SecondDockerd, BUSYBOX, BUSYBOX_IMAGE, COMMAND_TIMEOUT, E2E_LOCK_FILE,
-};
+use docker2::{DockerCli, FerryPlugin, SecondDockerd, BUSYBOX, BUSYBOX_IMAGE, COMMAND_TIMEOUT};
+use e2e::{lock_docker_tests, run_id};
 use ganesha::Ganesha;
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde_json::Value;
 
 /// The key of the label on every container this test starts (value: the run id).
@@ -56,31 +56,6 @@ const LABEL_KEY: &str = "ferry-nfs-docker";
 const SHARED: &str = "shared";
 /// How long Ferry may wait on the server for one operation.
 const NFS_TIMEOUT: &str = "5s";
-
-/// `<pid>-<random hex>`.
-fn run_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{}-{:06x}",
-        std::process::id(),
-        nanos.wrapping_mul(2_654_435_761) & 0xff_ffff
-    )
-}
-
-fn lock() -> Flock<File> {
-    let mut file =
-        File::create(E2E_LOCK_FILE).unwrap_or_else(|e| panic!("cannot open {E2E_LOCK_FILE}: {e}"));
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusive) {
-            Ok(lock) => return lock,
-            Err((f, Errno::EINTR)) => file = f,
-            Err((_, e)) => panic!("cannot lock {E2E_LOCK_FILE}: {e}"),
-        }
-    }
-}
 
 fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
@@ -391,7 +366,7 @@ fn nfs_volumes_through_two_dockerds_and_compose() {
     if let Err(e) = DockerCli::machine().ok(&["info"]) {
         panic!("dockerd is unreachable (set FERRY_SKIP_DOCKER=1 to skip this test):\n{e}");
     }
-    let lock = lock();
+    let lock = lock_docker_tests();
     eprintln!("lock taken after {:?}", began.elapsed());
     let t = Instant::now();
     let Some(nfs) = Ganesha::start() else {

@@ -18,45 +18,19 @@
 
 #[path = "common/docker2.rs"]
 mod docker2;
+#[path = "common/e2e.rs"]
+mod e2e;
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use docker2::{DockerCli, FerryPlugin, SecondDockerd, BUSYBOX_IMAGE, E2E_LOCK_FILE};
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use docker2::{DockerCli, FerryPlugin, SecondDockerd, BUSYBOX_IMAGE};
+use e2e::{lock_docker_tests, run_id};
+use nix::fcntl::Flock;
 
 /// The key of the label on every container this test starts (value: the run id).
 const LABEL_KEY: &str = "ferry-2h";
-
-/// `<pid>-<random hex>`.
-fn run_id() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let random = nanos
-        .wrapping_mul(2_654_435_761)
-        .wrapping_add(n.wrapping_mul(40_503))
-        & 0xff_ffff;
-    format!("{}-{random:06x}", std::process::id())
-}
-
-fn lock() -> Flock<File> {
-    let mut file =
-        File::create(E2E_LOCK_FILE).unwrap_or_else(|e| panic!("cannot open {E2E_LOCK_FILE}: {e}"));
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusive) {
-            Ok(lock) => return lock,
-            Err((f, Errno::EINTR)) => file = f,
-            Err((_, e)) => panic!("cannot lock {E2E_LOCK_FILE}: {e}"),
-        }
-    }
-}
 
 /// Everything the test set up. `Drop` removes what it made through Docker while both plugins still answer;
 /// then the fields drop in order: host 2's Ferry, host 2's dockerd, host 1's Ferry (unregistered), host 1's
@@ -147,7 +121,7 @@ fn two_dockerds_each_with_its_own_ferry() {
         panic!("dockerd is unreachable (set FERRY_SKIP_DOCKER=1 to skip this test):\n{e}");
     }
     let on_machine = std::env::var("FERRY_E2E_2H_MACHINE").as_deref() == Ok("1");
-    let lock = lock();
+    let lock = lock_docker_tests();
     eprintln!("lock taken after {:?}", began.elapsed());
     let run = run_id();
     let fixed_name = std::env::var("FERRY_E2E_PLUGIN_NAME")

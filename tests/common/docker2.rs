@@ -38,8 +38,6 @@ pub const BUSYBOX_IMAGE: &str = "ferry-test-busybox:latest";
 pub const BUSYBOX: &str = "/usr/bin/busybox";
 /// Where the machine's dockerd looks for legacy plugins.
 pub const MACHINE_PLUGIN_DIR: &str = "/run/docker/plugins";
-/// The lock tests/docker.rs holds while it registers plugins with the machine's dockerd.
-pub const E2E_LOCK_FILE: &str = "/tmp/ferry-e2e-docker.lock";
 /// A generous bound for one docker command, so a hung plugin fails the test instead of stalling it.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(150);
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/second-dockerd");
