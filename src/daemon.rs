@@ -101,6 +101,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             reconcile: report.clone(),
         }),
     ));
+    let watcher = tokio::spawn(watch_attachments(service.clone()));
     let listener = plugin::bind_socket(&config.socket)?;
     let bound = identity(&config.socket);
     tracing::info!(socket = %config.socket.display(), state_dir = %state.display(), "ferry is serving");
@@ -112,10 +113,24 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     })
     .await;
     admin.abort();
+    watcher.abort();
     remove_if_ours(&config.socket, bound);
     remove_if_ours(&config.admin_socket, admin_bound);
     tracing::info!("stopped; mounts in use were left in place");
     Ok(())
+}
+
+/// How often attached volumes are checked for storage that died under their containers.
+const ATTACHMENT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `check_attachments` for as long as the daemon serves.
+async fn watch_attachments(service: Arc<VolumeService>) {
+    let mut tick = tokio::time::interval(ATTACHMENT_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        service.check_attachments().await;
+    }
 }
 
 /// Which file a path names now, so that a socket is removed only if it is still the one we bound: another

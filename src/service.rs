@@ -176,6 +176,9 @@ pub struct VolumeService {
     metrics: crate::metrics::Metrics,
 }
 
+/// A phrase of `BackendError::Lost`'s message, to tell that failure apart in `failures`.
+const LOST_MARK: &str = "was lost while";
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -307,6 +310,21 @@ impl VolumeService {
         }
     }
 
+    /// The volume's lock if nobody holds it now; `None` while an operation on it runs.
+    fn try_lock(&self, name: &str) -> Option<VolumeGuard<'_>> {
+        let mutex = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(name.to_string()).or_default().clone()
+        };
+        // On failure the holder's guard tidies the table entry, as it does after any waiter.
+        let guard = mutex.try_lock_owned().ok()?;
+        Some(VolumeGuard {
+            service: self,
+            name: name.to_string(),
+            _guard: guard,
+        })
+    }
+
     fn lookup(&self, name: &str) -> Option<Arc<Versioned<VolumeRecord>>> {
         self.view
             .read()
@@ -426,6 +444,66 @@ impl VolumeService {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), err.to_string());
         err
+    }
+
+    /// Looks for storage that died under running containers (an nfs FUSE helper killed, a loop mount taken
+    /// away by hand) and shows it as the volume's `health`, so `docker volume inspect` and `ferry ls` say so
+    /// before the next container fails. Judged from the mount table and local process state only; volumes
+    /// with an operation under way are skipped, that operation judges for itself. Returns how many volumes
+    /// were found lost. The next Mount attaches such a volume again.
+    pub async fn check_attachments(&self) -> usize {
+        let names: Vec<String> = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|e| e.value.state == VolumeState::Ready && !e.value.mounts.is_empty())
+            .map(|e| e.value.name.clone())
+            .collect();
+        let mut lost = 0;
+        for name in names {
+            let Some(_guard) = self.try_lock(&name) else {
+                continue;
+            };
+            let Some(entry) = self.lookup(&name) else {
+                continue;
+            };
+            let rec = &entry.value;
+            if rec.state != VolumeState::Ready || rec.mounts.is_empty() {
+                continue;
+            }
+            let Some(backend) = self.backends.get(&rec.spec.backend) else {
+                continue;
+            };
+            // Read under the lock: a table read before it could predate an attach that just finished.
+            let table = match crate::mount::MountTable::read_self() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the mount table to check attached volumes");
+                    return lost;
+                }
+            };
+            if backend.is_attached(&name, &rec.spec, &table) != Some(false) {
+                continue;
+            }
+            lost += 1;
+            let known = self
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .is_some_and(|f| f.contains(LOST_MARK));
+            if !known {
+                let err = self.failed(
+                    &name,
+                    BackendError::Lost {
+                        mounts: rec.active_mounts(),
+                    },
+                );
+                tracing::error!(volume = %name, error = %err, "attached storage lost");
+            }
+        }
+        lost
     }
 
     /// Forgets a recorded failure once the storage was prepared or released successfully.
@@ -578,6 +656,7 @@ impl VolumeService {
                     .await
                     .map_err(|e| self.failed(name, e))?;
                 rec.mountpoint = Some(mountpoint.clone());
+                self.healthy(name);
             }
             *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
             let pending = self.store_queued(rec, Expect::Version(entry.version));

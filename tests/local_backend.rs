@@ -191,3 +191,42 @@ fn existing_data_without_a_record_is_never_touched() {
         .err("/VolumeDriver.Get", r#"{"Name":"orphan"}"#)
         .contains("does not exist"));
 }
+
+/// A capped volume's mount taken away by hand under a running container is noticed (health in Status)
+/// and put back by the next container's Mount.
+#[test]
+fn a_mount_removed_by_hand_shows_in_health_and_the_next_mount_restores_it() {
+    let d = Daemon::start();
+    d.create("lost", r#"{"size":"32MiB"}"#);
+    let mp = d.mount("lost", "c1");
+    std::fs::write(mp.join("kept"), b"data").unwrap();
+    nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    assert!(!is_mounted(&mp));
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        let status = d.get("lost")["Status"].clone();
+        if status["health"] == "error" || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(status["health"], "error", "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("attached storage was lost while 1 container mount(s)"),
+        "{status}"
+    );
+
+    assert_eq!(d.mount("lost", "c2"), mp);
+    assert!(is_mounted(&mp));
+    assert_eq!(std::fs::read(mp.join("kept")).unwrap(), b"data");
+    assert_eq!(d.get("lost")["Status"]["health"], "ok");
+    d.unmount("lost", "c1");
+    d.unmount("lost", "c2");
+    assert!(!is_mounted(&mp));
+    d.remove("lost");
+    unmount_under(&d.state);
+}

@@ -282,7 +282,20 @@ fn a_killed_helper_is_replaced_by_the_next_mount_and_by_a_restart() {
     // a working mount with a new helper at the same place.
     let err = std::fs::metadata(mnt.join("x")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    // The daemon notices on its own (it checks every 5 s) and says so in the volume's Status.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = d.get("v")["Status"].clone();
+        if status["health"] == "error" || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status["health"], "error", "{status}");
+    let last_error = status["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.contains("FUSE helper exited"), "{status}");
     assert_eq!(d.mount("v", "c2"), mnt);
+    assert_eq!(d.get("v")["Status"]["health"], "ok");
     std::fs::write(mnt.join("second"), b"container").unwrap();
     assert_eq!(
         std::fs::read(g.export().join("v/second")).unwrap(),

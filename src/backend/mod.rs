@@ -48,6 +48,8 @@ pub enum BackendError {
     NoSuchSubdir { subdir: String, reason: String },
     #[error("cannot serve volume {volume} through FUSE: {reason}")]
     Helper { volume: String, reason: String },
+    #[error("the attached storage was lost while {mounts} container mount(s) used it (for nfs: its FUSE helper exited); those containers get I/O errors until restarted, and the next mount attaches the volume again")]
+    Lost { mounts: u64 },
 }
 
 impl BackendError {
@@ -64,6 +66,7 @@ impl BackendError {
             BackendError::MountedElsewhere { .. } => "mounted_elsewhere",
             BackendError::NoSuchSubdir { .. } => "no_such_subdir",
             BackendError::Helper { .. } => "helper",
+            BackendError::Lost { .. } => "lost",
         }
     }
 

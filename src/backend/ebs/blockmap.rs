@@ -38,7 +38,7 @@ pub enum BlockMapError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a block map Ferry can read ({reason}); the next push ships every block that holds data")]
+    #[error("{path} is not a block map Ferry can read ({reason})")]
     Corrupt { path: PathBuf, reason: String },
     #[error("the image size {size} is not a whole number of {BLOCK_SIZE}-byte blocks")]
     PartialBlock { size: u64 },
