@@ -1,0 +1,548 @@
+//! A strict EBS direct APIs emulator for tests: the rules of the real service that moto does not enforce
+//! (see `shared/docs/test-peers.md`), over the same REST/JSON wire protocol, on a loopback port.
+//!
+//! Enforced: blocks of exactly 524288 bytes, the base64 SHA-256 checksum of every block, block indices inside
+//! the volume, writes only while a snapshot is pending, the exact `ChangedBlocksCount` at completion, a
+//! parent that exists and is completed, children inheriting their parent's blocks when listed and read,
+//! block tokens checked on reads, and pagination of listings with a small page size. Injected on demand:
+//! throttling (every Nth call answers `ThrottlingException`, which a client must retry) and a fixed latency
+//! per call. It counts calls and blocks put so tests can assert exactly what was shipped.
+//!
+//! Signatures are not checked: the emulator tests the client's use of the API, not AWS authentication.
+//!
+//! Include it with `#[path = "common/ebs_strict.rs"] mod ebs_strict;`.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub const BLOCK_SIZE: usize = 524_288;
+/// Blocks per GiB of volume size.
+const BLOCKS_PER_GIB: u64 = (1 << 30) / BLOCK_SIZE as u64;
+
+#[derive(Debug)]
+struct Snapshot {
+    volume_size_gib: u64,
+    parent: Option<String>,
+    tags: Vec<(String, String)>,
+    completed: bool,
+    /// The blocks written to this snapshot itself, by index.
+    blocks: BTreeMap<u64, Bytes>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    snapshots: HashMap<String, Snapshot>,
+    /// ClientToken to snapshot id, so a retried StartSnapshot returns the same snapshot.
+    tokens: HashMap<String, String>,
+}
+
+/// Knobs and counters shared between the server and the test.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Every Nth call (counting all calls) is throttled; 0 never.
+    pub throttle_every: AtomicU64,
+    /// Added before every answer, in milliseconds.
+    pub latency_ms: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub calls: AtomicU64,
+    pub throttled: AtomicU64,
+    pub blocks_put: AtomicU64,
+    pub blocks_got: AtomicU64,
+    pub list_pages: AtomicU64,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    faults: Faults,
+    counters: Counters,
+    page_size: usize,
+    next_id: AtomicU64,
+}
+
+/// A running emulator; dropping it stops the server.
+pub struct StrictEbs {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StrictEbs {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StrictEbs {
+    /// Starts on a free loopback port inside the current Tokio runtime. Listings answer at most
+    /// `page_size` blocks per page, whatever the client asks for (the real service may also answer fewer).
+    pub async fn start(page_size: usize) -> StrictEbs {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State::default()),
+            faults: Faults::default(),
+            counters: Counters::default(),
+            page_size: page_size.max(1),
+            next_id: AtomicU64::new(1),
+        });
+        let served = inner.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let inner = served.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let inner = inner.clone();
+                        async move { Ok::<_, std::convert::Infallible>(inner.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        StrictEbs { addr, inner, task }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.inner.faults
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The indices written to one snapshot itself (not inherited), ascending.
+    pub fn own_blocks(&self, snapshot: &str) -> Vec<u64> {
+        let state = self.inner.state.lock().unwrap();
+        state
+            .snapshots
+            .get(snapshot)
+            .map(|s| s.blocks.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn is_completed(&self, snapshot: &str) -> bool {
+        let state = self.inner.state.lock().unwrap();
+        state.snapshots.get(snapshot).is_some_and(|s| s.completed)
+    }
+
+    pub fn tags(&self, snapshot: &str) -> Vec<(String, String)> {
+        let state = self.inner.state.lock().unwrap();
+        state
+            .snapshots
+            .get(snapshot)
+            .map(|s| s.tags.clone())
+            .unwrap_or_default()
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: Value) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// A restJson1 error: the type in `x-amzn-ErrorType`, as the SDKs read it.
+fn error(status: StatusCode, kind: &str, reason: &str, message: &str) -> Reply {
+    let mut r = reply(status, json!({ "Message": message, "Reason": reason }));
+    r.headers_mut()
+        .insert("x-amzn-ErrorType", kind.parse().unwrap());
+    r
+}
+
+fn invalid(reason: &str, message: &str) -> Reply {
+    error(
+        StatusCode::BAD_REQUEST,
+        "ValidationException",
+        reason,
+        message,
+    )
+}
+
+fn not_found(what: &str) -> Reply {
+    error(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFoundException",
+        "SNAPSHOT_NOT_FOUND",
+        &format!("{what} does not exist"),
+    )
+}
+
+fn checksum(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A block token names the snapshot it was listed from and the index, so reads with a token from
+/// another listing are refused like the real service refuses them.
+fn block_token(snapshot: &str, index: u64) -> String {
+    format!("{snapshot}.{index}")
+}
+
+impl Inner {
+    async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let n = self.counters.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let latency = self.faults.latency_ms.load(Ordering::Relaxed);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        let every = self.faults.throttle_every.load(Ordering::Relaxed);
+        if every > 0 && n.is_multiple_of(every) {
+            self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ThrottlingException",
+                "ACCOUNT_THROTTLED",
+                "rate exceeded",
+            );
+        }
+        let path: Vec<String> = req
+            .uri()
+            .path()
+            .trim_matches('/')
+            .split('/')
+            .map(str::to_string)
+            .collect();
+        let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+        match (req.method().clone(), parts.as_slice()) {
+            (Method::POST, ["snapshots"]) => self.start_snapshot(req).await,
+            (Method::PUT, ["snapshots", id, "blocks", index]) => {
+                let (id, index) = (id.to_string(), index.to_string());
+                self.put_block(req, &id, &index).await
+            }
+            (Method::POST, ["snapshots", "completion", id]) => {
+                let id = id.to_string();
+                self.complete(&req, &id)
+            }
+            (Method::GET, ["snapshots", id, "blocks"]) => {
+                let id = id.to_string();
+                self.list_blocks(&req, &id)
+            }
+            (Method::GET, ["snapshots", id, "blocks", index]) => {
+                let (id, index) = (id.to_string(), index.to_string());
+                self.get_block(&req, &id, &index)
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "UnknownOperationException",
+                "",
+                &format!(
+                    "the strict emulator does not serve {} {}",
+                    req.method(),
+                    req.uri()
+                ),
+            ),
+        }
+    }
+
+    async fn start_snapshot(&self, req: Request<Incoming>) -> Reply {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return invalid("", &format!("cannot read the body: {e}")),
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+            return invalid("", "the body is not JSON");
+        };
+        let Some(size) = v["VolumeSize"].as_u64().filter(|s| *s >= 1) else {
+            return invalid("", "VolumeSize (GiB, at least 1) is required");
+        };
+        let parent = v["ParentSnapshotId"].as_str().map(str::to_string);
+        let tags: Vec<(String, String)> = v["Tags"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|t| {
+                        (
+                            t["Key"].as_str().unwrap_or_default().to_string(),
+                            t["Value"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut state = self.state.lock().unwrap();
+        if let Some(token) = v["ClientToken"].as_str() {
+            if let Some(id) = state.tokens.get(token) {
+                let s = &state.snapshots[id];
+                return reply(StatusCode::CREATED, self.describe(id, s));
+            }
+        }
+        if let Some(p) = &parent {
+            match state.snapshots.get(p) {
+                None => return not_found(&format!("parent snapshot {p}")),
+                Some(ps) if !ps.completed => {
+                    return invalid(
+                        "INVALID_PARENT_SNAPSHOT_ID",
+                        &format!("parent snapshot {p} is not completed"),
+                    )
+                }
+                Some(ps) if ps.volume_size_gib > size => {
+                    return invalid(
+                        "INVALID_VOLUME_SIZE",
+                        "the volume size is smaller than the parent's",
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        let id = format!(
+            "snap-{:017x}",
+            self.next_id.fetch_add(1, Ordering::Relaxed) * 0x9e37_79b9
+        );
+        let snap = Snapshot {
+            volume_size_gib: size,
+            parent,
+            tags,
+            completed: false,
+            blocks: BTreeMap::new(),
+        };
+        let described = self.describe(&id, &snap);
+        if let Some(token) = v["ClientToken"].as_str() {
+            state.tokens.insert(token.to_string(), id.clone());
+        }
+        state.snapshots.insert(id, snap);
+        reply(StatusCode::CREATED, described)
+    }
+
+    fn describe(&self, id: &str, s: &Snapshot) -> Value {
+        let tags: Vec<Value> = s
+            .tags
+            .iter()
+            .map(|(k, v)| json!({ "Key": k, "Value": v }))
+            .collect();
+        let mut d = json!({
+            "SnapshotId": id,
+            "OwnerId": "123456789012",
+            "Status": if s.completed { "completed" } else { "pending" },
+            "StartTime": 1_700_000_000,
+            "VolumeSize": s.volume_size_gib,
+            "BlockSize": BLOCK_SIZE,
+            "Tags": tags,
+        });
+        if let Some(p) = &s.parent {
+            d["ParentSnapshotId"] = json!(p);
+        }
+        d
+    }
+
+    async fn put_block(&self, req: Request<Incoming>, id: &str, index: &str) -> Reply {
+        let Ok(index) = index.parse::<u64>() else {
+            return invalid("INVALID_BLOCK", "the block index is not a number");
+        };
+        let length = header(&req, "x-amz-data-length").and_then(|l| l.parse::<usize>().ok());
+        let sum = header(&req, "x-amz-checksum").map(str::to_string);
+        let algorithm = header(&req, "x-amz-checksum-algorithm").map(str::to_string);
+        let data = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return invalid("", &format!("cannot read the block: {e}")),
+        };
+        if length != Some(BLOCK_SIZE) || data.len() != BLOCK_SIZE {
+            return invalid(
+                "INVALID_DATA_LENGTH",
+                &format!(
+                    "blocks are exactly {BLOCK_SIZE} bytes (x-amz-Data-Length {length:?}, body {})",
+                    data.len()
+                ),
+            );
+        }
+        if algorithm.as_deref() != Some("SHA256") {
+            return invalid(
+                "UNSUPPORTED_CHECKSUM_ALGORITHM",
+                "x-amz-Checksum-Algorithm must be SHA256",
+            );
+        }
+        let expected = checksum(&data);
+        if sum.as_deref() != Some(expected.as_str()) {
+            return invalid(
+                "INVALID_CHECKSUM",
+                "the block's checksum does not match its data",
+            );
+        }
+        let mut state = self.state.lock().unwrap();
+        let Some(s) = state.snapshots.get_mut(id) else {
+            return not_found(&format!("snapshot {id}"));
+        };
+        if s.completed {
+            return invalid(
+                "INVALID_SNAPSHOT_STATE",
+                &format!("snapshot {id} is completed; it takes no more writes"),
+            );
+        }
+        if index >= s.volume_size_gib * BLOCKS_PER_GIB {
+            return invalid(
+                "INVALID_BLOCK",
+                &format!("block {index} is outside the volume"),
+            );
+        }
+        s.blocks.insert(index, data);
+        self.counters.blocks_put.fetch_add(1, Ordering::Relaxed);
+        Response::builder()
+            .status(StatusCode::CREATED)
+            .header("x-amz-Checksum", expected)
+            .header("x-amz-Checksum-Algorithm", "SHA256")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    fn complete(&self, req: &Request<Incoming>, id: &str) -> Reply {
+        let count = header(req, "x-amz-changedblockscount").and_then(|c| c.parse::<u64>().ok());
+        let mut state = self.state.lock().unwrap();
+        let Some(s) = state.snapshots.get_mut(id) else {
+            return not_found(&format!("snapshot {id}"));
+        };
+        if s.completed {
+            return reply(StatusCode::ACCEPTED, json!({ "Status": "completed" }));
+        }
+        let written = s.blocks.len() as u64;
+        if count != Some(written) {
+            return invalid(
+                "INVALID_CHANGED_BLOCKS_COUNT",
+                &format!(
+                    "x-amz-ChangedBlocksCount is {count:?}, but {written} blocks were written"
+                ),
+            );
+        }
+        s.completed = true;
+        reply(StatusCode::ACCEPTED, json!({ "Status": "completed" }))
+    }
+
+    /// The snapshot whose copy of `index` a read of `id` sees: the nearest in the chain that wrote it.
+    fn owner_of(state: &State, id: &str, index: u64) -> Option<Bytes> {
+        let mut at = Some(id.to_string());
+        while let Some(cur) = at {
+            let s = state.snapshots.get(&cur)?;
+            if let Some(data) = s.blocks.get(&index) {
+                return Some(data.clone());
+            }
+            at = s.parent.clone();
+        }
+        None
+    }
+
+    fn visible_blocks(state: &State, id: &str) -> Vec<u64> {
+        let mut all = std::collections::BTreeSet::new();
+        let mut at = Some(id.to_string());
+        while let Some(cur) = at {
+            let Some(s) = state.snapshots.get(&cur) else {
+                break;
+            };
+            all.extend(s.blocks.keys().copied());
+            at = s.parent.clone();
+        }
+        all.into_iter().collect()
+    }
+
+    fn list_blocks(&self, req: &Request<Incoming>, id: &str) -> Reply {
+        let q = query(req);
+        let state = self.state.lock().unwrap();
+        let Some(s) = state.snapshots.get(id) else {
+            return not_found(&format!("snapshot {id}"));
+        };
+        if !s.completed {
+            return invalid(
+                "INVALID_SNAPSHOT_STATE",
+                &format!("snapshot {id} is not completed"),
+            );
+        }
+        let asked = q
+            .get("maxResults")
+            .and_then(|m| m.parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        let page = asked.min(self.page_size);
+        let start = match q.get("pageToken") {
+            Some(t) => match t.strip_prefix("after-").and_then(|n| n.parse::<u64>().ok()) {
+                Some(n) => n + 1,
+                None => return invalid("INVALID_PAGE_TOKEN", "the page token is not one of ours"),
+            },
+            None => q
+                .get("startingBlockIndex")
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0),
+        };
+        let visible: Vec<u64> = Self::visible_blocks(&state, id)
+            .into_iter()
+            .filter(|i| *i >= start)
+            .collect();
+        let this: Vec<u64> = visible.iter().copied().take(page).collect();
+        let mut body = json!({
+            "Blocks": this.iter().map(|i| json!({ "BlockIndex": i, "BlockToken": block_token(id, *i) })).collect::<Vec<_>>(),
+            "VolumeSize": s.volume_size_gib,
+            "BlockSize": BLOCK_SIZE,
+            "ExpiryTime": 4_000_000_000u64,
+        });
+        if visible.len() > this.len() {
+            body["NextToken"] = json!(format!("after-{}", this.last().unwrap()));
+        }
+        self.counters.list_pages.fetch_add(1, Ordering::Relaxed);
+        reply(StatusCode::OK, body)
+    }
+
+    fn get_block(&self, req: &Request<Incoming>, id: &str, index: &str) -> Reply {
+        let Ok(index) = index.parse::<u64>() else {
+            return invalid("INVALID_BLOCK", "the block index is not a number");
+        };
+        let q = query(req);
+        if q.get("blockToken").map(String::as_str) != Some(block_token(id, index).as_str()) {
+            return invalid(
+                "INVALID_BLOCK_TOKEN",
+                "the block token does not come from a listing of this snapshot",
+            );
+        }
+        let state = self.state.lock().unwrap();
+        if !state.snapshots.get(id).is_some_and(|s| s.completed) {
+            return not_found(&format!("completed snapshot {id}"));
+        }
+        let Some(data) = Self::owner_of(&state, id, index) else {
+            return invalid("INVALID_BLOCK", &format!("block {index} was never written"));
+        };
+        self.counters.blocks_got.fetch_add(1, Ordering::Relaxed);
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("x-amz-Data-Length", BLOCK_SIZE.to_string())
+            .header("x-amz-Checksum", checksum(&data))
+            .header("x-amz-Checksum-Algorithm", "SHA256")
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(data))
+            .unwrap()
+    }
+}
