@@ -1351,6 +1351,147 @@ mod tests {
         fs.release(req(), inode, 0, 0, 0, false).await.unwrap();
     }
 
+    /// A store that takes at most `most` bytes per write, and none at all while `takes_none` is set; all else
+    /// goes to the memory store.
+    struct ShortWrites {
+        inner: Arc<MemoryStore>,
+        most: usize,
+        takes_none: std::sync::atomic::AtomicBool,
+        writes: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl FileStore for ShortWrites {
+        async fn root(&self) -> StoreResult<FileHandle> {
+            self.inner.root().await
+        }
+        async fn lookup(&self, dir: &FileHandle, name: &[u8]) -> StoreResult<(FileHandle, Attr)> {
+            self.inner.lookup(dir, name).await
+        }
+        async fn getattr(&self, handle: &FileHandle) -> StoreResult<Attr> {
+            self.inner.getattr(handle).await
+        }
+        async fn setattr(&self, handle: &FileHandle, set: &SetAttr) -> StoreResult<Attr> {
+            self.inner.setattr(handle, set).await
+        }
+        async fn read(&self, handle: &FileHandle, offset: u64, len: u32) -> StoreResult<ReadReply> {
+            self.inner.read(handle, offset, len).await
+        }
+        async fn write(&self, handle: &FileHandle, offset: u64, data: Bytes) -> StoreResult<u32> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            if self.takes_none.load(Ordering::Relaxed) {
+                return Ok(0);
+            }
+            let n = data.len().min(self.most);
+            self.inner.write(handle, offset, data.slice(..n)).await
+        }
+        async fn commit(&self, handle: &FileHandle) -> StoreResult<()> {
+            self.inner.commit(handle).await
+        }
+        async fn create(
+            &self,
+            dir: &FileHandle,
+            name: &[u8],
+            attr: NewAttr,
+            how: CreateMode,
+        ) -> StoreResult<(FileHandle, Attr)> {
+            self.inner.create(dir, name, attr, how).await
+        }
+        async fn mkdir(
+            &self,
+            dir: &FileHandle,
+            name: &[u8],
+            attr: NewAttr,
+        ) -> StoreResult<(FileHandle, Attr)> {
+            self.inner.mkdir(dir, name, attr).await
+        }
+        async fn symlink(
+            &self,
+            dir: &FileHandle,
+            name: &[u8],
+            target: &[u8],
+            attr: NewAttr,
+        ) -> StoreResult<(FileHandle, Attr)> {
+            self.inner.symlink(dir, name, target, attr).await
+        }
+        async fn readlink(&self, handle: &FileHandle) -> StoreResult<Vec<u8>> {
+            self.inner.readlink(handle).await
+        }
+        async fn link(
+            &self,
+            handle: &FileHandle,
+            dir: &FileHandle,
+            name: &[u8],
+        ) -> StoreResult<Attr> {
+            self.inner.link(handle, dir, name).await
+        }
+        async fn unlink(&self, dir: &FileHandle, name: &[u8]) -> StoreResult<()> {
+            self.inner.unlink(dir, name).await
+        }
+        async fn rmdir(&self, dir: &FileHandle, name: &[u8]) -> StoreResult<()> {
+            self.inner.rmdir(dir, name).await
+        }
+        async fn rename(
+            &self,
+            from_dir: &FileHandle,
+            from_name: &[u8],
+            to_dir: &FileHandle,
+            to_name: &[u8],
+        ) -> StoreResult<()> {
+            self.inner
+                .rename(from_dir, from_name, to_dir, to_name)
+                .await
+        }
+        async fn readdirplus(
+            &self,
+            dir: &FileHandle,
+            cookie: u64,
+            verifier: CookieVerifier,
+            max_entries: u32,
+        ) -> StoreResult<DirPage> {
+            self.inner
+                .readdirplus(dir, cookie, verifier, max_entries)
+                .await
+        }
+        async fn statfs(&self, handle: &FileHandle) -> StoreResult<FsStat> {
+            self.inner.statfs(handle).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_writes_are_continued_in_the_background_and_a_write_of_nothing_is_eio() {
+        let memory = Arc::new(MemoryStore::new());
+        let store = Arc::new(ShortWrites {
+            inner: memory.clone(),
+            most: 1000,
+            takes_none: std::sync::atomic::AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+        });
+        let root = store.root().await.unwrap();
+        let fs = FerryFs::new(store.clone(), root, Duration::from_secs(1));
+        let inode = fs
+            .create(req(), ROOT_INODE, OsStr::new("f"), 0o644, 0)
+            .await
+            .unwrap()
+            .attr
+            .ino;
+        let data: Vec<u8> = (0..4500u32).map(|i| i as u8).collect();
+        assert_eq!(write(&fs, inode, 0, &data).await.unwrap(), 4500);
+        fs.fsync(req(), inode, 0, false).await.unwrap();
+        assert_eq!(
+            store.writes.load(Ordering::Relaxed),
+            5,
+            "4500 bytes in parts of 1000"
+        );
+        let back = fs.read(req(), inode, 0, 0, 5000).await.unwrap().data;
+        assert_eq!(&back[..], &data[..]);
+
+        // A store that takes nothing: the background write gives up with EIO, reported by the next flush.
+        store.takes_none.store(true, Ordering::Relaxed);
+        assert_eq!(write(&fs, inode, 0, b"lost").await.unwrap(), 4);
+        assert_eq!(errno_of(fs.flush(req(), inode, 0, 0).await), libc::EIO);
+    }
+
     #[test]
     fn timestamps_convert_both_sides_of_the_epoch() {
         let t = system_time(Timestamp::new(1_600_000_000, 5));
