@@ -175,6 +175,8 @@ fn nfs_mount(spec: &str) -> anyhow::Result<u8> {
             return Ok(1);
         }
     };
+    // Before the runtime's threads exist.
+    serve::tune_allocator();
     // Several FUSE requests wait on the server at once; more workers than cores keeps them flowing.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)

@@ -623,3 +623,168 @@ fn unmount_of_a_busy_mount_fails_and_leaves_it_working() {
     m.rt.block_on(h.unmount()).unwrap();
     assert!(mounts_at(&path).is_empty());
 }
+
+/// Closes `f` and returns what close(2) said, which `File`'s drop throws away.
+fn close(f: File) -> nix::Result<()> {
+    nix::unistd::close(std::os::fd::IntoRawFd::into_raw_fd(f))
+}
+
+/// Opens an existing file for writing without truncating it (no store call on open).
+fn open_rw(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
+}
+
+#[test]
+fn a_failed_background_write_is_reported_by_fsync_and_by_close() {
+    let store = MemoryStore::new();
+    store.set_capacity(MIB as u64);
+    // Every store call takes a while, so a write is acknowledged well before the store refuses it.
+    store.set_delay(Duration::from_millis(100));
+    let m = Mounted::new(store, MountOptions::default());
+    let chunk = vec![1u8; MIB];
+
+    // The first MiB fills the store; the second is acknowledged, and refused by the store only later.
+    let mut f = File::create(m.path("fsynced")).unwrap();
+    f.write_all(&chunk).unwrap();
+    f.sync_all().unwrap();
+    f.write_all(&chunk).unwrap();
+    let e = f
+        .sync_all()
+        .expect_err("fsync must report the write that did not fit");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    close(f).expect("reported once, by the fsync");
+    drop(m);
+
+    // The same without fsync: close(2) reports it. A store of its own, so the space is not still held by
+    // the file above (its release reaches the adapter only after close(2) has returned).
+    let store = MemoryStore::new();
+    store.set_capacity(MIB as u64);
+    store.set_delay(Duration::from_millis(100));
+    let m = Mounted::new(store, MountOptions::default());
+    let mut f = File::create(m.path("closed")).unwrap();
+    f.write_all(&chunk).unwrap();
+    f.sync_all().unwrap();
+    f.write_all(&chunk).unwrap();
+    assert_eq!(close(f), Err(nix::errno::Errno::ENOSPC));
+    // What fitted is there.
+    assert_eq!(fs::read(m.path("closed")).unwrap(), chunk);
+}
+
+#[test]
+fn reads_and_stats_after_writes_see_them_while_the_store_is_slow() {
+    let store = MemoryStore::new();
+    // attr_ttl 0: stat asks the adapter every time, so it must not answer the size from before the writes.
+    let m = Mounted::new(
+        store,
+        MountOptions {
+            attr_ttl: Duration::ZERO,
+            ..MountOptions::default()
+        },
+    );
+    let p = m.path("slow");
+    File::create(&p).unwrap();
+    m.store.set_delay(Duration::from_millis(50));
+    let mut f = open_rw(&p);
+    let mut buf = vec![0u8; MIB];
+    for i in 0..4u64 {
+        pattern(9, i * MIB as u64, &mut buf);
+        f.write_all(&buf).unwrap();
+        // Each stat comes right after a write whose store call has not ended yet.
+        assert_eq!(fs::metadata(&p).unwrap().len(), (i + 1) * MIB as u64);
+    }
+    // A new open drops the kernel's cached pages, so this read goes to the adapter.
+    let mut back = vec![0u8; 4 * MIB];
+    File::open(&p).unwrap().read_exact(&mut back).unwrap();
+    let mut want = vec![0u8; 4 * MIB];
+    pattern(9, 0, &mut want);
+    assert!(back == want, "read after write differs");
+    // Through the entries of a listing too.
+    f.write_all(b"tail").unwrap();
+    let listed: Vec<u64> = fs::read_dir(m.root())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert_eq!(listed, vec![4 * MIB as u64 + 4]);
+    close(f).unwrap();
+}
+
+#[test]
+fn overlapping_writes_in_flight_end_in_the_last_written_data() {
+    let m = Mounted::default();
+    let p = m.path("overlap");
+    File::create(&p).unwrap();
+    m.store.set_delay(Duration::from_millis(20));
+    let f = open_rw(&p);
+    // Sixteen writes of 1 MiB, each shifted by 192 KiB and filled with its own byte: each overlaps the
+    // ones before it, and all are in flight together.
+    let mut model = Vec::new();
+    for i in 0..16usize {
+        let off = i * 192 * 1024;
+        let data = vec![i as u8 + 1; MIB];
+        f.write_all_at(&data, off as u64).unwrap();
+        if model.len() < off + MIB {
+            model.resize(off + MIB, 0);
+        }
+        model[off..off + MIB].copy_from_slice(&data);
+    }
+    // And the same range again and again, the last one winning.
+    for i in 0..8u8 {
+        f.write_all_at(&vec![100 + i; 4096], 0).unwrap();
+    }
+    model[..4096].fill(107);
+    f.sync_all().unwrap();
+    close(f).unwrap();
+    m.store.set_delay(Duration::ZERO);
+    let back = fs::read(&p).unwrap();
+    assert_eq!(back.len(), model.len());
+    let first_difference = back.iter().zip(&model).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "the data differs from the order written"
+    );
+}
+
+#[test]
+fn a_stalled_file_takes_writes_up_to_the_bound_then_fsync_fails_with_the_timeout() {
+    let m = Mounted::new(
+        MemoryStore::with_timeout(Duration::from_secs(2)),
+        MountOptions::default(),
+    );
+    let p = m.path("stalled");
+    File::create(&p).unwrap();
+    fs::write(m.path("other"), b"fine").unwrap();
+    let fileid = fs::metadata(&p).unwrap().ino();
+    let mut f = open_rw(&p);
+    m.store.stall(fileid);
+
+    // Four MiB stay within the bound of writes in flight: acknowledged without waiting for the store.
+    let t = Instant::now();
+    for _ in 0..4 {
+        f.write_all(&vec![2u8; MIB]).unwrap();
+    }
+    let wrote = t.elapsed();
+    assert!(wrote < Duration::from_secs(1), "writes took {wrote:?}");
+    // Another file answers meanwhile.
+    assert_eq!(fs::read(m.path("other")).unwrap(), b"fine");
+
+    let t = Instant::now();
+    let e = f.sync_all().expect_err("fsync of a stalled file must fail");
+    let took = t.elapsed();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_secs(10),
+        "fsync failed after {took:?}"
+    );
+    println!("writes acknowledged in {wrote:?}; fsync failed after {took:?}");
+
+    // The server answers again: the same open file works, and the mount unmounts cleanly (on drop).
+    m.store.resume(fileid);
+    f.write_all_at(b"again", 0).unwrap();
+    f.sync_all().unwrap();
+    close(f).unwrap();
+    assert_eq!(&fs::read(&p).unwrap()[..5], b"again");
+}

@@ -4,9 +4,11 @@
 //! This module owns the kernel-facing side only: mounting and unmounting, translating FUSE requests into
 //! `FileStore` calls, inode numbers (`inode`), and the few things the kernel expects that a stateless remote
 //! store does not give: keeping an unlinked-but-open file alive, committing writes on close, and paging
-//! directories with cookies. Everything about where the data lives is in the store (`store` defines the
-//! contract, `memory` is the in-memory double). It must not retry, cache data or enforce deadlines: the store
-//! owns its deadline, and the kernel owns the page cache and permission checks (`default_permissions`).
+//! directories with cookies, and write-behind (`write_behind`): a WRITE is acknowledged once its data is
+//! copied and the store write started, with a bounded amount in flight per file, as the kernel NFS client
+//! does. Everything about where the data lives is in the store (`store` defines the contract, `memory` is the
+//! in-memory double). It must not retry, cache data beyond the writes in flight or enforce deadlines: the
+//! store owns its deadline, and the kernel owns the page cache and permission checks (`default_permissions`).
 //!
 //! Every request runs in its own task (the `fuse3` session spawns one per request) and holds no lock across
 //! a store call, so a request stuck on an unreachable server never delays the others.
@@ -14,6 +16,7 @@
 mod inode;
 pub mod memory;
 pub mod store;
+mod write_behind;
 
 use std::ffi::OsStr;
 use std::num::NonZeroU32;
@@ -42,6 +45,7 @@ pub use store::{
 };
 
 use inode::Hidden;
+use write_behind::WriteBehind;
 
 /// The largest read and write the kernel sends in one request: 1 MiB, the kernel's ceiling (256 pages) and
 /// the usual NFS rsize/wsize, so one FUSE request becomes one NFS call.
@@ -117,6 +121,8 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     /// The session's own teardown on drop spawns a task, which needs the runtime it was mounted in.
     runtime: tokio::runtime::Handle,
+    /// Writes the session acknowledged may still be on their way when it ends; `finished` waits for them.
+    writes: Arc<WriteBehind>,
 }
 
 impl std::fmt::Debug for MountHandle {
@@ -173,10 +179,15 @@ impl MountHandle {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        session.await.map_err(|source| FuseError::Session {
+        let ended = session.await.map_err(|source| FuseError::Session {
             path: self.mountpoint.clone(),
             source,
-        })
+        });
+        // The kernel flushes every file before an unmount succeeds, so normally nothing is left; writes of
+        // pages from a shared mapping can still arrive after the last close. Each ends within the store's
+        // deadline, and the caller may exit right after this.
+        self.writes.settle_all().await;
+        ended
     }
 }
 
@@ -201,14 +212,8 @@ pub async fn mount(
         return Err(FuseError::NoDevice);
     }
     let root = store.root().await.map_err(FuseError::Root)?;
-    let fs = FerryFs {
-        store,
-        inodes: Arc::new(InodeTable::new(root)),
-        ttl: opts.attr_ttl,
-        next_fh: AtomicU64::new(1),
-        dirs: Mutex::new(std::collections::HashMap::new()),
-        hidden_serial: AtomicU64::new(0),
-    };
+    let fs = FerryFs::new(store, root, opts.attr_ttl);
+    let writes = Arc::clone(&fs.writes);
     let mut options = fuse3::MountOptions::default();
     options
         .fs_name(opts.fsname.clone())
@@ -229,6 +234,7 @@ pub async fn mount(
         session: Some(session),
         mountpoint: mountpoint.to_path_buf(),
         runtime: tokio::runtime::Handle::current(),
+        writes,
     })
 }
 
@@ -270,6 +276,9 @@ struct FerryFs {
     dirs: Mutex<std::collections::HashMap<u64, CookieVerifier>>,
     /// Makes hidden names of unlinked open files unique.
     hidden_serial: AtomicU64,
+    /// Writes acknowledged to the kernel and still on their way to the store. Every request that reads or
+    /// replaces an inode's data or size, or reports its attributes, settles them first.
+    writes: Arc<WriteBehind>,
 }
 
 type FuseResult<T> = fuse3::Result<T>;
@@ -283,6 +292,34 @@ enum Hiding {
     Hidden(u64, Hidden),
     /// Renamed, then removed at once because its last close came meanwhile: the name is gone.
     Removed,
+}
+
+/// Writes all of `data` at `offset`: a store may take less per call, and the kernel was told it all went.
+/// Marks the inode dirty after every part the store took, before the write counts as finished, so a flush
+/// that waited for this write also commits it.
+async fn write_all(
+    store: &dyn FileStore,
+    inodes: &InodeTable,
+    inode: u64,
+    handle: &FileHandle,
+    offset: u64,
+    data: Bytes,
+) -> StoreResult<()> {
+    let mut done = 0usize;
+    while done < data.len() {
+        let n = store
+            .write(handle, offset + done as u64, data.slice(done..))
+            .await?;
+        if n == 0 {
+            return Err(StoreError::new(
+                StoreErrorKind::Io,
+                "the store took no bytes of a write",
+            ));
+        }
+        done += (n as usize).min(data.len() - done);
+        inodes.mark_dirty(inode);
+    }
+    Ok(())
 }
 
 /// Turns a store failure into the errno the application sees, logging it here, once. Expected outcomes
@@ -344,6 +381,18 @@ fn name_bytes(name: &OsStr) -> &[u8] {
 }
 
 impl FerryFs {
+    fn new(store: Arc<dyn FileStore>, root: FileHandle, ttl: Duration) -> Self {
+        FerryFs {
+            store,
+            inodes: Arc::new(InodeTable::new(root)),
+            ttl,
+            next_fh: AtomicU64::new(1),
+            dirs: Mutex::new(std::collections::HashMap::new()),
+            hidden_serial: AtomicU64::new(0),
+            writes: Arc::new(WriteBehind::default()),
+        }
+    }
+
     fn handle(&self, inode: u64) -> FuseResult<FileHandle> {
         // An inode the table does not know was forgotten already; the kernel should not ask, so say stale.
         self.inodes.handle(inode).ok_or_else(|| libc::ESTALE.into())
@@ -357,6 +406,64 @@ impl FerryFs {
             attr: fuse_attr(inode, attr),
             generation: 0,
         }
+    }
+
+    /// The attributes to hand the kernel for `handle`: `attr` as the store gave it, unless writes of its
+    /// inode are still in flight. The kernel already took the sizes of those acknowledged writes, and an
+    /// entry with the server's older size would shrink the file under the application (an O_APPEND writer
+    /// would then overwrite its own data), so wait for them and ask again.
+    async fn settled_attr(&self, handle: &FileHandle, attr: Attr) -> FuseResult<Attr> {
+        match self.inodes.inode_of(handle) {
+            Some(inode) if self.writes.busy(inode) => {
+                self.writes.settle(inode).await;
+                self.store
+                    .getattr(handle)
+                    .await
+                    .map_err(|e| fail("getattr", e))
+            }
+            _ => Ok(attr),
+        }
+    }
+
+    /// Lets the writes in flight to the object named `name` in `dir` reach the store before that name is
+    /// removed or replaced, so they neither land on a destroyed file nor fail late against it. Costs a
+    /// lookup only while some write is in flight; a failed lookup is left to the operation to report.
+    async fn settle_name(&self, dir: &FileHandle, name: &[u8]) {
+        if !self.writes.any_busy() {
+            return;
+        }
+        if let Ok((handle, _)) = self.store.lookup(dir, name).await {
+            if let Some(inode) = self.inodes.inode_of(&handle) {
+                self.writes.settle(inode).await;
+            }
+        }
+    }
+
+    /// Takes a write the way the kernel NFS client does: waits for its turn (`WriteBehind` bounds what is in
+    /// flight and orders overlapping writes), copies the data, starts the store write in its own task and
+    /// returns without waiting for the server. A failure is reported by the next write, flush or fsync.
+    async fn write_behind(&self, inode: u64, offset: u64, data: &[u8]) -> FuseResult<u32> {
+        let handle = self.handle(inode)?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        // An unreported failure: logged when it happened, so only its errno here.
+        let ticket = self
+            .writes
+            .begin(inode, offset, data.len() as u64)
+            .await
+            .map_err(|e| fuse3::Errno::from(e.errno()))?;
+        // The request's buffer is gone after the reply; the store needs the data until it is written.
+        let data = Bytes::copy_from_slice(data);
+        let written = data.len() as u32;
+        let store = Arc::clone(&self.store);
+        let inodes = Arc::clone(&self.inodes);
+        let writes = Arc::clone(&self.writes);
+        tokio::spawn(async move {
+            let result = write_all(&*store, &inodes, inode, &handle, offset, data).await;
+            writes.finish(ticket, result);
+        });
+        Ok(written)
     }
 
     fn new_fh(&self) -> u64 {
@@ -402,6 +509,7 @@ impl FerryFs {
 
     /// Unlinks `name` in `dir`, keeping a file that is open here readable until its last close.
     async fn unlink_name(&self, dir: &FileHandle, name: &[u8]) -> FuseResult<()> {
+        self.settle_name(dir, name).await;
         match self.hide_if_open(dir, name).await? {
             // The name is gone already, by the rename that hid it: the unlink is done.
             Hiding::Hidden(..) | Hiding::Removed => Ok(()),
@@ -538,7 +646,9 @@ impl Filesystem for FerryFs {
         Ok(reply)
     }
 
-    async fn destroy(&self, _req: Request) {}
+    async fn destroy(&self, _req: Request) {
+        self.writes.settle_all().await;
+    }
 
     async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<ReplyEntry> {
         let fs = self;
@@ -548,6 +658,7 @@ impl Filesystem for FerryFs {
             .lookup(&dir, name_bytes(name))
             .await
             .map_err(|e| fail("lookup", e))?;
+        let attr = fs.settled_attr(&handle, attr).await?;
         Ok(fs.entry(&handle, &attr))
     }
 
@@ -570,6 +681,7 @@ impl Filesystem for FerryFs {
     ) -> FuseResult<ReplyAttr> {
         let fs = self;
         let handle = fs.handle(inode)?;
+        fs.writes.settle(inode).await;
         let attr = fs
             .store
             .getattr(&handle)
@@ -590,6 +702,8 @@ impl Filesystem for FerryFs {
     ) -> FuseResult<ReplyAttr> {
         let fs = self;
         let handle = fs.handle(inode)?;
+        // A truncation must not be overtaken by earlier writes, and the reply carries the size.
+        fs.writes.settle(inode).await;
         // fuse3 turns UTIME_NOW into this process's clock, so "now" arrives as an instant.
         let to_set = SetAttr {
             mode: set.mode.map(|m| m & 0o7777),
@@ -695,6 +809,8 @@ impl Filesystem for FerryFs {
         let fs = self;
         let from = fs.handle(parent)?;
         let to = fs.handle(new_parent)?;
+        fs.settle_name(&from, name_bytes(name)).await;
+        fs.settle_name(&to, name_bytes(new_name)).await;
         // A target that is open here would be destroyed by the rename; keep it alive under a hidden name.
         let hidden = fs.hide_if_open(&to, name_bytes(new_name)).await?;
         let result = fs
@@ -733,6 +849,7 @@ impl Filesystem for FerryFs {
         let fs = self;
         let handle = fs.handle(inode)?;
         let dir = fs.handle(new_parent)?;
+        fs.writes.settle(inode).await;
         let attr = fs
             .store
             .link(&handle, &dir, name_bytes(new_name))
@@ -746,6 +863,9 @@ impl Filesystem for FerryFs {
         let handle = fs.handle(inode)?;
         // fuse3 negotiates FUSE_ATOMIC_O_TRUNC, so truncation on open is ours to do.
         if flags as i32 & libc::O_TRUNC != 0 {
+            // Writes through another open file that arrived before this open must not land after the
+            // truncation.
+            fs.writes.settle(inode).await;
             let set = SetAttr {
                 size: Some(0),
                 ..SetAttr::default()
@@ -787,6 +907,8 @@ impl Filesystem for FerryFs {
             .create(&dir, name_bytes(name), owner, how)
             .await
             .map_err(|e| fail("create", e))?;
+        // An existing file, opened: its writes in flight decide the size, and go before a truncation.
+        attr = fs.settled_attr(&handle, attr).await?;
         // Unchecked create may have opened a file another client made meanwhile: honour O_TRUNC on it.
         if flags as i32 & libc::O_TRUNC != 0 && attr.size > 0 {
             let set = SetAttr {
@@ -820,6 +942,7 @@ impl Filesystem for FerryFs {
     ) -> FuseResult<ReplyData> {
         let fs = self;
         let handle = fs.handle(inode)?;
+        fs.writes.settle(inode).await;
         let first = fs
             .store
             .read(&handle, offset, size)
@@ -858,27 +981,8 @@ impl Filesystem for FerryFs {
         _write_flags: u32,
         _flags: u32,
     ) -> FuseResult<ReplyWrite> {
-        let fs = self;
-        let handle = fs.handle(inode)?;
-        let all = Bytes::copy_from_slice(data);
-        let mut done = 0usize;
-        // The kernel expects the whole write taken; a server may take less per call.
-        while done < all.len() {
-            let n = fs
-                .store
-                .write(&handle, offset + done as u64, all.slice(done..))
-                .await
-                .map_err(|e| fail("write", e))?;
-            if n == 0 {
-                tracing::warn!(inode, "the store took no bytes of a write");
-                return Err(libc::EIO.into());
-            }
-            done += n as usize;
-            fs.inodes.mark_dirty(inode);
-        }
-        Ok(ReplyWrite {
-            written: done as u32,
-        })
+        let written = self.write_behind(inode, offset, data).await?;
+        Ok(ReplyWrite { written })
     }
 
     async fn statfs(&self, _req: Request, inode: u64) -> FuseResult<ReplyStatFs> {
@@ -911,7 +1015,12 @@ impl Filesystem for FerryFs {
         _flush: bool,
     ) -> FuseResult<()> {
         let fs = self;
-        if let Some(hidden) = fs.inodes.release(inode) {
+        fs.writes.settle(inode).await;
+        let hidden = fs.inodes.release(inode);
+        if !fs.inodes.is_open(inode) {
+            fs.writes.forget_error(inode);
+        }
+        if let Some(hidden) = hidden {
             fs.remove_hidden(hidden).await;
         }
         Ok(())
@@ -920,6 +1029,10 @@ impl Filesystem for FerryFs {
     async fn fsync(&self, _req: Request, inode: u64, _fh: u64, _datasync: bool) -> FuseResult<()> {
         let fs = self;
         let handle = fs.handle(inode)?;
+        // A background write that failed: its data never reached the server, whatever a commit says.
+        if let Some(e) = fs.writes.settle_and_take_error(inode).await {
+            return Err(e.errno().into());
+        }
         fs.inodes.take_dirty(inode);
         if let Err(e) = fs.store.commit(&handle).await {
             fs.inodes.mark_dirty(inode);
@@ -932,6 +1045,9 @@ impl Filesystem for FerryFs {
         // Close-to-open consistency, as NFS clients do: data written through this file is committed by
         // close(2), and a failure is reported there.
         let fs = self;
+        if let Some(e) = fs.writes.settle_and_take_error(inode).await {
+            return Err(e.errno().into());
+        }
         if !fs.inodes.take_dirty(inode) {
             return Ok(());
         }
@@ -1012,7 +1128,12 @@ impl Filesystem for FerryFs {
     > {
         let fs = self;
         let dir = fs.handle(parent)?;
-        let page = fs.dir_page(&dir, fh, offset).await?;
+        let mut page = fs.dir_page(&dir, fh, offset).await?;
+        if fs.writes.any_busy() {
+            for e in &mut page.entries {
+                e.attr = fs.settled_attr(&e.handle, e.attr.clone()).await?;
+            }
+        }
         Ok(ReplyDirectoryPlus {
             entries: DirPlusStream {
                 inodes: Arc::clone(&fs.inodes),
@@ -1030,14 +1151,7 @@ mod tests {
     use crate::fuse::memory::MemoryStore;
 
     fn ferry_fs(store: Arc<MemoryStore>, root: FileHandle) -> FerryFs {
-        FerryFs {
-            store,
-            inodes: Arc::new(InodeTable::new(root)),
-            ttl: Duration::from_secs(1),
-            next_fh: AtomicU64::new(1),
-            dirs: Mutex::new(std::collections::HashMap::new()),
-            hidden_serial: AtomicU64::new(0),
-        }
+        FerryFs::new(store, root, Duration::from_secs(1))
     }
 
     /// The kernel sends RELEASE after close(2) returns, so an application's close-then-unlink (SQLite
@@ -1083,6 +1197,299 @@ mod tests {
             .filter(|n| n != "." && n != "..")
             .collect();
         assert!(names.is_empty(), "left behind: {names:?}");
+    }
+
+    fn req() -> Request {
+        Request {
+            unique: 0,
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        }
+    }
+
+    /// A mounted-like adapter with one empty file, known to the kernel and open: (fs, store, inode, fileid).
+    async fn one_open_file(store: MemoryStore) -> (Arc<FerryFs>, Arc<MemoryStore>, u64, u64) {
+        let store = Arc::new(store);
+        let root = store.root().await.unwrap();
+        let fs = Arc::new(ferry_fs(store.clone(), root));
+        let created = fs
+            .create(req(), ROOT_INODE, OsStr::new("f"), 0o644, 0)
+            .await
+            .unwrap();
+        (fs, store, created.attr.ino, created.attr.ino)
+    }
+
+    async fn write(fs: &FerryFs, inode: u64, offset: u64, data: &[u8]) -> FuseResult<u32> {
+        fs.write(req(), inode, 0, offset, data, 0, 0)
+            .await
+            .map(|w| w.written)
+    }
+
+    fn errno_of<T: std::fmt::Debug>(r: FuseResult<T>) -> i32 {
+        let e = std::io::Error::from(r.expect_err("should fail"));
+        e.raw_os_error().unwrap_or_default()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_returns_before_the_store_takes_it_and_what_depends_on_it_waits() {
+        let (fs, store, inode, _) = one_open_file(MemoryStore::new()).await;
+        store.set_delay(Duration::from_millis(100));
+        let t = tokio::time::Instant::now();
+        assert_eq!(write(&fs, inode, 0, &[7u8; 4096]).await.unwrap(), 4096);
+        assert_eq!(write(&fs, inode, 4096, &[8u8; 4096]).await.unwrap(), 4096);
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+
+        // getattr and read wait for both writes (100 ms, concurrently), then take their own 100 ms.
+        let attr = fs.getattr(req(), inode, None, 0).await.unwrap();
+        assert_eq!(attr.attr.size, 8192);
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        write(&fs, inode, 100, &[9u8; 10]).await.unwrap();
+        let data = fs.read(req(), inode, 0, 0, 8192).await.unwrap().data;
+        assert_eq!(&data[..100], &[7u8; 100][..]);
+        assert_eq!(&data[100..110], &[9u8; 10][..]);
+        assert_eq!(&data[4096..], &[8u8; 4096][..]);
+
+        // A lookup of the file while a write extends it answers the extended size.
+        write(&fs, inode, 8192, &[1u8; 8]).await.unwrap();
+        let entry = fs.lookup(req(), ROOT_INODE, OsStr::new("f")).await.unwrap();
+        assert_eq!(entry.attr.size, 8200);
+        fs.fsync(req(), inode, 0, false).await.unwrap();
+        fs.flush(req(), inode, 0, 0).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_background_write_is_reported_by_later_writes_until_fsync_takes_it() {
+        let (fs, store, inode, _) = one_open_file(MemoryStore::new()).await;
+        store.set_capacity(1 << 20);
+        store.set_delay(Duration::from_millis(10));
+        // Taken at once; the second cannot fit, which only the store finds out, later.
+        write(&fs, inode, 0, &vec![1u8; 1 << 20]).await.unwrap();
+        write(&fs, inode, 1 << 20, &vec![2u8; 1 << 20])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every write reports it until a flush or fsync has.
+        assert_eq!(errno_of(write(&fs, inode, 0, b"x").await), libc::ENOSPC);
+        assert_eq!(errno_of(write(&fs, inode, 0, b"x").await), libc::ENOSPC);
+        assert_eq!(
+            errno_of(fs.fsync(req(), inode, 0, false).await),
+            libc::ENOSPC
+        );
+        // Reported once: the data that fit is committed by the next fsync.
+        fs.fsync(req(), inode, 0, false).await.unwrap();
+        assert_eq!(
+            fs.getattr(req(), inode, None, 0).await.unwrap().attr.size,
+            1 << 20
+        );
+
+        // The same through close: flush reports it.
+        write(&fs, inode, 1 << 20, b"more").await.unwrap();
+        assert_eq!(errno_of(fs.flush(req(), inode, 0, 0).await), libc::ENOSPC);
+        fs.flush(req(), inode, 0, 0).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_file_takes_writes_up_to_the_bound_then_fails_within_the_deadline() {
+        let store = MemoryStore::with_timeout(Duration::from_secs(2));
+        let (fs, store, inode, fileid) = one_open_file(store).await;
+        store.stall(fileid);
+        let t = tokio::time::Instant::now();
+        let mib = vec![3u8; 1 << 20];
+        let bound = write_behind::MAX_BYTES_IN_FLIGHT >> 20;
+        for i in 0..bound {
+            write(&fs, inode, i << 20, &mib).await.unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_millis(10), "{:?}", t.elapsed());
+        // Over the bound: waits for the writes in flight, which time out, and reports that.
+        assert_eq!(
+            errno_of(write(&fs, inode, bound << 20, &mib).await),
+            libc::EIO
+        );
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert_eq!(errno_of(fs.fsync(req(), inode, 0, false).await), libc::EIO);
+        assert!(t.elapsed() < Duration::from_secs(3));
+
+        // The server answers again: the file works again.
+        store.resume(fileid);
+        write(&fs, inode, 0, b"back").await.unwrap();
+        fs.fsync(req(), inode, 0, false).await.unwrap();
+        let data = fs.read(req(), inode, 0, 0, 4).await.unwrap().data;
+        assert_eq!(&data[..], b"back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn truncation_and_unlink_wait_for_the_writes_before_them() {
+        let (fs, store, inode, _) = one_open_file(MemoryStore::new()).await;
+        store.set_delay(Duration::from_millis(100));
+        write(&fs, inode, 0, &[5u8; 1000]).await.unwrap();
+        let set = fuse3::SetAttr {
+            size: Some(10),
+            ..fuse3::SetAttr::default()
+        };
+        let attr = fs.setattr(req(), inode, None, set).await.unwrap();
+        assert_eq!(
+            attr.attr.size, 10,
+            "the earlier write must not land after the truncation"
+        );
+        write(&fs, inode, 0, &[6u8; 1000]).await.unwrap();
+        // The write settles before the name goes, so it cannot fail late against a removed file.
+        fs.unlink(req(), ROOT_INODE, OsStr::new("f")).await.unwrap();
+        assert!(!fs.writes.any_busy());
+        fs.release(req(), inode, 0, 0, 0, false).await.unwrap();
+    }
+
+    /// A store that takes at most `most` bytes per write, and none at all while `takes_none` is set; all else
+    /// goes to the memory store.
+    struct ShortWrites {
+        inner: Arc<MemoryStore>,
+        most: usize,
+        takes_none: std::sync::atomic::AtomicBool,
+        writes: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl FileStore for ShortWrites {
+        async fn root(&self) -> StoreResult<FileHandle> {
+            self.inner.root().await
+        }
+        async fn lookup(&self, dir: &FileHandle, name: &[u8]) -> StoreResult<(FileHandle, Attr)> {
+            self.inner.lookup(dir, name).await
+        }
+        async fn getattr(&self, handle: &FileHandle) -> StoreResult<Attr> {
+            self.inner.getattr(handle).await
+        }
+        async fn setattr(&self, handle: &FileHandle, set: &SetAttr) -> StoreResult<Attr> {
+            self.inner.setattr(handle, set).await
+        }
+        async fn read(&self, handle: &FileHandle, offset: u64, len: u32) -> StoreResult<ReadReply> {
+            self.inner.read(handle, offset, len).await
+        }
+        async fn write(&self, handle: &FileHandle, offset: u64, data: Bytes) -> StoreResult<u32> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            if self.takes_none.load(Ordering::Relaxed) {
+                return Ok(0);
+            }
+            let n = data.len().min(self.most);
+            self.inner.write(handle, offset, data.slice(..n)).await
+        }
+        async fn commit(&self, handle: &FileHandle) -> StoreResult<()> {
+            self.inner.commit(handle).await
+        }
+        async fn create(
+            &self,
+            dir: &FileHandle,
+            name: &[u8],
+            attr: NewAttr,
+            how: CreateMode,
+        ) -> StoreResult<(FileHandle, Attr)> {
+            self.inner.create(dir, name, attr, how).await
+        }
+        async fn mkdir(
+            &self,
+            dir: &FileHandle,
+            name: &[u8],
+            attr: NewAttr,
+        ) -> StoreResult<(FileHandle, Attr)> {
+            self.inner.mkdir(dir, name, attr).await
+        }
+        async fn symlink(
+            &self,
+            dir: &FileHandle,
+            name: &[u8],
+            target: &[u8],
+            attr: NewAttr,
+        ) -> StoreResult<(FileHandle, Attr)> {
+            self.inner.symlink(dir, name, target, attr).await
+        }
+        async fn readlink(&self, handle: &FileHandle) -> StoreResult<Vec<u8>> {
+            self.inner.readlink(handle).await
+        }
+        async fn link(
+            &self,
+            handle: &FileHandle,
+            dir: &FileHandle,
+            name: &[u8],
+        ) -> StoreResult<Attr> {
+            self.inner.link(handle, dir, name).await
+        }
+        async fn unlink(&self, dir: &FileHandle, name: &[u8]) -> StoreResult<()> {
+            self.inner.unlink(dir, name).await
+        }
+        async fn rmdir(&self, dir: &FileHandle, name: &[u8]) -> StoreResult<()> {
+            self.inner.rmdir(dir, name).await
+        }
+        async fn rename(
+            &self,
+            from_dir: &FileHandle,
+            from_name: &[u8],
+            to_dir: &FileHandle,
+            to_name: &[u8],
+        ) -> StoreResult<()> {
+            self.inner
+                .rename(from_dir, from_name, to_dir, to_name)
+                .await
+        }
+        async fn readdirplus(
+            &self,
+            dir: &FileHandle,
+            cookie: u64,
+            verifier: CookieVerifier,
+            max_entries: u32,
+        ) -> StoreResult<DirPage> {
+            self.inner
+                .readdirplus(dir, cookie, verifier, max_entries)
+                .await
+        }
+        async fn statfs(&self, handle: &FileHandle) -> StoreResult<FsStat> {
+            self.inner.statfs(handle).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_writes_are_continued_in_the_background_and_a_write_of_nothing_is_eio() {
+        let memory = Arc::new(MemoryStore::new());
+        let store = Arc::new(ShortWrites {
+            inner: memory.clone(),
+            most: 1000,
+            takes_none: std::sync::atomic::AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+        });
+        let root = store.root().await.unwrap();
+        let fs = FerryFs::new(store.clone(), root, Duration::from_secs(1));
+        let inode = fs
+            .create(req(), ROOT_INODE, OsStr::new("f"), 0o644, 0)
+            .await
+            .unwrap()
+            .attr
+            .ino;
+        let data: Vec<u8> = (0..4500u32).map(|i| i as u8).collect();
+        assert_eq!(write(&fs, inode, 0, &data).await.unwrap(), 4500);
+        fs.fsync(req(), inode, 0, false).await.unwrap();
+        assert_eq!(
+            store.writes.load(Ordering::Relaxed),
+            5,
+            "4500 bytes in parts of 1000"
+        );
+        let back = fs.read(req(), inode, 0, 0, 5000).await.unwrap().data;
+        assert_eq!(&back[..], &data[..]);
+
+        // A store that takes nothing: the background write gives up with EIO, reported by the next flush.
+        store.takes_none.store(true, Ordering::Relaxed);
+        assert_eq!(write(&fs, inode, 0, b"lost").await.unwrap(), 4);
+        assert_eq!(errno_of(fs.flush(req(), inode, 0, 0).await), libc::EIO);
     }
 
     #[test]
