@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::backend::ebs::EbsSettings;
 use crate::backend::nfs::{DataPath, NfsSettings};
 use crate::spec::{
-    canonical_export, AllowedServer, BackendKind, FsType, NfsDefaults, SpecDefaults,
+    canonical_export, parse_size, AllowedServer, BackendKind, EbsDefaults, FsType, NfsDefaults,
+    SpecDefaults, MAX_SIZE, MIN_SIZE,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/ferry.sock";
@@ -56,6 +58,8 @@ pub struct ServeConfig {
     pub admin_socket: PathBuf,
     /// The nfs backend's settings; `None` leaves the backend off.
     pub nfs: Option<NfsSettings>,
+    /// The ebs backend's settings; `None` leaves the backend off.
+    pub ebs: Option<EbsSettings>,
 }
 
 /// The TOML file. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -76,6 +80,19 @@ struct FileConfig {
     metrics: MetricsSection,
     /// Present only where the nfs backend is wanted.
     nfs: Option<NfsSection>,
+    /// Present only where the ebs backend is wanted.
+    ebs: Option<EbsSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EbsSection {
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    concurrency: Option<usize>,
+    cache_dir: Option<PathBuf>,
+    namespace: Option<String>,
+    default_size: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +110,9 @@ struct NfsSection {
     attr_cache: Option<String>,
     connections: Option<usize>,
 }
+
+/// Blocks in flight per push or pull unless `[ebs] concurrency` says otherwise.
+pub const EBS_DEFAULT_CONCURRENCY: usize = crate::backend::ebs::DEFAULT_CONCURRENCY;
 
 /// Defaults of the `[nfs]` section.
 pub const NFS_DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -165,6 +185,23 @@ impl ServeConfig {
                 allowed: n.allowed_servers.clone(),
             });
         }
+        let ebs = match file.ebs {
+            None => None,
+            Some(section) => Some(ebs_settings(section, &path)?),
+        };
+        if let Some(e) = &ebs {
+            defaults.ebs = Some(EbsDefaults {
+                default_size: e.default_size,
+            });
+        }
+        if defaults.backend == BackendKind::Ebs && ebs.is_none() {
+            return Err(ConfigError::Value {
+                path: path.clone(),
+                key: "default_backend",
+                value: "ebs".into(),
+                hint: "the ebs backend needs an [ebs] section with region".into(),
+            });
+        }
         if defaults.backend == BackendKind::Nfs && nfs.is_none() {
             return Err(ConfigError::Value {
                 path: path.clone(),
@@ -194,8 +231,104 @@ impl ServeConfig {
             defaults,
             metrics_listen,
             nfs,
+            ebs,
         })
     }
+}
+
+/// Validates the `[ebs]` section. Credentials are deliberately not part of it: they come from the AWS
+/// chain only, so they never sit in a file Ferry reads or shows.
+fn ebs_settings(e: EbsSection, path: &Path) -> Result<EbsSettings, ConfigError> {
+    let bad = |key: &'static str, value: String, hint: &str| ConfigError::Value {
+        path: path.to_path_buf(),
+        key,
+        value,
+        hint: hint.to_string(),
+    };
+    let region = e
+        .region
+        .or_else(|| std::env::var("AWS_REGION").ok())
+        .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            bad(
+                "ebs.region",
+                String::new(),
+                "set it to the AWS region of the snapshots, such as eu-west-1 (or set AWS_REGION)",
+            )
+        })?;
+    if !region
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(bad(
+            "ebs.region",
+            region,
+            "expected a region such as eu-west-1",
+        ));
+    }
+    let endpoint_url = match e.endpoint_url {
+        None => None,
+        Some(u) => {
+            let t = u.trim();
+            if !(t.starts_with("http://") || t.starts_with("https://"))
+                || t.contains(char::is_whitespace)
+            {
+                return Err(bad(
+                    "ebs.endpoint_url",
+                    u.clone(),
+                    "expected a URL such as https://ebs.example.com or http://127.0.0.1:5000",
+                ));
+            }
+            Some(t.trim_end_matches('/').to_string())
+        }
+    };
+    let concurrency = e.concurrency.unwrap_or(EBS_DEFAULT_CONCURRENCY);
+    if !(1..=256).contains(&concurrency) {
+        return Err(bad(
+            "ebs.concurrency",
+            concurrency.to_string(),
+            "expected 1 to 256",
+        ));
+    }
+    let namespace = e
+        .namespace
+        .unwrap_or_else(|| crate::backend::ebs::DEFAULT_NAMESPACE.to_string());
+    if namespace.is_empty()
+        || namespace.len() > 128
+        || !namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+    {
+        return Err(bad(
+            "ebs.namespace",
+            namespace,
+            "expected 1 to 128 letters, digits or - _ . : /",
+        ));
+    }
+    let default_size = match e.default_size {
+        None => None,
+        Some(s) => Some(
+            parse_size(&s)
+                .filter(|b| (MIN_SIZE..=MAX_SIZE).contains(b))
+                .ok_or_else(|| {
+                    bad(
+                        "ebs.default_size",
+                        s.clone(),
+                        "expected a size such as 20GiB, at least 16MiB",
+                    )
+                })?,
+        ),
+    };
+    Ok(EbsSettings {
+        region,
+        endpoint_url,
+        concurrency,
+        cache_dir: e.cache_dir,
+        namespace,
+        default_size,
+    })
 }
 
 /// Validates the `[nfs]` section.
@@ -457,6 +590,46 @@ pub const REFERENCE: &[ConfigKey] = &[
                   at once; 1 to 64",
         example: "8",
     },
+    ConfigKey {
+        key: "ebs.region",
+        default: "`AWS_REGION` (required with `[ebs]`)",
+        meaning: "AWS region of the snapshots of volumes created with `-o backend=ebs`; the `[ebs]` section \
+                  turns the ebs backend on. Credentials come only from the AWS chain (environment, profile, \
+                  instance role), never from this file or volume options",
+        example: "\"us-east-1\"",
+    },
+    ConfigKey {
+        key: "ebs.endpoint_url",
+        default: "none (AWS's endpoints of the region)",
+        meaning: "URL of an EBS- and EC2-compatible endpoint, for tests (moto) and compatible services",
+        example: "\"http://127.0.0.1:5000\"",
+    },
+    ConfigKey {
+        key: "ebs.concurrency",
+        default: "`16`",
+        meaning: "512 KiB blocks in flight per push or pull; 1 to 256",
+        example: "16",
+    },
+    ConfigKey {
+        key: "ebs.cache_dir",
+        default: "`STATE_DIR/ebs`",
+        meaning: "where local copies (sparse images), block maps and `copy.json` of ebs volumes live; \
+                  needs room for the data of every ebs volume used on this host",
+        example: "\"/var/cache/ferry-ebs\"",
+    },
+    ConfigKey {
+        key: "ebs.namespace",
+        default: "`ferry`",
+        meaning: "value of the `ferry:namespace` tag on every snapshot; hosts find each other's volumes only \
+                  within one namespace, so unrelated installations in one account never meet",
+        example: "\"prod\"",
+    },
+    ConfigKey {
+        key: "ebs.default_size",
+        default: "none (`-o size=` required)",
+        meaning: "size of ebs volumes created without `-o size=`, such as `20GiB`",
+        example: "\"20GiB\"",
+    },
 ];
 
 /// The configuration reference as a Markdown table, one row per key of `REFERENCE`.
@@ -647,6 +820,8 @@ mod tests {
         // The [nfs] defaults apply once the section names its two required keys.
         let (_d, over) = with_file("[nfs]\nserver = \"10.0.0.5\"\nexport = \"/x\"\n");
         let nfs = ServeConfig::load(&over).unwrap().nfs.unwrap();
+        let (_d2, over) = with_file("[ebs]\nregion = \"eu-west-1\"\n");
+        let ebs = ServeConfig::load(&over).unwrap().ebs.unwrap();
         let code = |s: &str| format!("`{s}`");
         for k in REFERENCE {
             let expected = match k.key {
@@ -685,6 +860,24 @@ mod tests {
                 "nfs.timeout" => code(&humantime::format_duration(nfs.timeout).to_string()),
                 "nfs.attr_cache" => code(&humantime::format_duration(nfs.attr_cache).to_string()),
                 "nfs.connections" => code(&nfs.connections.to_string()),
+                "ebs.region" => {
+                    assert!(c.ebs.is_none());
+                    "`AWS_REGION` (required with `[ebs]`)".into()
+                }
+                "ebs.endpoint_url" => {
+                    assert!(ebs.endpoint_url.is_none());
+                    "none (AWS's endpoints of the region)".into()
+                }
+                "ebs.concurrency" => code(&ebs.concurrency.to_string()),
+                "ebs.cache_dir" => {
+                    assert!(ebs.cache_dir.is_none());
+                    "`STATE_DIR/ebs`".into()
+                }
+                "ebs.namespace" => code(&ebs.namespace),
+                "ebs.default_size" => {
+                    assert!(ebs.default_size.is_none());
+                    "none (`-o size=` required)".into()
+                }
                 other => panic!("add a check of the documented default of {other:?} here"),
             };
             assert_eq!(k.default, expected, "documented default of {}", k.key);

@@ -63,6 +63,22 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             binary,
         )?));
     }
+    let transfers = Arc::new(crate::backend::ebs::Transfers::default());
+    if let Some(settings) = &config.ebs {
+        let host_id = crate::backend::nfs::host_id(&state.join("host-id"))
+            .context("cannot read or make this host's id (STATE_DIR/host-id)")?;
+        backends.push(Arc::new(
+            crate::backend::EbsBackend::new(
+                settings.clone(),
+                state.join("ebs"),
+                config.mount_root.clone(),
+                mounter.clone(),
+                host_id,
+                transfers.clone(),
+            )
+            .await?,
+        ));
+    }
     let (service, report) =
         VolumeService::start(catalog, backends, mounter, config.defaults.clone())
             .await

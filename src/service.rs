@@ -533,8 +533,7 @@ impl VolumeService {
                 // cleanup failed (at start-up or after a failed create): finish it, then create afresh.
                 VolumeState::Creating | VolumeState::Removing => {
                     let backend = self.backend(rec.spec.backend)?.clone();
-                    backend
-                        .remove(name, &rec.spec)
+                    Self::finish_leftover(&backend, name, rec)
                         .await
                         .map_err(|e| self.failed(name, e))?;
                     self.forget(name, existing.version).await?;
@@ -568,17 +567,30 @@ impl VolumeService {
             state: VolumeState::Creating,
             mounts: BTreeMap::new(),
             mountpoint: None,
+            shipped: None,
         };
         let creating = self.store(record.clone(), Expect::Absent).await?;
-        if let Err(e) = backend.create(name, &spec).await {
-            // Roll back so a retry starts clean; an orphan directory is not ours to delete.
-            if !matches!(e, BackendError::Orphan { .. }) {
-                if let Err(cleanup) = backend.remove(name, &spec).await {
-                    tracing::warn!(volume = name, error = %cleanup, "cleanup after a failed create failed");
+        match backend.create(name, &spec).await {
+            Ok(adopted) => record.shipped = adopted,
+            Err(e) => {
+                // Roll back so a retry starts clean; an orphan directory is not ours to delete, and data
+                // another host shipped is never deleted by a create that failed to adopt it.
+                if !matches!(e, BackendError::Orphan { .. }) {
+                    if let Err(cleanup) = backend.abandon(name, &spec).await {
+                        tracing::warn!(volume = name, error = %cleanup, "cleanup after a failed create failed");
+                    }
                 }
+                self.forget(name, creating.version).await?;
+                return Err(self.failed(name, e));
             }
-            self.forget(name, creating.version).await?;
-            return Err(self.failed(name, e));
+        }
+        if let Some(s) = &record.shipped {
+            tracing::info!(
+                volume = name,
+                snapshot = %s.snapshot,
+                generation = s.generation,
+                "adopted a volume another host shipped"
+            );
         }
         record.state = VolumeState::Ready;
         self.store(record, Expect::Version(creating.version))
@@ -611,7 +623,7 @@ impl VolumeService {
         let marked = self
             .store(removing.clone(), Expect::Version(entry.version))
             .await?;
-        if let Err(e) = backend.remove(name, &rec.spec).await {
+        if let Err(e) = Self::finish_leftover(&backend, name, rec).await {
             removing.state = VolumeState::Ready;
             self.store(removing, Expect::Version(marked.version))
                 .await?;
@@ -651,10 +663,12 @@ impl VolumeService {
                     volume = name,
                     "storage attached for other containers was lost; attaching it again"
                 );
-                mountpoint = backend
-                    .attach(name, &rec.spec)
+                let attached = backend
+                    .attach(name, &rec.spec, rec.shipped.as_ref())
                     .await
                     .map_err(|e| self.failed(name, e))?;
+                mountpoint = attached.path;
+                rec.shipped = attached.shipped;
                 rec.mountpoint = Some(mountpoint.clone());
                 self.healthy(name);
             }
@@ -669,10 +683,13 @@ impl VolumeService {
         let marked = self
             .store(rec.clone(), Expect::Version(entry.version))
             .await?;
-        let attached = backend.attach(name, &rec.spec).await;
+        let attached = backend.attach(name, &rec.spec, rec.shipped.as_ref()).await;
         rec.state = VolumeState::Ready;
         let path = match attached {
-            Ok(path) => path,
+            Ok(a) => {
+                rec.shipped = a.shipped;
+                a.path
+            }
             Err(e) => {
                 self.store(rec, Expect::Version(marked.version)).await?;
                 return Err(self.failed(name, e));
@@ -685,7 +702,7 @@ impl VolumeService {
             .await
         {
             // Docker sends no Unmount for a failed Mount, so undo the attach now.
-            if let Err(d) = backend.detach(name, &rec.spec).await {
+            if let Err(d) = backend.detach(name, &rec.spec, rec.shipped.as_ref()).await {
                 tracing::warn!(volume = name, error = %d, "detach after a failed mount failed");
             }
             return Err(e);
@@ -727,19 +744,43 @@ impl VolumeService {
         let marked = self
             .store(rec.clone(), Expect::Version(entry.version))
             .await?;
-        let detached = backend.detach(name, &rec.spec).await;
+        let detached = backend.detach(name, &rec.spec, rec.shipped.as_ref()).await;
         rec.state = VolumeState::Ready;
-        if let Err(e) = detached {
-            // Keep the storage attached but idle: the next Mount reuses it, and Remove or a restart
-            // releases it. Keeping the ID would leave the volume "in use" forever.
-            self.store(rec, Expect::Version(marked.version)).await?;
-            return Err(self.failed(name, e));
+        match detached {
+            Ok(shipped) => rec.shipped = shipped,
+            Err(e) => {
+                // Keep the storage attached but idle: the next Mount reuses it, and Remove or a restart
+                // releases it. Keeping the ID would leave the volume "in use" forever. A backend may have
+                // released its storage before it failed (ebs unmounts, then fails to ship): then nothing
+                // is attached, and saying otherwise would read as storage lost under containers.
+                if let Ok(table) = crate::mount::MountTable::read_self() {
+                    if backend.is_attached(name, &rec.spec, &table) == Some(false) {
+                        rec.mountpoint = None;
+                    }
+                }
+                self.store(rec, Expect::Version(marked.version)).await?;
+                return Err(self.failed(name, e));
+            }
         }
         rec.mountpoint = None;
         self.store(rec, Expect::Version(marked.version)).await?;
         self.healthy(name);
         tracing::info!(volume = name, "storage released");
         Ok(())
+    }
+
+    /// Deletes a volume's storage: all of it for a volume being removed (or a ready one), only what this
+    /// host made for one still being created, whose data may belong to another host (an adopted ebs volume).
+    async fn finish_leftover(
+        backend: &Arc<dyn Backend>,
+        name: &str,
+        rec: &VolumeRecord,
+    ) -> std::result::Result<(), BackendError> {
+        if rec.state == VolumeState::Creating {
+            backend.abandon(name, &rec.spec).await
+        } else {
+            backend.remove(name, &rec.spec).await
+        }
     }
 
     fn visible(rec: &VolumeRecord) -> bool {
@@ -778,9 +819,7 @@ impl VolumeService {
         if let Some(f) = failure {
             status.insert("last_error".into(), json!(f));
         }
-        if let Some(b) = self.backends.get(&rec.spec.backend) {
-            status.extend(b.status(name, &rec.spec));
-        }
+        status.extend(self.backend_status(rec));
         Ok(VolumeInfo {
             name: rec.name.clone(),
             mountpoint: rec.mountpoint.clone(),
@@ -843,12 +882,22 @@ impl VolumeService {
             created_at: rec.created_at,
             options: spec::redact(&rec.spec.to_options()),
             catalog_version: entry.version,
-            backend_status: self
-                .backends
-                .get(&rec.spec.backend)
-                .map(|b| b.status(&rec.name, &rec.spec))
-                .unwrap_or_default(),
+            backend_status: self.backend_status(rec),
         }
+    }
+
+    /// The backend's own facts, plus the newest snapshot the catalog records for backends that ship data.
+    fn backend_status(&self, rec: &VolumeRecord) -> Map<String, Value> {
+        let mut m = self
+            .backends
+            .get(&rec.spec.backend)
+            .map(|b| b.status(&rec.name, &rec.spec))
+            .unwrap_or_default();
+        if let Some(s) = &rec.shipped {
+            m.insert("snapshot".into(), json!(s.snapshot));
+            m.insert("generation".into(), json!(s.generation));
+        }
+        m
     }
 
     /// Asks every configured backend whether it is usable now, all at once, each within `deadline`. For
@@ -952,7 +1001,7 @@ impl VolumeService {
         let backend = self.backend(rec.spec.backend)?.clone();
         match rec.state {
             VolumeState::Creating | VolumeState::Removing => {
-                if let Err(e) = backend.remove(name, &rec.spec).await {
+                if let Err(e) = Self::finish_leftover(&backend, name, rec).await {
                     if rec.state == VolumeState::Removing {
                         // Show the volume again so Docker sends Remove again, instead of hiding it until the
                         // next restart.
@@ -979,10 +1028,12 @@ impl VolumeService {
         let attached = backend.is_attached(name, &rec.spec, table);
         if !rec.mounts.is_empty() {
             // Containers may still hold this volume: keep it attached, redoing the attach if it was lost.
-            let path = backend
-                .attach(name, &rec.spec)
+            let attached_now = backend
+                .attach(name, &rec.spec, rec.shipped.as_ref())
                 .await
                 .map_err(Self::backend_error(name))?;
+            let path = attached_now.path;
+            next.shipped = attached_now.shipped;
             if attached != Some(false) {
                 report.adopted += 1;
             } else {
@@ -996,8 +1047,8 @@ impl VolumeService {
         } else {
             if attached == Some(true) || rec.mountpoint.is_some() || rec.state != VolumeState::Ready
             {
-                backend
-                    .detach(name, &rec.spec)
+                next.shipped = backend
+                    .detach(name, &rec.spec, rec.shipped.as_ref())
                     .await
                     .map_err(Self::backend_error(name))?;
                 report.released += 1;
@@ -1289,6 +1340,7 @@ mod tests {
             state: VolumeState::Creating,
             mounts: BTreeMap::new(),
             mountpoint: None,
+            shipped: None,
         };
         catalog.put(rec, Expect::Absent).await.unwrap();
         std::fs::create_dir_all(f.dir.path().join("local/half/data")).unwrap();
@@ -1455,8 +1507,12 @@ mod tests {
         fn preflight(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
             Ok(())
         }
-        async fn create(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
-            Ok(())
+        async fn create(
+            &self,
+            _: &str,
+            _: &VolumeSpec,
+        ) -> Result<Option<crate::catalog::Shipped>, BackendError> {
+            Ok(None)
         }
         async fn remove(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
             if !self.stuck.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1467,11 +1523,21 @@ mod tests {
                 "device busy".into(),
             ))
         }
-        async fn attach(&self, name: &str, _: &VolumeSpec) -> Result<PathBuf, BackendError> {
-            Ok(PathBuf::from("/x").join(name))
+        async fn attach(
+            &self,
+            name: &str,
+            _: &VolumeSpec,
+            _: Option<&crate::catalog::Shipped>,
+        ) -> Result<crate::backend::Attached, BackendError> {
+            Ok(crate::backend::Attached::at(PathBuf::from("/x").join(name)))
         }
-        async fn detach(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
-            Ok(())
+        async fn detach(
+            &self,
+            _: &str,
+            _: &VolumeSpec,
+            _: Option<&crate::catalog::Shipped>,
+        ) -> Result<Option<crate::catalog::Shipped>, BackendError> {
+            Ok(None)
         }
         fn is_attached(
             &self,
@@ -1503,6 +1569,7 @@ mod tests {
             state: VolumeState::Removing,
             mounts: BTreeMap::new(),
             mountpoint: None,
+            shipped: None,
         };
         catalog.put(rec, Expect::Absent).await.unwrap();
         let (svc, report) = VolumeService::start(
@@ -1531,6 +1598,7 @@ mod tests {
             state: VolumeState::Creating,
             mounts: BTreeMap::new(),
             mountpoint: None,
+            shipped: None,
         };
         catalog.put(rec, Expect::Absent).await.unwrap();
         let backend = StuckBackend::new();

@@ -14,12 +14,27 @@ pub const MAX_NAME_LEN: usize = 255;
 
 /// Every option key a volume accepts, in the order error messages list them.
 pub const OPTION_KEYS: &[&str] = &[
-    "backend", "size", "fs", "uid", "gid", "mode", "server", "export", "subdir",
+    "backend",
+    "size",
+    "fs",
+    "uid",
+    "gid",
+    "mode",
+    "server",
+    "export",
+    "subdir",
+    "checkpoint",
 ];
 
 /// The options each backend accepts besides `backend`; the rest are refused with a message naming them.
 const LOCAL_KEYS: &[&str] = &["size", "fs", "uid", "gid", "mode"];
 const NFS_KEYS: &[&str] = &["uid", "gid", "mode", "server", "export", "subdir"];
+const EBS_KEYS: &[&str] = &["size", "fs", "uid", "gid", "mode", "checkpoint"];
+
+/// ebs images are shipped in blocks of this many bytes, so their sizes are rounded up to a multiple of it.
+pub const EBS_BLOCK: u64 = 512 * 1024;
+/// The shortest `checkpoint` interval: each checkpoint freezes the filesystem briefly and starts a snapshot.
+pub const MIN_CHECKPOINT_SECS: u64 = 60;
 
 /// The longest `subdir` accepted, in bytes.
 pub const MAX_SUBDIR_LEN: usize = 1024;
@@ -61,6 +76,10 @@ pub enum SpecError {
     },
     #[error("the nfs backend is not configured on this plugin: its administrator must add an [nfs] section with server and export to the configuration file")]
     NfsNotConfigured,
+    #[error("the ebs backend is not configured on this plugin: its administrator must add an [ebs] section (region) to the configuration file")]
+    EbsNotConfigured,
+    #[error("ebs volumes need option \"size\" (such as -o size=20GiB), or a default_size in the plugin's [ebs] section")]
+    EbsSizeRequired,
     #[error("nfs server {server} export {export:?} is not allowed by this plugin; allowed: {allowed}. Its administrator can add it to allowed_servers in the [nfs] section")]
     NfsNotAllowed {
         server: String,
@@ -73,6 +92,7 @@ fn backend_keys(backend: BackendKind) -> &'static [&'static str] {
     match backend {
         BackendKind::Local => LOCAL_KEYS,
         BackendKind::Nfs => NFS_KEYS,
+        BackendKind::Ebs => EBS_KEYS,
     }
 }
 
@@ -82,16 +102,19 @@ fn backend_keys(backend: BackendKind) -> &'static [&'static str] {
 pub enum BackendKind {
     Local,
     Nfs,
+    Ebs,
 }
 
 impl BackendKind {
     /// Every backend this build knows, for error messages.
-    pub const ALL: &'static [BackendKind] = &[BackendKind::Local, BackendKind::Nfs];
+    pub const ALL: &'static [BackendKind] =
+        &[BackendKind::Local, BackendKind::Nfs, BackendKind::Ebs];
 
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Local => "local",
             BackendKind::Nfs => "nfs",
+            BackendKind::Ebs => "ebs",
         }
     }
 
@@ -138,6 +161,15 @@ pub struct SpecDefaults {
     pub fs: FsType,
     /// The configured NFS server, if the nfs backend is configured.
     pub nfs: Option<NfsDefaults>,
+    /// Set when the ebs backend is configured.
+    pub ebs: Option<EbsDefaults>,
+}
+
+/// What the `[ebs]` section fills in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EbsDefaults {
+    /// The size of ebs volumes created without `-o size=`.
+    pub default_size: Option<u64>,
 }
 
 impl Default for SpecDefaults {
@@ -146,6 +178,7 @@ impl Default for SpecDefaults {
             backend: BackendKind::Local,
             fs: FsType::Ext4,
             nfs: None,
+            ebs: None,
         }
     }
 }
@@ -268,6 +301,9 @@ pub struct VolumeSpec {
     /// deleted by Remove.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subdir: Option<String>,
+    /// ebs: seconds between checkpoints while mounted; `None` ships only when the last mount goes away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<u64>,
 }
 
 /// Checks a volume name before any path is built from it.
@@ -394,6 +430,31 @@ impl VolumeSpec {
                 Some(bytes)
             }
         };
+        let size = if backend == BackendKind::Ebs {
+            let ebs = defaults.ebs.as_ref().ok_or(SpecError::EbsNotConfigured)?;
+            let bytes = size
+                .or(ebs.default_size)
+                .ok_or(SpecError::EbsSizeRequired)?;
+            Some(bytes.div_ceil(EBS_BLOCK) * EBS_BLOCK)
+        } else {
+            size
+        };
+        let checkpoint = match opts.get("checkpoint") {
+            None => None,
+            Some(v) => {
+                let secs = humantime::parse_duration(v.trim())
+                    .map(|d| d.as_secs())
+                    .map_err(|_| bad("checkpoint", v, "expected an interval such as 5m or 1h"))?;
+                if secs < MIN_CHECKPOINT_SECS {
+                    return Err(bad(
+                        "checkpoint",
+                        v,
+                        &format!("must be at least {MIN_CHECKPOINT_SECS}s"),
+                    ));
+                }
+                Some(secs)
+            }
+        };
         let fs = match (opts.get("fs"), size) {
             (Some(_), None) => return Err(SpecError::FsWithoutSize),
             (Some(v), Some(_)) => Some(
@@ -488,6 +549,7 @@ impl VolumeSpec {
             server,
             export,
             subdir,
+            checkpoint,
         })
     }
 
@@ -509,6 +571,12 @@ impl VolumeSpec {
         }
         if let Some(m) = self.mode {
             out.insert("mode".into(), format!("{m:04o}"));
+        }
+        if let Some(c) = self.checkpoint {
+            out.insert(
+                "checkpoint".into(),
+                humantime::format_duration(std::time::Duration::from_secs(c)).to_string(),
+            );
         }
         for (key, value) in [
             ("server", &self.server),
@@ -550,6 +618,9 @@ impl VolumeSpec {
         }
         if self.subdir != other.subdir {
             return Some("subdir");
+        }
+        if self.checkpoint != other.checkpoint {
+            return Some("checkpoint");
         }
         None
     }

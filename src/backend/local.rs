@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use nix::unistd::{chown, Gid, Uid};
 use serde_json::{json, Map, Value};
 
-use super::{Backend, BackendError};
+use super::{Attached, Backend, BackendError, Shipped};
 use crate::mount::{MountTable, Mounter};
 use crate::spec::{format_size, BackendKind, FsType, VolumeSpec};
 
@@ -40,7 +40,7 @@ fn sized(spec: &VolumeSpec) -> Option<(u64, FsType)> {
 }
 
 /// Applies the requested owner and mode to a volume's root directory.
-fn apply_ownership(path: &Path, spec: &VolumeSpec) -> Result<(), BackendError> {
+pub(super) fn apply_ownership(path: &Path, spec: &VolumeSpec) -> Result<(), BackendError> {
     if spec.uid.is_some() || spec.gid.is_some() {
         chown(
             path,
@@ -255,10 +255,11 @@ impl Backend for LocalBackend {
         }
     }
 
-    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<Option<Shipped>, BackendError> {
         let this = self.clone_handle();
         let (name, spec) = (name.to_string(), spec.clone());
-        blocking(move || this.create_blocking(&name, &spec)).await
+        blocking(move || this.create_blocking(&name, &spec)).await?;
+        Ok(None)
     }
 
     async fn remove(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
@@ -267,19 +268,32 @@ impl Backend for LocalBackend {
         blocking(move || this.remove_blocking(&name)).await
     }
 
-    async fn attach(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
+    async fn attach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        _shipped: Option<&Shipped>,
+    ) -> Result<Attached, BackendError> {
         let this = self.clone_handle();
         let (name, spec) = (name.to_string(), spec.clone());
-        blocking(move || this.attach_blocking(&name, &spec)).await
+        blocking(move || this.attach_blocking(&name, &spec))
+            .await
+            .map(Attached::at)
     }
 
-    async fn detach(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+    async fn detach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        _shipped: Option<&Shipped>,
+    ) -> Result<Option<Shipped>, BackendError> {
         if !self.mounts_something(spec) {
-            return Ok(());
+            return Ok(None);
         }
         let this = self.clone_handle();
         let name = name.to_string();
-        blocking(move || this.detach_blocking(&name)).await
+        blocking(move || this.detach_blocking(&name)).await?;
+        Ok(None)
     }
 
     fn is_attached(&self, name: &str, spec: &VolumeSpec, table: &MountTable) -> Option<bool> {

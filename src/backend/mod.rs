@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
+pub use crate::catalog::Shipped;
 use crate::mount::{MountError, MountTable};
 use crate::spec::{BackendKind, VolumeSpec};
 
+pub use ebs::EbsBackend;
 pub use local::LocalBackend;
 pub use nfs::NfsBackend;
 
@@ -38,6 +40,9 @@ pub enum BackendError {
     /// Boxed: NFS errors carry the endpoint and path, and every result of the service would grow with them.
     #[error(transparent)]
     Nfs(Box<crate::nfs::NfsError>),
+    /// Boxed like `Nfs`: EBS errors carry the volume, snapshot and AWS's words.
+    #[error(transparent)]
+    Ebs(Box<ebs::EbsError>),
     #[error("the volume is still mounted on host {host} (its marker was refreshed {age_secs} s ago); unmount it there first. A host that stops refreshing its marker for {stale_secs} s no longer counts")]
     MountedElsewhere {
         host: String,
@@ -63,6 +68,7 @@ impl BackendError {
             BackendError::StillMounted { .. } => "still_mounted",
             BackendError::Internal(..) => "internal",
             BackendError::Nfs(e) => e.kind(),
+            BackendError::Ebs(e) => e.kind(),
             BackendError::MountedElsewhere { .. } => "mounted_elsewhere",
             BackendError::NoSuchSubdir { .. } => "no_such_subdir",
             BackendError::Helper { .. } => "helper",
@@ -82,6 +88,26 @@ impl BackendError {
     }
 }
 
+/// What `attach` made reachable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// Where the data is.
+    pub path: PathBuf,
+    /// The newest snapshot the attached data corresponds to, for backends that ship data; the catalog
+    /// records it.
+    pub shipped: Option<Shipped>,
+}
+
+impl Attached {
+    /// Data that is reachable in place and never shipped anywhere.
+    pub fn at(path: PathBuf) -> Self {
+        Attached {
+            path,
+            shipped: None,
+        }
+    }
+}
+
 /// Storage for volumes. Every method is idempotent, because a crash can interrupt any of them and start-up
 /// reconciliation runs them again.
 #[async_trait]
@@ -89,14 +115,42 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// Cheap checks before a create is recorded, such as refusing storage that exists without a record.
     fn preflight(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
-    /// Provisions the volume's storage.
-    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
+    /// Provisions the volume's storage. A backend that finds the volume already shipped by another host
+    /// (ebs) adopts it and returns its newest snapshot.
+    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<Option<Shipped>, BackendError>;
     /// Deletes the volume's storage and data; succeeds if there is nothing left to delete.
     async fn remove(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
-    /// Makes the data reachable and returns where; called by the first active mount.
-    async fn attach(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError>;
-    /// Releases what `attach` set up; called when the last mount goes away.
-    async fn detach(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError>;
+    /// Undoes a create that did not finish: deletes what this host provisioned, never data that other
+    /// hosts may share (an adopted ebs volume's snapshots).
+    async fn abandon(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+        self.remove(name, spec).await
+    }
+    /// Makes the data reachable and returns where; called by the first active mount. `shipped` is the
+    /// newest snapshot the catalog knows of; a backend that ships data must not attach anything older.
+    async fn attach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Attached, BackendError>;
+    /// Releases what `attach` set up; called when the last mount goes away. A backend that ships data
+    /// ships what changed and returns the snapshot that is now newest.
+    async fn detach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Option<Shipped>, BackendError>;
+    /// Ships what changed while the volume stays attached (ebs `checkpoint`); returns the snapshot that
+    /// is now newest. Backends that ship nothing have nothing to do.
+    async fn checkpoint(
+        &self,
+        _name: &str,
+        _spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Option<Shipped>, BackendError> {
+        Ok(shipped.cloned())
+    }
     /// Whether what `attach` sets up is in place right now, judged only from the given mount table; `None`
     /// when the volume has nothing to attach (its data is always reachable).
     fn is_attached(&self, name: &str, spec: &VolumeSpec, table: &MountTable) -> Option<bool>;

@@ -58,6 +58,17 @@ pub struct VolumeRecord {
     pub mounts: BTreeMap<String, u32>,
     /// Where the volume's data is reachable while attached.
     pub mountpoint: Option<PathBuf>,
+    /// For backends that ship data away (ebs): the newest snapshot this host knows of. Advanced only by a
+    /// compare-and-swap on the record, after the snapshot is complete, so it never names a partial one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipped: Option<Shipped>,
+}
+
+/// A complete snapshot of a volume and its generation: 1 for the first snapshot, one more for each after.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shipped {
+    pub snapshot: String,
+    pub generation: u64,
 }
 
 impl VolumeRecord {

@@ -28,7 +28,8 @@ fn storage(e: impl std::fmt::Display) -> CatalogError {
 
 enum Write {
     Put {
-        record: VolumeRecord,
+        /// Boxed: a record is far larger than a delete, and writes queue by the hundred.
+        record: Box<VolumeRecord>,
         expect: Expect,
         reply: oneshot::Sender<Result<u64, CatalogError>>,
     },
@@ -253,7 +254,7 @@ impl Catalog for RedbCatalog {
 
     fn put(&self, record: VolumeRecord, expect: Expect) -> PendingWrite {
         self.submit(|reply| Write::Put {
-            record,
+            record: Box::new(record),
             expect,
             reply,
         })
@@ -283,6 +284,7 @@ mod tests {
             state: VolumeState::Ready,
             mounts: Default::default(),
             mountpoint: None,
+            shipped: None,
         }
     }
 

@@ -65,6 +65,8 @@ pub struct Counters {
     pub blocks_put: AtomicU64,
     pub blocks_got: AtomicU64,
     pub list_pages: AtomicU64,
+    pub ec2_calls: AtomicU64,
+    pub deleted: AtomicU64,
 }
 
 struct Inner {
@@ -195,6 +197,62 @@ fn not_found(what: &str) -> Reply {
     )
 }
 
+fn ec2_reply(body: &str) -> Reply {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/xml;charset=UTF-8")
+        .body(Full::new(Bytes::from(format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n{body}"
+        ))))
+        .unwrap()
+}
+
+/// An EC2 query-API error, as the SDKs parse it.
+fn ec2_error(status: StatusCode, code: &str, message: &str) -> Reply {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+         <Message>{}</Message></Error></Errors><RequestID>strict</RequestID></Response>",
+        xml(message)
+    );
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/xml;charset=UTF-8")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Decodes one application/x-www-form-urlencoded component.
+fn form_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn checksum(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
 }
@@ -227,8 +285,16 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
         let every = self.faults.throttle_every.load(Ordering::Relaxed);
+        let is_ec2 = req.method() == Method::POST && req.uri().path() == "/";
         if every > 0 && n.is_multiple_of(every) {
             self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+            if is_ec2 {
+                return ec2_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "RequestLimitExceeded",
+                    "Request limit exceeded.",
+                );
+            }
             return error(
                 StatusCode::BAD_REQUEST,
                 "ThrottlingException",
@@ -244,6 +310,9 @@ impl Inner {
             .map(str::to_string)
             .collect();
         let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+        if is_ec2 {
+            return self.ec2(req).await;
+        }
         match (req.method().clone(), parts.as_slice()) {
             (Method::POST, ["snapshots"]) => self.start_snapshot(req).await,
             (Method::PUT, ["snapshots", id, "blocks", index]) => {
@@ -342,6 +411,132 @@ impl Inner {
         }
         state.snapshots.insert(id, snap);
         reply(StatusCode::CREATED, described)
+    }
+
+    /// The two EC2 query-API calls Ferry makes: DescribeSnapshots (by id, or by tag filters) and
+    /// DeleteSnapshot. EC2 answers in XML.
+    async fn ec2(&self, req: Request<Incoming>) -> Reply {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return ec2_error(StatusCode::BAD_REQUEST, "InvalidRequest", "unreadable body")
+            }
+        };
+        let form: Vec<(String, String)> = String::from_utf8_lossy(&body)
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (form_decode(k), form_decode(v)))
+            .collect();
+        let get = |key: &str| form.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        self.counters.ec2_calls.fetch_add(1, Ordering::Relaxed);
+        match get("Action").as_deref() {
+            Some("DescribeSnapshots") => {
+                let ids: Vec<String> = form
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("SnapshotId."))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                // Filter.N.Name=tag:KEY with Filter.N.Value.M values.
+                let mut filters: Vec<(String, Vec<String>)> = Vec::new();
+                for n in 1.. {
+                    let Some(name) = get(&format!("Filter.{n}.Name")) else {
+                        break;
+                    };
+                    let values = form
+                        .iter()
+                        .filter(|(k, _)| k.starts_with(&format!("Filter.{n}.Value.")))
+                        .map(|(_, v)| v.clone())
+                        .collect();
+                    filters.push((name, values));
+                }
+                let state = self.state.lock().unwrap();
+                for id in &ids {
+                    if !state.snapshots.contains_key(id) {
+                        return ec2_error(
+                            StatusCode::BAD_REQUEST,
+                            "InvalidSnapshot.NotFound",
+                            &format!("The snapshot '{id}' does not exist."),
+                        );
+                    }
+                }
+                let mut items = String::new();
+                let mut sorted: Vec<_> = state.snapshots.iter().collect();
+                sorted.sort_by(|a, b| a.0.cmp(b.0));
+                for (id, snap) in sorted {
+                    if !ids.is_empty() && !ids.contains(id) {
+                        continue;
+                    }
+                    let matches = filters.iter().all(|(name, values)| {
+                        let Some(key) = name.strip_prefix("tag:") else {
+                            return false;
+                        };
+                        snap.tags
+                            .iter()
+                            .any(|(k, v)| k == key && values.contains(v))
+                    });
+                    if !matches {
+                        continue;
+                    }
+                    let tags: String = snap
+                        .tags
+                        .iter()
+                        .map(|(k, v)| {
+                            format!(
+                                "<item><key>{}</key><value>{}</value></item>",
+                                xml(k),
+                                xml(v)
+                            )
+                        })
+                        .collect();
+                    let status = if snap.completed {
+                        "completed"
+                    } else {
+                        "pending"
+                    };
+                    items.push_str(&format!(
+                        "<item><snapshotId>{id}</snapshotId><status>{status}</status>\
+                         <volumeSize>{}</volumeSize><ownerId>123456789012</ownerId>\
+                         <tagSet>{tags}</tagSet></item>",
+                        snap.volume_size_gib
+                    ));
+                }
+                ec2_reply(&format!(
+                    "<DescribeSnapshotsResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">\
+                     <requestId>strict</requestId><snapshotSet>{items}</snapshotSet></DescribeSnapshotsResponse>"
+                ))
+            }
+            Some("DeleteSnapshot") => {
+                let id = get("SnapshotId").unwrap_or_default();
+                let mut state = self.state.lock().unwrap();
+                if state
+                    .snapshots
+                    .values()
+                    .any(|s| s.parent.as_deref() == Some(id.as_str()))
+                {
+                    // Real EBS deletes a parent and keeps its blocks for the children; here the children
+                    // read through the parent, so keep it and only hide it.
+                    if let Some(s) = state.snapshots.get_mut(&id) {
+                        s.tags.clear();
+                    }
+                } else if state.snapshots.remove(&id).is_none() {
+                    return ec2_error(
+                        StatusCode::BAD_REQUEST,
+                        "InvalidSnapshot.NotFound",
+                        &format!("The snapshot '{id}' does not exist."),
+                    );
+                }
+                self.counters.deleted.fetch_add(1, Ordering::Relaxed);
+                ec2_reply(
+                    "<DeleteSnapshotResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">\
+                     <requestId>strict</requestId><return>true</return></DeleteSnapshotResponse>",
+                )
+            }
+            other => ec2_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidAction",
+                &format!("the strict emulator does not serve EC2 action {other:?}"),
+            ),
+        }
     }
 
     fn describe(&self, id: &str, s: &Snapshot) -> Value {

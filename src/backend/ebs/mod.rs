@@ -1,5 +1,741 @@
-//! The parts of the `ebs` backend that live on this host: which 512 KiB blocks of a volume's image
-//! changed since it was last shipped to an EBS snapshot. The backend that ships and pulls them is built
-//! on these.
+//! The `ebs` backend: a volume's local copy is a sparse image file holding a filesystem, mounted through a
+//! loop device; its data is shipped to EBS snapshots through the EBS direct APIs, so whichever host mounts
+//! the volume next pulls the newest snapshot first.
+//!
+//! Layout per volume under the cache directory: `<name>/image` (the local copy), `<name>/blocks` (the hash
+//! of every block as last shipped or pulled), `<name>/copy.json` (which snapshot and generation the local
+//! copy is based on, whether it may hold unshipped changes, and any snapshot a push left unfinished) and
+//! `<name>/mnt` (the mountpoint, unless a mount root is configured).
+//!
+//! Invariants: the catalog's snapshot only ever names a completed snapshot; a local copy is mounted only if
+//! it is based on the newest completed snapshot in EBS; a push only starts from the newest completed
+//! snapshot, so two hosts writing one volume are detected, never silently merged. It must not know about
+//! Docker's protocol or the catalog: the service records what `attach` and `detach` return.
 
 pub mod blockmap;
+pub mod client;
+mod ship;
+
+use std::collections::BTreeMap;
+use std::fs::DirBuilder;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use self::blockmap::BlockMap;
+pub use self::client::{ClientSettings, EbsError, SnapState, SnapshotClient, SnapshotInfo};
+use super::{Attached, Backend, BackendError, Shipped};
+use crate::mount::{MountTable, Mounter};
+use crate::spec::{format_size, BackendKind, FsType, VolumeSpec};
+
+/// Blocks in flight per push or pull unless configured.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+/// The tag value that keeps unrelated installations apart unless configured.
+pub const DEFAULT_NAMESPACE: &str = "ferry";
+/// How long a push waits for EBS to report a sealed snapshot completed.
+const SEAL_WAIT: Duration = Duration::from_secs(60);
+
+/// The `[ebs]` section, validated.
+#[derive(Clone, Debug)]
+pub struct EbsSettings {
+    pub region: String,
+    pub endpoint_url: Option<String>,
+    pub concurrency: usize,
+    /// Where local copies live; `None` means `STATE_DIR/ebs`.
+    pub cache_dir: Option<PathBuf>,
+    pub namespace: String,
+    pub default_size: Option<u64>,
+}
+
+/// Bytes and blocks moved, for metrics.
+#[derive(Debug, Default)]
+pub struct Transfers {
+    pub blocks_shipped: AtomicU64,
+    pub bytes_shipped: AtomicU64,
+    pub blocks_pulled: AtomicU64,
+    pub bytes_pulled: AtomicU64,
+}
+
+/// What the local copy of one volume is based on; `copy.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct LocalCopy {
+    /// The snapshot the image was pulled from or last shipped as; `None` before the first push.
+    snapshot: Option<String>,
+    generation: u64,
+    /// Set before the image is mounted and cleared once everything is shipped: the image may hold
+    /// changes no snapshot has.
+    dirty: bool,
+    /// A snapshot a push started and has not recorded as done; the next push or mount settles it.
+    pending: Option<String>,
+    /// Whether `pending` was sealed (CompleteSnapshot accepted): such a snapshot is waited for, never
+    /// deleted, because EBS may still be processing it.
+    #[serde(default)]
+    sealed: bool,
+}
+
+struct Paths {
+    dir: PathBuf,
+    image: PathBuf,
+    blocks: PathBuf,
+    copy: PathBuf,
+}
+
+pub struct EbsBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: EbsSettings,
+    root: PathBuf,
+    mount_root: Option<PathBuf>,
+    mounter: Arc<dyn Mounter>,
+    client: SnapshotClient,
+    host_id: String,
+    transfers: Arc<Transfers>,
+}
+
+fn ebs_err(e: EbsError) -> BackendError {
+    BackendError::Ebs(Box::new(e))
+}
+
+fn internal(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Internal(BackendKind::Ebs, e.to_string())
+}
+
+/// Runs blocking work (image I/O, mkfs, mount) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+/// The options that must match for a Create on another host to adopt a volume. `checkpoint` is this
+/// host's choice of schedule, not a property of the data.
+const DATA_OPTIONS: &[&str] = &["size", "fs", "uid", "gid", "mode"];
+
+fn data_options(spec: &VolumeSpec) -> BTreeMap<String, String> {
+    spec.to_options()
+        .into_iter()
+        .filter(|(k, _)| DATA_OPTIONS.contains(&k.as_str()))
+        .collect()
+}
+
+impl EbsBackend {
+    /// `root` is the default cache directory (used unless the settings name one).
+    pub async fn new(
+        settings: EbsSettings,
+        root: PathBuf,
+        mount_root: Option<PathBuf>,
+        mounter: Arc<dyn Mounter>,
+        host_id: String,
+        transfers: Arc<Transfers>,
+    ) -> Result<Self, BackendError> {
+        let root = settings.cache_dir.clone().unwrap_or(root);
+        for dir in std::iter::once(&root).chain(mount_root.as_ref()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(BackendError::io("create", dir))?;
+        }
+        // Mount-table entries name resolved paths.
+        let root = std::fs::canonicalize(&root).map_err(BackendError::io("resolve", &root))?;
+        let mount_root = match mount_root {
+            Some(m) => Some(std::fs::canonicalize(&m).map_err(BackendError::io("resolve", &m))?),
+            None => None,
+        };
+        let client = SnapshotClient::new(&ClientSettings {
+            region: settings.region.clone(),
+            endpoint_url: settings.endpoint_url.clone(),
+        })
+        .await;
+        Ok(EbsBackend {
+            inner: Arc::new(Inner {
+                settings,
+                root,
+                mount_root,
+                mounter,
+                client,
+                host_id,
+                transfers,
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn paths(&self, name: &str) -> Paths {
+        let dir = self.root.join(name);
+        Paths {
+            image: dir.join("image"),
+            blocks: dir.join("blocks"),
+            copy: dir.join("copy.json"),
+            dir,
+        }
+    }
+
+    fn exposed(&self, name: &str) -> PathBuf {
+        match &self.mount_root {
+            Some(m) => m.join(name),
+            None => self.root.join(name).join("mnt"),
+        }
+    }
+
+    fn load_copy(&self, name: &str) -> Result<LocalCopy, BackendError> {
+        let path = self.paths(name).copy;
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                ebs_err(EbsError::Invalid {
+                    volume: name.into(),
+                    reason: format!(
+                        "{} is unreadable ({e}); remove the volume's local copy directory to pull it again",
+                        path.display()
+                    ),
+                })
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LocalCopy::default()),
+            Err(e) => Err(BackendError::io("read", &path)(e)),
+        }
+    }
+
+    /// Writes `copy.json` atomically and durably (temporary file, fsync, rename, fsync of the directory).
+    fn save_copy(&self, name: &str, copy: &LocalCopy) -> Result<(), BackendError> {
+        use std::io::Write;
+        let p = self.paths(name);
+        let tmp = p.copy.with_extension("tmp");
+        let bytes = serde_json::to_vec_pretty(copy).map_err(internal)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(BackendError::io("create", &tmp))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(BackendError::io("write", &tmp))?;
+        std::fs::rename(&tmp, &p.copy).map_err(BackendError::io("rename", &tmp))?;
+        std::fs::File::open(&p.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(BackendError::io("sync", &p.dir))
+    }
+
+    /// The volume's snapshots, with the newest completed one; refuses while another host's push of a
+    /// newer generation is in flight, and when two snapshots claim the newest generation.
+    async fn history(
+        &self,
+        name: &str,
+        own_pending: Option<&str>,
+    ) -> Result<(Vec<SnapshotInfo>, Option<SnapshotInfo>), BackendError> {
+        let list: Vec<SnapshotInfo> = self
+            .client
+            .find(&self.settings.namespace, Some(name))
+            .await
+            .map_err(ebs_err)?
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        let newest = list
+            .iter()
+            .filter(|s| s.state == SnapState::Completed)
+            .max_by_key(|s| s.generation)
+            .cloned();
+        let top = newest.as_ref().map_or(0, |n| n.generation);
+        if let Some(n) = &newest {
+            if let Some(twin) = list
+                .iter()
+                .find(|s| s.state == SnapState::Completed && s.generation == top && s.id != n.id)
+            {
+                return Err(ebs_err(EbsError::Invalid {
+                    volume: name.into(),
+                    reason: format!(
+                        "snapshots {} and {} both claim generation {top}: two hosts shipped it at once. \
+                         Delete the one whose data you do not want (aws ec2 delete-snapshot) and retry",
+                        n.id, twin.id
+                    ),
+                }));
+            }
+        }
+        if let Some(p) = list.iter().find(|s| {
+            s.state == SnapState::Pending
+                && s.generation > top
+                && Some(s.id.as_str()) != own_pending
+        }) {
+            return Err(ebs_err(EbsError::Pending {
+                volume: name.into(),
+                snapshot: p.id.clone(),
+                generation: p.generation,
+                host: if p.host.is_empty() {
+                    "unknown".into()
+                } else {
+                    p.host.clone()
+                },
+            }));
+        }
+        Ok((list, newest))
+    }
+
+    /// Settles a snapshot an interrupted push left behind: one EBS completed becomes the copy's base (its
+    /// blocks are shipped; the block map is older, so the next push repeats some blocks, which is
+    /// harmless), a sealed one still processing is waited for, and an unsealed one is deleted.
+    async fn settle_pending(
+        &self,
+        name: &str,
+        copy: &mut LocalCopy,
+        list: &[SnapshotInfo],
+    ) -> Result<(), BackendError> {
+        let Some(id) = copy.pending.clone() else {
+            return Ok(());
+        };
+        let found = list.iter().find(|s| s.id == id);
+        let state = match found {
+            Some(s) => Some(s.state),
+            None => self.client.state(name, &id).await.map_err(ebs_err)?,
+        };
+        let state = if copy.sealed && state == Some(SnapState::Pending) {
+            self.wait_completed(name, &id).await?
+        } else {
+            state
+        };
+        match (state, found) {
+            (Some(SnapState::Completed), Some(s)) => {
+                tracing::warn!(volume = name, snapshot = %id, generation = s.generation,
+                    "a push interrupted after its snapshot completed is taken as shipped");
+                copy.snapshot = Some(id);
+                copy.generation = s.generation;
+            }
+            _ => {
+                tracing::warn!(volume = name, snapshot = %id, "deleting a snapshot an interrupted push left unfinished");
+                self.client.delete(name, &id).await.map_err(ebs_err)?;
+            }
+        }
+        copy.pending = None;
+        copy.sealed = false;
+        self.save_copy(name, copy)
+    }
+
+    async fn wait_completed(
+        &self,
+        name: &str,
+        id: &str,
+    ) -> Result<Option<SnapState>, BackendError> {
+        let deadline = tokio::time::Instant::now() + SEAL_WAIT;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let state = self.client.state(name, id).await.map_err(ebs_err)?;
+            if state != Some(SnapState::Pending) || tokio::time::Instant::now() >= deadline {
+                return Ok(state);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn attach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Attached, BackendError> {
+        let p = self.paths(name);
+        let target = self.exposed(name);
+        if !p.dir.is_dir() {
+            return Err(BackendError::Missing { path: p.dir });
+        }
+        let mut copy = self.load_copy(name)?;
+        let from_copy = |c: &LocalCopy| {
+            c.snapshot.clone().map(|snapshot| Shipped {
+                snapshot,
+                generation: c.generation,
+            })
+        };
+        // A mount left by an earlier run is adopted: the image is in use, and two mounts of one image
+        // would corrupt it.
+        if self.mounter.mount_table()?.is_mounted(&target) {
+            return Ok(Attached {
+                path: target,
+                shipped: from_copy(&copy).or_else(|| shipped.cloned()),
+            });
+        }
+        let (list, newest) = self.history(name, copy.pending.as_deref()).await?;
+        self.settle_pending(name, &mut copy, &list).await?;
+        let newest_gen = newest.as_ref().map_or(0, |n| n.generation);
+        if let Some(s) = shipped {
+            if s.generation > newest_gen {
+                return Err(ebs_err(EbsError::Invalid {
+                    volume: name.into(),
+                    reason: format!(
+                        "this host's catalog records generation {} (snapshot {}) but EBS holds only up to \
+                         generation {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry)",
+                        s.generation, s.snapshot
+                    ),
+                }));
+            }
+        }
+        let have_image = p.image.is_file();
+        let fresh_fs = if have_image && copy.generation == newest_gen {
+            tracing::info!(
+                volume = name,
+                generation = newest_gen,
+                dirty = copy.dirty,
+                "the local copy is current"
+            );
+            false
+        } else if have_image && copy.dirty && copy.generation < newest_gen {
+            let n = newest.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+            return Err(ebs_err(EbsError::Diverged {
+                volume: name.into(),
+                newest: newest_gen,
+                snapshot: n,
+                base: copy.generation,
+                image: p.image.display().to_string(),
+            }));
+        } else if have_image && copy.generation > newest_gen {
+            return Err(ebs_err(EbsError::Invalid {
+                volume: name.into(),
+                reason: format!(
+                    "the local copy is based on generation {} but EBS holds only up to generation \
+                     {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry). Move {} away to start from EBS's data",
+                    copy.generation,
+                    p.dir.display()
+                ),
+            }));
+        } else if let Some(n) = &newest {
+            let chain = ship::chain(name, &list, n)?;
+            let map = ship::pull(self, name, spec, &chain, &p).await?;
+            let m = p.blocks.clone();
+            blocking(move || map.save(&m).map_err(internal)).await?;
+            copy = LocalCopy {
+                snapshot: Some(n.id.clone()),
+                generation: n.generation,
+                ..LocalCopy::default()
+            };
+            self.save_copy(name, &copy)?;
+            false
+        } else {
+            // A new volume: nothing shipped yet, so an empty filesystem it is.
+            let (size, fs) = sized(spec)?;
+            let image = p.image.clone();
+            let mounter = self.mounter.clone();
+            blocking(move || {
+                let tmp = image.with_extension("new");
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(BackendError::io("create", &tmp))?;
+                f.set_len(size).map_err(BackendError::io("size", &tmp))?;
+                drop(f);
+                mounter.format(&tmp, fs)?;
+                std::fs::rename(&tmp, &image).map_err(BackendError::io("rename", &tmp))
+            })
+            .await?;
+            copy = LocalCopy::default();
+            true
+        };
+        copy.dirty = true;
+        self.save_copy(name, &copy)?;
+        let (_, fs) = sized(spec)?;
+        let (image, t, mounter, spec2) = (
+            p.image.clone(),
+            target.clone(),
+            self.mounter.clone(),
+            spec.clone(),
+        );
+        blocking(move || {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&t)
+                .map_err(BackendError::io("create", &t))?;
+            mounter.mount_image(&image, &t, fs)?;
+            if fresh_fs {
+                if let Err(e) = super::local::apply_ownership(&t, &spec2) {
+                    let _ = mounter.unmount(&t);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Attached {
+            path: target,
+            shipped: from_copy(&copy).or_else(|| shipped.cloned()),
+        })
+    }
+
+    async fn detach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Option<Shipped>, BackendError> {
+        let target = self.exposed(name);
+        let mounter = self.mounter.clone();
+        let t = target.clone();
+        blocking(move || {
+            if mounter.mount_table()?.is_mounted(&t) {
+                mounter.unmount(&t)?;
+                if mounter.mount_table()?.is_mounted(&t) {
+                    return Err(BackendError::StillMounted { path: t });
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        if !self.paths(name).dir.is_dir() {
+            return Ok(shipped.cloned());
+        }
+        let mut copy = self.load_copy(name)?;
+        if copy.dirty || copy.pending.is_some() {
+            self.push(name, spec, &mut copy).await?;
+        }
+        Ok(copy
+            .snapshot
+            .clone()
+            .map(|snapshot| Shipped {
+                snapshot,
+                generation: copy.generation,
+            })
+            .or_else(|| shipped.cloned()))
+    }
+
+    /// Ships what changed in an unmounted image since its base snapshot, as the next generation.
+    async fn push(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        copy: &mut LocalCopy,
+    ) -> Result<(), BackendError> {
+        let p = self.paths(name);
+        let (list, newest) = self.history(name, copy.pending.as_deref()).await?;
+        self.settle_pending(name, copy, &list).await?;
+        let newest_gen = newest.as_ref().map_or(0, |n| n.generation);
+        if newest_gen != copy.generation || newest.as_ref().map(|n| &n.id) != copy.snapshot.as_ref()
+        {
+            if newest_gen < copy.generation {
+                return Err(ebs_err(EbsError::Invalid {
+                    volume: name.into(),
+                    reason: format!(
+                        "the local copy is based on generation {} but EBS holds only up to generation \
+                         {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry); nothing was shipped",
+                        copy.generation
+                    ),
+                }));
+            }
+            return Err(ebs_err(EbsError::Diverged {
+                volume: name.into(),
+                newest: newest_gen,
+                snapshot: newest.map(|n| n.id).unwrap_or_default(),
+                base: copy.generation,
+                image: p.image.display().to_string(),
+            }));
+        }
+        let (image, blocks) = (p.image.clone(), p.blocks.clone());
+        let (old, now) = blocking(move || {
+            let now = BlockMap::scan(&image).map_err(internal)?;
+            let old = BlockMap::load(&blocks)
+                .map_err(internal)?
+                .unwrap_or_else(|| BlockMap::zeros(now.len()));
+            Ok((old, now))
+        })
+        .await?;
+        let changed = old.changed(&now);
+        if changed.is_empty() {
+            tracing::info!(
+                volume = name,
+                generation = copy.generation,
+                "nothing changed; no snapshot"
+            );
+            copy.dirty = false;
+            return self.save_copy(name, copy);
+        }
+        let generation = copy.generation + 1;
+        let id = ship::push(self, name, spec, copy, generation, &changed).await?;
+        // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
+        // the block map is saved only makes the next push repeat blocks.
+        *copy = LocalCopy {
+            snapshot: Some(id),
+            generation,
+            dirty: true,
+            ..LocalCopy::default()
+        };
+        self.save_copy(name, copy)?;
+        let blocks = p.blocks.clone();
+        blocking(move || now.save(&blocks).map_err(internal)).await?;
+        copy.dirty = false;
+        self.save_copy(name, copy)
+    }
+
+    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<Option<Shipped>, BackendError> {
+        let (_, newest) = self.history(name, None).await?;
+        if let Some(n) = &newest {
+            let ours = data_options(spec);
+            for key in DATA_OPTIONS {
+                let (theirs, mine) = (n.options.get(*key), ours.get(*key));
+                if theirs != mine {
+                    return Err(ebs_err(EbsError::Contradicts {
+                        volume: name.into(),
+                        option: (*key).into(),
+                        theirs: theirs.cloned().unwrap_or_else(|| "unset".into()),
+                        ours: mine.cloned().unwrap_or_else(|| "unset".into()),
+                    }));
+                }
+            }
+        }
+        let dir = self.paths(name).dir;
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(BackendError::io("create", &dir))?;
+        Ok(newest.map(|n| Shipped {
+            snapshot: n.id,
+            generation: n.generation,
+        }))
+    }
+
+    fn remove_local(&self, name: &str) -> Result<(), BackendError> {
+        let target = self.exposed(name);
+        if self.mounter.mount_table()?.is_mounted(&target) {
+            self.mounter.unmount(&target)?;
+            if self.mounter.mount_table()?.is_mounted(&target) {
+                return Err(BackendError::StillMounted { path: target });
+            }
+        }
+        if self.mount_root.is_some() {
+            match std::fs::remove_dir(&target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(BackendError::io("remove the mountpoint", &target)(e)),
+            }
+        }
+        let dir = self.paths(name).dir;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io("delete", &dir)(e)),
+        }
+    }
+}
+
+fn sized(spec: &VolumeSpec) -> Result<(u64, FsType), BackendError> {
+    match spec.size {
+        Some(s) => Ok((s, spec.fs.unwrap_or(FsType::Ext4))),
+        None => Err(internal("an ebs volume without a size")),
+    }
+}
+
+#[async_trait]
+impl Backend for EbsBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Ebs
+    }
+
+    fn preflight(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        let dir = self.inner.paths(name).dir;
+        match std::fs::symlink_metadata(&dir) {
+            Ok(_) => Err(BackendError::Orphan { path: dir }),
+            Err(_) => Ok(()),
+        }
+    }
+
+    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<Option<Shipped>, BackendError> {
+        self.inner.create(name, spec).await
+    }
+
+    /// Deletes only this host's local copy: the snapshots may be another host's volume being adopted.
+    async fn abandon(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        blocking(move || inner.remove_local(&name)).await
+    }
+
+    async fn remove(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        let inner = &self.inner;
+        let snapshots = inner
+            .client
+            .find(&inner.settings.namespace, Some(name))
+            .await
+            .map_err(ebs_err)?;
+        // Unmount first: snapshots are deleted only once nothing here can ship more of them.
+        let (i, n) = (inner.clone(), name.to_string());
+        blocking(move || {
+            let target = i.exposed(&n);
+            if i.mounter.mount_table()?.is_mounted(&target) {
+                i.mounter.unmount(&target)?;
+            }
+            Ok(())
+        })
+        .await?;
+        for (_, s) in &snapshots {
+            inner.client.delete(name, &s.id).await.map_err(ebs_err)?;
+        }
+        tracing::info!(
+            volume = name,
+            snapshots = snapshots.len(),
+            "deleted the volume's snapshots"
+        );
+        let (i, n) = (inner.clone(), name.to_string());
+        blocking(move || i.remove_local(&n)).await
+    }
+
+    async fn attach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Attached, BackendError> {
+        self.inner.attach(name, spec, shipped).await
+    }
+
+    async fn detach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Option<Shipped>, BackendError> {
+        self.inner.detach(name, spec, shipped).await
+    }
+
+    fn is_attached(&self, name: &str, _spec: &VolumeSpec, table: &MountTable) -> Option<bool> {
+        Some(table.is_mounted(&self.inner.exposed(name)))
+    }
+
+    fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value> {
+        let mut m = Map::new();
+        if let Ok((size, fs)) = sized(spec) {
+            m.insert("size".into(), json!(format_size(size)));
+            m.insert("size_bytes".into(), json!(size));
+            m.insert("fs".into(), json!(fs.as_str()));
+        }
+        m.insert("image".into(), json!(self.inner.paths(name).image));
+        m.insert("namespace".into(), json!(self.inner.settings.namespace));
+        m.insert("region".into(), json!(self.inner.settings.region));
+        m
+    }
+
+    async fn check(&self) -> Result<Map<String, Value>, BackendError> {
+        let inner = &self.inner;
+        let all = inner
+            .client
+            .find(&inner.settings.namespace, None)
+            .await
+            .map_err(ebs_err)?;
+        let mut m = Map::new();
+        m.insert("region".into(), json!(inner.settings.region));
+        if let Some(url) = &inner.settings.endpoint_url {
+            m.insert("endpoint_url".into(), json!(url));
+        }
+        m.insert("namespace".into(), json!(inner.settings.namespace));
+        m.insert("snapshots".into(), json!(all.len()));
+        Ok(m)
+    }
+}

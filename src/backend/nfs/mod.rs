@@ -22,7 +22,7 @@ use nix::errno::Errno;
 use nix::mount::{umount2, MntFlags};
 use serde_json::{json, Map, Value};
 
-use super::{Backend, BackendError};
+use super::{Attached, Backend, BackendError, Shipped};
 use crate::mount::MountTable;
 use crate::nfs::{FileKind, FsStat, NfsClient, NfsClientConfig, NfsError};
 use crate::spec::{AllowedServer, BackendKind, VolumeSpec};
@@ -353,7 +353,7 @@ impl Backend for NfsBackend {
         Ok(())
     }
 
-    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+    async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<Option<Shipped>, BackendError> {
         let client = self.client(spec)?;
         let dir = Self::dir(name, spec);
         let given = spec.uid.is_some() || spec.gid.is_some() || spec.mode.is_some();
@@ -399,7 +399,19 @@ impl Backend for NfsBackend {
             Err(e) => return Err(nfs_err(e)),
         }
         self.note_free_space(&client, spec).await;
-        Ok(())
+        Ok(None)
+    }
+
+    /// A create that did not finish leaves the server's directory alone: another host may already share
+    /// it (or the user's data is in it, with `subdir`), and an empty one left behind is adopted by the next
+    /// create.
+    async fn abandon(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        let local = self.volume_root(name);
+        match std::fs::remove_dir_all(&local) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io("remove", &local)(e)),
+        }
     }
 
     async fn remove(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
@@ -428,15 +440,26 @@ impl Backend for NfsBackend {
         Ok(())
     }
 
-    async fn attach(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
-        if self.kernel {
-            self.attach_kernel(name, spec).await
+    async fn attach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        _shipped: Option<&Shipped>,
+    ) -> Result<Attached, BackendError> {
+        let path = if self.kernel {
+            self.attach_kernel(name, spec).await?
         } else {
-            self.attach_fuse(name, spec).await
-        }
+            self.attach_fuse(name, spec).await?
+        };
+        Ok(Attached::at(path))
     }
 
-    async fn detach(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+    async fn detach(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        _shipped: Option<&Shipped>,
+    ) -> Result<Option<Shipped>, BackendError> {
         let target = self.mountpoint(name);
         let t = target.clone();
         tokio::task::spawn_blocking(move || Self::unmount_blocking(&t))
@@ -446,7 +469,7 @@ impl Backend for NfsBackend {
             // The helper exits once its mount is gone and removes its marker on the way out.
             let signalled = helper::stop(&self.pid_file(name), name, HELPER_GRACE).await;
             if !signalled {
-                return Ok(());
+                return Ok(None);
             }
         }
         // The helper could not remove the marker (or there is none, on the kernel path): do it here, but an
@@ -456,7 +479,7 @@ impl Backend for NfsBackend {
                 tracing::warn!(volume = name, error = %e, "cannot remove this host's marker; it goes stale");
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn is_attached(&self, name: &str, _spec: &VolumeSpec, table: &MountTable) -> Option<bool> {

@@ -1,0 +1,605 @@
+//! `SnapshotClient`: the AWS calls the ebs backend makes, and nothing else. EBS direct APIs move blocks;
+//! EC2 finds a volume's snapshots by tag and deletes them.
+//!
+//! It owns deadlines, retries of throttled calls (the SDK's standard retry mode) and turning AWS's error
+//! codes into words. It must not know about images, block maps or the catalog. Credentials come only from
+//! the standard AWS chain (environment, profile, instance role) and are never logged or put in errors.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_ebs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ebs::primitives::ByteStream;
+use aws_sdk_ebs::types::{ChecksumAlgorithm, Status as EbsStatus, Tag as EbsTag};
+use aws_sdk_ec2::types::{Filter, SnapshotState};
+use base64::Engine;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::blockmap::BLOCK_SIZE;
+
+/// How long one AWS call may take, retries included, before it fails.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts per call: throttling is expected under load, so more than the SDK's default of 3.
+const MAX_ATTEMPTS: u32 = 8;
+/// Page size of ListSnapshotBlocks (the API allows up to 10000).
+const LIST_PAGE: i32 = 10_000;
+
+/// Tag keys Ferry puts on its snapshots. A snapshot is Ferry's only if it has the namespace tag.
+pub mod tags {
+    pub const NAMESPACE: &str = "ferry:namespace";
+    pub const VOLUME: &str = "ferry:volume";
+    pub const GENERATION: &str = "ferry:generation";
+    pub const PARENT: &str = "ferry:parent";
+    pub const HOST: &str = "ferry:host";
+    /// The volume's options (size, fs, uid, gid, mode, checkpoint) as canonical JSON, so a Create on
+    /// another host can adopt the volume or refuse contradicting options.
+    pub const OPTIONS: &str = "ferry:options";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbsError {
+    #[error("EBS {op} failed for volume {volume}: {what}")]
+    Api {
+        op: &'static str,
+        volume: String,
+        what: String,
+        kind: &'static str,
+    },
+    #[error("cannot reach AWS ({endpoint}) for {op} of volume {volume}: {reason}; check the network, [ebs] region and endpoint_url")]
+    Unreachable {
+        op: &'static str,
+        volume: String,
+        endpoint: String,
+        reason: String,
+    },
+    #[error("EBS {op} for volume {volume} did not finish within {secs} s")]
+    Timeout {
+        op: &'static str,
+        volume: String,
+        secs: u64,
+    },
+    #[error("block {index} of snapshot {snapshot} (volume {volume}) failed its SHA-256 checksum; the pull stopped and nothing was mounted")]
+    Checksum {
+        volume: String,
+        snapshot: String,
+        index: u64,
+    },
+    #[error("volume {volume}: {reason}")]
+    Invalid { volume: String, reason: String },
+    #[error("volume {volume} was changed elsewhere: EBS holds generation {newest} (snapshot {snapshot}) but this host's copy is based on generation {base}. Its local changes were kept in {image}, not shipped; copy out what you need, then remove the local copy to take the newest data")]
+    Diverged {
+        volume: String,
+        newest: u64,
+        snapshot: String,
+        base: u64,
+        image: String,
+    },
+    #[error("volume {volume}: snapshot {snapshot} of generation {generation} is still being written (by host {host}); retry once it completes")]
+    Pending {
+        volume: String,
+        snapshot: String,
+        generation: u64,
+        host: String,
+    },
+    #[error("volume {volume} already exists in EBS with {option} = {theirs}, but this create asks for {ours}; use the same options to adopt it, or another name")]
+    Contradicts {
+        volume: String,
+        option: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error("cannot {op} {path} of volume {volume}: {source}")]
+    Io {
+        op: &'static str,
+        volume: String,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl EbsError {
+    /// A stable, low-cardinality name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EbsError::Api { kind, .. } => kind,
+            EbsError::Unreachable { .. } => "ebs_unreachable",
+            EbsError::Timeout { .. } => "ebs_timeout",
+            EbsError::Checksum { .. } => "ebs_checksum",
+            EbsError::Invalid { .. } => "ebs_invalid",
+            EbsError::Diverged { .. } => "ebs_diverged",
+            EbsError::Pending { .. } => "ebs_pending",
+            EbsError::Contradicts { .. } => "ebs_contradicts",
+            EbsError::Io { .. } => "io",
+        }
+    }
+}
+
+/// AWS's error codes in words, with what the operator can do. The code stays in parentheses so it can be
+/// looked up.
+fn words_for(code: &str, message: &str) -> (String, &'static str) {
+    let (what, kind) = match code {
+        "ThrottlingException" | "RequestThrottledException" | "RequestLimitExceeded"
+        | "Throttling" => (
+            "AWS kept throttling the requests after retries; lower [ebs] concurrency or try again later"
+                .to_string(),
+            "ebs_throttled",
+        ),
+        "AccessDeniedException" | "UnauthorizedOperation" | "AuthFailure"
+        | "UnrecognizedClientException" | "InvalidClientTokenId" | "ExpiredToken"
+        | "ExpiredTokenException" | "SignatureDoesNotMatch" => (
+            "AWS refused the credentials; check the AWS credential chain (environment, profile, \
+             instance role) and that it allows ebs:*Snapshot* and ec2:DescribeSnapshots/DeleteSnapshot"
+                .to_string(),
+            "ebs_denied",
+        ),
+        "ResourceNotFoundException" | "InvalidSnapshot.NotFound" => {
+            (format!("not found: {message}"), "ebs_not_found")
+        }
+        "ValidationException" | "InvalidParameterValue" | "InvalidParameter" => (
+            format!("AWS refused the request as invalid: {message}"),
+            "ebs_invalid_request",
+        ),
+        "ServiceQuotaExceededException" | "ConcurrentLimitExceededException" => (
+            "an AWS quota was reached (snapshots in progress or stored); wait or raise the quota"
+                .to_string(),
+            "ebs_quota",
+        ),
+        "ConflictException" => (
+            format!("AWS reported a conflicting request: {message}"),
+            "ebs_conflict",
+        ),
+        "InternalServerException" | "InternalError" | "ServiceUnavailable" => (
+            "AWS had an internal error; try again later".to_string(),
+            "ebs_aws_internal",
+        ),
+        "InvalidSnapshot.InUse" => (
+            format!("the snapshot is in use: {message}"),
+            "ebs_in_use",
+        ),
+        _ => (format!("AWS answered: {message}"), "ebs_api"),
+    };
+    let code = if code.is_empty() { "no code" } else { code };
+    (format!("{what} ({code})"), kind)
+}
+
+/// One snapshot of a volume as EC2 lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub state: SnapState,
+    pub generation: u64,
+    pub parent: Option<String>,
+    pub host: String,
+    /// The `ferry:options` tag, parsed; empty if absent or unreadable.
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapState {
+    Pending,
+    Completed,
+    /// Failed or recoverable-failed: never part of a volume's history.
+    Failed,
+}
+
+/// One block of a snapshot: where it is and the token that reads it.
+#[derive(Clone, Debug)]
+pub struct BlockRef {
+    pub index: u64,
+    pub token: String,
+}
+
+/// The settings that shape the client.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub region: String,
+    pub endpoint_url: Option<String>,
+}
+
+/// The AWS clients, cheap to clone.
+#[derive(Clone)]
+pub struct SnapshotClient {
+    ebs: aws_sdk_ebs::Client,
+    ec2: aws_sdk_ec2::Client,
+    /// For error messages: the endpoint URL, or the region's public endpoints.
+    endpoint: String,
+}
+
+impl SnapshotClient {
+    /// Builds clients from the standard AWS configuration chain. Nothing is sent yet.
+    pub async fn new(settings: &ClientSettings) -> SnapshotClient {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(settings.region.clone()))
+            .retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(MAX_ATTEMPTS)
+                    .with_initial_backoff(Duration::from_millis(100)),
+            )
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(20))
+                    .operation_timeout(CALL_TIMEOUT)
+                    .build(),
+            );
+        if let Some(url) = &settings.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let shared = loader.load().await;
+        SnapshotClient {
+            ebs: aws_sdk_ebs::Client::new(&shared),
+            ec2: aws_sdk_ec2::Client::new(&shared),
+            endpoint: settings
+                .endpoint_url
+                .clone()
+                .unwrap_or_else(|| format!("region {}", settings.region)),
+        }
+    }
+
+    fn fail<E, R>(&self, op: &'static str, volume: &str, e: SdkError<E, R>) -> EbsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let volume = volume.to_string();
+        match &e {
+            SdkError::TimeoutError(_) => EbsError::Timeout {
+                op,
+                volume,
+                secs: CALL_TIMEOUT.as_secs(),
+            },
+            SdkError::DispatchFailure(d) => EbsError::Unreachable {
+                op,
+                volume,
+                endpoint: self.endpoint.clone(),
+                reason: if d.is_timeout() {
+                    "the connection timed out".into()
+                } else if d.is_io() {
+                    "the connection failed".into()
+                } else {
+                    "the request could not be sent".into()
+                },
+            },
+            SdkError::ServiceError(s) => {
+                let err = s.err();
+                let (what, kind) = words_for(err.code().unwrap_or(""), err.message().unwrap_or(""));
+                EbsError::Api {
+                    op,
+                    volume,
+                    what,
+                    kind,
+                }
+            }
+            _ => EbsError::Api {
+                op,
+                volume,
+                what: format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&e)),
+                kind: "ebs_api",
+            },
+        }
+    }
+
+    /// Starts a snapshot of a volume of `size` bytes. `token` makes a retried start return the same
+    /// snapshot instead of a second one.
+    pub async fn start_snapshot(
+        &self,
+        volume: &str,
+        size: u64,
+        parent: Option<&str>,
+        tags: &[(&str, String)],
+        token: &str,
+    ) -> Result<String, EbsError> {
+        let gib = size.div_ceil(1 << 30).max(1) as i64;
+        let out = self
+            .ebs
+            .start_snapshot()
+            .volume_size(gib)
+            .set_parent_snapshot_id(parent.map(str::to_string))
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| EbsTag::builder().key(*k).value(v.clone()).build())
+                    .collect(),
+            ))
+            .description(format!("ferry volume {volume}"))
+            .client_token(token)
+            // Minutes before EBS gives up on a snapshot nobody completes: the shortest allowed, so a
+            // crashed push stops blocking other hosts soon.
+            .timeout(10)
+            .send()
+            .await
+            .map_err(|e| self.fail("StartSnapshot", volume, e))?;
+        out.snapshot_id()
+            .map(str::to_string)
+            .ok_or_else(|| EbsError::Invalid {
+                volume: volume.into(),
+                reason: "StartSnapshot answered without a snapshot id".into(),
+            })
+    }
+
+    /// Writes one full block with its SHA-256 checksum.
+    pub async fn put_block(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        index: u64,
+        data: Bytes,
+    ) -> Result<(), EbsError> {
+        debug_assert_eq!(data.len() as u64, BLOCK_SIZE);
+        let checksum = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&data));
+        self.ebs
+            .put_snapshot_block()
+            .snapshot_id(snapshot)
+            .block_index(block_index(volume, index)?)
+            .data_length(data.len() as i32)
+            .checksum(checksum)
+            .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .block_data(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| self.fail("PutSnapshotBlock", volume, e))?;
+        Ok(())
+    }
+
+    /// Seals a snapshot, telling EBS exactly how many blocks were written; returns whether EBS already
+    /// reports it completed (otherwise it is still being processed).
+    pub async fn complete(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        changed: u64,
+    ) -> Result<bool, EbsError> {
+        let out = self
+            .ebs
+            .complete_snapshot()
+            .snapshot_id(snapshot)
+            .changed_blocks_count(i32::try_from(changed).map_err(|_| EbsError::Invalid {
+                volume: volume.into(),
+                reason: format!(
+                    "{changed} changed blocks is more than EBS accepts in one snapshot"
+                ),
+            })?)
+            .send()
+            .await
+            .map_err(|e| self.fail("CompleteSnapshot", volume, e))?;
+        match out.status() {
+            Some(EbsStatus::Completed) => Ok(true),
+            Some(EbsStatus::Error) => Err(EbsError::Api {
+                op: "CompleteSnapshot",
+                volume: volume.into(),
+                what: format!("EBS reported snapshot {snapshot} as failed"),
+                kind: "ebs_snapshot_failed",
+            }),
+            _ => Ok(false),
+        }
+    }
+
+    /// Every block a snapshot lists, following pagination.
+    pub async fn list_blocks(
+        &self,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<Vec<BlockRef>, EbsError> {
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self
+                .ebs
+                .list_snapshot_blocks()
+                .snapshot_id(snapshot)
+                .max_results(LIST_PAGE)
+                .set_next_token(next.take())
+                .send()
+                .await
+                .map_err(|e| self.fail("ListSnapshotBlocks", volume, e))?;
+            for b in page.blocks() {
+                if let (Some(i), Some(t)) = (b.block_index(), b.block_token()) {
+                    if i >= 0 {
+                        out.push(BlockRef {
+                            index: i as u64,
+                            token: t.to_string(),
+                        });
+                    }
+                }
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() && !page.blocks().is_empty() => next = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads one block and checks it against the checksum EBS sends with it.
+    pub async fn get_block(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        block: &BlockRef,
+    ) -> Result<Bytes, EbsError> {
+        let out = self
+            .ebs
+            .get_snapshot_block()
+            .snapshot_id(snapshot)
+            .block_index(block_index(volume, block.index)?)
+            .block_token(&block.token)
+            .send()
+            .await
+            .map_err(|e| self.fail("GetSnapshotBlock", volume, e))?;
+        let expected = out.checksum().map(str::to_string);
+        let data = out
+            .block_data
+            .collect()
+            .await
+            .map_err(|e| EbsError::Unreachable {
+                op: "GetSnapshotBlock",
+                volume: volume.into(),
+                endpoint: self.endpoint.clone(),
+                reason: format!("the block's data stopped arriving: {e}"),
+            })?
+            .into_bytes();
+        let actual = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&data));
+        if data.len() as u64 != BLOCK_SIZE || expected.as_deref() != Some(actual.as_str()) {
+            return Err(EbsError::Checksum {
+                volume: volume.into(),
+                snapshot: snapshot.into(),
+                index: block.index,
+            });
+        }
+        Ok(data)
+    }
+
+    /// Every snapshot of `namespace` carrying a `ferry:volume` tag of `volume`, or of every volume when
+    /// `volume` is `None`, in no particular order.
+    pub async fn find(
+        &self,
+        namespace: &str,
+        volume: Option<&str>,
+    ) -> Result<Vec<(String, SnapshotInfo)>, EbsError> {
+        let label = volume.unwrap_or("*");
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut req = self
+                .ec2
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(
+                    Filter::builder()
+                        .name(format!("tag:{}", tags::NAMESPACE))
+                        .values(namespace)
+                        .build(),
+                )
+                .set_next_token(next.take());
+            if let Some(v) = volume {
+                req = req.filters(
+                    Filter::builder()
+                        .name(format!("tag:{}", tags::VOLUME))
+                        .values(v)
+                        .build(),
+                );
+            }
+            let page = req
+                .send()
+                .await
+                .map_err(|e| self.fail("DescribeSnapshots", label, e))?;
+            for s in page.snapshots() {
+                let tag = |key: &str| {
+                    s.tags()
+                        .iter()
+                        .find(|t| t.key() == Some(key))
+                        .and_then(|t| t.value())
+                        .map(str::to_string)
+                };
+                // Filters are applied by AWS; check again, so a server that ignores one (or a
+                // hand-tagged snapshot) can never mix another volume's blocks into this one.
+                if tag(tags::NAMESPACE).as_deref() != Some(namespace) {
+                    continue;
+                }
+                let Some(vol) = tag(tags::VOLUME) else {
+                    continue;
+                };
+                if volume.is_some_and(|v| v != vol) {
+                    continue;
+                }
+                let (Some(id), Some(generation)) = (
+                    s.snapshot_id(),
+                    tag(tags::GENERATION).and_then(|g| g.parse::<u64>().ok()),
+                ) else {
+                    continue;
+                };
+                let state = match s.state() {
+                    Some(SnapshotState::Completed) => SnapState::Completed,
+                    Some(SnapshotState::Pending) => SnapState::Pending,
+                    _ => SnapState::Failed,
+                };
+                out.push((
+                    vol,
+                    SnapshotInfo {
+                        id: id.to_string(),
+                        state,
+                        generation,
+                        parent: tag(tags::PARENT).filter(|p| !p.is_empty()),
+                        host: tag(tags::HOST).unwrap_or_default(),
+                        options: tag(tags::OPTIONS)
+                            .and_then(|o| serde_json::from_str(&o).ok())
+                            .unwrap_or_default(),
+                    },
+                ));
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The state of one snapshot, `None` if EC2 does not know it.
+    pub async fn state(&self, volume: &str, snapshot: &str) -> Result<Option<SnapState>, EbsError> {
+        let out = self
+            .ec2
+            .describe_snapshots()
+            .snapshot_ids(snapshot)
+            .send()
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => return Ok(None),
+            Err(e) => return Err(self.fail("DescribeSnapshots", volume, e)),
+        };
+        Ok(out.snapshots().first().map(|s| match s.state() {
+            Some(SnapshotState::Completed) => SnapState::Completed,
+            Some(SnapshotState::Pending) => SnapState::Pending,
+            _ => SnapState::Failed,
+        }))
+    }
+
+    /// Deletes a snapshot; one that is already gone is fine.
+    pub async fn delete(&self, volume: &str, snapshot: &str) -> Result<(), EbsError> {
+        match self
+            .ec2
+            .delete_snapshot()
+            .snapshot_id(snapshot)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => Ok(()),
+            Err(e) => Err(self.fail("DeleteSnapshot", volume, e)),
+        }
+    }
+}
+
+fn block_index(volume: &str, index: u64) -> Result<i32, EbsError> {
+    i32::try_from(index).map_err(|_| EbsError::Invalid {
+        volume: volume.into(),
+        reason: format!("block index {index} is beyond what EBS addresses"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_become_words_and_keep_the_code() {
+        let (w, k) = words_for("ThrottlingException", "Rate exceeded");
+        assert!(
+            w.contains("throttling") && w.ends_with("(ThrottlingException)"),
+            "{w}"
+        );
+        assert_eq!(k, "ebs_throttled");
+        let (w, k) = words_for(
+            "AccessDeniedException",
+            "User: arn:aws:iam::1:user/x is not authorized",
+        );
+        assert!(w.contains("credential chain"), "{w}");
+        assert_eq!(k, "ebs_denied");
+        let (w, _) = words_for("", "something odd");
+        assert!(
+            w.contains("something odd") && w.contains("(no code)"),
+            "{w}"
+        );
+    }
+}

@@ -1,0 +1,73 @@
+//! moto (an independent implementation of the EBS direct APIs and EC2) as a test peer, started through
+//! `scripts/moto-server` on a free loopback port. moto is required, not optional: a machine that cannot
+//! install it fails the tests that need it with the reason, instead of skipping them.
+//!
+//! Include it with `#[path = "common/moto.rs"] mod moto;`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Moto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/moto-server")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-moto")
+            .tempdir()
+            .unwrap();
+        // A port another test takes between our probe and moto's bind makes start fail; try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            let out = Command::new(script())
+                .args(["start", &port.to_string()])
+                .arg(dir.path())
+                .output()
+                .expect("run scripts/moto-server");
+            if out.status.success() {
+                return Moto { port, dir };
+            }
+            eprintln!(
+                "scripts/moto-server start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        panic!(
+            "moto did not start; run `scripts/moto-server install` (it needs PyPI) and see {}",
+            dir.path().join("moto.log").display()
+        );
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("moto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}

@@ -1,0 +1,422 @@
+//! The ebs backend through the real daemon: against the strict EBS emulator (exact blocks, checksums, small
+//! pages, parent inheritance, injected throttling and latency) and against moto (an independent
+//! implementation whose child snapshots do not inherit). Two daemons with separate state directories stand
+//! in for two hosts.
+
+mod common;
+#[path = "common/ebs_strict.rs"]
+mod ebs_strict;
+#[path = "common/moto.rs"]
+mod moto;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use ebs_strict::StrictEbs;
+use serde_json::Value;
+
+const BLOCK: usize = 524_288;
+
+/// A multi-threaded runtime that keeps the emulator serving while the test thread makes blocking calls.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A daemon ("host") whose [ebs] section points at `endpoint`.
+fn host(endpoint: &str, label: &str, concurrency: usize) -> (tempfile::TempDir, Daemon) {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("ferry-ebs-{label}"))
+        .tempdir()
+        .unwrap();
+    let config = tmp.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nconcurrency = {concurrency}\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_in(tmp.path(), &tmp.path().join("ferry.sock"), &env(&config));
+    (tmp, d)
+}
+
+/// Dummy credentials through the standard chain, and nothing from this machine's own AWS setup.
+fn env(config: &Path) -> Vec<(&'static str, &str)> {
+    vec![
+        (
+            "FERRY_CONFIG",
+            Box::leak(config.to_str().unwrap().to_string().into_boxed_str()),
+        ),
+        ("AWS_ACCESS_KEY_ID", "AKIDFERRYTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "ferry-test-secret-never-shown"),
+        ("AWS_CONFIG_FILE", "/nonexistent"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+}
+
+fn restart(d: &mut Daemon) {
+    let config = d.dir.join("ferry.toml");
+    d.spawn(&env(&config));
+}
+
+fn create(d: &Daemon, name: &str, size: &str) {
+    d.create(
+        name,
+        &format!(r#"{{"backend":"ebs","size":"{size}","uid":"1000","mode":"0750"}}"#),
+    );
+}
+
+fn generation(d: &Daemon, name: &str) -> Option<u64> {
+    d.get(name)["Status"]["generation"].as_u64()
+}
+
+/// Deterministic bytes that differ per seed and position and compress poorly.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_file(path: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn unmount_err(d: &Daemon, name: &str, id: &str) -> String {
+    d.err(
+        "/VolumeDriver.Unmount",
+        &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
+    )
+}
+
+fn mount_err(d: &Daemon, name: &str, id: &str) -> String {
+    d.err(
+        "/VolumeDriver.Mount",
+        &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
+    )
+}
+
+/// The 512 KiB blocks whose contents differ between two images of one size.
+fn differing_blocks(a: &Path, b: &Path) -> Vec<u64> {
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let len = fa.metadata().unwrap().len();
+    assert_eq!(len, fb.metadata().unwrap().len());
+    let (mut ba, mut bb) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let mut out = Vec::new();
+    for i in 0..len / BLOCK as u64 {
+        fa.read_exact(&mut ba).unwrap();
+        fb.read_exact(&mut bb).unwrap();
+        if ba != bb {
+            out.push(i);
+        }
+    }
+    out
+}
+
+fn image(d: &Daemon, name: &str) -> PathBuf {
+    d.state.join("ebs").join(name).join("image")
+}
+
+#[test]
+fn round_trip_between_two_hosts_against_the_strict_emulator() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(7));
+    // Throttle every 11th call: every push and pull below must retry its way through.
+    ebs.faults().throttle_every.store(11, Ordering::Relaxed);
+    let (_ta, a) = host(&ebs.endpoint(), "a", 4);
+    let (_tb, b) = host(&ebs.endpoint(), "b", 4);
+
+    create(&a, "shared", "64MiB");
+    assert_eq!(generation(&a, "shared"), None, "nothing shipped yet");
+    let m = a.mount("shared", "c1");
+    let data = pattern(1, 5 * 1024 * 1024 + 123);
+    write_file(&m.join("data.bin"), &data);
+    std::fs::create_dir(m.join("dir")).unwrap();
+    std::os::unix::fs::symlink("data.bin", m.join("dir/link")).unwrap();
+    let meta = std::fs::metadata(&m).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 1000);
+    a.unmount("shared", "c1");
+    assert_eq!(generation(&a, "shared"), Some(1));
+    let first = a.get("shared")["Status"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(ebs.is_completed(&first));
+
+    // Another host adopts the volume by name and options, and pulls it on mount.
+    let err = b.err(
+        "/VolumeDriver.Create",
+        r#"{"Name":"shared","Opts":{"backend":"ebs","size":"128MiB","uid":"1000","mode":"0750"}}"#,
+    );
+    assert!(err.contains("size") && err.contains("64MiB"), "{err}");
+    create(&b, "shared", "64MiB");
+    assert_eq!(generation(&b, "shared"), Some(1));
+    let mb = b.mount("shared", "c2");
+    assert_eq!(std::fs::read(mb.join("data.bin")).unwrap(), data);
+    assert_eq!(
+        std::fs::read_link(mb.join("dir/link")).unwrap(),
+        PathBuf::from("data.bin")
+    );
+    let more = pattern(2, 700_000);
+    write_file(&mb.join("more.bin"), &more);
+    b.unmount("shared", "c2");
+    assert_eq!(generation(&b, "shared"), Some(2));
+
+    // The first host's copy is stale now: mounting pulls generation 2 instead of showing old data.
+    let m = a.mount("shared", "c3");
+    assert_eq!(std::fs::read(m.join("more.bin")).unwrap(), more);
+    assert_eq!(std::fs::read(m.join("data.bin")).unwrap(), data);
+    assert_eq!(generation(&a, "shared"), Some(2));
+    // Nothing written since the pull: ext4 still records the mount in its superblock, and that block
+    // (with its backup groups' copies at most) is all that ships.
+    let before = ebs.counters().blocks_put.load(Ordering::Relaxed);
+    a.unmount("shared", "c3");
+    let after = ebs.counters().blocks_put.load(Ordering::Relaxed);
+    assert!(
+        after - before <= 4,
+        "{} blocks for an untouched volume",
+        after - before
+    );
+    assert!(
+        ebs.counters().throttled.load(Ordering::Relaxed) > 0,
+        "the emulator throttled nothing"
+    );
+    // A release with nothing to ship (the copy is clean) makes no snapshot: the restart's
+    // reconciliation of a released volume starts none.
+    let newest = generation(&a, "shared");
+    let calls = ebs.counters().blocks_put.load(Ordering::Relaxed);
+    let mut a = a;
+    a.kill9();
+    restart(&mut a);
+    assert_eq!(generation(&a, "shared"), newest);
+    assert_eq!(ebs.counters().blocks_put.load(Ordering::Relaxed), calls);
+
+    // No secret reaches the log or Status.
+    for text in [a.log_text(), b.log_text(), a.get("shared").to_string()] {
+        assert!(!text.contains("ferry-test-secret-never-shown"));
+    }
+    drop(rt);
+}
+
+#[test]
+fn incremental_push_ships_exactly_the_changed_blocks() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(1000));
+    let (_t, d) = host(&ebs.endpoint(), "incr", 16);
+    create(&d, "big", "1GiB");
+    let m = d.mount("big", "c1");
+    write_file(&m.join("file.bin"), &pattern(3, 64 * 1024 * 1024));
+    d.unmount("big", "c1");
+    assert_eq!(generation(&d, "big"), Some(1));
+    let shipped_image = d.dir.join("gen1.img");
+    std::fs::copy(image(&d, "big"), &shipped_image).unwrap();
+
+    // Change 1 MiB in the middle of the file, in place.
+    let m = d.mount("big", "c2");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("file.bin"))
+        .unwrap();
+    f.seek(SeekFrom::Start(32 * 1024 * 1024)).unwrap();
+    f.write_all(&pattern(4, 1024 * 1024)).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let put_before = ebs.counters().blocks_put.load(Ordering::Relaxed);
+    d.unmount("big", "c2");
+    assert_eq!(generation(&d, "big"), Some(2));
+    let snapshot = d.get("big")["Status"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let put = ebs.counters().blocks_put.load(Ordering::Relaxed) - put_before;
+
+    // Exactly the blocks that differ between the two images, found independently, were shipped: the
+    // 1 MiB of data (2 or 3 blocks) plus what ext4 changed around it (inode, journal).
+    let differ = differing_blocks(&shipped_image, &image(&d, "big"));
+    assert_eq!(ebs.own_blocks(&snapshot), differ);
+    assert_eq!(put, differ.len() as u64);
+    assert!(differ.len() >= 2 && differ.len() < 40, "{differ:?}");
+    drop(rt);
+}
+
+#[test]
+fn a_stale_base_is_refused_loudly_and_the_local_copy_kept() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let (_ta, a) = host(&ebs.endpoint(), "sa", 4);
+    let (_tb, b) = host(&ebs.endpoint(), "sb", 4);
+    create(&a, "v", "32MiB");
+    let m = a.mount("v", "x");
+    write_file(&m.join("base"), b"base");
+    a.unmount("v", "x");
+    create(&b, "v", "32MiB");
+
+    // Both hosts mount generation 1 at once (nothing can stop that without a shared catalog).
+    let ma = a.mount("v", "a1");
+    let mb = b.mount("v", "b1");
+    write_file(&ma.join("from-a"), b"a");
+    write_file(&mb.join("from-b"), b"b");
+    a.unmount("v", "a1");
+    assert_eq!(generation(&a, "v"), Some(2));
+    let err = unmount_err(&b, "v", "b1");
+    assert!(
+        err.contains("changed elsewhere") && err.contains("generation 2") && err.contains("kept"),
+        "{err}"
+    );
+    // Nothing of b's was shipped, the newest snapshot is still a's, and b's data is still on b.
+    assert_eq!(generation(&a, "v"), Some(2));
+    let health = b.get("v")["Status"].clone();
+    assert_eq!(health["health"], "error", "{health}");
+    let err = mount_err(&b, "v", "b2");
+    assert!(err.contains("changed elsewhere"), "{err}");
+    let copy: Value =
+        serde_json::from_slice(&std::fs::read(b.state.join("ebs/v/copy.json")).unwrap()).unwrap();
+    assert_eq!(copy["dirty"], true);
+    assert_eq!(copy["generation"], 1);
+    drop(rt);
+}
+
+#[test]
+fn a_crash_during_push_or_pull_is_finished_after_restart() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(50));
+    let (_ta, mut a) = host(&ebs.endpoint(), "ca", 2);
+    let (_tb, mut b) = host(&ebs.endpoint(), "cb", 2);
+    create(&a, "c", "256MiB");
+    let m = a.mount("c", "x");
+    let data = pattern(5, 24 * 1024 * 1024);
+    write_file(&m.join("data"), &data);
+
+    // Slow every call so the push is still running when the plugin dies.
+    ebs.faults().latency_ms.store(40, Ordering::Relaxed);
+    let socket = a.socket.clone();
+    let unmount = std::thread::spawn(move || {
+        common::raw_call(
+            &socket,
+            "POST",
+            "/VolumeDriver.Unmount",
+            br#"{"Name":"c","ID":"x"}"#,
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ebs.counters().blocks_put.load(Ordering::Relaxed) < 5 {
+        assert!(Instant::now() < deadline, "the push never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.kill9();
+    let _ = unmount.join();
+    ebs.faults().latency_ms.store(0, Ordering::Relaxed);
+    // Nothing was completed, so no host can take the partial snapshot as the volume: another host is
+    // told a push is in flight instead of getting an empty or partial volume.
+    let err = b.err(
+        "/VolumeDriver.Create",
+        r#"{"Name":"c","Opts":{"backend":"ebs","size":"256MiB","uid":"1000","mode":"0750"}}"#,
+    );
+    assert!(err.contains("still being written"), "{err}");
+
+    // Restart: reconciliation finishes the interrupted unmount, shipping everything.
+    restart(&mut a);
+    assert_eq!(generation(&a, "c"), Some(1), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("interrupted push"),
+        "{}",
+        a.log_text()
+    );
+
+    create(&b, "c", "256MiB");
+    ebs.faults().latency_ms.store(40, Ordering::Relaxed);
+    let socket = b.socket.clone();
+    let mount = std::thread::spawn(move || {
+        common::raw_call(
+            &socket,
+            "POST",
+            "/VolumeDriver.Mount",
+            br#"{"Name":"c","ID":"y"}"#,
+        )
+    });
+    let got = ebs.counters().blocks_got.load(Ordering::Relaxed);
+    while ebs.counters().blocks_got.load(Ordering::Relaxed) < got + 5 {
+        assert!(Instant::now() < deadline, "the pull never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.kill9();
+    let _ = mount.join();
+    ebs.faults().latency_ms.store(0, Ordering::Relaxed);
+    assert!(
+        !image(&b, "c").exists(),
+        "a half-pulled image must never look like a local copy"
+    );
+    restart(&mut b);
+    let mb = b.mount("c", "y2");
+    assert_eq!(std::fs::read(mb.join("data")).unwrap(), data);
+    b.unmount("c", "y2");
+    drop(rt);
+}
+
+#[test]
+fn remove_deletes_the_snapshots_and_refuses_while_mounted() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let (_t, d) = host(&ebs.endpoint(), "rm", 4);
+    create(&d, "gone", "32MiB");
+    let m = d.mount("gone", "x");
+    write_file(&m.join("f"), b"data");
+    let err = d.err("/VolumeDriver.Remove", r#"{"Name":"gone"}"#);
+    assert!(err.contains("in use") || err.contains("mounted"), "{err}");
+    d.unmount("gone", "x");
+    let m = d.mount("gone", "x2");
+    write_file(&m.join("g"), b"more");
+    d.unmount("gone", "x2");
+    assert_eq!(generation(&d, "gone"), Some(2));
+    d.remove("gone");
+    assert_eq!(ebs.counters().deleted.load(Ordering::Relaxed), 2);
+    assert!(!d.state.join("ebs/gone").exists());
+    // The name starts afresh.
+    create(&d, "gone", "32MiB");
+    assert_eq!(generation(&d, "gone"), None);
+    drop(rt);
+}
+
+#[test]
+fn round_trip_through_moto() {
+    let moto = moto::Moto::start();
+    let (_ta, a) = host(&moto.endpoint(), "ma", 8);
+    let (_tb, b) = host(&moto.endpoint(), "mb", 8);
+    create(&a, "mv", "64MiB");
+    let m = a.mount("mv", "c1");
+    let data = pattern(7, 3 * 1024 * 1024);
+    write_file(&m.join("one"), &data);
+    a.unmount("mv", "c1");
+    let m = a.mount("mv", "c2");
+    write_file(&m.join("two"), b"second generation");
+    a.unmount("mv", "c2");
+    assert_eq!(generation(&a, "mv"), Some(2), "{}", moto.log());
+
+    // moto's second snapshot holds only its own blocks: the pull must read the chain to find "one".
+    create(&b, "mv", "64MiB");
+    let mb = b.mount("mv", "c3");
+    assert_eq!(std::fs::read(mb.join("one")).unwrap(), data);
+    assert_eq!(std::fs::read(mb.join("two")).unwrap(), b"second generation");
+    b.unmount("mv", "c3");
+    b.remove("mv");
+    let err = a.err("/VolumeDriver.Mount", r#"{"Name":"mv","ID":"c4"}"#);
+    assert!(err.contains("snapshots were deleted"), "{err}");
+}
