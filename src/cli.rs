@@ -23,7 +23,12 @@ pub enum Command {
     Inspect(String),
     Status,
     Doctor,
+    /// Ship a mounted volume's changes now (ebs).
+    Checkpoint(String),
 }
+
+/// How long `ferry checkpoint` waits: an upload of many changed blocks takes a while.
+pub const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a command printed and how the process should exit: 0 all well, 1 an error (reported through
 /// `Err`), 2 the command worked but found a problem (an unreachable backend, a failed doctor check).
@@ -59,6 +64,27 @@ pub async fn run(
                     to_json(&volume)
                 } else {
                     render_inspect(&volume)
+                },
+                exit_code: 0,
+            })
+        }
+        Command::Checkpoint(name) => {
+            let path = format!("/v1/volumes/{}/checkpoint", percent_encode(name));
+            let client = AdminClient::new(config.admin_socket.clone(), CHECKPOINT_TIMEOUT);
+            let shipped: Option<crate::catalog::Shipped> = client.post(&path).await?;
+            Ok(Outcome {
+                text: if json {
+                    to_json(&shipped)
+                } else {
+                    match shipped {
+                        Some(s) => format!(
+                            "{name}: newest snapshot {} (generation {})\n",
+                            s.snapshot, s.generation
+                        ),
+                        None => format!(
+                            "{name}: nothing shipped (not an ebs volume, or nothing written yet)\n"
+                        ),
+                    }
                 },
                 exit_code: 0,
             })

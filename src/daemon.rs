@@ -63,7 +63,6 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             binary,
         )?));
     }
-    let transfers = Arc::new(crate::backend::ebs::Transfers::default());
     if let Some(settings) = &config.ebs {
         let host_id = crate::backend::nfs::host_id(&state.join("host-id"))
             .context("cannot read or make this host's id (STATE_DIR/host-id)")?;
@@ -74,7 +73,6 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                 config.mount_root.clone(),
                 mounter.clone(),
                 host_id,
-                transfers.clone(),
             )
             .await?,
         ));
@@ -118,6 +116,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         }),
     ));
     let watcher = tokio::spawn(watch_attachments(service.clone()));
+    let checkpointer = tokio::spawn(run_checkpoints(service.clone()));
     let listener = plugin::bind_socket(&config.socket)?;
     let bound = identity(&config.socket);
     tracing::info!(socket = %config.socket.display(), state_dir = %state.display(), "ferry is serving");
@@ -130,6 +129,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     .await;
     admin.abort();
     watcher.abort();
+    checkpointer.abort();
     remove_if_ours(&config.socket, bound);
     remove_if_ours(&config.admin_socket, admin_bound);
     tracing::info!("stopped; mounts in use were left in place");
@@ -146,6 +146,19 @@ async fn watch_attachments(service: Arc<VolumeService>) {
     loop {
         tick.tick().await;
         service.check_attachments().await;
+    }
+}
+
+/// How often volumes with a `checkpoint` interval are looked at; intervals are at least a minute.
+const CHECKPOINT_TICK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `run_due_checkpoints` for as long as the daemon serves.
+async fn run_checkpoints(service: Arc<VolumeService>) {
+    let mut tick = tokio::time::interval(CHECKPOINT_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        service.run_due_checkpoints().await;
     }
 }
 

@@ -50,6 +50,17 @@ enum Command {
         #[command(flatten)]
         format: Format,
     },
+    /// Ship what changed in a mounted ebs volume to a new snapshot now, without unmounting it (as the
+    /// `checkpoint` option does on a schedule). The filesystem is frozen only while changed blocks are
+    /// copied aside. Prints the volume's newest snapshot afterwards.
+    Checkpoint {
+        /// The volume's name.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
+    },
     /// Show the daemon's version and uptime, and whether each configured backend is reachable now.
     /// Exits with 2 when a backend is unreachable.
     Status {
@@ -140,6 +151,11 @@ fn main() -> ExitCode {
             format,
         } => operator(ferry::cli::Command::Inspect(name), target, format),
         Command::Status { target, format } => operator(ferry::cli::Command::Status, target, format),
+        Command::Checkpoint {
+            name,
+            target,
+            format,
+        } => operator(ferry::cli::Command::Checkpoint(name), target, format),
         Command::Doctor { target, format } => operator(ferry::cli::Command::Doctor, target, format),
         Command::NfsMount { spec } => nfs_mount(&spec),
     };

@@ -43,6 +43,8 @@ pub struct Gauges {
     pub volumes_by_backend: BTreeMap<&'static str, u64>,
     pub active_mounts: u64,
     pub attached_volumes: u64,
+    /// Data shipped and pulled, per backend that ships data.
+    pub transfers: BTreeMap<&'static str, crate::backend::TransferTotals>,
 }
 
 impl Metrics {
@@ -129,6 +131,35 @@ impl Metrics {
         out.push_str("# HELP ferry_attached_volumes Volumes whose storage is attached.\n");
         out.push_str("# TYPE ferry_attached_volumes gauge\n");
         let _ = writeln!(out, "ferry_attached_volumes {}", g.attached_volumes);
+        type Pick = fn(&crate::backend::TransferTotals) -> u64;
+        let series: [(&str, &str, Pick); 4] = [
+            (
+                "ferry_shipped_bytes_total",
+                "Bytes shipped to remote storage (EBS snapshots).",
+                |t| t.bytes_shipped,
+            ),
+            (
+                "ferry_shipped_blocks_total",
+                "Blocks shipped to remote storage.",
+                |t| t.blocks_shipped,
+            ),
+            (
+                "ferry_pulled_bytes_total",
+                "Bytes pulled from remote storage.",
+                |t| t.bytes_pulled,
+            ),
+            (
+                "ferry_pulled_blocks_total",
+                "Blocks pulled from remote storage.",
+                |t| t.blocks_pulled,
+            ),
+        ];
+        for (name, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (backend, t) in &g.transfers {
+                let _ = writeln!(out, "{name}{{backend=\"{backend}\"}} {}", value(t));
+            }
+        }
         out
     }
 }

@@ -174,6 +174,9 @@ pub struct VolumeService {
     /// Volumes whose view may be ahead of the catalog, after a failed write whose reload failed too.
     unsynced: Mutex<std::collections::HashSet<String>>,
     metrics: crate::metrics::Metrics,
+    /// When each attached volume with a `checkpoint` interval was last checkpointed (or first seen
+    /// attached).
+    checkpoint_clock: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// A phrase of `BackendError::Lost`'s message, to tell that failure apart in `failures`.
@@ -233,6 +236,7 @@ impl VolumeService {
             failures: Mutex::new(HashMap::new()),
             unsynced: Mutex::new(std::collections::HashSet::new()),
             metrics: crate::metrics::Metrics::default(),
+            checkpoint_clock: Mutex::new(HashMap::new()),
         });
         let report = service.reconcile().await?;
         Ok((service, report))
@@ -249,6 +253,11 @@ impl VolumeService {
             volumes_by_backend: BTreeMap::new(),
             active_mounts: 0,
             attached_volumes: 0,
+            transfers: self
+                .backends
+                .iter()
+                .filter_map(|(k, b)| Some((k.as_str(), b.transfers()?)))
+                .collect(),
         };
         for e in view.values().filter(|e| Self::visible(&e.value)) {
             *g.volumes_by_backend
@@ -444,6 +453,96 @@ impl VolumeService {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), err.to_string());
         err
+    }
+
+    /// Ships what changed in a mounted volume now, without unmounting it (ebs); for other backends, and
+    /// for volumes not mounted, there is nothing to do. The upload runs outside the volume's lock, so
+    /// Mount and Unmount of other containers never wait for it; the backend serializes shipping per
+    /// volume. Returns the newest snapshot afterwards.
+    pub async fn checkpoint(&self, name: &str) -> Result<Option<crate::catalog::Shipped>> {
+        spec::validate_name(name)?;
+        let entry = self
+            .lookup(name)
+            .filter(|e| Self::visible(&e.value))
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let rec = &entry.value;
+        if rec.mountpoint.is_none() {
+            return Ok(rec.shipped.clone());
+        }
+        let backend = self.backend(rec.spec.backend)?.clone();
+        let shipped = backend
+            .checkpoint(name, &rec.spec, rec.shipped.as_ref())
+            .await
+            .map_err(|e| self.failed(name, e))?;
+        if let Some(new) = &shipped {
+            self.record_shipped(name, new.clone()).await?;
+        }
+        self.healthy(name);
+        Ok(shipped)
+    }
+
+    /// Advances a volume's newest snapshot unless the catalog already records this one or a newer one
+    /// (an Unmount that shipped after the checkpoint).
+    async fn record_shipped(&self, name: &str, new: crate::catalog::Shipped) -> Result<()> {
+        let _guard = self.lock_synced(name).await?;
+        let Some(entry) = self.lookup(name) else {
+            return Ok(());
+        };
+        if entry
+            .value
+            .shipped
+            .as_ref()
+            .is_some_and(|s| s.generation >= new.generation)
+        {
+            return Ok(());
+        }
+        let mut rec = entry.value.clone();
+        rec.shipped = Some(new);
+        self.store(rec, Expect::Version(entry.version)).await?;
+        Ok(())
+    }
+
+    /// Checkpoints every attached volume whose `checkpoint` interval has passed since its last
+    /// checkpoint (or since it was first seen attached). Returns how many were checkpointed.
+    pub async fn run_due_checkpoints(&self) -> usize {
+        let now = std::time::Instant::now();
+        let attached: Vec<(String, u64)> = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|e| Self::visible(&e.value) && e.value.mountpoint.is_some())
+            .filter_map(|e| Some((e.value.name.clone(), e.value.spec.checkpoint?)))
+            .collect();
+        let due: Vec<String> = {
+            let mut clock = self
+                .checkpoint_clock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            clock.retain(|name, _| attached.iter().any(|(n, _)| n == name));
+            attached
+                .iter()
+                .filter(|(name, every)| {
+                    let last = *clock.entry(name.clone()).or_insert(now);
+                    now.duration_since(last) >= Duration::from_secs(*every)
+                })
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        let mut done = 0;
+        for name in due {
+            match self.checkpoint(&name).await {
+                Ok(_) => done += 1,
+                Err(e) => {
+                    tracing::error!(volume = %name, error = %e, "checkpoint failed; retrying at the next interval")
+                }
+            }
+            self.checkpoint_clock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name, std::time::Instant::now());
+        }
+        done
     }
 
     /// Looks for storage that died under running containers (an nfs FUSE helper killed, a loop mount taken
@@ -1486,6 +1585,145 @@ mod tests {
         assert!(info.mountpoint.is_none());
         assert_eq!(f.mounter.count("mount "), 1);
         assert_eq!(f.mounter.count("unmount"), 1);
+    }
+
+    /// An ebs-kind backend that "ships" a new generation on every checkpoint and detach.
+    #[derive(Default)]
+    struct ShippingBackend {
+        shipped: std::sync::atomic::AtomicU64,
+    }
+
+    impl ShippingBackend {
+        fn next(&self) -> Option<crate::catalog::Shipped> {
+            let g = self
+                .shipped
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            Some(crate::catalog::Shipped {
+                snapshot: format!("snap-{g}"),
+                generation: g,
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for ShippingBackend {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Ebs
+        }
+        fn preflight(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
+            Ok(())
+        }
+        async fn create(
+            &self,
+            _: &str,
+            _: &VolumeSpec,
+        ) -> Result<Option<crate::catalog::Shipped>, BackendError> {
+            Ok(None)
+        }
+        async fn remove(&self, _: &str, _: &VolumeSpec) -> Result<(), BackendError> {
+            Ok(())
+        }
+        async fn attach(
+            &self,
+            name: &str,
+            _: &VolumeSpec,
+            shipped: Option<&crate::catalog::Shipped>,
+        ) -> Result<crate::backend::Attached, BackendError> {
+            Ok(crate::backend::Attached {
+                path: PathBuf::from("/x").join(name),
+                shipped: shipped.cloned(),
+            })
+        }
+        async fn detach(
+            &self,
+            _: &str,
+            _: &VolumeSpec,
+            _: Option<&crate::catalog::Shipped>,
+        ) -> Result<Option<crate::catalog::Shipped>, BackendError> {
+            Ok(self.next())
+        }
+        async fn checkpoint(
+            &self,
+            _: &str,
+            _: &VolumeSpec,
+            _: Option<&crate::catalog::Shipped>,
+        ) -> Result<Option<crate::catalog::Shipped>, BackendError> {
+            Ok(self.next())
+        }
+        fn is_attached(
+            &self,
+            _: &str,
+            _: &VolumeSpec,
+            _: &crate::mount::MountTable,
+        ) -> Option<bool> {
+            None
+        }
+        fn status(&self, _: &str, _: &VolumeSpec) -> Map<String, Value> {
+            Map::new()
+        }
+        async fn check(&self) -> Result<Map<String, Value>, BackendError> {
+            Ok(Map::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoints_run_on_their_interval_and_never_move_the_newest_snapshot_back() {
+        let f = Fixture::new();
+        let catalog = Arc::new(RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap());
+        let defaults = SpecDefaults {
+            ebs: Some(crate::spec::EbsDefaults::default()),
+            ..SpecDefaults::default()
+        };
+        let (svc, _) = VolumeService::start(
+            catalog,
+            vec![Arc::new(ShippingBackend::default())],
+            f.mounter.clone(),
+            defaults,
+        )
+        .await
+        .unwrap();
+        let every = opts(&[("backend", "ebs"), ("size", "64MiB"), ("checkpoint", "1m")]);
+        let never = opts(&[("backend", "ebs"), ("size", "64MiB")]);
+        svc.create("timed", Some(&every)).await.unwrap();
+        svc.create("plain", Some(&never)).await.unwrap();
+        svc.mount("timed", "a").await.unwrap();
+        svc.mount("plain", "b").await.unwrap();
+        let generation = |name: &str| {
+            svc.lookup(name)
+                .and_then(|e| e.value.shipped.clone())
+                .map(|s| s.generation)
+        };
+        // First seen now: not due for a minute.
+        assert_eq!(svc.run_due_checkpoints().await, 0);
+        let backdate = |name: &str| {
+            svc.checkpoint_clock.lock().unwrap().insert(
+                name.to_string(),
+                std::time::Instant::now() - Duration::from_secs(61),
+            );
+        };
+        backdate("timed");
+        backdate("plain");
+        assert_eq!(svc.run_due_checkpoints().await, 1);
+        assert_eq!(generation("timed"), Some(1));
+        assert_eq!(generation("plain"), None);
+        assert_eq!(svc.run_due_checkpoints().await, 0, "just checkpointed");
+        // The last unmount ships generation 2; a late report of generation 1 must not win.
+        svc.unmount("timed", "a").await.unwrap();
+        assert_eq!(generation("timed"), Some(2));
+        svc.record_shipped(
+            "timed",
+            crate::catalog::Shipped {
+                snapshot: "snap-1".into(),
+                generation: 1,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(generation("timed"), Some(2));
+        // Unmounted volumes are not checkpointed.
+        backdate("timed");
+        assert_eq!(svc.run_due_checkpoints().await, 0);
     }
 
     /// A backend whose remove fails while `stuck` is set.

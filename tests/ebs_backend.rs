@@ -31,6 +31,16 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// A daemon ("host") whose [ebs] section points at `endpoint`.
 fn host(endpoint: &str, label: &str, concurrency: usize) -> (tempfile::TempDir, Daemon) {
+    host_with(endpoint, label, concurrency, "")
+}
+
+/// Like `host`, with extra top-level configuration (before the [ebs] section).
+fn host_with(
+    endpoint: &str,
+    label: &str,
+    concurrency: usize,
+    top: &str,
+) -> (tempfile::TempDir, Daemon) {
     let tmp = tempfile::Builder::new()
         .prefix(&format!("ferry-ebs-{label}"))
         .tempdir()
@@ -39,7 +49,7 @@ fn host(endpoint: &str, label: &str, concurrency: usize) -> (tempfile::TempDir, 
     std::fs::write(
         &config,
         format!(
-            "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nconcurrency = {concurrency}\n"
+            "{top}[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nconcurrency = {concurrency}\n"
         ),
     )
     .unwrap();
@@ -419,4 +429,92 @@ fn round_trip_through_moto() {
     b.remove("mv");
     let err = a.err("/VolumeDriver.Mount", r#"{"Name":"mv","ID":"c4"}"#);
     assert!(err.contains("snapshots were deleted"), "{err}");
+}
+
+/// `ferry checkpoint` against a daemon's admin socket.
+fn checkpoint_cli(d: &Daemon, name: &str) -> String {
+    let out = std::process::Command::new(common::ferry_bin())
+        .args(["checkpoint", name, "--state-dir"])
+        .arg(&d.state)
+        .arg("--config")
+        .arg(d.dir.join("ferry.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ferry checkpoint: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[test]
+fn checkpoint_ships_a_mounted_volume_and_metrics_count_the_blocks() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (_ta, a) = host_with(
+        &ebs.endpoint(),
+        "cpa",
+        4,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let (_tb, mut b) = host(&ebs.endpoint(), "cpb", 4);
+    create(&a, "live", "64MiB");
+    let m = a.mount("live", "c1");
+    let data = pattern(9, 2 * 1024 * 1024);
+    write_file(&m.join("early"), &data);
+
+    // While the container still runs, a checkpoint ships what it wrote.
+    let out = checkpoint_cli(&a, "live");
+    assert!(out.contains("generation 1"), "{out}");
+    assert_eq!(generation(&a, "live"), Some(1));
+    assert!(
+        a.log_text()
+            .contains("checkpoint: changed blocks copied aside"),
+        "{}",
+        a.log_text()
+    );
+    // The filesystem was thawed: the container can keep writing.
+    write_file(&m.join("late"), b"after the checkpoint");
+    let scraped = scrape(port);
+    let shipped = metric(&scraped, "ferry_shipped_blocks_total{backend=\"ebs\"}");
+    assert_eq!(shipped, ebs.counters().blocks_put.load(Ordering::Relaxed));
+    assert_eq!(
+        metric(&scraped, "ferry_shipped_bytes_total{backend=\"ebs\"}"),
+        shipped * BLOCK as u64
+    );
+
+    // Another host sees the checkpointed data (a host crash now would lose only "late").
+    create(&b, "live", "64MiB");
+    let mb = b.mount("live", "r");
+    assert_eq!(std::fs::read(mb.join("early")).unwrap(), data);
+    assert!(!mb.join("late").exists());
+    // That host goes away without shipping (its mount alone changed the superblock).
+    b.kill9();
+
+    // The last unmount ships the rest as the next generation, on top of the checkpoint.
+    a.unmount("live", "c1");
+    assert_eq!(generation(&a, "live"), Some(2));
+    assert!(metric(&scrape(port), "ferry_shipped_blocks_total{backend=\"ebs\"}") > shipped);
+    drop(rt);
 }

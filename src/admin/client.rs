@@ -64,7 +64,20 @@ impl AdminClient {
 
     /// `GET path` and decodes the JSON answer.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let body = match tokio::time::timeout(self.timeout, self.fetch(path)).await {
+        self.call(hyper::Method::GET, path).await
+    }
+
+    /// `POST path` (an action, such as a checkpoint) and decodes the JSON answer.
+    pub async fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(hyper::Method::POST, path).await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: hyper::Method,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        let body = match tokio::time::timeout(self.timeout, self.fetch(method, path)).await {
             Ok(res) => res?,
             Err(_) => {
                 return Err(ClientError::Timeout {
@@ -80,7 +93,7 @@ impl AdminClient {
         })
     }
 
-    async fn fetch(&self, path: &str) -> Result<Bytes, ClientError> {
+    async fn fetch(&self, method: hyper::Method, path: &str) -> Result<Bytes, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| self.connect_error(e))?;
@@ -90,7 +103,9 @@ impl AdminClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = hyper::Request::get(path)
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, "ferry")
             .body(Empty::<Bytes>::new())
             .map_err(|e| self.bad_answer(e))?;

@@ -77,10 +77,34 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
 }
 
 async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    // The one action: shipping a mounted volume's changes now. Everything else only reads.
+    if let Some(name) = path
+        .strip_prefix("/v1/volumes/")
+        .and_then(|rest| rest.strip_suffix("/checkpoint"))
+    {
+        if method != Method::POST {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}; use POST"),
+            );
+        }
+        let Some(name) = percent_decode(name) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the volume name in the path is not valid percent-encoded UTF-8".into(),
+            );
+        };
+        return match ctx.service.checkpoint(&name).await {
+            Ok(shipped) => json(StatusCode::OK, &shipped),
+            Err(e @ ServiceError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+    }
     if method != Method::GET {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed: the admin API is read-only"),
+            format!("{method} is not allowed: the admin API only reads, except POST /v1/volumes/NAME/checkpoint"),
         );
     }
     match path {
@@ -101,7 +125,7 @@ async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Ful
             },
             None => error(
                 StatusCode::NOT_FOUND,
-                format!("{path} is not part of the admin API (/v1/volumes, /v1/volumes/NAME, /v1/status)"),
+                format!("{path} is not part of the admin API (/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/status)"),
             ),
         },
     }

@@ -160,4 +160,17 @@ pub trait Backend: Send + Sync {
     /// such as free space. It may do I/O, so it serves the operator's `ferry status`, never Get/List/Path;
     /// the caller bounds it with a deadline.
     async fn check(&self) -> Result<Map<String, Value>, BackendError>;
+    /// Data moved to and from remote storage since start, for backends that ship data.
+    fn transfers(&self) -> Option<TransferTotals> {
+        None
+    }
+}
+
+/// Totals of data a backend shipped away and pulled back, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransferTotals {
+    pub blocks_shipped: u64,
+    pub bytes_shipped: u64,
+    pub blocks_pulled: u64,
+    pub bytes_pulled: u64,
 }

@@ -14,13 +14,14 @@
 
 pub mod blockmap;
 pub mod client;
+mod freeze;
 mod ship;
 
 use std::collections::BTreeMap;
 use std::fs::DirBuilder;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use serde_json::{json, Map, Value};
 
 use self::blockmap::BlockMap;
 pub use self::client::{ClientSettings, EbsError, SnapState, SnapshotClient, SnapshotInfo};
-use super::{Attached, Backend, BackendError, Shipped};
+use super::{Attached, Backend, BackendError, Shipped, TransferTotals};
 use crate::mount::{MountTable, Mounter};
 use crate::spec::{format_size, BackendKind, FsType, VolumeSpec};
 
@@ -98,6 +99,9 @@ struct Inner {
     client: SnapshotClient,
     host_id: String,
     transfers: Arc<Transfers>,
+    /// One per volume: a checkpoint runs outside the service's volume lock (its upload may be long), so
+    /// attach, detach and checkpoint of one volume take this to never ship from the same base twice.
+    ship_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn ebs_err(e: EbsError) -> BackendError {
@@ -134,7 +138,6 @@ impl EbsBackend {
         mount_root: Option<PathBuf>,
         mounter: Arc<dyn Mounter>,
         host_id: String,
-        transfers: Arc<Transfers>,
     ) -> Result<Self, BackendError> {
         let root = settings.cache_dir.clone().unwrap_or(root);
         for dir in std::iter::once(&root).chain(mount_root.as_ref()) {
@@ -163,13 +166,23 @@ impl EbsBackend {
                 mounter,
                 client,
                 host_id,
-                transfers,
+                transfers: Arc::new(Transfers::default()),
+                ship_locks: Default::default(),
             }),
         })
     }
 }
 
 impl Inner {
+    fn ship_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.ship_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
     fn paths(&self, name: &str) -> Paths {
         let dir = self.root.join(name);
         Paths {
@@ -516,6 +529,133 @@ impl Inner {
         copy: &mut LocalCopy,
     ) -> Result<(), BackendError> {
         let p = self.paths(name);
+        self.check_base(name, copy).await?;
+        let (image, blocks) = (p.image.clone(), p.blocks.clone());
+        let (old, now) = blocking(move || {
+            let now = BlockMap::scan(&image).map_err(internal)?;
+            let old = BlockMap::load(&blocks)
+                .map_err(internal)?
+                .unwrap_or_else(|| BlockMap::zeros(now.len()));
+            Ok((old, now))
+        })
+        .await?;
+        let changed = old.changed(&now);
+        if changed.is_empty() {
+            tracing::info!(
+                volume = name,
+                generation = copy.generation,
+                "nothing changed; no snapshot"
+            );
+            copy.dirty = false;
+            return self.save_copy(name, copy);
+        }
+        let generation = copy.generation + 1;
+        let offsets: Vec<u64> = changed.iter().map(|i| i * blockmap::BLOCK_SIZE).collect();
+        let src = ship::BlockSource {
+            path: &p.image,
+            indices: &changed,
+            offsets: &offsets,
+        };
+        let id = ship::push(self, name, spec, copy, generation, src).await?;
+        // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
+        // the block map is saved only makes the next push repeat blocks.
+        *copy = LocalCopy {
+            snapshot: Some(id),
+            generation,
+            dirty: true,
+            ..LocalCopy::default()
+        };
+        self.save_copy(name, copy)?;
+        let blocks = p.blocks.clone();
+        blocking(move || now.save(&blocks).map_err(internal)).await?;
+        copy.dirty = false;
+        self.save_copy(name, copy)
+    }
+
+    /// Ships what changed in a mounted volume: the filesystem is frozen only while the changed blocks
+    /// are found and copied aside to a spool file, and thawed before anything is uploaded.
+    async fn checkpoint(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Option<Shipped>, BackendError> {
+        let p = self.paths(name);
+        let target = self.exposed(name);
+        let mut copy = self.load_copy(name)?;
+        let current = |c: &LocalCopy| {
+            c.snapshot
+                .clone()
+                .map(|snapshot| Shipped {
+                    snapshot,
+                    generation: c.generation,
+                })
+                .or_else(|| shipped.cloned())
+        };
+        if !self.mounter.mount_table()?.is_mounted(&target) {
+            return Ok(current(&copy));
+        }
+        self.check_base(name, &mut copy).await?;
+        let spool = p.dir.join("spool");
+        let (image, blocks, t, s) = (
+            p.image.clone(),
+            p.blocks.clone(),
+            target.clone(),
+            spool.clone(),
+        );
+        let (now, changed, frozen_for) = blocking(move || {
+            let started = std::time::Instant::now();
+            let frozen = freeze::Frozen::freeze(&t)?;
+            let now = BlockMap::scan(&image).map_err(internal)?;
+            let old = BlockMap::load(&blocks)
+                .map_err(internal)?
+                .unwrap_or_else(|| BlockMap::zeros(now.len()));
+            let changed = old.changed(&now);
+            copy_aside(&image, &s, &changed)?;
+            drop(frozen);
+            Ok((now, changed, started.elapsed()))
+        })
+        .await?;
+        tracing::info!(
+            volume = name,
+            blocks = changed.len(),
+            frozen_ms = frozen_for.as_millis() as u64,
+            "checkpoint: changed blocks copied aside"
+        );
+        if changed.is_empty() {
+            return Ok(current(&copy));
+        }
+        let generation = copy.generation + 1;
+        let offsets: Vec<u64> = (0..changed.len() as u64)
+            .map(|k| k * blockmap::BLOCK_SIZE)
+            .collect();
+        let src = ship::BlockSource {
+            path: &spool,
+            indices: &changed,
+            offsets: &offsets,
+        };
+        let id = ship::push(self, name, spec, &mut copy, generation, src).await?;
+        // Still mounted, so still dirty: what changed after the freeze ships next time.
+        copy = LocalCopy {
+            snapshot: Some(id),
+            generation,
+            dirty: true,
+            ..LocalCopy::default()
+        };
+        self.save_copy(name, &copy)?;
+        let blocks = p.blocks.clone();
+        blocking(move || {
+            now.save(&blocks).map_err(internal)?;
+            std::fs::remove_file(&spool).map_err(BackendError::io("remove", &spool))
+        })
+        .await?;
+        Ok(current(&copy))
+    }
+
+    /// Refuses to ship unless the copy's base is still the newest completed snapshot in EBS, after
+    /// settling what an interrupted push left.
+    async fn check_base(&self, name: &str, copy: &mut LocalCopy) -> Result<(), BackendError> {
+        let p = self.paths(name);
         let (list, newest) = self.history(name, copy.pending.as_deref()).await?;
         self.settle_pending(name, copy, &list).await?;
         let newest_gen = newest.as_ref().map_or(0, |n| n.generation);
@@ -539,40 +679,7 @@ impl Inner {
                 image: p.image.display().to_string(),
             }));
         }
-        let (image, blocks) = (p.image.clone(), p.blocks.clone());
-        let (old, now) = blocking(move || {
-            let now = BlockMap::scan(&image).map_err(internal)?;
-            let old = BlockMap::load(&blocks)
-                .map_err(internal)?
-                .unwrap_or_else(|| BlockMap::zeros(now.len()));
-            Ok((old, now))
-        })
-        .await?;
-        let changed = old.changed(&now);
-        if changed.is_empty() {
-            tracing::info!(
-                volume = name,
-                generation = copy.generation,
-                "nothing changed; no snapshot"
-            );
-            copy.dirty = false;
-            return self.save_copy(name, copy);
-        }
-        let generation = copy.generation + 1;
-        let id = ship::push(self, name, spec, copy, generation, &changed).await?;
-        // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
-        // the block map is saved only makes the next push repeat blocks.
-        *copy = LocalCopy {
-            snapshot: Some(id),
-            generation,
-            dirty: true,
-            ..LocalCopy::default()
-        };
-        self.save_copy(name, copy)?;
-        let blocks = p.blocks.clone();
-        blocking(move || now.save(&blocks).map_err(internal)).await?;
-        copy.dirty = false;
-        self.save_copy(name, copy)
+        Ok(())
     }
 
     async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<Option<Shipped>, BackendError> {
@@ -624,6 +731,27 @@ impl Inner {
             Err(e) => Err(BackendError::io("delete", &dir)(e)),
         }
     }
+}
+
+/// Copies the given blocks of `image`, in order, into a fresh `spool` file.
+fn copy_aside(image: &Path, spool: &Path, changed: &[u64]) -> Result<(), BackendError> {
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(image).map_err(BackendError::io("open", image))?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(spool)
+        .map_err(BackendError::io("create", spool))?;
+    let mut buf = vec![0u8; blockmap::BLOCK_SIZE as usize];
+    for (k, index) in changed.iter().enumerate() {
+        src.read_exact_at(&mut buf, index * blockmap::BLOCK_SIZE)
+            .map_err(BackendError::io("read", image))?;
+        dst.write_all_at(&buf, k as u64 * blockmap::BLOCK_SIZE)
+            .map_err(BackendError::io("write", spool))?;
+    }
+    Ok(())
 }
 
 fn sized(spec: &VolumeSpec) -> Result<(u64, FsType), BackendError> {
@@ -693,6 +821,8 @@ impl Backend for EbsBackend {
         spec: &VolumeSpec,
         shipped: Option<&Shipped>,
     ) -> Result<Attached, BackendError> {
+        let lock = self.inner.ship_lock(name);
+        let _shipping = lock.lock().await;
         self.inner.attach(name, spec, shipped).await
     }
 
@@ -702,7 +832,20 @@ impl Backend for EbsBackend {
         spec: &VolumeSpec,
         shipped: Option<&Shipped>,
     ) -> Result<Option<Shipped>, BackendError> {
+        let lock = self.inner.ship_lock(name);
+        let _shipping = lock.lock().await;
         self.inner.detach(name, spec, shipped).await
+    }
+
+    async fn checkpoint(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Option<Shipped>, BackendError> {
+        let lock = self.inner.ship_lock(name);
+        let _shipping = lock.lock().await;
+        self.inner.checkpoint(name, spec, shipped).await
     }
 
     fn is_attached(&self, name: &str, _spec: &VolumeSpec, table: &MountTable) -> Option<bool> {
@@ -737,5 +880,15 @@ impl Backend for EbsBackend {
         m.insert("namespace".into(), json!(inner.settings.namespace));
         m.insert("snapshots".into(), json!(all.len()));
         Ok(m)
+    }
+
+    fn transfers(&self) -> Option<TransferTotals> {
+        let t = &self.inner.transfers;
+        Some(TransferTotals {
+            blocks_shipped: t.blocks_shipped.load(Ordering::Relaxed),
+            bytes_shipped: t.bytes_shipped.load(Ordering::Relaxed),
+            blocks_pulled: t.blocks_pulled.load(Ordering::Relaxed),
+            bytes_pulled: t.bytes_pulled.load(Ordering::Relaxed),
+        })
     }
 }

@@ -178,17 +178,26 @@ fn write_block(
     Ok(())
 }
 
-/// Ships `changed` blocks of the image as a snapshot of `generation` on top of the copy's base, and returns
-/// its id once EBS reports it completed.
+/// Where the blocks of a push are read from: block `indices[k]` of the volume is at byte `offsets[k]` of
+/// `path` (the image itself, or a checkpoint's spool file).
+pub(super) struct BlockSource<'a> {
+    pub path: &'a std::path::Path,
+    pub indices: &'a [u64],
+    pub offsets: &'a [u64],
+}
+
+/// Ships the changed blocks as a snapshot of `generation` on top of the copy's base, and returns its id
+/// once EBS reports it completed.
 pub(super) async fn push(
     inner: &Inner,
     name: &str,
     spec: &VolumeSpec,
     copy: &mut LocalCopy,
     generation: u64,
-    changed: &[u64],
+    src: BlockSource<'_>,
 ) -> Result<String, BackendError> {
-    let p = inner.paths(name);
+    let (changed, source, offsets) = (src.indices, src.path, src.offsets);
+    debug_assert_eq!(changed.len(), offsets.len());
     let (size, _) = sized(spec)?;
     let options = serde_json::to_string(&data_options(spec)).map_err(internal)?;
     let tag_list = [
@@ -209,27 +218,26 @@ pub(super) async fn push(
     copy.sealed = false;
     inner.save_copy(name, copy)?;
     let started = Instant::now();
-    let image =
-        Arc::new(std::fs::File::open(&p.image).map_err(BackendError::io("open", &p.image))?);
+    let image = Arc::new(std::fs::File::open(source).map_err(BackendError::io("open", source))?);
     let sem = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
     let mut set: JoinSet<Result<(), BackendError>> = JoinSet::new();
     let mut shipped = 0u64;
     let mut last_report = Instant::now();
-    for &index in changed {
+    for (&index, &offset) in changed.iter().zip(offsets) {
         let permit = sem.clone().acquire_owned().await.map_err(internal)?;
         let (client, volume, snap, image, path) = (
             inner.client.clone(),
             name.to_string(),
             id.clone(),
             image.clone(),
-            p.image.clone(),
+            source.to_path_buf(),
         );
         set.spawn(async move {
             let _permit = permit;
             let data = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; BLOCK_SIZE as usize];
                 image
-                    .read_exact_at(&mut buf, index * BLOCK_SIZE)
+                    .read_exact_at(&mut buf, offset)
                     .map_err(BackendError::io("read", &path))?;
                 Ok::<_, BackendError>(Bytes::from(buf))
             })
