@@ -497,7 +497,7 @@ pub const REFERENCE: &[ConfigKey] = &[
     ConfigKey {
         key: "default_backend",
         default: "`local`",
-        meaning: "backend of volumes created without `-o backend=`; valid: `local`, `nfs` (needs `[nfs]`)",
+        meaning: "backend of volumes created without `-o backend=`; valid: `local`, `nfs` (needs `[nfs]`), `ebs` (needs `[ebs]`)",
         example: "\"local\"",
     },
     ConfigKey {
@@ -512,7 +512,8 @@ pub const REFERENCE: &[ConfigKey] = &[
         meaning: "address of the Prometheus endpoint `GET /metrics`: `ferry_calls_total` and \
                   `ferry_call_duration_seconds` by method and outcome (`ok`, `refused`, `error`), \
                   `ferry_backend_errors_total` by backend and kind, `ferry_volumes` by backend, \
-                  `ferry_active_mounts`, `ferry_attached_volumes`. Plain HTTP without authentication: bind \
+                  `ferry_active_mounts`, `ferry_attached_volumes`, and for ebs \
+                  `ferry_{shipped,pulled}_{bytes,blocks}_total`. Plain HTTP without authentication: bind \
                   it to loopback or a trusted network",
         example: "\"127.0.0.1:9464\"",
     },
@@ -720,6 +721,42 @@ mod tests {
             ServeConfig::load(&missing),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn ebs_section() {
+        let (_d, over) = with_file(
+            "default_backend = \"ebs\"\n[ebs]\nregion = \"eu-west-1\"\nconcurrency = 4\ndefault_size = \"2GiB\"\n",
+        );
+        let c = ServeConfig::load(&over).unwrap();
+        let e = c.ebs.unwrap();
+        assert_eq!((e.region.as_str(), e.concurrency), ("eu-west-1", 4));
+        assert_eq!(e.namespace, "ferry");
+        assert_eq!(c.defaults.ebs.unwrap().default_size, Some(2 << 30));
+        for (text, key) in [
+            ("[ebs]\nregion = \"EU West\"\n", "ebs.region"),
+            (
+                "[ebs]\nregion = \"eu-west-1\"\nconcurrency = 0\n",
+                "ebs.concurrency",
+            ),
+            (
+                "[ebs]\nregion = \"eu-west-1\"\nnamespace = \"a b\"\n",
+                "ebs.namespace",
+            ),
+            (
+                "[ebs]\nregion = \"eu-west-1\"\nendpoint_url = \"ftp://x\"\n",
+                "ebs.endpoint_url",
+            ),
+            (
+                "[ebs]\nregion = \"eu-west-1\"\ndefault_size = \"1K\"\n",
+                "ebs.default_size",
+            ),
+            ("default_backend = \"ebs\"\n", "default_backend"),
+        ] {
+            let (_d, over) = with_file(text);
+            let err = ServeConfig::load(&over).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     /// The fields serde accepts in the table at `path` ("" for the top level), learnt from the parser

@@ -143,6 +143,38 @@ pub async fn server_checks(config: &ServeConfig) -> Vec<Check> {
             ),
         });
     }
+    if let Some(ebs) = &config.ebs {
+        let name = match &ebs.endpoint_url {
+            Some(url) => format!("ebs endpoint {url}"),
+            None => format!("ebs region {}", ebs.region),
+        };
+        let client =
+            crate::backend::ebs::SnapshotClient::new(&crate::backend::ebs::ClientSettings {
+                region: ebs.region.clone(),
+                endpoint_url: ebs.endpoint_url.clone(),
+            })
+            .await;
+        out.push(match client.find(&ebs.namespace, None).await {
+            Ok(found) => Check::ok(
+                &name,
+                format!(
+                    "answers; {} snapshots in namespace {}",
+                    found.len(),
+                    ebs.namespace
+                ),
+            ),
+            Err(e) => Check::bad(
+                &name,
+                if config.defaults.backend == crate::spec::BackendKind::Ebs {
+                    Verdict::Fail
+                } else {
+                    Verdict::Warn
+                },
+                e.to_string(),
+                "check the network, [ebs] region and endpoint_url, and the AWS credentials (environment, profile or instance role) with ec2:DescribeSnapshots",
+            ),
+        });
+    }
     out
 }
 

@@ -845,6 +845,74 @@ mod tests {
         assert_eq!(plain.first_difference(&adopted), Some("uid"));
     }
 
+    fn ebs(pairs: &[(&str, &str)], default_size: Option<u64>) -> Result<VolumeSpec, SpecError> {
+        let mut all = vec![("backend", "ebs")];
+        all.extend_from_slice(pairs);
+        let defaults = SpecDefaults {
+            ebs: Some(EbsDefaults { default_size }),
+            ..SpecDefaults::default()
+        };
+        VolumeSpec::from_options(Some(&opts(&all)), &defaults)
+    }
+
+    #[test]
+    fn ebs_options() {
+        let v = ebs(&[("size", "50000001"), ("checkpoint", "5m")], None).unwrap();
+        // Rounded up to whole 512 KiB blocks; ext4 unless asked otherwise.
+        assert_eq!(v.size, Some(50_000_001u64.div_ceil(EBS_BLOCK) * EBS_BLOCK));
+        assert_eq!(v.fs, Some(FsType::Ext4));
+        assert_eq!(v.checkpoint, Some(300));
+        assert_eq!(v.to_options()["checkpoint"], "5m");
+        let back = VolumeSpec::from_options(
+            Some(&v.to_options()),
+            &SpecDefaults {
+                ebs: Some(EbsDefaults::default()),
+                ..SpecDefaults::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(back, v);
+        assert_eq!(
+            ebs(&[], Some(1 << 30)).unwrap().size,
+            Some(1 << 30),
+            "default_size"
+        );
+        assert_eq!(ebs(&[], None), Err(SpecError::EbsSizeRequired));
+        assert_eq!(
+            VolumeSpec::from_options(
+                Some(&opts(&[("backend", "ebs"), ("size", "1G")])),
+                &SpecDefaults::default()
+            ),
+            Err(SpecError::EbsNotConfigured)
+        );
+        for bad in ["30s", "soon", "-5m", ""] {
+            assert!(
+                matches!(
+                    ebs(&[("size", "1G"), ("checkpoint", bad)], None),
+                    Err(SpecError::BadValue {
+                        key: "checkpoint",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            ebs(&[("size", "1G"), ("subdir", "x")], None),
+            Err(SpecError::NotForBackend {
+                key: "subdir",
+                backend: BackendKind::Ebs
+            })
+        );
+        assert_eq!(
+            spec(&[("checkpoint", "5m")]),
+            Err(SpecError::NotForBackend {
+                key: "checkpoint",
+                backend: BackendKind::Local
+            })
+        );
+    }
+
     #[test]
     fn nfs_options_refused() {
         let not_allowed = nfs(&[("server", "10.9.9.9")]).unwrap_err().to_string();

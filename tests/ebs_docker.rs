@@ -244,28 +244,61 @@ fn ebs_volume_moves_between_two_dockerds() {
     // 1. Host 1 writes; the container's stop ships generation 1.
     let out = h.on(
         &h.host1,
-        &["volume", "create", "-d", &a, "-o", "backend=ebs", "-o", "size=64MiB", VOLUME],
+        &[
+            "volume",
+            "create",
+            "-d",
+            &a,
+            "-o",
+            "backend=ebs",
+            "-o",
+            "size=64MiB",
+            VOLUME,
+        ],
     );
     assert_eq!(out.trim(), VOLUME);
     let data = blob(3 << 20);
     h.run_fed(
         &h.host1,
         data.as_bytes(),
-        &["-v", &mount, BUSYBOX_IMAGE, "dd", "of=/data/blob", "bs=65536"],
+        &[
+            "-v",
+            &mount,
+            BUSYBOX_IMAGE,
+            "dd",
+            "of=/data/blob",
+            "bs=65536",
+        ],
     );
     let s = h.status(&h.host1, VOLUME);
-    h.ensure(s["backend"] == "ebs" && s["generation"] == 1 && s["health"] == "ok", || {
-        format!("host 1 after the first container: {s:#}")
-    });
+    h.ensure(
+        s["backend"] == "ebs" && s["generation"] == 1 && s["health"] == "ok",
+        || format!("host 1 after the first container: {s:#}"),
+    );
 
     // 2. Host 2 adopts the volume by name and options, and its container reads host 1's data.
     h.on(
         &h.host2,
-        &["volume", "create", "-d", &b, "-o", "backend=ebs", "-o", "size=64MiB", VOLUME],
+        &[
+            "volume",
+            "create",
+            "-d",
+            &b,
+            "-o",
+            "backend=ebs",
+            "-o",
+            "size=64MiB",
+            VOLUME,
+        ],
     );
     let s = h.status(&h.host2, VOLUME);
-    h.ensure(s["generation"] == 1, || format!("host 2 did not adopt: {s:#}"));
-    let out = h.run(&h.host2, &["-v", &mount, BUSYBOX_IMAGE, "cat", "/data/blob"]);
+    h.ensure(s["generation"] == 1, || {
+        format!("host 2 did not adopt: {s:#}")
+    });
+    let out = h.run(
+        &h.host2,
+        &["-v", &mount, BUSYBOX_IMAGE, "cat", "/data/blob"],
+    );
     h.ensure(out == data, || {
         format!(
             "host 2 read {} bytes, not host 1's {} bytes",
@@ -284,7 +317,10 @@ fn ebs_volume_moves_between_two_dockerds() {
     });
 
     // 3. Host 1's copy is stale now; its next container sees the reply.
-    let out = h.run(&h.host1, &["-v", &mount, BUSYBOX_IMAGE, "cat", "/data/reply"]);
+    let out = h.run(
+        &h.host1,
+        &["-v", &mount, BUSYBOX_IMAGE, "cat", "/data/reply"],
+    );
     h.ensure(out == "reply from host 2\n", || {
         format!("host 1 read {out:?} instead of host 2's reply")
     });
