@@ -402,6 +402,24 @@ fn remove_deletes_the_snapshots_and_refuses_while_mounted() {
     // The name starts afresh.
     create(&d, "gone", "32MiB");
     assert_eq!(generation(&d, "gone"), None);
+
+    // A volume removed on another host and made again there starts at generation 1 again: a copy of
+    // the old generation 1 here must be replaced by the new data, not mounted as if it were current.
+    let (_t2, other) = host(&ebs.endpoint(), "rm2", 4);
+    let m = d.mount("gone", "y");
+    write_file(&m.join("which"), b"old");
+    d.unmount("gone", "y");
+    assert_eq!(generation(&d, "gone"), Some(1));
+    create(&other, "gone", "32MiB");
+    other.remove("gone");
+    create(&other, "gone", "32MiB");
+    let m = other.mount("gone", "z");
+    write_file(&m.join("which"), b"new");
+    other.unmount("gone", "z");
+    assert_eq!(generation(&other, "gone"), Some(1));
+    let m = d.mount("gone", "y2");
+    assert_eq!(std::fs::read(m.join("which")).unwrap(), b"new");
+    d.unmount("gone", "y2");
     drop(rt);
 }
 

@@ -392,7 +392,12 @@ impl Inner {
             }
         }
         let have_image = p.image.is_file();
-        let fresh_fs = if have_image && copy.generation == newest_gen {
+        // The same generation is not enough: a volume removed and made again elsewhere starts its
+        // generations anew, and an old copy must not pass for the new volume's data.
+        let current = have_image
+            && copy.generation == newest_gen
+            && copy.snapshot.as_deref() == newest.as_ref().map(|n| n.id.as_str());
+        let fresh_fs = if current {
             tracing::info!(
                 volume = name,
                 generation = newest_gen,
@@ -400,7 +405,7 @@ impl Inner {
                 "the local copy is current"
             );
             false
-        } else if have_image && copy.dirty && copy.generation < newest_gen {
+        } else if have_image && copy.dirty && copy.generation <= newest_gen {
             let n = newest.as_ref().map(|n| n.id.clone()).unwrap_or_default();
             return Err(ebs_err(EbsError::Diverged {
                 volume: name.into(),
