@@ -324,3 +324,60 @@ fn client_token(host: &str, name: &str, generation: u64) -> String {
     let digest = Sha256::digest(format!("{host}/{name}/{generation}/{nanos}"));
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: &str, generation: u64, parent: Option<&str>, state: SnapState) -> SnapshotInfo {
+        SnapshotInfo {
+            id: id.into(),
+            state,
+            generation,
+            parent: parent.map(str::to_string),
+            host: "h".into(),
+            options: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_chain_follows_parents_and_refuses_holes_and_loops() {
+        let list = vec![
+            snap("a", 1, None, SnapState::Completed),
+            snap("b", 2, Some("a"), SnapState::Completed),
+            snap("c", 3, Some("b"), SnapState::Completed),
+            // Another host's rejected branch and a crashed push: never part of c's chain.
+            snap("x", 3, Some("b"), SnapState::Failed),
+            snap("p", 4, Some("c"), SnapState::Pending),
+        ];
+        let ids: Vec<String> = chain("v", &list, &list[2])
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(ids, ["c", "b", "a"]);
+
+        let holed = vec![
+            snap("a", 1, None, SnapState::Completed),
+            snap("c", 3, Some("b"), SnapState::Completed),
+        ];
+        let err = chain("v", &holed, &holed[1]).unwrap_err().to_string();
+        assert!(
+            err.contains("builds on b") && err.contains("missing"),
+            "{err}"
+        );
+        // A parent that is not completed is a hole too.
+        let pending_parent = vec![
+            snap("a", 1, None, SnapState::Pending),
+            snap("b", 2, Some("a"), SnapState::Completed),
+        ];
+        assert!(chain("v", &pending_parent, &pending_parent[1]).is_err());
+
+        let looped = vec![
+            snap("a", 2, Some("b"), SnapState::Completed),
+            snap("b", 3, Some("a"), SnapState::Completed),
+        ];
+        let err = chain("v", &looped, &looped[1]).unwrap_err().to_string();
+        assert!(err.contains("its own descendant"), "{err}");
+    }
+}
