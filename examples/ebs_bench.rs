@@ -8,7 +8,9 @@
 //!
 //! - `strict`: the strict EBS emulator runs in this process with a fixed latency per call; push and pull
 //!   throughput at several concurrencies as a fraction of the ideal (concurrency x 512 KiB / latency),
-//!   and an incremental change: bytes shipped against the 512 KiB blocks that differ between the images.
+//!   each next to bare SDK calls with as many blocks in flight (what the machine and the emulator allow
+//!   without Ferry); one concurrency again with no latency, where only processing counts; and an
+//!   incremental change: bytes shipped against the 512 KiB blocks that differ between the images.
 //! - `moto`: against a running moto, push and pull alternated with a bare sequential loop of `aws-sdk-ebs`
 //!   calls moving the same blocks, as a ratio per pair.
 //! - `report`: prints every figure against its target as PASS/MISS and optionally writes Markdown.
@@ -107,6 +109,10 @@ struct StrictArgs {
     /// Size of the file the incremental change is made in.
     #[arg(long, default_value_t = 64)]
     incremental_file_mib: u64,
+    /// Also measure this concurrency with no latency at all (0 skips it): the rate at which the daemon,
+    /// the SDK and the emulator process blocks, which the latency-bound runs hide.
+    #[arg(long, default_value_t = 16)]
+    unlimited_concurrency: usize,
 }
 
 #[derive(clap::Args)]
@@ -609,32 +615,60 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn strict(args: StrictArgs) -> Result<()> {
     let rt = runtime()?;
     let common = &args.common;
-    let latency = args.latency_ms as f64 / 1e3;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut runs = Vec::new();
     let mut warnings = 0;
     // The emulator runs on this process's runtime, so its CPU time is this process's.
     let me = std::process::id();
-    for &c in &args.concurrency {
-        // A fresh emulator per concurrency: it keeps every block in memory until it is dropped.
+    let mut configs: Vec<(u64, usize)> = args
+        .concurrency
+        .iter()
+        .map(|c| (args.latency_ms, *c))
+        .collect();
+    if args.unlimited_concurrency > 0 {
+        configs.push((0, args.unlimited_concurrency));
+    }
+    for (latency_ms, c) in configs {
+        // A fresh emulator per run: it keeps every block in memory until it is dropped.
         let ebs = rt.block_on(StrictEbs::start(PAGE));
-        ebs.faults()
-            .latency_ms
-            .store(args.latency_ms, Ordering::Relaxed);
-        let a = Daemon::start(common, &format!("strict-c{c}-a"), &ebs.endpoint(), Some(c))?;
-        let b = Daemon::start(common, &format!("strict-c{c}-b"), &ebs.endpoint(), Some(c))?;
+        ebs.faults().latency_ms.store(latency_ms, Ordering::Relaxed);
+        let label = format!("strict-c{c}-{latency_ms}ms");
+        let a = Daemon::start(common, &format!("{label}-a"), &ebs.endpoint(), Some(c))?;
+        let b = Daemon::start(common, &format!("{label}-b"), &ebs.endpoint(), Some(c))?;
         let data_mib = c as u64 * args.mib_per_stream;
-        let ideal = c as f64 * (BLOCK as f64 / MIB) / latency;
+        // With no latency there is no ideal: the run measures processing only, against the bare calls.
+        let ideal = if latency_ms > 0 {
+            c as f64 * (BLOCK as f64 / MIB) / (latency_ms as f64 / 1e3)
+        } else {
+            f64::INFINITY
+        };
+        let at = if latency_ms > 0 {
+            format!("concurrency {c}")
+        } else {
+            format!("concurrency {c} with no latency")
+        };
+        // "21 MiB/s, 0.83 of ideal", or only the rate when there is no ideal.
+        let rate = |mib_s: f64| {
+            if latency_ms > 0 {
+                format!("{mib_s:.0} MiB/s, {:.2} of ideal", mib_s / ideal)
+            } else {
+                format!("{mib_s:.0} MiB/s")
+            }
+        };
         println!(
-            "== strict emulator, {} ms per call, concurrency {c}: {data_mib} MiB each way, ideal {ideal:.0} MiB/s",
-            args.latency_ms
+            "== strict emulator, {latency_ms} ms per call, concurrency {c}: {data_mib} MiB each way{}",
+            if latency_ms > 0 {
+                format!(", ideal {ideal:.0} MiB/s")
+            } else {
+                String::new()
+            }
         );
         let (mut push, mut pull) = (Vec::new(), Vec::new());
         let (mut bare_push_rates, mut bare_pull_rates) = (Vec::new(), Vec::new());
         let client = rt.block_on(sdk_client(&ebs.endpoint()));
         for r in 0..common.repeats {
-            let name = format!("strict-c{c}-r{r}");
+            let name = format!("{label}-r{r}");
             let seed = 1000 * c as u64 + r as u64;
             a.create(&name, volume_mib(data_mib))?;
             let m = a.mount(&name, "writer")?;
@@ -650,19 +684,17 @@ fn strict(args: StrictArgs) -> Result<()> {
             let down_calls = ebs.counters().calls.load(Ordering::Relaxed) - calls;
             verify_data(&mb.join("data.bin"), seed, data_mib << 20)?;
             println!(
-                "   run {}: push {} blocks, {:.2} s logged ({:.0} MiB/s, {:.2} of ideal), Unmount {:.2} s, {} calls; \
-                 pull {} blocks, {:.2} s logged ({:.0} MiB/s, {:.2} of ideal), Mount {:.2} s, {} calls",
+                "   run {}: push {} blocks, {:.2} s logged ({}), Unmount {:.2} s, {} calls; \
+                 pull {} blocks, {:.2} s logged ({}), Mount {:.2} s, {} calls",
                 r + 1,
                 up.logged.blocks,
                 up.logged.seconds,
-                up.rate(),
-                up.rate() / ideal,
+                rate(up.rate()),
                 up.wall,
                 up_calls,
                 down.logged.blocks,
                 down.logged.seconds,
-                down.rate(),
-                down.rate() / ideal,
+                rate(down.rate()),
                 down.wall,
                 down_calls
             );
@@ -675,13 +707,11 @@ fn strict(args: StrictArgs) -> Result<()> {
             let size_gib = volume_mib(data_mib).div_ceil(1024) as i64;
             let (bp, bl) = rt.block_on(bare_concurrent(&client, blocks, size_gib, c))?;
             println!(
-                "   bare SDK calls, {c} in flight, same blocks: push {:.0} MiB/s ({:.2} of ideal), pull {:.0} MiB/s ({:.2} of ideal)",
-                bp,
-                bp / ideal,
-                bl,
-                bl / ideal
+                "   bare SDK calls, {c} in flight, same blocks: push {}, pull {}",
+                rate(bp),
+                rate(bl)
             );
-            runs.push(json!({ "concurrency": c, "run": r + 1,
+            runs.push(json!({ "concurrency": c, "latency_ms": latency_ms, "run": r + 1,
                 "push": { "blocks": up.logged.blocks, "seconds": up.logged.seconds, "wall": up.wall,
                           "cpu": up.cpu, "emulator_cpu": up.peer_cpu, "calls": up_calls, "bare_mib_s": bp },
                 "pull": { "blocks": down.logged.blocks, "seconds": down.logged.seconds, "wall": down.wall,
@@ -706,25 +736,36 @@ fn strict(args: StrictArgs) -> Result<()> {
                     f >= TARGET_IDEAL_AT_16,
                 )
             });
-            rows.push(row(
-                format!("{dir} at concurrency {c}, transfer phase (Ferry's log), {blocks} blocks"),
-                format!("{:.0} MiB/s", median(&rates)),
-                format!("ideal {ideal:.0} MiB/s"),
-                f,
-                target,
-            ));
-            rows.push(row(
-                format!("{dir} at concurrency {c}, whole {call} call (wall)"),
-                format!("{:.0} MiB/s", median(&wall_rates)),
-                format!("ideal {ideal:.0} MiB/s"),
-                median(&wall_fr),
-                None,
-            ));
+            if latency_ms > 0 {
+                rows.push(row(
+                    format!("{dir} at {at}, transfer phase (Ferry's log), {blocks} blocks"),
+                    format!("{:.0} MiB/s", median(&rates)),
+                    format!("ideal {ideal:.0} MiB/s"),
+                    f,
+                    target,
+                ));
+                rows.push(row(
+                    format!("{dir} at {at}, whole {call} call (wall)"),
+                    format!("{:.0} MiB/s", median(&wall_rates)),
+                    format!("ideal {ideal:.0} MiB/s"),
+                    median(&wall_fr),
+                    None,
+                ));
+            }
             let ratios: Vec<f64> = rates.iter().zip(bare.iter()).map(|(f, b)| f / b).collect();
+            let bare_text = if latency_ms > 0 {
+                format!(
+                    "bare {:.0} MiB/s = {:.2} of ideal",
+                    median(bare),
+                    median(bare) / ideal
+                )
+            } else {
+                format!("bare {:.0} MiB/s", median(bare))
+            };
             rows.push(row(
-                format!("{dir} at concurrency {c}, transfer phase against bare SDK calls with {c} in flight (same emulator, no Ferry)"),
+                format!("{dir} at {at}, transfer phase against bare SDK calls with {c} in flight (same emulator, no Ferry)"),
                 format!("{:.0} MiB/s", median(&rates)),
-                format!("bare {:.0} MiB/s = {:.2} of ideal", median(bare), median(bare) / ideal),
+                bare_text,
                 median(&ratios),
                 None,
             ));
@@ -733,12 +774,18 @@ fn strict(args: StrictArgs) -> Result<()> {
                 .iter()
                 .map(|t| t.peer_cpu / (t.mib() / 1024.0))
                 .collect();
+            let fractions = if latency_ms > 0 {
+                format!(
+                    "fraction of ideal {} (transfer phase), {} (whole {call}); ",
+                    range(&fr, 2),
+                    range(&wall_fr, 2)
+                )
+            } else {
+                String::new()
+            };
             notes.push(format!(
-                "{dir} at concurrency {c}: fraction of ideal {} (transfer phase), {} (whole {call}); \
-                 transfer phase {} s, whole {call} {} s; CPU per GiB moved: daemon {} s, emulator {} s; \
-                 cores busy during the {call} (daemon + emulator) {}",
-                range(&fr, 2),
-                range(&wall_fr, 2),
+                "{dir} at {at}: {fractions}transfer phase {} s, whole {call} {} s; CPU per GiB moved: daemon {} s, \
+                 emulator {} s; cores busy during the {call} (daemon + emulator) {}",
                 range(&list.iter().map(|t| t.logged.seconds).collect::<Vec<_>>(), 2),
                 range(&list.iter().map(|t| t.wall).collect::<Vec<_>>(), 2),
                 range(&cpu, 2),
@@ -760,7 +807,7 @@ fn strict(args: StrictArgs) -> Result<()> {
         "part": "strict",
         "about": format!("strict EBS emulator in the driver's process, {} ms per call, listing pages of {PAGE} blocks; \
                           ideal = concurrency x 512 KiB / latency; {} MiB written per block in flight (so {} MiB at \
-                          concurrency 16); medians of {} runs",
+                          concurrency 16); medians of {} runs; the runs \"with no latency\" measure processing alone",
                          args.latency_ms, args.mib_per_stream, 16 * args.mib_per_stream, common.repeats),
         "rows": rows, "notes": notes, "runs": runs, "incremental": inc_run, "warnings": warnings,
     });
