@@ -131,6 +131,9 @@ struct MotoArgs {
     /// moto's process ID, for its CPU time.
     #[arg(long)]
     moto_pid: u32,
+    /// moto's version, for the report.
+    #[arg(long, default_value = "?")]
+    moto_version: String,
 }
 
 #[derive(clap::Args)]
@@ -805,7 +808,7 @@ fn strict(args: StrictArgs) -> Result<()> {
     warnings += inc_run["warnings"].as_u64().unwrap_or(0) as usize;
     let doc = json!({
         "part": "strict",
-        "about": format!("strict EBS emulator in the driver's process, {} ms per call, listing pages of {PAGE} blocks; \
+        "about": format!("Strict EBS emulator in the driver's process, {} ms per call, listing pages of {PAGE} blocks; \
                           ideal = concurrency x 512 KiB / latency; {} MiB written per block in flight (so {} MiB at \
                           concurrency 16); medians of {} runs; the runs \"with no latency\" measure processing alone",
                          args.latency_ms, args.mib_per_stream, 16 * args.mib_per_stream, common.repeats),
@@ -1536,9 +1539,9 @@ fn moto(args: MotoArgs) -> Result<()> {
     std::fs::remove_file(&source)?;
     let doc = json!({
         "part": "moto",
-        "about": format!("moto at {}, daemons at concurrency {concurrency}, {} MiB each way; {} pairs, Ferry and the \
+        "about": format!("moto {} at {}, daemons at concurrency {concurrency}, {} MiB each way; {} pairs, Ferry and the \
                           bare loop alternating which goes first; ratios are medians of the per-pair ratios",
-                         args.endpoint, args.mib, common.repeats),
+                         args.moto_version, args.endpoint, args.mib, common.repeats),
         "rows": rows, "notes": notes, "runs": runs, "warnings": warnings,
     });
     save(&common.out, &doc)
@@ -1605,7 +1608,7 @@ fn report(args: ReportArgs) -> Result<()> {
             writeln!(md, "{a}")?;
         }
         for d in &docs {
-            writeln!(md, "{}: {}.", s(&d["part"]), s(&d["about"]))?;
+            writeln!(md, "{}.", s(&d["about"]))?;
         }
         writeln!(md)?;
         writeln!(
