@@ -61,6 +61,13 @@ pub struct BlockMap {
     blocks: Vec<BlockHash>,
 }
 
+/// The SHA-256 of a block of zeros: the checksum EBS expects when a block that held data is shipped
+/// as zeros.
+pub fn zero_block_digest() -> [u8; 32] {
+    static ZERO: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| Sha256::digest(vec![0u8; BLOCK_SIZE as usize]).into())
+}
+
 /// The hash of one block's bytes, `None` if they are all zero.
 pub fn hash_block(data: &[u8]) -> BlockHash {
     if data.iter().all(|b| *b == 0) {

@@ -560,6 +560,7 @@ impl Inner {
             path: &p.image,
             indices: &changed,
             offsets: &offsets,
+            now: &now,
         };
         let id = ship::push(self, name, spec, copy, generation, src).await?;
         // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
@@ -638,6 +639,7 @@ impl Inner {
             path: &spool,
             indices: &changed,
             offsets: &offsets,
+            now: &now,
         };
         let id = ship::push(self, name, spec, &mut copy, generation, src).await?;
         // Still mounted, so still dirty: what changed after the freeze ships next time.

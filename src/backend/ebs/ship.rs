@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::blockmap::{hash_block, BlockMap, BLOCK_SIZE};
+use super::blockmap::{zero_block_digest, BlockHash, BlockMap, BLOCK_SIZE};
 use super::client::{tags, EbsError, SnapState, SnapshotInfo};
 use super::{blocking, data_options, ebs_err, internal, sized, Inner, LocalCopy, Paths};
 use crate::backend::BackendError;
@@ -102,7 +102,7 @@ pub(super) async fn pull(
             .list_blocks(name, &snap.id)
             .await
             .map_err(ebs_err)?;
-        let mut set: JoinSet<Result<(u64, Bytes), EbsError>> = JoinSet::new();
+        let mut set: JoinSet<Result<(u64, BlockHash), BackendError>> = JoinSet::new();
         for b in blocks {
             let Some(slot) = filled.get_mut(b.index as usize) else {
                 continue;
@@ -113,15 +113,18 @@ pub(super) async fn pull(
             *slot = true;
             let permit = sem.clone().acquire_owned().await.map_err(internal)?;
             let (client, volume, id) = (inner.client.clone(), name.to_string(), snap.id.clone());
+            let (file, path) = (file.clone(), tmp.clone());
+            // Each block is checked, hashed once and written in its own task, so the loop that starts
+            // requests never waits for that work.
             set.spawn(async move {
                 let _permit = permit;
-                let data = client.get_block(&volume, &id, &b).await?;
-                Ok((b.index, data))
+                let (data, digest) = client.get_block(&volume, &id, &b).await.map_err(ebs_err)?;
+                let hash = write_block(&file, &path, b.index, &data, digest)?;
+                Ok((b.index, hash))
             });
-            // Drain finished blocks as we go, so memory holds about `concurrency` blocks, not the chain.
             while let Some(done) = set.try_join_next() {
-                let (index, data) = done.map_err(internal)?.map_err(ebs_err)?;
-                write_block(&file, &tmp, index, &data, &mut map)?;
+                let (index, hash) = done.map_err(internal)??;
+                map.set(index, hash);
                 pulled += 1;
             }
             if last_report.elapsed() >= PROGRESS_EVERY {
@@ -130,8 +133,8 @@ pub(super) async fn pull(
             }
         }
         while let Some(done) = set.join_next().await {
-            let (index, data) = done.map_err(internal)?.map_err(ebs_err)?;
-            write_block(&file, &tmp, index, &data, &mut map)?;
+            let (index, hash) = done.map_err(internal)??;
+            map.set(index, hash);
             pulled += 1;
         }
     }
@@ -160,22 +163,21 @@ pub(super) async fn pull(
     Ok(map)
 }
 
-/// Writes one pulled block (all-zero blocks stay holes) and records its hash.
+/// Writes one pulled block (all-zero blocks stay holes) and returns its hash for the block map.
 fn write_block(
     file: &std::fs::File,
     path: &std::path::Path,
     index: u64,
     data: &[u8],
-    map: &mut BlockMap,
-) -> Result<(), BackendError> {
-    let hash = hash_block(data);
-    if hash.is_some() {
-        // A 512 KiB pwrite into the page cache takes tens of microseconds; not worth a thread hop.
-        file.write_all_at(data, index * BLOCK_SIZE)
-            .map_err(BackendError::io("write", path))?;
+    digest: [u8; 32],
+) -> Result<BlockHash, BackendError> {
+    if data.iter().all(|b| *b == 0) {
+        return Ok(None);
     }
-    map.set(index, hash);
-    Ok(())
+    // A 512 KiB pwrite into the page cache takes tens of microseconds; not worth a thread hop.
+    file.write_all_at(data, index * BLOCK_SIZE)
+        .map_err(BackendError::io("write", path))?;
+    Ok(Some(digest))
 }
 
 /// Where the blocks of a push are read from: block `indices[k]` of the volume is at byte `offsets[k]` of
@@ -184,6 +186,8 @@ pub(super) struct BlockSource<'a> {
     pub path: &'a std::path::Path,
     pub indices: &'a [u64],
     pub offsets: &'a [u64],
+    /// The scan's hashes of the blocks as they are now, so no block is hashed twice.
+    pub now: &'a BlockMap,
 }
 
 /// Ships the changed blocks as a snapshot of `generation` on top of the copy's base, and returns its id
@@ -197,6 +201,7 @@ pub(super) async fn push(
     src: BlockSource<'_>,
 ) -> Result<String, BackendError> {
     let (changed, source, offsets) = (src.indices, src.path, src.offsets);
+    let zero = zero_block_digest();
     debug_assert_eq!(changed.len(), offsets.len());
     let (size, _) = sized(spec)?;
     let options = serde_json::to_string(&data_options(spec)).map_err(internal)?;
@@ -225,6 +230,7 @@ pub(super) async fn push(
     let mut last_report = Instant::now();
     for (&index, &offset) in changed.iter().zip(offsets) {
         let permit = sem.clone().acquire_owned().await.map_err(internal)?;
+        let digest = src.now.get(index).unwrap_or(zero);
         let (client, volume, snap, image, path) = (
             inner.client.clone(),
             name.to_string(),
@@ -244,7 +250,7 @@ pub(super) async fn push(
             .await
             .map_err(internal)??;
             client
-                .put_block(&volume, &snap, index, data)
+                .put_block(&volume, &snap, index, data, &digest)
                 .await
                 .map_err(ebs_err)
         });
