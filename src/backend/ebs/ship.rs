@@ -113,19 +113,22 @@ pub(super) async fn pull(
             *slot = true;
             let permit = sem.clone().acquire_owned().await.map_err(internal)?;
             let (client, volume, id) = (inner.client.clone(), name.to_string(), snap.id.clone());
-            let (file, path) = (file.clone(), tmp.clone());
+            let (out, path) = (file.clone(), tmp.clone());
             // Each block is checked, hashed once and written in its own task, so the loop that starts
             // requests never waits for that work.
             set.spawn(async move {
                 let _permit = permit;
                 let (data, digest) = client.get_block(&volume, &id, &b).await.map_err(ebs_err)?;
-                let hash = write_block(&file, &path, b.index, &data, digest)?;
+                let hash = write_block(&out, &path, b.index, &data, digest)?;
                 Ok((b.index, hash))
             });
             while let Some(done) = set.try_join_next() {
                 let (index, hash) = done.map_err(internal)??;
                 map.set(index, hash);
                 pulled += 1;
+                if pulled.is_multiple_of(WRITEBACK_EVERY) {
+                    start_writeback(&file);
+                }
             }
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();
@@ -161,6 +164,21 @@ pub(super) async fn pull(
         "pulled the newest snapshot"
     );
     Ok(map)
+}
+
+/// Blocks pulled between two starts of writeback: 64 MiB.
+const WRITEBACK_EVERY: u64 = 128;
+
+/// Starts writing the pulled image's dirty pages to disk without waiting, so the fsync that makes the
+/// pull durable at the end has little left to do. Errors do not matter here: that fsync reports them.
+fn start_writeback(file: &Arc<std::fs::File>) {
+    use std::os::unix::io::AsRawFd;
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: the descriptor is open for as long as `file` lives, which is past this call; the
+        // call only reads its arguments.
+        unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    });
 }
 
 /// Writes one pulled block (all-zero blocks stay holes) and returns its hash for the block map.
