@@ -57,19 +57,11 @@ fn host_with(
     (tmp, d)
 }
 
-/// Dummy credentials through the standard chain, and nothing from this machine's own AWS setup.
-fn env(config: &Path) -> Vec<(&'static str, &str)> {
-    vec![
-        (
-            "FERRY_CONFIG",
-            Box::leak(config.to_str().unwrap().to_string().into_boxed_str()),
-        ),
-        ("AWS_ACCESS_KEY_ID", "AKIDFERRYTEST"),
-        ("AWS_SECRET_ACCESS_KEY", "ferry-test-secret-never-shown"),
-        ("AWS_CONFIG_FILE", "/nonexistent"),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ]
+/// The configuration file, and dummy AWS credentials.
+fn env(config: &Path) -> Vec<(&str, &str)> {
+    let mut env = vec![("FERRY_CONFIG", config.to_str().unwrap())];
+    env.extend(moto::TEST_AWS_ENV);
+    env
 }
 
 fn restart(d: &mut Daemon) {
@@ -221,7 +213,7 @@ fn round_trip_between_two_hosts_against_the_strict_emulator() {
 
     // No secret reaches the log or Status.
     for text in [a.log_text(), b.log_text(), a.get("shared").to_string()] {
-        assert!(!text.contains("ferry-test-secret-never-shown"));
+        assert!(!text.contains(moto::TEST_SECRET));
     }
     drop(rt);
 }

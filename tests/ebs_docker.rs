@@ -28,21 +28,16 @@ mod e2e;
 #[path = "common/moto.rs"]
 mod moto;
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use docker2::{DockerCli, FerryPlugin, SecondDockerd, BUSYBOX_IMAGE, COMMAND_TIMEOUT};
+use docker2::{
+    run_with_input, tail, DockerCli, FerryPlugin, SecondDockerd, BUSYBOX_IMAGE, COMMAND_TIMEOUT,
+};
 use e2e::{lock_docker_tests, run_id};
 use serde_json::Value;
 
 const LABEL_KEY: &str = "ferry-ebs-docker";
 const VOLUME: &str = "moving";
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
 
 /// Text of ~`size` bytes that differs line by line.
 fn blob(size: usize) -> String {
@@ -57,48 +52,6 @@ fn blob(size: usize) -> String {
         i += 1;
     }
     s
-}
-
-/// Runs `cmd` with `input` on stdin, within `timeout`.
-fn run_with_input(mut cmd: Command, input: &[u8], timeout: Duration) -> Result<String, String> {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run docker: {e}"))?;
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = std::time::Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
-            break st;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            return Err(format!("docker did not finish within {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = feeder.join();
-    let (out, err) = (reader.join().unwrap(), err_reader.join().unwrap());
-    if status.success() {
-        Ok(out)
-    } else {
-        Err(format!("docker failed ({status}): {err}"))
-    }
 }
 
 struct Hosts {
@@ -210,14 +163,8 @@ fn ebs_volume_moves_between_two_dockerds() {
         ),
     )
     .unwrap();
-    let env = [
-        ("FERRY_CONFIG", config.to_str().unwrap()),
-        ("AWS_ACCESS_KEY_ID", "AKIDFERRYTEST"),
-        ("AWS_SECRET_ACCESS_KEY", "ferry-docker-secret-never-shown"),
-        ("AWS_CONFIG_FILE", "/nonexistent"),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let mut env = vec![("FERRY_CONFIG", config.to_str().unwrap())];
+    env.extend(moto::TEST_AWS_ENV);
     let host1 = SecondDockerd::start_temp();
     let ferry_a = host1.start_ferry(&format!("ferry-ebs-a-{run}"), &env);
     let host2 = SecondDockerd::start_temp();
@@ -342,7 +289,7 @@ fn ebs_volume_moves_between_two_dockerds() {
         format!("snapshots left in moto after both removals: {out}")
     });
     for text in [h.ferry_a.log_text(), h.ferry_b.log_text()] {
-        h.ensure(!text.contains("ferry-docker-secret-never-shown"), || {
+        h.ensure(!text.contains(moto::TEST_SECRET), || {
             "a secret reached a log".into()
         });
     }

@@ -70,20 +70,7 @@ impl LocalBackend {
         mount_root: Option<PathBuf>,
         mounter: Arc<dyn Mounter>,
     ) -> Result<Self, BackendError> {
-        for dir in std::iter::once(&root).chain(mount_root.as_ref()) {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(BackendError::io("create", dir))?;
-        }
-        // The mount table names resolved paths; compare against those, or a symlink or a relative path would
-        // make a mounted volume look unmounted and get mounted a second time.
-        let root = std::fs::canonicalize(&root).map_err(BackendError::io("resolve", &root))?;
-        let mount_root = match mount_root {
-            Some(m) => Some(std::fs::canonicalize(&m).map_err(BackendError::io("resolve", &m))?),
-            None => None,
-        };
+        let (root, mount_root) = super::prepare_roots(root, mount_root)?;
         Ok(LocalBackend {
             root,
             mount_root,

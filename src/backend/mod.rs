@@ -88,6 +88,29 @@ impl BackendError {
     }
 }
 
+/// Creates a backend's root directory (and the mount root, if any) root-only, and returns both resolved:
+/// the mount table names resolved paths, and comparing against anything else (a symlink, a relative path)
+/// would make a mounted volume look unmounted and get it mounted a second time.
+pub(crate) fn prepare_roots(
+    root: PathBuf,
+    mount_root: Option<PathBuf>,
+) -> Result<(PathBuf, Option<PathBuf>), BackendError> {
+    use std::os::unix::fs::DirBuilderExt;
+    for dir in std::iter::once(&root).chain(mount_root.as_ref()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(BackendError::io("create", dir))?;
+    }
+    let root = std::fs::canonicalize(&root).map_err(BackendError::io("resolve", &root))?;
+    let mount_root = match mount_root {
+        Some(m) => Some(std::fs::canonicalize(&m).map_err(BackendError::io("resolve", &m))?),
+        None => None,
+    };
+    Ok((root, mount_root))
+}
+
 /// What `attach` made reachable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attached {

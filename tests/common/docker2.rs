@@ -26,7 +26,7 @@
 
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -51,6 +51,59 @@ pub struct Output {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
+}
+
+fn drain_bytes(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Runs `cmd` with `input` on its stdin (written by a thread, then closed); stdout when it succeeds,
+/// otherwise an error with everything it printed. Killed after `timeout`.
+pub fn run_with_input(mut cmd: Command, input: &[u8], timeout: Duration) -> Result<String, String> {
+    let what = format!("{cmd:?}");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = drain_bytes(child.stdout.take().unwrap());
+    let err = drain_bytes(child.stderr.take().unwrap());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not finish within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let written = writer.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+    if !status.success() {
+        return Err(format!(
+            "{what} failed with {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        ));
+    }
+    written.map_err(|e| format!("{what}: writing its stdin: {e}"))?;
+    Ok(stdout)
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {

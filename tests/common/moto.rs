@@ -9,6 +9,19 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The secret access key of the dummy credentials; tests check that it never shows anywhere.
+pub const TEST_SECRET: &str = "ferry-test-secret-never-shown";
+
+/// Dummy credentials through the standard AWS chain, and nothing from this machine's own AWS setup: what
+/// every Ferry daemon of the EBS tests gets in its environment.
+pub const TEST_AWS_ENV: [(&str, &str); 5] = [
+    ("AWS_ACCESS_KEY_ID", "AKIDFERRYTEST"),
+    ("AWS_SECRET_ACCESS_KEY", TEST_SECRET),
+    ("AWS_CONFIG_FILE", "/nonexistent"),
+    ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
 pub struct Moto {
     pub port: u16,
     dir: tempfile::TempDir,

@@ -140,19 +140,7 @@ impl EbsBackend {
         host_id: String,
     ) -> Result<Self, BackendError> {
         let root = settings.cache_dir.clone().unwrap_or(root);
-        for dir in std::iter::once(&root).chain(mount_root.as_ref()) {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(BackendError::io("create", dir))?;
-        }
-        // Mount-table entries name resolved paths.
-        let root = std::fs::canonicalize(&root).map_err(BackendError::io("resolve", &root))?;
-        let mount_root = match mount_root {
-            Some(m) => Some(std::fs::canonicalize(&m).map_err(BackendError::io("resolve", &m))?),
-            None => None,
-        };
+        let (root, mount_root) = super::prepare_roots(root, mount_root)?;
         let client = SnapshotClient::new(&ClientSettings {
             region: settings.region.clone(),
             endpoint_url: settings.endpoint_url.clone(),
