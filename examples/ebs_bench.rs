@@ -808,7 +808,8 @@ fn strict(args: StrictArgs) -> Result<()> {
     warnings += inc_run["warnings"].as_u64().unwrap_or(0) as usize;
     let doc = json!({
         "part": "strict",
-        "about": format!("Strict EBS emulator in the driver's process, {} ms per call, listing pages of {PAGE} blocks; \
+        "about": format!("Strict EBS emulator in the driver's process, every call answered {} ms after it arrived (its own work \
+                          included), listing pages of {PAGE} blocks; \
                           ideal = concurrency x 512 KiB / latency; {} MiB written per block in flight (so {} MiB at \
                           concurrency 16); medians of {} runs; the runs \"with no latency\" measure processing alone",
                          args.latency_ms, args.mib_per_stream, 16 * args.mib_per_stream, common.repeats),

@@ -190,6 +190,33 @@ pub struct BlockRef {
     pub token: String,
 }
 
+/// One block as GetSnapshotBlock returned it, not yet checked.
+pub struct Fetched {
+    volume: String,
+    snapshot: String,
+    pub index: u64,
+    data: Bytes,
+    expected: Option<String>,
+}
+
+impl Fetched {
+    /// Checks the block's length and its SHA-256 against the checksum EBS sent; returns the data and
+    /// the digest, so the caller need not hash it again.
+    pub fn verify(self) -> Result<(Bytes, [u8; 32]), EbsError> {
+        let digest: [u8; 32] = Sha256::digest(&self.data).into();
+        let actual = base64::engine::general_purpose::STANDARD.encode(digest);
+        if self.data.len() as u64 != BLOCK_SIZE || self.expected.as_deref() != Some(actual.as_str())
+        {
+            return Err(EbsError::Checksum {
+                volume: self.volume,
+                snapshot: self.snapshot,
+                index: self.index,
+            });
+        }
+        Ok((self.data, digest))
+    }
+}
+
 /// The settings that shape the client.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
@@ -412,14 +439,14 @@ impl SnapshotClient {
         Ok(out)
     }
 
-    /// Reads one block and checks it against the checksum EBS sends with it; returns the data and its
-    /// SHA-256, so the caller need not hash it again.
-    pub async fn get_block(
+    /// Reads one block as EBS sends it, with the checksum EBS sends beside it. Nothing is checked yet:
+    /// `Fetched::verify` does that, so a caller can free its network slot before spending CPU on the hash.
+    pub async fn fetch_block(
         &self,
         volume: &str,
         snapshot: &str,
         block: &BlockRef,
-    ) -> Result<(Bytes, [u8; 32]), EbsError> {
+    ) -> Result<Fetched, EbsError> {
         let out = self
             .ebs
             .get_snapshot_block()
@@ -441,16 +468,13 @@ impl SnapshotClient {
                 reason: format!("the block's data stopped arriving: {e}"),
             })?
             .into_bytes();
-        let digest: [u8; 32] = Sha256::digest(&data).into();
-        let actual = base64::engine::general_purpose::STANDARD.encode(digest);
-        if data.len() as u64 != BLOCK_SIZE || expected.as_deref() != Some(actual.as_str()) {
-            return Err(EbsError::Checksum {
-                volume: volume.into(),
-                snapshot: snapshot.into(),
-                index: block.index,
-            });
-        }
-        Ok((data, digest))
+        Ok(Fetched {
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+            index: block.index,
+            data,
+            expected,
+        })
     }
 
     /// Every snapshot of `namespace` carrying a `ferry:volume` tag of `volume`, or of every volume when

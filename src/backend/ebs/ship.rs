@@ -93,7 +93,12 @@ pub(super) async fn pull(
     let mut map = BlockMap::zeros(count);
     let mut pulled = 0u64;
     let mut last_report = Instant::now();
-    let sem = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
+    let concurrency = inner.settings.concurrency.max(1);
+    // `net` bounds the requests in flight (the configured concurrency); `held` bounds the blocks
+    // requested or received but not yet written, so checking and writing a block happens after its
+    // request's slot went to the next block, and memory stays at 2 x concurrency blocks.
+    let net = Arc::new(Semaphore::new(concurrency));
+    let held = Arc::new(Semaphore::new(2 * concurrency));
     // Newest first: a block the newest snapshot lists is the one to keep, and older snapshots fill only
     // the blocks no newer one listed (real EBS lists inherited blocks too; moto lists only a snapshot's own).
     for snap in chain {
@@ -111,14 +116,24 @@ pub(super) async fn pull(
                 continue;
             }
             *slot = true;
-            let permit = sem.clone().acquire_owned().await.map_err(internal)?;
-            let (client, volume, id) = (inner.client.clone(), name.to_string(), snap.id.clone());
+            let hold = held.clone().acquire_owned().await.map_err(internal)?;
+            let (client, volume, id, net) = (
+                inner.client.clone(),
+                name.to_string(),
+                snap.id.clone(),
+                net.clone(),
+            );
             let (out, path) = (file.clone(), tmp.clone());
-            // Each block is checked, hashed once and written in its own task, so the loop that starts
-            // requests never waits for that work.
             set.spawn(async move {
-                let _permit = permit;
-                let (data, digest) = client.get_block(&volume, &id, &b).await.map_err(ebs_err)?;
+                let _hold = hold;
+                let fetched = {
+                    let _slot = net.acquire_owned().await.map_err(internal)?;
+                    client
+                        .fetch_block(&volume, &id, &b)
+                        .await
+                        .map_err(ebs_err)?
+                };
+                let (data, digest) = fetched.verify().map_err(ebs_err)?;
                 let hash = write_block(&out, &path, b.index, &data, digest)?;
                 Ok((b.index, hash))
             });
@@ -241,32 +256,40 @@ pub(super) async fn push(
     copy.sealed = false;
     inner.save_copy(name, copy)?;
     let started = Instant::now();
-    let image = Arc::new(std::fs::File::open(source).map_err(BackendError::io("open", source))?);
-    let sem = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
+    let concurrency = inner.settings.concurrency.max(1);
+    let image = std::fs::File::open(source).map_err(BackendError::io("open", source))?;
+    // One thread reads the blocks ahead, in order, into a queue as deep as the concurrency, so a request
+    // slot that frees finds its block already in memory.
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<Result<(u64, Bytes), BackendError>>(concurrency);
+    let (indices, offs, path) = (changed.to_vec(), offsets.to_vec(), source.to_path_buf());
+    // The reader ends by itself: at the last block, at a read error, or when the push stops and drops
+    // the queue.
+    tokio::task::spawn_blocking(move || {
+        for (index, offset) in indices.into_iter().zip(offs) {
+            let mut buf = vec![0u8; BLOCK_SIZE as usize];
+            let read = image
+                .read_exact_at(&mut buf, offset)
+                .map(|()| (index, Bytes::from(buf)))
+                .map_err(BackendError::io("read", &path));
+            let failed = read.is_err();
+            // A closed queue means the push stopped: nothing more to read.
+            if tx.blocking_send(read).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let sem = Arc::new(Semaphore::new(concurrency));
     let mut set: JoinSet<Result<(), BackendError>> = JoinSet::new();
     let mut shipped = 0u64;
     let mut last_report = Instant::now();
-    for (&index, &offset) in changed.iter().zip(offsets) {
+    while let Some(read) = rx.recv().await {
+        let (index, data) = read?;
         let permit = sem.clone().acquire_owned().await.map_err(internal)?;
         let digest = src.now.get(index).unwrap_or(zero);
-        let (client, volume, snap, image, path) = (
-            inner.client.clone(),
-            name.to_string(),
-            id.clone(),
-            image.clone(),
-            source.to_path_buf(),
-        );
+        let (client, volume, snap) = (inner.client.clone(), name.to_string(), id.clone());
         set.spawn(async move {
             let _permit = permit;
-            let data = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; BLOCK_SIZE as usize];
-                image
-                    .read_exact_at(&mut buf, offset)
-                    .map_err(BackendError::io("read", &path))?;
-                Ok::<_, BackendError>(Bytes::from(buf))
-            })
-            .await
-            .map_err(internal)??;
             client
                 .put_block(&volume, &snap, index, data, &digest)
                 .await
@@ -289,6 +312,14 @@ pub(super) async fn push(
     while let Some(done) = set.join_next().await {
         done.map_err(internal)??;
         shipped += 1;
+    }
+    if shipped != changed.len() as u64 {
+        // Only a reader that died without saying why gets here; completing would be refused anyway.
+        return Err(internal(format!(
+            "read {shipped} of the {} changed blocks of {}",
+            changed.len(),
+            source.display()
+        )));
     }
     inner
         .transfers
