@@ -31,7 +31,7 @@ mod moto;
 use std::process::Command;
 
 use docker2::{
-    run_with_input, tail, DockerCli, FerryPlugin, SecondDockerd, BUSYBOX_IMAGE, COMMAND_TIMEOUT,
+    tail, DockerCli, FerryPlugin, SecondDockerd, TwoHosts, BUSYBOX_IMAGE, COMMAND_TIMEOUT,
 };
 use e2e::{lock_docker_tests, run_id};
 use serde_json::Value;
@@ -65,7 +65,7 @@ struct Hosts {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
-impl Hosts {
+impl TwoHosts for Hosts {
     fn diagnostics(&self) -> String {
         format!(
             "--- ferry log, host 1 ---\n{}\n--- ferry log, host 2 ---\n{}\n--- end of moto log ---\n{}\n\
@@ -78,53 +78,14 @@ impl Hosts {
         )
     }
 
-    fn fail(&self, what: &str) -> ! {
-        panic!("{what}\n{}", self.diagnostics())
+    fn label(&self) -> &str {
+        &self.label
     }
+}
 
-    fn check<T>(&self, r: Result<T, String>) -> T {
-        r.unwrap_or_else(|e| self.fail(&e))
-    }
-
-    fn ensure(&self, cond: bool, what: impl FnOnce() -> String) {
-        if !cond {
-            self.fail(&what());
-        }
-    }
-
-    fn on(&self, host: &SecondDockerd, args: &[&str]) -> String {
-        self.check(host.docker_ok(args))
-    }
-
-    fn run(&self, host: &SecondDockerd, rest: &[&str]) -> String {
-        let mut args = vec!["run", "--rm", "--network", "none", "--label", &self.label];
-        args.extend_from_slice(rest);
-        self.on(host, &args)
-    }
-
-    fn run_fed(&self, host: &SecondDockerd, input: &[u8], rest: &[&str]) -> String {
-        let mut args = vec![
-            "run",
-            "--rm",
-            "-i",
-            "--network",
-            "none",
-            "--label",
-            &self.label,
-        ];
-        args.extend_from_slice(rest);
-        self.check(run_with_input(
-            host.cli().command(&args),
-            input,
-            COMMAND_TIMEOUT,
-        ))
-    }
-
+impl Hosts {
     fn status(&self, host: &SecondDockerd, volume: &str) -> Value {
-        let text = self.on(host, &["volume", "inspect", volume]);
-        let all: Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| self.fail(&format!("volume inspect gave non-JSON {text:?}: {e}")));
-        all[0]["Status"].clone()
+        self.inspect(host, volume)["Status"].clone()
     }
 }
 

@@ -43,13 +43,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use docker2::{
-    run_with_input, tail, DockerCli, FerryPlugin, SecondDockerd, BUSYBOX, BUSYBOX_IMAGE,
-    COMMAND_TIMEOUT,
+    tail, DockerCli, FerryPlugin, SecondDockerd, TwoHosts, BUSYBOX, BUSYBOX_IMAGE, COMMAND_TIMEOUT,
 };
 use e2e::{lock_docker_tests, run_id};
 use ganesha::Ganesha;
 use nix::fcntl::Flock;
-use serde_json::Value;
 
 /// The key of the label on every container this test starts (value: the run id).
 const LABEL_KEY: &str = "ferry-nfs-docker";
@@ -119,83 +117,12 @@ impl Hosts {
         out
     }
 
-    fn diagnostics(&self) -> String {
-        format!(
-            "--- ferry log, host 1 ({}) ---\n{}\n--- helper logs, host 1 ---\n{}\
-             --- ferry log, host 2 ({}) ---\n{}\n--- helper logs, host 2 ---\n{}\
-             --- end of dockerd log, host 1 ---\n{}\n--- end of dockerd log, host 2 ---\n{}",
-            self.a(),
-            self.ferry_a.log_text(),
-            Self::helper_logs(&self.ferry_a),
-            self.b(),
-            self.ferry_b.log_text(),
-            Self::helper_logs(&self.ferry_b),
-            tail(&self.host1.log_text(), 40),
-            tail(&self.host2.log_text(), 40),
-        )
-    }
-
-    fn fail(&self, what: &str) -> ! {
-        panic!("{what}\n{}", self.diagnostics())
-    }
-
-    fn check<T>(&self, r: Result<T, String>) -> T {
-        r.unwrap_or_else(|e| self.fail(&e))
-    }
-
-    fn ensure(&self, cond: bool, what: impl FnOnce() -> String) {
-        if !cond {
-            self.fail(&what());
-        }
-    }
-
-    fn on(&self, host: &SecondDockerd, args: &[&str]) -> String {
-        self.check(host.docker_ok(args))
-    }
-
     fn on1(&self, args: &[&str]) -> String {
         self.on(&self.host1, args)
     }
 
     fn on2(&self, args: &[&str]) -> String {
         self.on(&self.host2, args)
-    }
-
-    /// `docker run --rm` on `host`, labelled, without network, then `rest` (options, image, command).
-    fn run(&self, host: &SecondDockerd, rest: &[&str]) -> String {
-        let mut args = vec!["run", "--rm", "--network", "none", "--label", &self.label];
-        args.extend_from_slice(rest);
-        self.on(host, &args)
-    }
-
-    /// [`Hosts::run`] with `-i` and `input` on the container's stdin.
-    fn run_fed(&self, host: &SecondDockerd, input: &[u8], rest: &[&str]) -> String {
-        let mut args = vec![
-            "run",
-            "--rm",
-            "-i",
-            "--network",
-            "none",
-            "--label",
-            &self.label,
-        ];
-        args.extend_from_slice(rest);
-        self.check(run_with_input(
-            host.cli().command(&args),
-            input,
-            COMMAND_TIMEOUT,
-        ))
-    }
-
-    /// The one volume `docker volume inspect` describes on `host`.
-    fn inspect(&self, host: &SecondDockerd, volume: &str) -> Value {
-        let text = self.on(host, &["volume", "inspect", volume]);
-        let all: Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| self.fail(&format!("volume inspect gave non-JSON {text:?}: {e}")));
-        self.ensure(all.as_array().map(Vec::len) == Some(1), || {
-            format!("volume inspect {volume}: {all}")
-        });
-        all[0].clone()
     }
 
     /// Checks what `docker volume inspect` says of an nfs volume of `driver` on `host`.
@@ -293,6 +220,28 @@ impl Hosts {
             self.compose_command(project, file, args),
             COMMAND_TIMEOUT,
         ))
+    }
+}
+
+impl TwoHosts for Hosts {
+    fn diagnostics(&self) -> String {
+        format!(
+            "--- ferry log, host 1 ({}) ---\n{}\n--- helper logs, host 1 ---\n{}\
+             --- ferry log, host 2 ({}) ---\n{}\n--- helper logs, host 2 ---\n{}\
+             --- end of dockerd log, host 1 ---\n{}\n--- end of dockerd log, host 2 ---\n{}",
+            self.a(),
+            self.ferry_a.log_text(),
+            Self::helper_logs(&self.ferry_a),
+            self.b(),
+            self.ferry_b.log_text(),
+            Self::helper_logs(&self.ferry_b),
+            tail(&self.host1.log_text(), 40),
+            tail(&self.host2.log_text(), 40),
+        )
+    }
+
+    fn label(&self) -> &str {
+        &self.label
     }
 }
 

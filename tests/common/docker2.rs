@@ -3,6 +3,7 @@
 //! namespace, plus Ferry daemons registered as legacy volume plugins with either dockerd.
 //!
 //! Include it with `#[path = "common/docker2.rs"] mod docker2;` (it depends on nothing else in tests/common).
+//! [`TwoHosts`] gives a two-host fixture its docker commands that fail the test with every log attached.
 //!
 //! ```ignore
 //! let host2 = SecondDockerd::start_temp();           // ~0.3 s; stopped (and its directory removed) on drop
@@ -43,6 +44,75 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(150);
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/second-dockerd");
 /// Prefix of the temporary directories of [`SecondDockerd::start_temp`].
 const TEMP_PREFIX: &str = "ferry-docker2-";
+
+// ---------------------------------------------------------------------------------------------------------
+// Tests spread over two hosts.
+
+/// A fixture of two hosts (the machine's dockerd or a second one, each with its own Ferry): given what to
+/// print when the test fails and the label its containers carry, it runs docker commands that fail the test
+/// with everything worth reading instead of an error to unwrap.
+pub trait TwoHosts {
+    /// The daemons' and peers' logs, for a failure message.
+    fn diagnostics(&self) -> String;
+    /// `KEY=VALUE` on every container the test starts, so cleanup finds them.
+    fn label(&self) -> &str;
+
+    fn fail(&self, what: &str) -> ! {
+        panic!("{what}\n{}", self.diagnostics())
+    }
+
+    fn check<T>(&self, r: Result<T, String>) -> T {
+        r.unwrap_or_else(|e| self.fail(&e))
+    }
+
+    fn ensure(&self, cond: bool, what: impl FnOnce() -> String) {
+        if !cond {
+            self.fail(&what());
+        }
+    }
+
+    /// `docker ARGS` on `host`; its output.
+    fn on(&self, host: &SecondDockerd, args: &[&str]) -> String {
+        self.check(host.docker_ok(args))
+    }
+
+    /// `docker run --rm` on `host`, labelled, without network, then `rest` (options, image, command).
+    fn run(&self, host: &SecondDockerd, rest: &[&str]) -> String {
+        let mut args = vec!["run", "--rm", "--network", "none", "--label", self.label()];
+        args.extend_from_slice(rest);
+        self.on(host, &args)
+    }
+
+    /// [`TwoHosts::run`] with `-i` and `input` on the container's stdin.
+    fn run_fed(&self, host: &SecondDockerd, input: &[u8], rest: &[&str]) -> String {
+        let mut args = vec![
+            "run",
+            "--rm",
+            "-i",
+            "--network",
+            "none",
+            "--label",
+            self.label(),
+        ];
+        args.extend_from_slice(rest);
+        self.check(run_with_input(
+            host.cli().command(&args),
+            input,
+            COMMAND_TIMEOUT,
+        ))
+    }
+
+    /// The one volume `docker volume inspect` describes on `host`.
+    fn inspect(&self, host: &SecondDockerd, volume: &str) -> serde_json::Value {
+        let text = self.on(host, &["volume", "inspect", volume]);
+        let all: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| self.fail(&format!("volume inspect gave non-JSON {text:?}: {e}")));
+        self.ensure(all.as_array().map(Vec::len) == Some(1), || {
+            format!("volume inspect {volume}: {all}")
+        });
+        all[0].clone()
+    }
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Running programs (argument vectors only; never a shell).
