@@ -6,7 +6,8 @@
 //! parent that exists and is completed, children inheriting their parent's blocks when listed and read,
 //! block tokens checked on reads, and pagination of listings with a small page size. Injected on demand:
 //! throttling (every Nth call answers `ThrottlingException`, which a client must retry) and a fixed latency
-//! per call (every answer leaves that long after its request arrived, the emulator's work included). It counts calls and blocks put so tests can assert exactly what was shipped.
+//! per call (every answer leaves that long after its request arrived, the emulator's work included). It
+//! counts calls and blocks put so tests can assert exactly what was shipped.
 //!
 //! Signatures are not checked: the emulator tests the client's use of the API, not AWS authentication.
 //!

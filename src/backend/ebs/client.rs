@@ -194,7 +194,7 @@ pub struct BlockRef {
 pub struct Fetched {
     volume: String,
     snapshot: String,
-    pub index: u64,
+    index: u64,
     data: Bytes,
     expected: Option<String>,
 }
