@@ -27,6 +27,10 @@ fn a_longer_rewrite_on_one_host_is_read_whole_on_the_other_every_time() {
     for round in 0..200 {
         // Longer each round, so a reader that kept the previous size would cut it short.
         let content = format!("round {round}: {}\n", "x".repeat(round)).into_bytes();
+        // Host b knows the file's current (shorter) size: cached for `attr_cache`.
+        if round > 0 {
+            fs::metadata(b.path("shared.txt")).unwrap();
+        }
         fs::write(a.path("shared.txt"), &content).unwrap();
         let read = fs::read(b.path("shared.txt")).unwrap();
         if read != content {
