@@ -546,7 +546,8 @@ fn without_credentials_the_error_says_so_and_where_it_looked() {
         ),
     )
     .unwrap();
-    // No credentials anywhere: blank variables count as unset, the files do not exist, no IMDS.
+    // No credentials anywhere: blank keys count as unset, the files do not exist, no IMDS. (Blank
+    // container-provider variables would count as a broken configuration, so they are left alone.)
     let creds = tmp.path().join("no-credentials");
     let aws_config = tmp.path().join("no-config");
     let env = [
@@ -554,10 +555,6 @@ fn without_credentials_the_error_says_so_and_where_it_looked() {
         ("AWS_ACCESS_KEY_ID", ""),
         ("AWS_SECRET_ACCESS_KEY", ""),
         ("AWS_SESSION_TOKEN", ""),
-        ("AWS_PROFILE", ""),
-        ("AWS_WEB_IDENTITY_TOKEN_FILE", ""),
-        ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", ""),
-        ("AWS_CONTAINER_CREDENTIALS_FULL_URI", ""),
         ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap()),
         ("AWS_CONFIG_FILE", aws_config.to_str().unwrap()),
         ("AWS_EC2_METADATA_DISABLED", "true"),

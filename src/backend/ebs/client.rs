@@ -137,10 +137,15 @@ fn missing_credentials(e: &(dyn std::error::Error + 'static)) -> Option<String> 
                     "the credential chain found none".to_string()
                 }
                 // Found a source but could not use it (a bad profile, an unreachable provider): its words.
-                other => format!(
-                    "loading them failed: {}",
-                    aws_sdk_ebs::error::DisplayErrorContext(other)
-                ),
+                other => {
+                    let mut text = format!("loading them failed: {other}");
+                    let mut next = std::error::Error::source(other);
+                    while let Some(inner) = next {
+                        text.push_str(&format!(": {inner}"));
+                        next = inner.source();
+                    }
+                    text
+                }
             });
         }
         cause = c.source();
