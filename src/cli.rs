@@ -122,7 +122,11 @@ pub async fn run(
                     "daemon",
                     Verdict::Warn,
                     e.to_string(),
-                    "start the daemon to check the reachability of its backends (systemctl start ferry)",
+                    match e {
+                        // The daemon may well run: only root may ask it.
+                        ClientError::PermissionDenied { .. } => doctor::RUN_AS_ROOT,
+                        _ => "start the daemon to check the reachability of its backends (systemctl start ferry)",
+                    },
                 )),
             }
             let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);

@@ -18,11 +18,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read the configuration file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// `reason` is words, not the `io::Error`: as a `source` it would be printed twice by `{:#}`.
+    #[error("cannot read the configuration file {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
     #[error("invalid configuration file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration file {path}: {key} = {value:?} is not valid; {hint}")]
@@ -437,9 +435,13 @@ pub fn default_admin_socket(state_dir: &Path) -> PathBuf {
 pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        reason: match e.kind() {
+            std::io::ErrorKind::NotFound => "it does not exist; fix the path, or drop --config / FERRY_CONFIG to run on the embedded defaults".into(),
+            std::io::ErrorKind::PermissionDenied => "permission denied; run as root (as ferry serve does) or make the file readable".into(),
+            _ => e.to_string(),
+        },
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),

@@ -50,29 +50,28 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         mounter.clone(),
     )?);
     let mut backends = vec![local];
+    // One identity for every backend that tells other hosts who holds a volume.
+    let host = crate::host::HostId::load(state)
+        .context("cannot read or make this host's id (STATE_DIR/host-id)")?;
     if let Some(settings) = &config.nfs {
-        let host_id = crate::backend::nfs::host_id(&state.join("host-id"))
-            .context("cannot read or make this host's id (STATE_DIR/host-id)")?;
         let binary = std::env::current_exe()
             .context("cannot find the ferry binary to run FUSE helpers from")?;
         backends.push(Arc::new(crate::backend::NfsBackend::new(
             settings.clone(),
             state.join("nfs"),
             config.mount_root.clone(),
-            host_id,
+            host.clone(),
             binary,
         )?));
     }
     if let Some(settings) = &config.ebs {
-        let host_id = crate::backend::nfs::host_id(&state.join("host-id"))
-            .context("cannot read or make this host's id (STATE_DIR/host-id)")?;
         backends.push(Arc::new(
             crate::backend::EbsBackend::new(
                 settings.clone(),
                 state.join("ebs"),
                 config.mount_root.clone(),
                 mounter.clone(),
-                host_id,
+                host.id.clone(),
             )
             .await?,
         ));

@@ -65,6 +65,28 @@ impl Check {
 /// The bit of CAP_SYS_ADMIN in the capability masks of /proc/PID/status.
 const CAP_SYS_ADMIN: u32 = 21;
 
+/// The fix for a check that this user has no right to make: the host may well be fine.
+pub const RUN_AS_ROOT: &str = "run `ferry doctor` as root (for example `sudo ferry doctor`): this user may not look, and ferry serve runs as root anyway";
+
+/// Whether an error means "this user may not", rather than a problem of the host.
+fn denied(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM)
+}
+
+/// A check this user could not make: a warning that says which permission was missing, never a guess at a
+/// host problem such as a read-only filesystem.
+fn not_checked(check: &str, what: String) -> Check {
+    Check::bad(
+        check,
+        Verdict::Warn,
+        format!(
+            "not checked: {what} (permission denied to uid {}, not root)",
+            nix::unistd::geteuid()
+        ),
+        RUN_AS_ROOT,
+    )
+}
+
 /// Every host check, in the order an operator would fix them.
 pub fn host_checks(config: &ServeConfig) -> Vec<Check> {
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
@@ -195,8 +217,8 @@ fn privileges(root: bool, proc_status: &str) -> Check {
         (false, _) => Check::bad(
             "privileges",
             Verdict::Fail,
-            "not running as root",
-            "run ferry as root: it mounts filesystems and sets up loop devices",
+            format!("not running as root (uid {})", nix::unistd::geteuid()),
+            "run ferry as root: it mounts filesystems and sets up loop devices; run `ferry doctor` as root too, or the checks that need root cannot look",
         ),
     }
 }
@@ -242,6 +264,10 @@ fn loop_devices() -> Check {
             "loop devices",
             format!("/dev/loop-control answers; {} is free", dev.display()),
         ),
+        Err(e) if denied(&e) => not_checked(
+            "loop devices",
+            "cannot open /dev/loop-control to ask for a free loop device".into(),
+        ),
         Err(e) => Check::bad(
             "loop devices",
             Verdict::Fail,
@@ -269,20 +295,34 @@ fn state_dir(dir: &Path) -> Check {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return match dir.ancestors().skip(1).find(|a| a.exists()) {
-                Some(parent) if writable(parent) => Check::ok(
-                    NAME,
-                    format!(
-                        "{} does not exist yet; ferry serve creates it (mode 0700)",
-                        dir.display()
+                Some(parent) => match writable(parent) {
+                    Ok(()) => Check::ok(
+                        NAME,
+                        format!(
+                            "{} does not exist yet; ferry serve creates it (mode 0700)",
+                            dir.display()
+                        ),
                     ),
-                ),
-                _ => Check::bad(
+                    Err(e) => unwritable(
+                        NAME,
+                        format!(
+                            "{} does not exist, and its parent {}",
+                            dir.display(),
+                            parent.display()
+                        ),
+                        e,
+                    ),
+                },
+                None => Check::bad(
                     NAME,
                     Verdict::Fail,
                     format!("{} does not exist and cannot be created", dir.display()),
                     "create it (mode 0700) on persistent storage, or set state_dir / --state-dir",
                 ),
             }
+        }
+        Err(e) if denied(&e) => {
+            return not_checked(NAME, format!("cannot look at {}", dir.display()))
         }
         Err(e) => {
             return Check::bad(
@@ -301,16 +341,8 @@ fn state_dir(dir: &Path) -> Check {
             "move it away, or set state_dir / --state-dir to a directory",
         );
     }
-    if !writable(dir) {
-        return Check::bad(
-            NAME,
-            Verdict::Fail,
-            format!(
-                "{} is not writable (a read-only filesystem?)",
-                dir.display()
-            ),
-            "remount its filesystem read-write, or set state_dir / --state-dir elsewhere",
-        );
+    if let Err(e) = writable(dir) {
+        return unwritable(NAME, dir.display().to_string(), e);
     }
     let free = nix::sys::statvfs::statvfs(dir)
         .map(|s| s.blocks_available() * s.fragment_size())
@@ -357,8 +389,31 @@ fn socket_dir(socket: &Path) -> Check {
     }
 }
 
-fn writable(dir: &Path) -> bool {
-    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
+fn writable(dir: &Path) -> nix::Result<()> {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK)
+}
+
+/// A state directory (or the parent it would be made in) that cannot be written, by the kernel's reason:
+/// only EROFS is a read-only filesystem; EACCES as another user is this user's lack of rights.
+fn unwritable(name: &str, what: String, errno: nix::errno::Errno) -> Check {
+    use nix::errno::Errno;
+    match errno {
+        Errno::EROFS => Check::bad(
+            name,
+            Verdict::Fail,
+            format!("{what} is on a read-only filesystem"),
+            "remount its filesystem read-write, or set state_dir / --state-dir elsewhere",
+        ),
+        Errno::EACCES | Errno::EPERM if !nix::unistd::geteuid().is_root() => {
+            not_checked(name, format!("{what} is not writable by this user"))
+        }
+        e => Check::bad(
+            name,
+            Verdict::Fail,
+            format!("{what} is not writable: {}", e.desc()),
+            "fix its permissions (ferry serve needs to write there as root), or set state_dir / --state-dir elsewhere",
+        ),
+    }
 }
 
 /// Bytes in binary units with one decimal, for people.

@@ -5,6 +5,7 @@
 //! - `config`: flags, environment and the TOML file merged into one typed configuration.
 //! - `daemon`: `ferry serve`, which wires the parts together and owns start-up and shutdown order.
 //! - `doctor`: the host checks behind `ferry doctor`.
+//! - `host`: this host's identity (`HostId`: a stable id kept in the state directory, and the hostname).
 //! - `plugin`: Docker's volume-plugin protocol (wire types, routing, the HTTP server on the Unix socket).
 //! - `service`: `VolumeService`, the protocol-agnostic core (locks, mount counts, reconciliation).
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod doctor;
 pub mod fuse;
+pub mod host;
 pub mod metrics;
 pub mod mount;
 pub mod nfs;

@@ -1,5 +1,6 @@
 //! The `ferry` command: parses the command line, sets up logging and calls into the library.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -162,9 +163,22 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("ferry: {e:#}");
+            // Not eprintln!: it panics (exit 101) when stderr is closed, and the exit status must stay 1.
+            let _ = writeln!(std::io::stderr(), "ferry: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints a command's output. A reader that stopped reading (`ferry ls | head -1`, a closed pipe: EPIPE,
+/// since Rust ignores SIGPIPE) is not a failure: the command's outcome stands, and nothing more is said.
+/// Any other write error (a full disk behind a redirection) fails the command.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write the output")),
     }
 }
 
@@ -217,6 +231,6 @@ fn operator(command: ferry::cli::Command, target: Target, format: Format) -> any
         .build()
         .context("cannot start the async runtime")?;
     let outcome = runtime.block_on(ferry::cli::run(&command, &config, format.json))?;
-    print!("{}", outcome.text);
+    emit(&outcome.text)?;
     Ok(outcome.exit_code)
 }

@@ -667,6 +667,7 @@ impl VolumeService {
             mounts: BTreeMap::new(),
             mountpoint: None,
             shipped: None,
+            dead_mounts: Default::default(),
         };
         let creating = self.store(record.clone(), Expect::Absent).await?;
         match backend.create(name, &spec).await {
@@ -769,6 +770,10 @@ impl VolumeService {
                 mountpoint = attached.path;
                 rec.shipped = attached.shipped;
                 rec.mountpoint = Some(mountpoint.clone());
+                if backend.loss_strands_mounts(&rec.spec) {
+                    // The containers mounted so far keep the dead mount: health says so until they go.
+                    rec.dead_mounts.extend(rec.mounts.keys().cloned());
+                }
                 self.healthy(name);
             }
             *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
@@ -832,6 +837,7 @@ impl VolumeService {
         *count -= 1;
         if *count == 0 {
             rec.mounts.remove(id);
+            rec.dead_mounts.remove(id);
         }
         if !rec.mounts.is_empty() || rec.mountpoint.is_none() {
             let pending = self.store_queued(rec, Expect::Version(entry.version));
@@ -946,6 +952,15 @@ impl VolumeService {
             .unwrap_or_else(|p| p.into_inner())
             .get(&rec.name)
             .cloned();
+        // Storage attached again serves new containers, but those that held the lost one stay broken.
+        let dead = rec.dead_mount_ids();
+        let failure = failure.or_else(|| {
+            (dead > 0).then(|| {
+                format!(
+                    "lost: {dead} container mount(s) have a dead connection to storage that was lost and attached again; restart those containers"
+                )
+            })
+        });
         let health = match (&failure, rec.state) {
             (Some(_), _) => "error",
             (None, VolumeState::Ready) => "ok",
@@ -1141,6 +1156,9 @@ impl VolumeService {
                     volume = name,
                     "storage was not attached after restart; attached it again"
                 );
+                if backend.loss_strands_mounts(&rec.spec) {
+                    next.dead_mounts.extend(rec.mounts.keys().cloned());
+                }
             }
             next.mountpoint = Some(path);
         } else {
@@ -1440,6 +1458,7 @@ mod tests {
             mounts: BTreeMap::new(),
             mountpoint: None,
             shipped: None,
+            dead_mounts: Default::default(),
         };
         catalog.put(rec, Expect::Absent).await.unwrap();
         std::fs::create_dir_all(f.dir.path().join("local/half/data")).unwrap();
@@ -1808,6 +1827,7 @@ mod tests {
             mounts: BTreeMap::new(),
             mountpoint: None,
             shipped: None,
+            dead_mounts: Default::default(),
         };
         catalog.put(rec, Expect::Absent).await.unwrap();
         let (svc, report) = VolumeService::start(
@@ -1837,6 +1857,7 @@ mod tests {
             mounts: BTreeMap::new(),
             mountpoint: None,
             shipped: None,
+            dead_mounts: Default::default(),
         };
         catalog.put(rec, Expect::Absent).await.unwrap();
         let backend = StuckBackend::new();

@@ -259,3 +259,155 @@ fn errors_name_the_socket_and_whether_the_daemon_runs() {
     assert!(!socket.exists());
     assert!(!d.socket.exists());
 }
+
+/// Runs `ferry ARGS --state-dir STATE` with stdout (`closed_stdout`) or stderr on a pipe whose reading
+/// end is already closed, so every write to it fails with EPIPE, as under `ferry ls | head -0`.
+fn ferry_into_closed_pipe(args: &[&str], state: &Path, closed_stdout: bool) -> Ran {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .env_remove("FERRY_ADMIN_SOCKET")
+        .env_remove("FERRY_CONFIG");
+    if closed_stdout {
+        cmd.stdout(writer).stderr(std::process::Stdio::piped());
+    } else {
+        cmd.stderr(writer).stdout(std::process::Stdio::piped());
+    }
+    let out = cmd.output().unwrap();
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn a_reader_that_goes_away_is_not_a_crash() {
+    let d = Daemon::start();
+    d.create("one", "{}");
+    // Each command's usual exit status, quietly: the output was not wanted, the outcome stands.
+    for (args, code) in [
+        (&["ls"][..], 0),
+        (&["ls", "--json"][..], 0),
+        (&["inspect", "one"][..], 0),
+        (&["status"][..], 0),
+        (&["doctor", "--json"][..], 0),
+    ] {
+        let ran = ferry_into_closed_pipe(args, &d.state, true);
+        assert_eq!(ran.code, code, "{args:?}: {}", ran.stderr);
+        assert!(
+            !ran.stderr.contains("panicked") && !ran.stderr.contains("Broken pipe"),
+            "{args:?}: {}",
+            ran.stderr
+        );
+    }
+    // A failing command whose error cannot be shown still exits with 1, not a panic's 101.
+    let tmp = tempfile::tempdir().unwrap();
+    let ran = ferry_into_closed_pipe(&["ls"], &tmp.path().join("nowhere"), false);
+    assert_eq!(ran.code, 1, "{}", ran.stdout);
+}
+
+#[test]
+fn doctor_as_another_user_says_it_needs_root() {
+    let d = Daemon::start();
+    // As with /var/lib/ferry: the state directory is root's (0700) inside a directory anyone may enter.
+    std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = |json: bool| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            ferry_bin(),
+            "doctor",
+            "--state-dir",
+        ])
+        .arg(&d.state)
+        .env_remove("FERRY_ADMIN_SOCKET")
+        .env_remove("FERRY_CONFIG");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = run(false);
+    assert_eq!(code, Some(2), "{text}");
+    // Neither a read-only filesystem nor a missing daemon: the user lacks root.
+    assert!(
+        !text.contains("read-only") && !text.contains("start the daemon"),
+        "{text}"
+    );
+    assert!(text.contains("not running as root (uid 65534)"), "{text}");
+    let (_, json) = run(true);
+    let report: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let find = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name} check in {report}"))
+            .clone()
+    };
+    let state = find("state directory");
+    assert_eq!(state["verdict"], "warn", "{state}");
+    assert!(
+        state["detail"]
+            .as_str()
+            .unwrap()
+            .contains("is not writable by this user (permission denied to uid 65534, not root)"),
+        "{state}"
+    );
+    assert!(
+        state["fix"].as_str().unwrap().contains("as root"),
+        "{state}"
+    );
+    let daemon = find("daemon");
+    assert!(
+        daemon["detail"]
+            .as_str()
+            .unwrap()
+            .contains("it is for root only")
+            && daemon["fix"]
+                .as_str()
+                .unwrap()
+                .contains("run `ferry doctor` as root"),
+        "{daemon}"
+    );
+    // /dev/loop-control is root's: the check says it could not look, not that loop devices are missing.
+    let loops = find("loop devices");
+    if loops["verdict"] != "ok" {
+        assert!(
+            loops["detail"].as_str().unwrap().starts_with("not checked")
+                && !loops["fix"].as_str().unwrap().contains("modprobe"),
+            "{loops}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_configuration_file_is_named_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("ferry.toml");
+    let ran = ferry(
+        &["ls", "--config", missing.to_str().unwrap()],
+        &tmp.path().join("state"),
+    );
+    assert_eq!(ran.code, 1);
+    // The whole of stderr: the cause once, and what to do.
+    assert_eq!(
+        ran.stderr,
+        format!(
+            "ferry: cannot read the configuration file {}: it does not exist; fix the path, or drop \
+             --config / FERRY_CONFIG to run on the embedded defaults\n",
+            missing.display()
+        )
+    );
+}

@@ -528,3 +528,52 @@ fn checkpoint_ships_a_mounted_volume_and_metrics_count_the_blocks() {
     assert!(metric(&scrape(port), "ferry_shipped_blocks_total{backend=\"ebs\"}") > shipped);
     drop(rt);
 }
+
+#[test]
+fn without_credentials_the_error_says_so_and_where_it_looked() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(7));
+    let tmp = tempfile::Builder::new()
+        .prefix("ferry-ebs-nocreds")
+        .tempdir()
+        .unwrap();
+    let config = tmp.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n",
+            ebs.endpoint()
+        ),
+    )
+    .unwrap();
+    // No credentials anywhere: blank keys count as unset, the files do not exist, no IMDS. (Blank
+    // container-provider variables would count as a broken configuration, so they are left alone.)
+    let creds = tmp.path().join("no-credentials");
+    let aws_config = tmp.path().join("no-config");
+    let env = [
+        ("FERRY_CONFIG", config.to_str().unwrap()),
+        ("AWS_ACCESS_KEY_ID", ""),
+        ("AWS_SECRET_ACCESS_KEY", ""),
+        ("AWS_SESSION_TOKEN", ""),
+        ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap()),
+        ("AWS_CONFIG_FILE", aws_config.to_str().unwrap()),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let d = Daemon::start_in(tmp.path(), &tmp.path().join("ferry.sock"), &env);
+    let err = d.err(
+        "/VolumeDriver.Create",
+        r#"{"Name":"nocreds","Opts":{"backend":"ebs","size":"64MiB"}}"#,
+    );
+    assert!(
+        err.contains("no AWS credentials for EBS DescribeSnapshots of volume nocreds")
+            && err.contains("the credential chain found none")
+            && err.contains("AWS_ACCESS_KEY_ID")
+            && err.contains(&format!("{} and {}", creds.display(), aws_config.display()))
+            && err.contains("instance role"),
+        "{err}"
+    );
+    assert!(!err.contains("network"), "{err}");
+    // Nothing was created.
+    let (status, _) = d.call("/VolumeDriver.Get", r#"{"Name":"nocreds"}"#);
+    assert_ne!(status, 200);
+}

@@ -172,6 +172,18 @@ fn two_hosts_share_data_and_remove_waits_for_both() {
     // Host a still has it mounted: host b must not delete the data under it.
     let err = b.err("/VolumeDriver.Remove", r#"{"Name":"shared"}"#);
     assert!(err.contains("still mounted on host"), "{err}");
+    // Both daemons run on this machine under one hostname: the message must tell them apart by id.
+    let id_a = std::fs::read_to_string(a.state.join("host-id")).unwrap();
+    let id_b = std::fs::read_to_string(b.state.join("host-id")).unwrap();
+    assert_ne!(id_a.trim(), id_b.trim());
+    assert!(
+        err.contains(&format!("(host id {})", id_a.trim()))
+            && err.contains(&format!(
+                "this host has the same name but is host id {}",
+                id_b.trim()
+            )),
+        "{err}"
+    );
     assert!(g.export().join("shared/from-a").exists());
     a.unmount("shared", "ca");
     b.remove("shared");
@@ -295,7 +307,16 @@ fn a_killed_helper_is_replaced_by_the_next_mount_and_by_a_restart() {
     let last_error = status["last_error"].as_str().unwrap_or_default();
     assert!(last_error.contains("FUSE helper exited"), "{status}");
     assert_eq!(d.mount("v", "c2"), mnt);
-    assert_eq!(d.get("v")["Status"]["health"], "ok");
+    // c1's container still holds the dead mount: the new helper does not make the volume healthy.
+    let status = d.get("v")["Status"].clone();
+    assert_eq!(status["health"], "error", "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("lost: 1 container mount(s) have a dead connection"),
+        "{status}"
+    );
     std::fs::write(mnt.join("second"), b"container").unwrap();
     assert_eq!(
         std::fs::read(g.export().join("v/second")).unwrap(),
@@ -316,8 +337,108 @@ fn a_killed_helper_is_replaced_by_the_next_mount_and_by_a_restart() {
     d.spawn(&[("FERRY_CONFIG", config.to_str().unwrap())]);
     std::fs::write(mnt.join("works"), b"again").unwrap();
     assert!(![Some(pid), Some(second)].contains(&helper_pid(&d, "v")));
+    // Both containers were on the helper that died: the restart's new one serves neither.
+    let status = d.get("v")["Status"].clone();
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("lost: 2 container mount(s)"),
+        "{status}"
+    );
     d.unmount("v", "c1");
     d.unmount("v", "c2");
+    d.remove("v");
+}
+
+/// A process in its own mount namespace, holding its copy of the mounts as a container does; killed on drop.
+struct Container(std::process::Child);
+
+impl Container {
+    fn start() -> Container {
+        let child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sleep", "600"])
+            .spawn()
+            .unwrap();
+        let mine = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{}/ns/mnt", child.id())).ok() == Some(mine.clone())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "unshare did not make a namespace"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Container(child)
+    }
+
+    /// `stat PATH` inside the namespace: Ok, or the error as stat prints it.
+    fn stat(&self, path: &Path) -> Result<(), String> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--target={}", self.0.id()))
+            .arg("--mount")
+            .arg("stat")
+            .arg(path)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn containers_left_on_a_dead_helper_keep_health_broken_until_they_unmount() {
+    let g = ganesha_or_skip!();
+    let (_t, d) = daemon(&g, "stranded", "5s");
+    nfs_create(&d, "v", "");
+    let mnt = d.mount("v", "old");
+    std::fs::write(mnt.join("first"), b"1").unwrap();
+    let old = Container::start();
+    assert_eq!(old.stat(&mnt.join("first")), Ok(()));
+    let pid = helper_pid(&d, "v").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // A new container's Mount gets a new helper; the old container keeps the dead connection.
+    assert_eq!(d.mount("v", "new"), mnt);
+    std::fs::write(mnt.join("second"), b"2").unwrap();
+    let err = old.stat(&mnt.join("second")).unwrap_err();
+    assert!(err.contains("Transport endpoint is not connected"), "{err}");
+    let status = d.get("v")["Status"].clone();
+    assert_eq!(status["health"], "error", "{status}");
+    assert_eq!(
+        status["last_error"],
+        "lost: 1 container mount(s) have a dead connection to storage that was lost and attached \
+         again; restart those containers",
+        "{status}"
+    );
+    // Another Mount and Unmount of the new ID change nothing for the old one.
+    d.mount("v", "new");
+    d.unmount("v", "new");
+    assert_eq!(d.get("v")["Status"]["health"], "error");
+
+    // The old container stops: Docker unmounts its ID, and nothing broken is left.
+    drop(old);
+    d.unmount("v", "old");
+    let status = d.get("v")["Status"].clone();
+    assert_eq!(status["health"], "ok", "{status}");
+    assert_eq!(std::fs::read(mnt.join("first")).unwrap(), b"1");
+    d.unmount("v", "new");
     d.remove("v");
 }
 

@@ -491,6 +491,60 @@ fn fio_with_verification_finds_no_errors() {
     v.finish();
 }
 
+/// Four jobs of 4 KiB random reads and writes at once, verified: on four files, and on four regions of one
+/// file, where the helper serves one inode's reads beside its writes in flight (a read waits only for the
+/// writes that overlap it, and for all of them when it meets the server's end of file).
+#[test]
+fn random_4k_io_from_four_jobs_verifies_on_separate_files_and_in_one_file() {
+    let Some(v) = Mounted::start("rand4k", &["fio"]) else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let own = v.mnt.join("own");
+    std::fs::create_dir(&own).unwrap();
+    fio(
+        &own,
+        &out.path().join("own.json"),
+        &[
+            "--name=own",
+            "--rw=randrw",
+            "--rwmixread=50",
+            "--bs=4k",
+            "--size=16M",
+            "--numjobs=4",
+        ],
+        4,
+    );
+    // One file, made at its full size first so that no job lays it out under the others; job N reads
+    // and writes its own 16 MiB from N * 16 MiB on.
+    let shared = v.mnt.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    File::create(shared.join("one"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    fio(
+        &shared,
+        &out.path().join("shared.json"),
+        &[
+            "--name=shared",
+            "--filename=one",
+            "--rw=randrw",
+            "--rwmixread=50",
+            "--bs=4k",
+            "--size=16M",
+            "--offset_increment=16M",
+            "--numjobs=4",
+        ],
+        4,
+    );
+    for (dir, name, size) in [("own", "own.3.0", 16u64 << 20), ("shared", "one", 64 << 20)] {
+        let meta = std::fs::metadata(v.on_server().join(dir).join(name)).unwrap();
+        assert_eq!(meta.len(), size, "{dir}/{name}");
+    }
+    v.finish();
+}
+
 /// The stress-ng stressors run through the mount: instances and options. Sizes are cut down from the
 /// defaults (1 GiB files) so that set-up fits in the run time over a network filesystem.
 const STRESSORS: &[(&str, &str, &[&str])] = &[

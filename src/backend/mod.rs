@@ -43,7 +43,7 @@ pub enum BackendError {
     /// Boxed like `Nfs`: EBS errors carry the volume, snapshot and AWS's words.
     #[error(transparent)]
     Ebs(Box<ebs::EbsError>),
-    #[error("the volume is still mounted on host {host} (its marker was refreshed {age_secs} s ago); unmount it there first. A host that stops refreshing its marker for {stale_secs} s no longer counts")]
+    #[error("the volume is still mounted on host {host}, whose marker was refreshed {age_secs} s ago; unmount it there first. A host that stops refreshing its marker for {stale_secs} s no longer counts")]
     MountedElsewhere {
         host: String,
         age_secs: u64,
@@ -177,6 +177,12 @@ pub trait Backend: Send + Sync {
     /// Whether what `attach` sets up is in place right now, judged only from the given mount table; `None`
     /// when the volume has nothing to attach (its data is always reachable).
     fn is_attached(&self, name: &str, spec: &VolumeSpec, table: &MountTable) -> Option<bool>;
+    /// Whether containers that held the volume when its attachment was lost stay broken after it is
+    /// attached again: true for a FUSE mount whose helper died (their mounts answer ENOTCONN until they
+    /// restart); false where their mounts still reach the data (a kernel mount removed on the host only).
+    fn loss_strands_mounts(&self, _spec: &VolumeSpec) -> bool {
+        false
+    }
     /// Backend facts for `Status`, known without any I/O.
     fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value>;
     /// Whether the backend's storage (a directory, a server, a cloud API) can be used right now, with facts

@@ -6,7 +6,7 @@
 
 mod redb_store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use async_trait::async_trait;
@@ -62,6 +62,11 @@ pub struct VolumeRecord {
     /// compare-and-swap on the record, after the snapshot is complete, so it never names a partial one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shipped: Option<Shipped>,
+    /// Mount IDs whose containers still hold storage that died and was attached again for later
+    /// containers (an nfs FUSE mount whose helper exited): they get ENOTCONN until restarted. Only IDs
+    /// still in `mounts` count; an ID leaves with its last Unmount.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub dead_mounts: BTreeSet<String>,
 }
 
 /// A complete snapshot of a volume and its generation: 1 for the first snapshot, one more for each after.
@@ -74,6 +79,14 @@ pub struct Shipped {
 impl VolumeRecord {
     pub fn active_mounts(&self) -> u64 {
         self.mounts.values().map(|c| u64::from(*c)).sum()
+    }
+
+    /// How many mount IDs still in use hold a dead connection (see `dead_mounts`).
+    pub fn dead_mount_ids(&self) -> usize {
+        self.dead_mounts
+            .iter()
+            .filter(|id| self.mounts.contains_key(*id))
+            .count()
     }
 }
 

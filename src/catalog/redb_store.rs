@@ -285,6 +285,7 @@ mod tests {
             mounts: Default::default(),
             mountpoint: None,
             shipped: None,
+            dead_mounts: Default::default(),
         }
     }
 

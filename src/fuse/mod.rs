@@ -602,6 +602,34 @@ impl FerryFs {
         }
     }
 
+    /// Reads `size` bytes at `offset` from the store, fewer only at the end of the file.
+    async fn read_range(&self, handle: &FileHandle, offset: u64, size: u32) -> FuseResult<Bytes> {
+        let first = self
+            .store
+            .read(handle, offset, size)
+            .await
+            .map_err(|e| fail("read", e))?;
+        if first.eof || first.data.len() >= size as usize {
+            return Ok(first.data);
+        }
+        // The kernel takes a short reply for end of file and fills the rest with zeros, so a short read
+        // that is not at the end must be completed here.
+        let mut data = BytesMut::from(&first.data[..]);
+        while data.len() < size as usize {
+            let got = data.len() as u32;
+            let more = self
+                .store
+                .read(handle, offset + u64::from(got), size - got)
+                .await
+                .map_err(|e| fail("read", e))?;
+            data.extend_from_slice(&more.data);
+            if more.eof || more.data.is_empty() {
+                break;
+            }
+        }
+        Ok(data.freeze())
+    }
+
     /// One page of `dir` after `cookie`, using the verifier remembered for the open directory `fh`.
     async fn dir_page(&self, dir: &FileHandle, fh: u64, cookie: u64) -> FuseResult<DirPage> {
         let verifier = if cookie == 0 {
@@ -1078,33 +1106,20 @@ impl Filesystem for FerryFs {
         request(async {
             let fs = self;
             let handle = fs.handle(inode)?;
-            fs.writes.settle(inode).await;
-            let first = fs
-                .store
-                .read(&handle, offset, size)
-                .await
-                .map_err(|e| fail("read", e))?;
-            if first.eof || first.data.len() >= size as usize {
-                return Ok(ReplyData { data: first.data });
+            // Only the writes in flight to this range: random readers and writers of one file go in parallel.
+            let end = offset.saturating_add(u64::from(size));
+            fs.writes.settle_range(inode, offset, end).await;
+            let data = fs.read_range(&handle, offset, size).await?;
+            if data.len() < size as usize && fs.writes.busy(inode) {
+                // A short reply ends at the server's end of file, which a write in flight elsewhere may still
+                // move; the kernel would take the short reply as the file's size. So wait for them all, and read
+                // again.
+                fs.writes.settle(inode).await;
+                return Ok(ReplyData {
+                    data: fs.read_range(&handle, offset, size).await?,
+                });
             }
-            // The kernel takes a short reply for end of file and fills the rest with zeros, so a short read
-            // that is not at the end must be completed here.
-            let mut data = BytesMut::from(&first.data[..]);
-            while data.len() < size as usize {
-                let got = data.len() as u32;
-                let more = fs
-                    .store
-                    .read(&handle, offset + u64::from(got), size - got)
-                    .await
-                    .map_err(|e| fail("read", e))?;
-                data.extend_from_slice(&more.data);
-                if more.eof || more.data.is_empty() {
-                    break;
-                }
-            }
-            Ok(ReplyData {
-                data: data.freeze(),
-            })
+            Ok(ReplyData { data })
         })
         .await
     }
@@ -1456,6 +1471,40 @@ mod tests {
             !keep(fs.open(req(), inode, trunc).await.unwrap()),
             "truncated"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_waits_only_for_the_writes_in_flight_that_overlap_it() {
+        let (fs, store, inode, _) = one_open_file(MemoryStore::new()).await;
+        write(&fs, inode, 0, &[1u8; 65536]).await.unwrap();
+        fs.fsync(req(), inode, 0, false).await.unwrap();
+        // Every store call now takes 100 ms of virtual time.
+        store.set_delay(Duration::from_millis(100));
+        let t = tokio::time::Instant::now();
+        write(&fs, inode, 0, &[2u8; 4096]).await.unwrap();
+        // Elsewhere in the file: only the read's own 100 ms, concurrent with the write's.
+        let data = fs.read(req(), inode, 0, 32768, 4096).await.unwrap().data;
+        assert_eq!(&data[..], &[1u8; 4096][..]);
+        assert_eq!(t.elapsed(), Duration::from_millis(100));
+        // Over the written range: after the write, and with its data.
+        write(&fs, inode, 0, &[3u8; 4096]).await.unwrap();
+        let data = fs.read(req(), inode, 0, 0, 8192).await.unwrap().data;
+        assert_eq!(&data[..4096], &[3u8; 4096][..]);
+        assert_eq!(&data[4096..], &[1u8; 4096][..]);
+        assert_eq!(t.elapsed(), Duration::from_millis(300));
+
+        // Past the server's end of file while a write further on extends it: the short reply is not the
+        // end, so the read waits for that write and returns the hole between as zeros.
+        write(&fs, inode, 100 << 10, &[4u8; 4096]).await.unwrap();
+        let data = fs.read(req(), inode, 0, 64 << 10, 8192).await.unwrap().data;
+        assert_eq!(&data[..], &[0u8; 8192][..]);
+        let data = fs
+            .read(req(), inode, 0, 100 << 10, 8192)
+            .await
+            .unwrap()
+            .data;
+        assert_eq!(&data[..], &[4u8; 4096][..]);
+        fs.flush(req(), inode, 0, 0).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,7 +10,8 @@
 //! - writes start in arrival order, and one that overlaps an earlier one waits for it to finish, so the
 //!   store sees overlapping data in the order the application wrote it;
 //! - `settle` lets every request that depends on an inode's data or size wait for the writes that arrived
-//!   before it (not for later ones, so a steady writer cannot starve a flush);
+//!   before it (not for later ones, so a steady writer cannot starve a flush); `settle_range` does the same
+//!   for a read, for the writes that overlap what it reads;
 //! - the first failure of a background write is kept per inode and handed to the next write, flush or fsync,
 //!   as NFS reports write-back errors.
 //!
@@ -242,6 +243,28 @@ impl WriteBehind {
         }
     }
 
+    /// Waits until every write of `inode` that arrived before this call and overlaps `start..end` has
+    /// finished: what a read of that range depends on. Writes elsewhere in the file go on meanwhile, so a
+    /// reader of one part of a file is not held up by a writer of another (random I/O on one file).
+    pub async fn settle_range(&self, inode: u64, start: u64, end: u64) {
+        let upto = match self.lock().get(&inode) {
+            Some(p) if !p.writes.is_empty() => p.next_seq,
+            _ => return,
+        };
+        loop {
+            let changed = self.changed.notified();
+            let done = self.lock().get(&inode).is_none_or(|p| {
+                !p.writes
+                    .iter()
+                    .any(|w| w.seq < upto && w.overlaps(start, end))
+            });
+            if done {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// `settle`, then takes the failure a background write left, if any: it is reported once.
     pub async fn settle_and_take_error(&self, inode: u64) -> Option<StoreError> {
         self.settle(inode).await;
@@ -378,6 +401,29 @@ mod tests {
         assert!(wb.busy(1));
         wb.finish(late, Ok(()));
         assert!(!wb.busy(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_range_waits_for_earlier_overlapping_writes_only() {
+        let wb = WriteBehind::new(1 << 30);
+        let near = wb.begin(1, 0, 4096).await.unwrap();
+        let far = wb.begin(1, 1 << 20, 4096).await.unwrap();
+        let other = wb.begin(2, 8192, 4096).await.unwrap();
+        // Nothing in flight overlaps 8 KiB..12 KiB of inode 1 (inode 2's write does not count).
+        wb.settle_range(1, 8192, 12288).await;
+        let settle = wb.settle_range(1, 2048, 6144);
+        tokio::pin!(settle);
+        assert!(pending(&mut settle).await);
+        // A later write to the same range does not hold it up.
+        wb.finish(far, Ok(()));
+        let late = wb.begin(1, 4096, 4096).await.unwrap();
+        assert!(pending(&mut settle).await);
+        wb.finish(near, Ok(()));
+        settle.await;
+        assert!(wb.busy(1));
+        wb.finish(late, Ok(()));
+        wb.finish(other, Ok(()));
+        assert!(!wb.any_busy());
     }
 
     #[tokio::test(start_paused = true)]

@@ -53,6 +53,15 @@ pub enum EbsError {
         endpoint: String,
         reason: String,
     },
+    #[error("no AWS credentials for EBS {op} of volume {volume}: {detail}. Ferry looks for them, for the user that runs ferry serve, in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_WEB_IDENTITY_TOKEN_FILE), in the shared files {files} (AWS_PROFILE chooses the profile), and in the instance role through the instance metadata service; provide one of them")]
+    NoCredentials {
+        op: &'static str,
+        volume: String,
+        /// What the credential chain said, without any secret (it holds none when nothing was found).
+        detail: String,
+        /// The shared credentials and config files this process reads.
+        files: String,
+    },
     #[error("EBS {op} for volume {volume} did not finish within {secs} s")]
     Timeout {
         op: &'static str,
@@ -104,6 +113,7 @@ impl EbsError {
         match self {
             EbsError::Api { kind, .. } => kind,
             EbsError::Unreachable { .. } => "ebs_unreachable",
+            EbsError::NoCredentials { .. } => "ebs_no_credentials",
             EbsError::Timeout { .. } => "ebs_timeout",
             EbsError::Checksum { .. } => "ebs_checksum",
             EbsError::Invalid { .. } => "ebs_invalid",
@@ -113,6 +123,49 @@ impl EbsError {
             EbsError::Io { .. } => "io",
         }
     }
+}
+
+/// Whether an SDK error, somewhere in its chain of causes, is the credential chain finding no credentials
+/// (or failing to load them), and if so what it said.
+fn missing_credentials(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(creds) = c.downcast_ref::<CredentialsError>() {
+            return Some(match creds {
+                CredentialsError::CredentialsNotLoaded(_) => {
+                    "the credential chain found none".to_string()
+                }
+                // Found a source but could not use it (a bad profile, an unreachable provider): its words.
+                other => {
+                    let mut text = format!("loading them failed: {other}");
+                    let mut next = std::error::Error::source(other);
+                    while let Some(inner) = next {
+                        text.push_str(&format!(": {inner}"));
+                        next = inner.source();
+                    }
+                    text
+                }
+            });
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// The shared credentials and config files the SDK reads in this process, as the operator must name them:
+/// `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` when set, otherwise under `$HOME/.aws`.
+fn shared_files() -> String {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "~".into());
+    let file = |var: &str, default: &str| match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => format!("{home}/.aws/{default}"),
+    };
+    format!(
+        "{} and {}",
+        file("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+        file("AWS_CONFIG_FILE", "config")
+    )
 }
 
 /// AWS's error codes in words, with what the operator can do. The code stays in parentheses so it can be
@@ -267,9 +320,19 @@ impl SnapshotClient {
     fn fail<E, R>(&self, op: &'static str, volume: &str, e: SdkError<E, R>) -> EbsError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
+        R: std::fmt::Debug + 'static,
     {
         let volume = volume.to_string();
+        // Credentials are resolved before the request is sent, so their absence reaches us as a dispatch
+        // failure, which would otherwise blame the network.
+        if let Some(detail) = missing_credentials(&e) {
+            return EbsError::NoCredentials {
+                op,
+                volume,
+                detail,
+                files: shared_files(),
+            };
+        }
         match &e {
             SdkError::TimeoutError(_) => EbsError::Timeout {
                 op,

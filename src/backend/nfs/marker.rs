@@ -6,6 +6,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::host::HostId;
 use crate::nfs::{NfsClient, NfsError};
 
 /// Where markers live, at the top of the export.
@@ -29,20 +30,29 @@ pub fn dir_for(volume_dir: &str) -> String {
     format!("{AREA}/mounts/{key}")
 }
 
-/// A marker's content: which host, for people reading the export and for the refusal message.
-pub fn content(host_id: &str, hostname: &str, volume: &str) -> String {
-    format!("ferry-marker 1\nhost_id={host_id}\nhostname={hostname}\nvolume={volume}\n")
+/// A marker's content: which host, for people reading the export and for the refusal message. The file's
+/// name is the host's id; the content repeats it with the hostname, which only people need.
+pub fn content(host: &HostId, volume: &str) -> String {
+    format!(
+        "ferry-marker 1\nhost_id={}\nhostname={}\nvolume={volume}\n",
+        host.id, host.name
+    )
 }
 
-/// The host name a marker names, if it is one of ours.
-pub fn hostname_in(content: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(content).ok()?;
-    if !text.starts_with("ferry-marker ") {
-        return None;
+/// The host a marker file names. The file name is the id and decides; the hostname comes from the
+/// content, and is empty when the content is not a marker of ours or has none (such a marker still
+/// counts, by its id).
+pub fn holder_of(file_name: &str, content: &[u8]) -> HostId {
+    let name = std::str::from_utf8(content)
+        .ok()
+        .filter(|t| t.starts_with("ferry-marker "))
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("hostname=")))
+        .map(|h| h.chars().filter(|c| !c.is_control()).take(255).collect())
+        .unwrap_or_default();
+    HostId {
+        name,
+        id: file_name.to_string(),
     }
-    text.lines()
-        .find_map(|l| l.strip_prefix("hostname="))
-        .map(|h| h.chars().take(255).collect())
 }
 
 /// Whether a marker last written at `written` still counts at server time `now`. A marker from the
@@ -57,8 +67,7 @@ pub fn is_fresh(written: SystemTime, now: SystemTime) -> bool {
 /// Another host that still has a volume mounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
-    pub host_id: String,
-    pub hostname: Option<String>,
+    pub host: HostId,
     pub age: Duration,
 }
 
@@ -134,14 +143,9 @@ pub async fn holders(
         if !is_fresh(attrs.mtime, now) {
             continue;
         }
-        let hostname = client
-            .read_file(&path)
-            .await
-            .ok()
-            .and_then(|c| hostname_in(&c));
+        let body = client.read_file(&path).await.unwrap_or_default();
         out.push(Holder {
-            host_id: other,
-            hostname,
+            host: holder_of(&other, &body),
             age: now.duration_since(attrs.mtime).unwrap_or_default(),
         });
     }
@@ -167,9 +171,29 @@ mod tests {
 
     #[test]
     fn content_round_trip() {
-        let c = content("0123abcd", "node-1", "db");
-        assert_eq!(hostname_in(c.as_bytes()).as_deref(), Some("node-1"));
-        assert_eq!(hostname_in(b"something else"), None);
+        let me = HostId {
+            name: "node-1".into(),
+            id: "0123abcd0123abcd".into(),
+        };
+        let c = content(&me, "db");
+        assert_eq!(holder_of("0123abcd0123abcd", c.as_bytes()), me);
+        // The file name decides who holds it, whatever the content claims.
+        assert_eq!(
+            holder_of("ffff0000ffff0000", c.as_bytes()).id,
+            "ffff0000ffff0000"
+        );
+        let bare = holder_of("0123abcd", b"something else");
+        assert_eq!((bare.name.as_str(), bare.id.as_str()), ("", "0123abcd"));
+    }
+
+    #[test]
+    fn markers_of_earlier_versions_are_read() {
+        // Written by Ferry before `HostId`: same layout, possibly without a hostname line.
+        let old = b"ferry-marker 1\nhost_id=a1b2c3d4e5f60718\nhostname=node-1\nvolume=db\n";
+        let h = holder_of("a1b2c3d4e5f60718", old);
+        assert_eq!(h.to_string(), "node-1 (host id a1b2c3d4e5f60718)");
+        let nameless = holder_of("a1b2c3d4e5f60718", b"ferry-marker 1\nvolume=db\n");
+        assert_eq!(nameless.to_string(), "host id a1b2c3d4e5f60718");
     }
 
     #[test]

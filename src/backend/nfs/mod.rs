@@ -23,6 +23,7 @@ use nix::mount::{umount2, MntFlags};
 use serde_json::{json, Map, Value};
 
 use super::{Attached, Backend, BackendError, Shipped};
+use crate::host::HostId;
 use crate::mount::MountTable;
 use crate::nfs::{FileKind, FsStat, NfsClient, NfsClientConfig, NfsError};
 use crate::spec::{AllowedServer, BackendKind, VolumeSpec};
@@ -83,8 +84,8 @@ pub struct NfsBackend {
     /// `<state>/nfs`: per volume, the helper's pid file and log, and the mountpoint without a mount root.
     root: PathBuf,
     mount_root: Option<PathBuf>,
-    host_id: String,
-    hostname: String,
+    /// Names this host's markers in exports; stable across restarts.
+    host: HostId,
     /// The `ferry` binary, run as `ferry nfs-mount` for each FUSE mount.
     helper_binary: PathBuf,
     kernel: bool,
@@ -98,13 +99,13 @@ fn nfs_err(e: NfsError) -> BackendError {
 }
 
 impl NfsBackend {
-    /// `root` (created root-only if missing) holds per-volume helper files; `host_id` names this host's
+    /// `root` (created root-only if missing) holds per-volume helper files; `host` names this host's
     /// markers in exports and must be stable across restarts.
     pub fn new(
         settings: NfsSettings,
         root: PathBuf,
         mount_root: Option<PathBuf>,
-        host_id: String,
+        host: HostId,
         helper_binary: PathBuf,
     ) -> Result<Self, BackendError> {
         std::fs::DirBuilder::new()
@@ -120,9 +121,6 @@ impl NfsBackend {
                 kernel::available(&std::fs::read_to_string("/proc/filesystems").unwrap_or_default())
             }
         };
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
         tracing::info!(
             server = %settings.server,
             export = %settings.export,
@@ -133,8 +131,7 @@ impl NfsBackend {
             settings,
             root,
             mount_root,
-            host_id,
-            hostname,
+            host,
             helper_binary,
             kernel,
             clients: Mutex::new(HashMap::new()),
@@ -228,8 +225,8 @@ impl NfsBackend {
             mountpoint: self.mountpoint(name),
             pid_file: self.pid_file(name),
             log_file: self.volume_root(name).join("helper.log"),
-            host_id: self.host_id.clone(),
-            marker: marker::content(&self.host_id, &self.hostname, name),
+            host_id: self.host.id.clone(),
+            marker: marker::content(&self.host, name),
         }
     }
 
@@ -335,8 +332,8 @@ impl NfsBackend {
                 })
             })?;
         let client = self.client(spec)?;
-        let body = marker::content(&self.host_id, &self.hostname, name);
-        marker::write(&client, &Self::dir(name, spec), &self.host_id, &body)
+        let body = marker::content(&self.host, name);
+        marker::write(&client, &Self::dir(name, spec), &self.host.id, &body)
             .await
             .map_err(nfs_err)?;
         Ok(target)
@@ -417,12 +414,21 @@ impl Backend for NfsBackend {
     async fn remove(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
         let client = self.client(spec)?;
         let dir = Self::dir(name, spec);
-        let holders = marker::holders(&client, &dir, &self.host_id)
+        let holders = marker::holders(&client, &dir, &self.host.id)
             .await
             .map_err(nfs_err)?;
         if let Some(h) = holders.first() {
+            // A shared hostname is the ambiguous case: say outright that the holder is not this host.
+            let host = if h.host.name == self.host.name {
+                format!(
+                    "{} (this host has the same name but is host id {})",
+                    h.host, self.host.id
+                )
+            } else {
+                h.host.to_string()
+            };
             return Err(BackendError::MountedElsewhere {
-                host: h.hostname.clone().unwrap_or_else(|| h.host_id.clone()),
+                host,
                 age_secs: h.age.as_secs(),
                 stale_secs: marker::STALE_AFTER.as_secs(),
             });
@@ -475,7 +481,7 @@ impl Backend for NfsBackend {
         // The helper could not remove the marker (or there is none, on the kernel path): do it here, but an
         // unreachable server must not fail the Unmount; the marker then goes stale on its own.
         if let Ok(client) = self.client(spec) {
-            if let Err(e) = marker::remove(&client, &Self::dir(name, spec), &self.host_id).await {
+            if let Err(e) = marker::remove(&client, &Self::dir(name, spec), &self.host.id).await {
                 tracing::warn!(volume = name, error = %e, "cannot remove this host's marker; it goes stale");
             }
         }
@@ -486,6 +492,11 @@ impl Backend for NfsBackend {
         let mounted = table.is_mounted(&self.mountpoint(name));
         // A FUSE mount whose helper died is still in the table but answers only ENOTCONN.
         Some(mounted && (self.kernel || helper::running(&self.pid_file(name), name).is_some()))
+    }
+
+    /// A new FUSE mount is a new connection; the dead one stays in the old containers' namespaces.
+    fn loss_strands_mounts(&self, _spec: &VolumeSpec) -> bool {
+        !self.kernel
     }
 
     fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value> {
@@ -534,23 +545,4 @@ impl Backend for NfsBackend {
         );
         Ok(m)
     }
-}
-
-/// Reads this host's id from `path`, making a random one the first time. Two daemons on one machine with
-/// separate state directories are two hosts as far as markers go.
-pub fn host_id(path: &Path) -> std::io::Result<String> {
-    match std::fs::read_to_string(path) {
-        Ok(s) if s.trim().len() >= 8 => return Ok(s.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut raw = [0u8; 8];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut raw)?;
-    let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{id}\n"))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(id)
 }
