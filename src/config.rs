@@ -576,14 +576,16 @@ pub const REFERENCE: &[ConfigKey] = &[
         key: "nfs.timeout",
         default: "`10s`",
         meaning: "how long any operation waits on the server before it fails: Create and Mount with an \
-                  error naming the server, file operations in containers with EIO",
+                  error naming the server, a system call in a container with EIO (within this plus 0.25 s, \
+                  however many calls it needs)",
         example: "\"10s\"",
     },
     ConfigKey {
         key: "nfs.attr_cache",
         default: "`1s`",
-        meaning: "how long the FUSE data path caches attributes and names, so other hosts' changes show up \
-                  within it; `0` caches nothing",
+        meaning: "how long the FUSE data path caches attributes and names for `stat` and lookups, so other \
+                  hosts' changes show up there within it; `0` caches nothing. Data is close-to-open \
+                  consistent whatever it says (docs/nfs.md)",
         example: "\"1s\"",
     },
     ConfigKey {

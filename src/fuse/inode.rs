@@ -38,6 +38,16 @@ struct Entry {
     /// Writes went to the store since the last commit.
     dirty: bool,
     hidden: Option<Hidden>,
+    /// The store's version of the file when it was last opened here (see `opened_at`).
+    opened: Option<Version>,
+}
+
+/// What identifies one state of a file's data on the store: every change of data moves the change time
+/// (ctime) forward, and the size is compared as well in case a server keeps coarse times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Version {
+    pub ctime: std::time::SystemTime,
+    pub size: u64,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +81,7 @@ impl InodeTable {
                 opens: 0,
                 dirty: false,
                 hidden: None,
+                opened: None,
             },
         );
         InodeTable {
@@ -123,6 +134,7 @@ impl InodeTable {
                 opens: 0,
                 dirty: false,
                 hidden: None,
+                opened: None,
             },
         );
         inode
@@ -204,6 +216,17 @@ impl InodeTable {
             }
             _ => false,
         }
+    }
+
+    /// Records that `inode` is being opened with the store at `version`, and says whether that is the
+    /// version it had at its previous open here. If so, nothing can have changed the data since (the kernel
+    /// then keeps its cached pages and attributes, which were read at that version or later from the same
+    /// data); if not, or if this is the first open, the caller must drop them.
+    pub fn opened_at(&self, inode: u64, version: Version) -> bool {
+        self.lock()
+            .by_inode
+            .get_mut(&inode)
+            .is_some_and(|e| e.opened.replace(version) == Some(version))
     }
 
     /// Notes that `inode` has writes not yet committed.

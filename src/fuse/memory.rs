@@ -177,6 +177,7 @@ impl MemoryStore {
                 atime: now,
                 mtime: now,
                 ctime: now,
+                rdev: (0, 0),
             },
             content: Content::Dir(Directory {
                 parent: ROOT_ID,
@@ -336,6 +337,7 @@ impl State {
             atime: now,
             mtime: now,
             ctime: now,
+            rdev: (0, 0),
         };
         self.nodes.insert(
             id,
@@ -707,6 +709,34 @@ impl FileStore for MemoryStore {
         });
         self.lock()
             .add(dir, name, FileKind::Directory, attr, content)
+    }
+
+    /// A special file is an empty file of its kind here, with its device number.
+    async fn mknod(
+        &self,
+        dir: &FileHandle,
+        name: &[u8],
+        kind: FileKind,
+        rdev: (u32, u32),
+        attr: NewAttr,
+    ) -> StoreResult<(FileHandle, Attr)> {
+        let dir = self.gate(dir).await?;
+        if matches!(
+            kind,
+            FileKind::File | FileKind::Directory | FileKind::Symlink
+        ) {
+            return Err(err(
+                StoreErrorKind::Invalid,
+                "mknod makes only special files",
+            ));
+        }
+        let mut state = self.lock();
+        let (handle, mut made) =
+            state.add(dir, name, kind, attr, Content::File(Default::default()))?;
+        let id = made.fileid;
+        state.node_mut(id)?.attr.rdev = rdev;
+        made.rdev = rdev;
+        Ok((handle, made))
     }
 
     async fn symlink(

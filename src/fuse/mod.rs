@@ -6,9 +6,12 @@
 //! store does not give: keeping an unlinked-but-open file alive, committing writes on close, and paging
 //! directories with cookies, and write-behind (`write_behind`): a WRITE is acknowledged once its data is
 //! copied and the store write started, with a bounded amount in flight per file, as the kernel NFS client
-//! does. Everything about where the data lives is in the store (`store` defines the contract, `memory` is the
-//! in-memory double). It must not retry, cache data beyond the writes in flight or enforce deadlines: the
-//! store owns its deadline, and the kernel owns the page cache and permission checks (`default_permissions`).
+//! does; close-to-open consistency (an open asks the store for the file's attributes and makes the kernel
+//! drop what it cached of a file changed since its last open here). Everything about where the data lives is
+//! in the store (`store` defines the contract, `memory` is the in-memory double). It must not retry, cache
+//! data beyond the writes in flight or enforce deadlines: the store owns its deadline (each request runs in
+//! `store::as_request`, which tells the store when the system call began), and the kernel owns the page
+//! cache and permission checks (`default_permissions`).
 //!
 //! Every request runs in its own task (the `fuse3` session spawns one per request) and holds no lock across
 //! a store call, so a request stuck on an unreachable server never delays the others.
@@ -44,7 +47,7 @@ pub use store::{
     NewAttr, ReadReply, SetAttr, SetTime, StoreError, StoreErrorKind, StoreResult,
 };
 
-use inode::Hidden;
+use inode::{Hidden, Version};
 use write_behind::WriteBehind;
 
 /// The largest read and write the kernel sends in one request: 1 MiB, the kernel's ceiling (256 pages) and
@@ -63,6 +66,9 @@ const DIR_PAGE: u32 = 128;
 
 /// The block size reported to `statfs` and used to count blocks.
 const BLOCK: u64 = 4096;
+
+/// FUSE's open reply flag that keeps the kernel's cached pages of the file (`FOPEN_KEEP_CACHE`).
+const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
@@ -279,6 +285,8 @@ struct FerryFs {
     /// Writes acknowledged to the kernel and still on their way to the store. Every request that reads or
     /// replaces an inode's data or size, or reports its attributes, settles them first.
     writes: Arc<WriteBehind>,
+    /// The session's channel for telling the kernel to drop cached attributes; set when the session starts.
+    notify: std::sync::OnceLock<fuse3::notify::Notify>,
 }
 
 type FuseResult<T> = fuse3::Result<T>;
@@ -339,8 +347,10 @@ fn file_type(kind: FileKind) -> FileType {
         FileKind::File => FileType::RegularFile,
         FileKind::Directory => FileType::Directory,
         FileKind::Symlink => FileType::Symlink,
-        // The store cannot say which special kind; a regular file is the least surprising stand-in.
-        FileKind::Other => FileType::RegularFile,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -357,7 +367,8 @@ fn fuse_attr(inode: u64, a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        // The kernel's encoding of a device number in 32 bits, which glibc's makedev also produces.
+        rdev: libc::makedev(a.rdev.0, a.rdev.1) as u32,
         blksize: BLOCK as u32,
     }
 }
@@ -376,6 +387,12 @@ fn system_time(t: Timestamp) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
+/// Runs one request's work with its deadline starting now (`store::as_request`): the store's calls for it
+/// all end within the store's timeout of this instant.
+async fn request<T>(work: impl std::future::Future<Output = FuseResult<T>>) -> FuseResult<T> {
+    store::as_request(work).await
+}
+
 fn name_bytes(name: &OsStr) -> &[u8] {
     name.as_bytes()
 }
@@ -390,6 +407,7 @@ impl FerryFs {
             dirs: Mutex::new(std::collections::HashMap::new()),
             hidden_serial: AtomicU64::new(0),
             writes: Arc::new(WriteBehind::default()),
+            notify: std::sync::OnceLock::new(),
         }
     }
 
@@ -464,6 +482,37 @@ impl FerryFs {
             writes.finish(ticket, result);
         });
         Ok(written)
+    }
+
+    /// Close-to-open consistency, whatever the attribute cache's lifetime: an open asks the store for the
+    /// file's attributes, and when its data changed since the previous open here (another host wrote it),
+    /// tells the kernel to drop its cached attributes and pages, so reads see the new size and data. Writes
+    /// from this host settle first, so they do not count as a change. Returns the open reply's flags.
+    async fn revalidate(&self, inode: u64, handle: &FileHandle, flags: u32) -> FuseResult<u32> {
+        self.writes.settle(inode).await;
+        let attr = self
+            .store
+            .getattr(handle)
+            .await
+            .map_err(|e| fail("getattr", e))?;
+        if attr.kind != FileKind::File {
+            return Ok(0);
+        }
+        let version = Version {
+            ctime: attr.ctime,
+            size: attr.size,
+        };
+        // A truncating open changed the data itself, and the kernel drops pages past the new size.
+        if self.inodes.opened_at(inode, version) && flags as i32 & libc::O_TRUNC == 0 {
+            return Ok(FOPEN_KEEP_CACHE);
+        }
+        // Attributes only (a negative offset): without FOPEN_KEEP_CACHE the kernel drops the pages itself
+        // when the open completes. The notification is written before the reply, so the kernel has
+        // forgotten the old size before the application can read.
+        if let Some(notify) = self.notify.get() {
+            notify.clone().invalid_inode(inode, -1, 0).await;
+        }
+        Ok(0)
     }
 
     fn new_fh(&self) -> u64 {
@@ -674,20 +723,27 @@ impl Filesystem for FerryFs {
         Ok(reply)
     }
 
+    async fn ready(&self, notify: fuse3::notify::Notify) {
+        let _ = self.notify.set(notify);
+    }
+
     async fn destroy(&self, _req: Request) {
         self.writes.settle_all().await;
     }
 
     async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<ReplyEntry> {
-        let fs = self;
-        let dir = fs.handle(parent)?;
-        let (handle, attr) = fs
-            .store
-            .lookup(&dir, name_bytes(name))
-            .await
-            .map_err(|e| fail("lookup", e))?;
-        let attr = fs.settled_attr(&handle, attr).await?;
-        Ok(fs.entry(&handle, &attr))
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            let (handle, attr) = fs
+                .store
+                .lookup(&dir, name_bytes(name))
+                .await
+                .map_err(|e| fail("lookup", e))?;
+            let attr = fs.settled_attr(&handle, attr).await?;
+            Ok(fs.entry(&handle, &attr))
+        })
+        .await
     }
 
     async fn forget(&self, _req: Request, inode: u64, nlookup: u64) {
@@ -707,18 +763,21 @@ impl Filesystem for FerryFs {
         _fh: Option<u64>,
         _flags: u32,
     ) -> FuseResult<ReplyAttr> {
-        let fs = self;
-        let handle = fs.handle(inode)?;
-        fs.writes.settle(inode).await;
-        let attr = fs
-            .store
-            .getattr(&handle)
-            .await
-            .map_err(|e| fail("getattr", e))?;
-        Ok(ReplyAttr {
-            ttl: fs.ttl,
-            attr: fuse_attr(inode, &attr),
+        request(async {
+            let fs = self;
+            let handle = fs.handle(inode)?;
+            fs.writes.settle(inode).await;
+            let attr = fs
+                .store
+                .getattr(&handle)
+                .await
+                .map_err(|e| fail("getattr", e))?;
+            Ok(ReplyAttr {
+                ttl: fs.ttl,
+                attr: fuse_attr(inode, &attr),
+            })
         })
+        .await
     }
 
     async fn setattr(
@@ -728,41 +787,47 @@ impl Filesystem for FerryFs {
         _fh: Option<u64>,
         set: fuse3::SetAttr,
     ) -> FuseResult<ReplyAttr> {
-        let fs = self;
-        let handle = fs.handle(inode)?;
-        // A truncation must not be overtaken by earlier writes, and the reply carries the size.
-        fs.writes.settle(inode).await;
-        // fuse3 turns UTIME_NOW into this process's clock, so "now" arrives as an instant.
-        let to_set = SetAttr {
-            mode: set.mode.map(|m| m & 0o7777),
-            uid: set.uid,
-            gid: set.gid,
-            size: set.size,
-            atime: set.atime.map(|t| SetTime::At(system_time(t))),
-            mtime: set.mtime.map(|t| SetTime::At(system_time(t))),
-        };
-        let attr = fs
-            .store
-            .setattr(&handle, &to_set)
-            .await
-            .map_err(|e| fail("setattr", e))?;
-        Ok(ReplyAttr {
-            ttl: fs.ttl,
-            attr: fuse_attr(inode, &attr),
+        request(async {
+            let fs = self;
+            let handle = fs.handle(inode)?;
+            // A truncation must not be overtaken by earlier writes, and the reply carries the size.
+            fs.writes.settle(inode).await;
+            // fuse3 turns UTIME_NOW into this process's clock, so "now" arrives as an instant.
+            let to_set = SetAttr {
+                mode: set.mode.map(|m| m & 0o7777),
+                uid: set.uid,
+                gid: set.gid,
+                size: set.size,
+                atime: set.atime.map(|t| SetTime::At(system_time(t))),
+                mtime: set.mtime.map(|t| SetTime::At(system_time(t))),
+            };
+            let attr = fs
+                .store
+                .setattr(&handle, &to_set)
+                .await
+                .map_err(|e| fail("setattr", e))?;
+            Ok(ReplyAttr {
+                ttl: fs.ttl,
+                attr: fuse_attr(inode, &attr),
+            })
         })
+        .await
     }
 
     async fn readlink(&self, _req: Request, inode: u64) -> FuseResult<ReplyData> {
-        let fs = self;
-        let handle = fs.handle(inode)?;
-        let target = fs
-            .store
-            .readlink(&handle)
-            .await
-            .map_err(|e| fail("readlink", e))?;
-        Ok(ReplyData {
-            data: Bytes::from(target),
+        request(async {
+            let fs = self;
+            let handle = fs.handle(inode)?;
+            let target = fs
+                .store
+                .readlink(&handle)
+                .await
+                .map_err(|e| fail("readlink", e))?;
+            Ok(ReplyData {
+                data: Bytes::from(target),
+            })
         })
+        .await
     }
 
     async fn symlink(
@@ -772,19 +837,22 @@ impl Filesystem for FerryFs {
         name: &OsStr,
         link: &OsStr,
     ) -> FuseResult<ReplyEntry> {
-        let fs = self;
-        let dir = fs.handle(parent)?;
-        let owner = NewAttr {
-            mode: 0o777,
-            uid: req.uid,
-            gid: req.gid,
-        };
-        let (handle, attr) = fs
-            .store
-            .symlink(&dir, name_bytes(name), link.as_bytes(), owner)
-            .await
-            .map_err(|e| fail("symlink", e))?;
-        Ok(fs.entry(&handle, &attr))
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            let owner = NewAttr {
+                mode: 0o777,
+                uid: req.uid,
+                gid: req.gid,
+            };
+            let (handle, attr) = fs
+                .store
+                .symlink(&dir, name_bytes(name), link.as_bytes(), owner)
+                .await
+                .map_err(|e| fail("symlink", e))?;
+            Ok(fs.entry(&handle, &attr))
+        })
+        .await
     }
 
     async fn mkdir(
@@ -795,35 +863,44 @@ impl Filesystem for FerryFs {
         mode: u32,
         _umask: u32,
     ) -> FuseResult<ReplyEntry> {
-        let fs = self;
-        let dir = fs.handle(parent)?;
-        // The kernel applied the umask already (no FUSE_DONT_MASK).
-        let owner = NewAttr {
-            mode: mode & 0o7777,
-            uid: req.uid,
-            gid: req.gid,
-        };
-        let (handle, attr) = fs
-            .store
-            .mkdir(&dir, name_bytes(name), owner)
-            .await
-            .map_err(|e| fail("mkdir", e))?;
-        Ok(fs.entry(&handle, &attr))
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            // The kernel applied the umask already (no FUSE_DONT_MASK).
+            let owner = NewAttr {
+                mode: mode & 0o7777,
+                uid: req.uid,
+                gid: req.gid,
+            };
+            let (handle, attr) = fs
+                .store
+                .mkdir(&dir, name_bytes(name), owner)
+                .await
+                .map_err(|e| fail("mkdir", e))?;
+            Ok(fs.entry(&handle, &attr))
+        })
+        .await
     }
 
     async fn unlink(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<()> {
-        let fs = self;
-        let dir = fs.handle(parent)?;
-        fs.unlink_name(&dir, name_bytes(name)).await
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            fs.unlink_name(&dir, name_bytes(name)).await
+        })
+        .await
     }
 
     async fn rmdir(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<()> {
-        let fs = self;
-        let dir = fs.handle(parent)?;
-        fs.store
-            .rmdir(&dir, name_bytes(name))
-            .await
-            .map_err(|e| fail("rmdir", e))
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            fs.store
+                .rmdir(&dir, name_bytes(name))
+                .await
+                .map_err(|e| fail("rmdir", e))
+        })
+        .await
     }
 
     async fn rename(
@@ -834,21 +911,24 @@ impl Filesystem for FerryFs {
         new_parent: u64,
         new_name: &OsStr,
     ) -> FuseResult<()> {
-        let fs = self;
-        let from = fs.handle(parent)?;
-        let to = fs.handle(new_parent)?;
-        fs.settle_name(&from, name_bytes(name)).await;
-        fs.settle_name(&to, name_bytes(new_name)).await;
-        // A target that is open here would be destroyed by the rename; keep it alive under a hidden name.
-        let hidden = fs.hide_if_open(&to, name_bytes(new_name)).await?;
-        let result = fs
-            .store
-            .rename(&from, name_bytes(name), &to, name_bytes(new_name))
-            .await;
-        if let (Err(_), Hiding::Hidden(inode, hidden)) = (&result, hidden) {
-            fs.unhide(inode, hidden, name_bytes(new_name)).await;
-        }
-        result.map_err(|e| fail("rename", e))
+        request(async {
+            let fs = self;
+            let from = fs.handle(parent)?;
+            let to = fs.handle(new_parent)?;
+            fs.settle_name(&from, name_bytes(name)).await;
+            fs.settle_name(&to, name_bytes(new_name)).await;
+            // A target that is open here would be destroyed by the rename; keep it alive under a hidden name.
+            let hidden = fs.hide_if_open(&to, name_bytes(new_name)).await?;
+            let result = fs
+                .store
+                .rename(&from, name_bytes(name), &to, name_bytes(new_name))
+                .await;
+            if let (Err(_), Hiding::Hidden(inode, hidden)) = (&result, hidden) {
+                fs.unhide(inode, hidden, name_bytes(new_name)).await;
+            }
+            result.map_err(|e| fail("rename", e))
+        })
+        .await
     }
 
     async fn rename2(
@@ -874,40 +954,92 @@ impl Filesystem for FerryFs {
         new_parent: u64,
         new_name: &OsStr,
     ) -> FuseResult<ReplyEntry> {
-        let fs = self;
-        let handle = fs.handle(inode)?;
-        let dir = fs.handle(new_parent)?;
-        fs.writes.settle(inode).await;
-        let attr = fs
-            .store
-            .link(&handle, &dir, name_bytes(new_name))
-            .await
-            .map_err(|e| fail("link", e))?;
-        Ok(fs.entry(&handle, &attr))
+        request(async {
+            let fs = self;
+            let handle = fs.handle(inode)?;
+            let dir = fs.handle(new_parent)?;
+            fs.writes.settle(inode).await;
+            let attr = fs
+                .store
+                .link(&handle, &dir, name_bytes(new_name))
+                .await
+                .map_err(|e| fail("link", e))?;
+            Ok(fs.entry(&handle, &attr))
+        })
+        .await
     }
 
     async fn open(&self, _req: Request, inode: u64, flags: u32) -> FuseResult<ReplyOpen> {
-        let fs = self;
-        let handle = fs.handle(inode)?;
-        // fuse3 negotiates FUSE_ATOMIC_O_TRUNC, so truncation on open is ours to do.
-        if flags as i32 & libc::O_TRUNC != 0 {
-            // Writes through another open file that arrived before this open must not land after the
-            // truncation.
-            fs.writes.settle(inode).await;
-            let set = SetAttr {
-                size: Some(0),
-                ..SetAttr::default()
-            };
-            fs.store
-                .setattr(&handle, &set)
-                .await
-                .map_err(|e| fail("truncate", e))?;
-        }
-        fs.inodes.open(inode);
-        Ok(ReplyOpen {
-            fh: fs.new_fh(),
-            flags: 0,
+        request(async {
+            let fs = self;
+            let handle = fs.handle(inode)?;
+            // fuse3 negotiates FUSE_ATOMIC_O_TRUNC, so truncation on open is ours to do.
+            if flags as i32 & libc::O_TRUNC != 0 {
+                // Writes through another open file that arrived before this open must not land after the
+                // truncation.
+                fs.writes.settle(inode).await;
+                let set = SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                };
+                fs.store
+                    .setattr(&handle, &set)
+                    .await
+                    .map_err(|e| fail("truncate", e))?;
+            }
+            let flags = fs.revalidate(inode, &handle, flags).await?;
+            fs.inodes.open(inode);
+            Ok(ReplyOpen {
+                fh: fs.new_fh(),
+                flags,
+            })
         })
+        .await
+    }
+
+    async fn mknod(
+        &self,
+        req: Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> FuseResult<ReplyEntry> {
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            // The kernel applied the umask already (no FUSE_DONT_MASK).
+            let owner = NewAttr {
+                mode: mode & 0o7777,
+                uid: req.uid,
+                gid: req.gid,
+            };
+            let kind = match mode & libc::S_IFMT {
+                libc::S_IFIFO => FileKind::Fifo,
+                libc::S_IFSOCK => FileKind::Socket,
+                libc::S_IFCHR => FileKind::CharDevice,
+                libc::S_IFBLK => FileKind::BlockDevice,
+                // mknod(2) of a regular file comes here, not to create: make it as O_CREAT|O_EXCL would.
+                0 | libc::S_IFREG => {
+                    let (handle, attr) = fs
+                        .store
+                        .create(&dir, name_bytes(name), owner, CreateMode::Exclusive)
+                        .await
+                        .map_err(|e| fail("mknod", e))?;
+                    return Ok(fs.entry(&handle, &attr));
+                }
+                _ => return Err(libc::EINVAL.into()),
+            };
+            let dev = u64::from(rdev);
+            let numbers = (libc::major(dev), libc::minor(dev));
+            let (handle, attr) = fs
+                .store
+                .mknod(&dir, name_bytes(name), kind, numbers, owner)
+                .await
+                .map_err(|e| fail("mknod", e))?;
+            Ok(fs.entry(&handle, &attr))
+        })
+        .await
     }
 
     async fn create(
@@ -918,46 +1050,49 @@ impl Filesystem for FerryFs {
         mode: u32,
         flags: u32,
     ) -> FuseResult<ReplyCreated> {
-        let fs = self;
-        let dir = fs.handle(parent)?;
-        let how = if flags as i32 & libc::O_EXCL != 0 {
-            CreateMode::Exclusive
-        } else {
-            CreateMode::Unchecked
-        };
-        let owner = NewAttr {
-            mode: mode & 0o7777,
-            uid: req.uid,
-            gid: req.gid,
-        };
-        let (handle, mut attr) = fs
-            .store
-            .create(&dir, name_bytes(name), owner, how)
-            .await
-            .map_err(|e| fail("create", e))?;
-        // An existing file, opened: its writes in flight decide the size, and go before a truncation.
-        attr = fs.settled_attr(&handle, attr).await?;
-        // Unchecked create may have opened a file another client made meanwhile: honour O_TRUNC on it.
-        if flags as i32 & libc::O_TRUNC != 0 && attr.size > 0 {
-            let set = SetAttr {
-                size: Some(0),
-                ..SetAttr::default()
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            let how = if flags as i32 & libc::O_EXCL != 0 {
+                CreateMode::Exclusive
+            } else {
+                CreateMode::Unchecked
             };
-            attr = fs
+            let owner = NewAttr {
+                mode: mode & 0o7777,
+                uid: req.uid,
+                gid: req.gid,
+            };
+            let (handle, mut attr) = fs
                 .store
-                .setattr(&handle, &set)
+                .create(&dir, name_bytes(name), owner, how)
                 .await
-                .map_err(|e| fail("truncate", e))?;
-        }
-        let entry = fs.entry(&handle, &attr);
-        fs.inodes.open(entry.attr.ino);
-        Ok(ReplyCreated {
-            ttl: entry.ttl,
-            attr: entry.attr,
-            generation: 0,
-            fh: fs.new_fh(),
-            flags: 0,
+                .map_err(|e| fail("create", e))?;
+            // An existing file, opened: its writes in flight decide the size, and go before a truncation.
+            attr = fs.settled_attr(&handle, attr).await?;
+            // Unchecked create may have opened a file another client made meanwhile: honour O_TRUNC on it.
+            if flags as i32 & libc::O_TRUNC != 0 && attr.size > 0 {
+                let set = SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                };
+                attr = fs
+                    .store
+                    .setattr(&handle, &set)
+                    .await
+                    .map_err(|e| fail("truncate", e))?;
+            }
+            let entry = fs.entry(&handle, &attr);
+            fs.inodes.open(entry.attr.ino);
+            Ok(ReplyCreated {
+                ttl: entry.ttl,
+                attr: entry.attr,
+                generation: 0,
+                fh: fs.new_fh(),
+                flags: 0,
+            })
         })
+        .await
     }
 
     async fn read(
@@ -968,22 +1103,25 @@ impl Filesystem for FerryFs {
         offset: u64,
         size: u32,
     ) -> FuseResult<ReplyData> {
-        let fs = self;
-        let handle = fs.handle(inode)?;
-        // Only the writes in flight to this range: random readers and writers of one file go in parallel.
-        let end = offset.saturating_add(u64::from(size));
-        fs.writes.settle_range(inode, offset, end).await;
-        let data = fs.read_range(&handle, offset, size).await?;
-        if data.len() < size as usize && fs.writes.busy(inode) {
-            // A short reply ends at the server's end of file, which a write in flight elsewhere may still
-            // move; the kernel would take the short reply as the file's size. So wait for them all, and read
-            // again.
-            fs.writes.settle(inode).await;
-            return Ok(ReplyData {
-                data: fs.read_range(&handle, offset, size).await?,
-            });
-        }
-        Ok(ReplyData { data })
+        request(async {
+            let fs = self;
+            let handle = fs.handle(inode)?;
+            // Only the writes in flight to this range: random readers and writers of one file go in parallel.
+            let end = offset.saturating_add(u64::from(size));
+            fs.writes.settle_range(inode, offset, end).await;
+            let data = fs.read_range(&handle, offset, size).await?;
+            if data.len() < size as usize && fs.writes.busy(inode) {
+                // A short reply ends at the server's end of file, which a write in flight elsewhere may still
+                // move; the kernel would take the short reply as the file's size. So wait for them all, and read
+                // again.
+                fs.writes.settle(inode).await;
+                return Ok(ReplyData {
+                    data: fs.read_range(&handle, offset, size).await?,
+                });
+            }
+            Ok(ReplyData { data })
+        })
+        .await
     }
 
     async fn write(
@@ -1001,23 +1139,26 @@ impl Filesystem for FerryFs {
     }
 
     async fn statfs(&self, _req: Request, inode: u64) -> FuseResult<ReplyStatFs> {
-        let fs = self;
-        let handle = fs.handle(inode).or_else(|_| fs.handle(ROOT_INODE))?;
-        let st = fs
-            .store
-            .statfs(&handle)
-            .await
-            .map_err(|e| fail("statfs", e))?;
-        Ok(ReplyStatFs {
-            blocks: st.total_bytes / BLOCK,
-            bfree: st.free_bytes / BLOCK,
-            bavail: st.avail_bytes / BLOCK,
-            files: st.total_files,
-            ffree: st.free_files,
-            bsize: BLOCK as u32,
-            namelen: 255,
-            frsize: BLOCK as u32,
+        request(async {
+            let fs = self;
+            let handle = fs.handle(inode).or_else(|_| fs.handle(ROOT_INODE))?;
+            let st = fs
+                .store
+                .statfs(&handle)
+                .await
+                .map_err(|e| fail("statfs", e))?;
+            Ok(ReplyStatFs {
+                blocks: st.total_bytes / BLOCK,
+                bfree: st.free_bytes / BLOCK,
+                bavail: st.avail_bytes / BLOCK,
+                files: st.total_files,
+                ffree: st.free_files,
+                bsize: BLOCK as u32,
+                namelen: 255,
+                frsize: BLOCK as u32,
+            })
         })
+        .await
     }
 
     async fn release(
@@ -1029,49 +1170,58 @@ impl Filesystem for FerryFs {
         _lock_owner: u64,
         _flush: bool,
     ) -> FuseResult<()> {
-        let fs = self;
-        fs.writes.settle(inode).await;
-        let hidden = fs.inodes.release(inode);
-        if !fs.inodes.is_open(inode) {
-            fs.writes.forget_error(inode);
-        }
-        if let Some(hidden) = hidden {
-            fs.remove_hidden(hidden).await;
-        }
-        Ok(())
+        request(async {
+            let fs = self;
+            fs.writes.settle(inode).await;
+            let hidden = fs.inodes.release(inode);
+            if !fs.inodes.is_open(inode) {
+                fs.writes.forget_error(inode);
+            }
+            if let Some(hidden) = hidden {
+                fs.remove_hidden(hidden).await;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn fsync(&self, _req: Request, inode: u64, _fh: u64, _datasync: bool) -> FuseResult<()> {
-        let fs = self;
-        let handle = fs.handle(inode)?;
-        // A background write that failed: its data never reached the server, whatever a commit says.
-        if let Some(e) = fs.writes.settle_and_take_error(inode).await {
-            return Err(e.errno().into());
-        }
-        fs.inodes.take_dirty(inode);
-        if let Err(e) = fs.store.commit(&handle).await {
-            fs.inodes.mark_dirty(inode);
-            return Err(fail("commit", e));
-        }
-        Ok(())
+        request(async {
+            let fs = self;
+            let handle = fs.handle(inode)?;
+            // A background write that failed: its data never reached the server, whatever a commit says.
+            if let Some(e) = fs.writes.settle_and_take_error(inode).await {
+                return Err(e.errno().into());
+            }
+            fs.inodes.take_dirty(inode);
+            if let Err(e) = fs.store.commit(&handle).await {
+                fs.inodes.mark_dirty(inode);
+                return Err(fail("commit", e));
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn flush(&self, _req: Request, inode: u64, _fh: u64, _lock_owner: u64) -> FuseResult<()> {
-        // Close-to-open consistency, as NFS clients do: data written through this file is committed by
-        // close(2), and a failure is reported there.
-        let fs = self;
-        if let Some(e) = fs.writes.settle_and_take_error(inode).await {
-            return Err(e.errno().into());
-        }
-        if !fs.inodes.take_dirty(inode) {
-            return Ok(());
-        }
-        let handle = fs.handle(inode)?;
-        if let Err(e) = fs.store.commit(&handle).await {
-            fs.inodes.mark_dirty(inode);
-            return Err(fail("commit", e));
-        }
-        Ok(())
+        request(async {
+            // Close-to-open consistency, as NFS clients do: data written through this file is committed by
+            // close(2), and a failure is reported there.
+            let fs = self;
+            if let Some(e) = fs.writes.settle_and_take_error(inode).await {
+                return Err(e.errno().into());
+            }
+            if !fs.inodes.take_dirty(inode) {
+                return Ok(());
+            }
+            let handle = fs.handle(inode)?;
+            if let Err(e) = fs.store.commit(&handle).await {
+                fs.inodes.mark_dirty(inode);
+                return Err(fail("commit", e));
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> FuseResult<ReplyOpen> {
@@ -1112,23 +1262,26 @@ impl Filesystem for FerryFs {
         offset: i64,
     ) -> FuseResult<ReplyDirectory<impl Stream<Item = FuseResult<DirectoryEntry>> + Send + 'a>>
     {
-        let fs = self;
-        let dir = fs.handle(parent)?;
-        // Offsets are the store's cookies, passed through unchanged (u64 in an i64).
-        let page = fs.dir_page(&dir, fh, offset as u64).await?;
-        let entries: Vec<DirectoryEntry> = page
-            .entries
-            .into_iter()
-            .map(|e| DirectoryEntry {
-                inode: fs.inodes.inode_of(&e.handle).unwrap_or(e.attr.fileid),
-                kind: file_type(e.attr.kind),
-                name: OsStr::from_bytes(&e.name).to_os_string(),
-                offset: e.cookie as i64,
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            // Offsets are the store's cookies, passed through unchanged (u64 in an i64).
+            let page = fs.dir_page(&dir, fh, offset as u64).await?;
+            let entries: Vec<DirectoryEntry> = page
+                .entries
+                .into_iter()
+                .map(|e| DirectoryEntry {
+                    inode: fs.inodes.inode_of(&e.handle).unwrap_or(e.attr.fileid),
+                    kind: file_type(e.attr.kind),
+                    name: OsStr::from_bytes(&e.name).to_os_string(),
+                    offset: e.cookie as i64,
+                })
+                .collect();
+            Ok(ReplyDirectory {
+                entries: ListStream(entries.into_iter()),
             })
-            .collect();
-        Ok(ReplyDirectory {
-            entries: ListStream(entries.into_iter()),
         })
+        .await
     }
 
     async fn readdirplus<'a>(
@@ -1141,22 +1294,25 @@ impl Filesystem for FerryFs {
     ) -> FuseResult<
         ReplyDirectoryPlus<impl Stream<Item = FuseResult<DirectoryEntryPlus>> + Send + 'a>,
     > {
-        let fs = self;
-        let dir = fs.handle(parent)?;
-        let mut page = fs.dir_page(&dir, fh, offset).await?;
-        if fs.writes.any_busy() {
-            for e in &mut page.entries {
-                e.attr = fs.settled_attr(&e.handle, e.attr.clone()).await?;
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            let mut page = fs.dir_page(&dir, fh, offset).await?;
+            if fs.writes.any_busy() {
+                for e in &mut page.entries {
+                    e.attr = fs.settled_attr(&e.handle, e.attr.clone()).await?;
+                }
             }
-        }
-        Ok(ReplyDirectoryPlus {
-            entries: DirPlusStream {
-                inodes: Arc::clone(&fs.inodes),
-                entries: page.entries.into_iter(),
-                unconfirmed: None,
-                ttl: fs.ttl,
-            },
+            Ok(ReplyDirectoryPlus {
+                entries: DirPlusStream {
+                    inodes: Arc::clone(&fs.inodes),
+                    entries: page.entries.into_iter(),
+                    unconfirmed: None,
+                    ttl: fs.ttl,
+                },
+            })
         })
+        .await
     }
 }
 
@@ -1279,6 +1435,42 @@ mod tests {
         assert_eq!(entry.attr.size, 8200);
         fs.fsync(req(), inode, 0, false).await.unwrap();
         fs.flush(req(), inode, 0, 0).await.unwrap();
+    }
+
+    /// Close-to-open: an open keeps the kernel's cached pages only when the file is as it was at the
+    /// previous open here; a change by anyone else (here: straight in the store) makes it drop them.
+    #[tokio::test(start_paused = true)]
+    async fn an_open_keeps_the_cache_only_while_the_file_is_unchanged_since_the_last_open() {
+        let (fs, store, inode, _) = one_open_file(MemoryStore::new()).await;
+        let keep = |r: ReplyOpen| r.flags & FOPEN_KEEP_CACHE != 0;
+        assert!(!keep(fs.open(req(), inode, 0).await.unwrap()), "first open");
+        assert!(keep(fs.open(req(), inode, 0).await.unwrap()), "unchanged");
+
+        // Another host writes and extends the file.
+        let handle = fs.inodes.handle(inode).unwrap();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        store
+            .write(&handle, 0, Bytes::from_static(b"from elsewhere"))
+            .await
+            .unwrap();
+        assert!(!keep(fs.open(req(), inode, 0).await.unwrap()), "changed");
+        assert!(
+            keep(fs.open(req(), inode, 0).await.unwrap()),
+            "unchanged again"
+        );
+
+        // Writes through this host settle before the check; a truncating open never keeps the cache.
+        write(&fs, inode, 0, b"local").await.unwrap();
+        assert!(
+            !keep(fs.open(req(), inode, 0).await.unwrap()),
+            "written here"
+        );
+        assert!(keep(fs.open(req(), inode, 0).await.unwrap()), "unchanged");
+        let trunc = libc::O_TRUNC as u32;
+        assert!(
+            !keep(fs.open(req(), inode, trunc).await.unwrap()),
+            "truncated"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1568,6 +1760,7 @@ mod tests {
             atime: now,
             mtime: now,
             ctime: now,
+            rdev: (8, 1),
         };
         let f = fuse_attr(42, &a);
         assert_eq!(f.ino, 42);
@@ -1575,5 +1768,6 @@ mod tests {
         assert_eq!(f.perm, 0o777);
         assert_eq!(f.blocks, 2);
         assert_eq!((f.uid, f.gid), (5, 6));
+        assert_eq!(f.rdev, 0x801, "major 8, minor 1 as the kernel encodes it");
     }
 }

@@ -7,13 +7,33 @@
 //! inode numbers or the kernel: those belong to the adapter in `super`.
 //!
 //! Every implementation enforces its own deadline: a call that cannot reach its server returns
-//! `StoreErrorKind::TimedOut` after that deadline instead of waiting forever.
+//! `StoreErrorKind::TimedOut` after that deadline instead of waiting forever. The deadline covers a whole
+//! request of the adapter, not each store call: the adapter runs each request inside `as_request`, and a
+//! store ends every call made for it by `request_started()` plus its timeout, so a system call fails within
+//! the timeout however many calls it needs.
 
 use std::fmt;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::time::Instant;
+
+tokio::task_local! {
+    /// When the request that the current task serves began.
+    static REQUEST_STARTED: Instant;
+}
+
+/// When the adapter's request that the current task serves began, if it serves one. Work spawned into
+/// other tasks (write-behind) is not part of the request and has its own deadline.
+pub fn request_started() -> Option<Instant> {
+    REQUEST_STARTED.try_with(|t| *t).ok()
+}
+
+/// Runs `f` as one request that begins now; see `request_started`.
+pub async fn as_request<F: std::future::Future>(f: F) -> F::Output {
+    REQUEST_STARTED.scope(Instant::now(), f).await
+}
 
 /// An opaque, stable reference to one file, directory or symlink (an NFSv3 `nfs_fh3`: at most 64 bytes).
 /// Two handles are the same object exactly when their bytes are equal.
@@ -37,8 +57,12 @@ pub enum FileKind {
     File,
     Directory,
     Symlink,
-    /// Devices, sockets and fifos: listed and stat-able, never created through this layer.
-    Other,
+    /// A named pipe; its data never goes through the store (the kernel connects the two ends).
+    Fifo,
+    /// The name of a Unix domain socket; likewise only a name in the store.
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 /// The attributes of an object (NFSv3 `fattr3`).
@@ -59,6 +83,8 @@ pub struct Attr {
     pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// Major and minor number of a device; zero for other kinds.
+    pub rdev: (u32, u32),
 }
 
 /// A time to set: the server's clock, or a given instant.
@@ -281,6 +307,24 @@ pub trait FileStore: Send + Sync + 'static {
     ) -> StoreResult<(FileHandle, Attr)>;
 
     async fn readlink(&self, handle: &FileHandle) -> StoreResult<Vec<u8>>;
+
+    /// Creates a special file: `kind` is `Fifo`, `Socket`, `CharDevice` or `BlockDevice` (with `rdev`, the
+    /// major and minor number); any other kind is `Invalid`. A store without special files says
+    /// `NotSupported`.
+    async fn mknod(
+        &self,
+        dir: &FileHandle,
+        name: &[u8],
+        kind: FileKind,
+        rdev: (u32, u32),
+        attr: NewAttr,
+    ) -> StoreResult<(FileHandle, Attr)> {
+        let _ = (dir, name, kind, rdev, attr);
+        Err(StoreError::new(
+            StoreErrorKind::NotSupported,
+            "this store cannot make special files",
+        ))
+    }
 
     /// Adds the name `name` in `dir` for the existing object `handle`; returns its new attributes.
     async fn link(&self, handle: &FileHandle, dir: &FileHandle, name: &[u8]) -> StoreResult<Attr>;

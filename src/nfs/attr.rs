@@ -71,8 +71,12 @@ pub enum FileKind {
     File,
     Directory,
     Symlink,
-    /// Devices, sockets and FIFOs.
-    Other,
+    /// A named pipe.
+    Fifo,
+    /// A Unix domain socket's name.
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 impl From<ftype3> for FileKind {
@@ -81,9 +85,23 @@ impl From<ftype3> for FileKind {
             ftype3::NF3REG => FileKind::File,
             ftype3::NF3DIR => FileKind::Directory,
             ftype3::NF3LNK => FileKind::Symlink,
-            ftype3::NF3BLK | ftype3::NF3CHR | ftype3::NF3SOCK | ftype3::NF3FIFO => FileKind::Other,
+            ftype3::NF3FIFO => FileKind::Fifo,
+            ftype3::NF3SOCK => FileKind::Socket,
+            ftype3::NF3CHR => FileKind::CharDevice,
+            ftype3::NF3BLK => FileKind::BlockDevice,
         }
     }
+}
+
+/// A special file to make with MKNOD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Special {
+    Fifo,
+    Socket,
+    /// A character device: major and minor number.
+    CharDevice(u32, u32),
+    /// A block device: major and minor number.
+    BlockDevice(u32, u32),
 }
 
 /// The attributes of an object as the server reports them (NFSv3 `fattr3`).
@@ -103,6 +121,8 @@ pub struct Fattr {
     pub used: u64,
     /// The file system the object lives on, as the server numbers it.
     pub fsid: u64,
+    /// Major and minor number of a device (`specdata3`); zero for other kinds.
+    pub rdev: (u32, u32),
     pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
@@ -123,6 +143,7 @@ impl From<&fattr3> for Fattr {
             size: a.size,
             used: a.used,
             fsid: a.fsid,
+            rdev: (a.rdev.specdata1, a.rdev.specdata2),
             atime: SystemTime::from(&a.atime),
             mtime: SystemTime::from(&a.mtime),
             ctime: SystemTime::from(&a.ctime),

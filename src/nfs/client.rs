@@ -26,8 +26,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// this is how many READs or WRITEs a data path can have in flight.
 pub const DEFAULT_CONNECTIONS: usize = 8;
 /// Bounds of the deadline of calls made while the server is suspected down (a quarter of the timeout).
-const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
-const MAX_PROBE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// At most a quarter second: a system call that follows one that timed out (touch's utimensat after its
+/// open failed) must fail within the half second that the deadline promise leaves.
+const MIN_PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+const MAX_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// The most `read_file` returns: it is meant for markers and small records, not data.
 pub const SMALL_FILE_LIMIT: u64 = 1 << 20;
 /// Bytes per READ and WRITE in the small-file helpers, and the reply budget of one READDIR page.

@@ -26,7 +26,7 @@ mod pool;
 mod store;
 
 pub use attr::{
-    Attributes, CreateHow, Fattr, FileHandle, FileKind, FsInfo, FsStat, SetAttrs, SetTime,
+    Attributes, CreateHow, Fattr, FileHandle, FileKind, FsInfo, FsStat, SetAttrs, SetTime, Special,
     Stability,
 };
 pub use client::{

@@ -17,16 +17,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nfs3_client::nfs3_types::nfs3::{
-    cookieverf3, createhow3, createverf3, diropargs3, filename3, nfspath3, nfsstat3, symlinkdata3,
-    COMMIT3args, CREATE3args, FSINFO3args, FSSTAT3args, GETATTR3args, LINK3args, LOOKUP3args,
-    MKDIR3args, Nfs3Option, Nfs3Result, READ3args, READDIRPLUS3args, READLINK3args, REMOVE3args,
-    RENAME3args, RMDIR3args, SETATTR3args, SYMLINK3args, WRITE3args,
+    cookieverf3, createhow3, createverf3, devicedata3, diropargs3, fattr3, filename3, mknoddata3,
+    nfspath3, nfsstat3, specdata3, symlinkdata3, COMMIT3args, CREATE3args, FSINFO3args,
+    FSSTAT3args, GETATTR3args, LINK3args, LOOKUP3args, MKDIR3args, MKNOD3args, Nfs3Option,
+    Nfs3Result, READ3args, READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args,
+    SETATTR3args, SYMLINK3args, WRITE3args,
 };
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::RpcError;
 use tokio::time::Instant;
 
-use super::attr::{CreateHow, Fattr, FileHandle, FsInfo, FsStat, SetAttrs, SetTime, Stability};
+use super::attr::{
+    CreateHow, Fattr, FileHandle, FsInfo, FsStat, SetAttrs, SetTime, Special, Stability,
+};
 use super::client::NfsClient;
 use super::error::{describe_connect, describe_rpc, ExportPath, NfsError};
 use super::pool::{Connection, PoolFailure};
@@ -319,10 +322,17 @@ impl HandleOps {
             .await?;
         match how {
             CreateHow::Unchecked => Ok((fh, attr)),
-            CreateHow::Guarded => self.fix_attrs(fh, attr, attrs.clone()).await,
+            CreateHow::Guarded => {
+                let want = self
+                    .setgid_rule(dir, opt(ok.dir_wcc.after), attrs, false)
+                    .await?;
+                self.fix_attrs(fh, attr, want).await
+            }
             CreateHow::Exclusive(_) => {
                 // The server keeps the verifier in the times (RFC 1813, 3.3.8): replace it.
-                let mut set = attrs.clone();
+                let mut set = self
+                    .setgid_rule(dir, opt(ok.dir_wcc.after), attrs, false)
+                    .await?;
                 for time in [&mut set.atime, &mut set.mtime] {
                     if *time == SetTime::DontChange {
                         *time = SetTime::ServerTime;
@@ -357,7 +367,51 @@ impl HandleOps {
         let (fh, attr) = self
             .created(dir, name, opt(ok.obj), opt(ok.obj_attributes))
             .await?;
-        self.fix_attrs(fh, attr, attrs.clone()).await
+        let want = self
+            .setgid_rule(dir, opt(ok.dir_wcc.after), attrs, true)
+            .await?;
+        self.fix_attrs(fh, attr, want).await
+    }
+
+    /// Makes the special file `name` in `dir` (a FIFO, socket or device node) with the mode and owner in
+    /// `attrs`. Servers may refuse devices to unprivileged callers, or special files altogether
+    /// (NFS3ERR_NOTSUPP).
+    pub async fn mknod(
+        &self,
+        dir: &FileHandle,
+        name: &[u8],
+        what: Special,
+        attrs: &SetAttrs,
+    ) -> Result<(FileHandle, Fattr), NfsError> {
+        let subject = Subject::Entry(dir, name);
+        self.check_name(name, subject)?;
+        let ok = call!(self, "mknod", subject, mknod, {
+            let sattr = attrs.to_sattr3();
+            let device = |major: u32, minor: u32| devicedata3 {
+                dev_attributes: sattr.clone(),
+                spec: specdata3 {
+                    specdata1: major,
+                    specdata2: minor,
+                },
+            };
+            MKNOD3args {
+                where_: dirop(dir, name),
+                what: match what {
+                    Special::Fifo => mknoddata3::NF3FIFO(sattr.clone()),
+                    Special::Socket => mknoddata3::NF3SOCK(sattr.clone()),
+                    Special::CharDevice(major, minor) => mknoddata3::NF3CHR(device(major, minor)),
+                    Special::BlockDevice(major, minor) => mknoddata3::NF3BLK(device(major, minor)),
+                },
+            }
+        })
+        .await?;
+        let (fh, attr) = self
+            .created(dir, name, opt(ok.obj), opt(ok.obj_attributes))
+            .await?;
+        let want = self
+            .setgid_rule(dir, opt(ok.dir_wcc.after), attrs, false)
+            .await?;
+        self.fix_attrs(fh, attr, want).await
     }
 
     /// Makes the symbolic link `name` in `dir` pointing at `target`. Of `attrs`, only the owner is
@@ -388,9 +442,12 @@ impl HandleOps {
         let (fh, attr) = self
             .created(dir, name, opt(ok.obj), opt(ok.obj_attributes))
             .await?;
+        let want = self
+            .setgid_rule(dir, opt(ok.dir_wcc.after), attrs, false)
+            .await?;
         let owner = SetAttrs {
-            uid: attrs.uid,
-            gid: attrs.gid,
+            uid: want.uid,
+            gid: want.gid,
             ..SetAttrs::default()
         };
         self.fix_attrs(fh, attr, owner).await
@@ -637,7 +694,14 @@ impl HandleOps {
         Fut: Future<Output = (Connection, Result<Nfs3Result<T, E>, RpcError>)>,
     {
         let timeout = self.client.call_timeout();
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        // A call made for a FUSE request ends with the request's deadline, so a system call that needs
+        // several calls still fails within the timeout.
+        let request = crate::fuse::store::request_started().map(|t| t + self.client.timeout());
+        let deadline = request.map_or(started + timeout, |r| r.min(started + timeout));
+        // A call left with less than half its time by its request proves little about the server when it
+        // times out; one that waited longer does.
+        let telling = deadline >= started + timeout / 2;
         loop {
             // On expiry the pool's future is dropped, and with it the connection, whose stream may
             // still carry the late reply.
@@ -661,7 +725,9 @@ impl HandleOps {
                     })
                 }
                 Err(_elapsed) => {
-                    self.client.note_timeout();
+                    if telling {
+                        self.client.note_timeout();
+                    }
                     return Err(NfsError::Timeout {
                         at: self.client.at(),
                         op,
@@ -735,6 +801,35 @@ impl HandleOps {
             }
             None => self.lookup(dir, name).await,
         }
+    }
+
+    /// The attributes a new object in `dir` should have, by the rule of Linux's local filesystems (and of
+    /// kernel NFS servers): in a directory with the setgid bit, it takes the directory's group instead of
+    /// the caller's, and a new directory keeps the bit. A server with AUTH_UNIX applies the group the
+    /// call asked for, so the client enforces this. `dir_after` is the directory's attributes from the
+    /// reply; a GETATTR fetches them where the server left them out.
+    async fn setgid_rule(
+        &self,
+        dir: &FileHandle,
+        dir_after: Option<fattr3>,
+        attrs: &SetAttrs,
+        is_dir: bool,
+    ) -> Result<SetAttrs, NfsError> {
+        let (dir_mode, dir_gid) = match dir_after {
+            Some(a) => (a.mode, a.gid),
+            None => {
+                let a = self.getattr(dir).await?;
+                (a.mode, a.gid)
+            }
+        };
+        let mut want = attrs.clone();
+        if dir_mode & 0o2000 != 0 {
+            want.gid = Some(dir_gid);
+            if is_dir {
+                want.mode = want.mode.map(|m| m | 0o2000);
+            }
+        }
+        Ok(want)
     }
 
     /// Applies the mode, owner and size in `want` that a new object did not get (a server's umask, or

@@ -24,7 +24,7 @@ use crate::fuse::{
     StoreErrorKind, StoreResult,
 };
 
-use super::attr::{CreateHow, Fattr, FileHandle, SetAttrs, SetTime, Stability};
+use super::attr::{CreateHow, Fattr, FileHandle, SetAttrs, SetTime, Special, Stability};
 use super::client::NfsClient;
 use super::error::NfsError;
 use super::ops::{HandleOps, WriteVerifier};
@@ -123,7 +123,10 @@ fn attr(a: &Fattr) -> Attr {
             super::attr::FileKind::File => FileKind::File,
             super::attr::FileKind::Directory => FileKind::Directory,
             super::attr::FileKind::Symlink => FileKind::Symlink,
-            super::attr::FileKind::Other => FileKind::Other,
+            super::attr::FileKind::Fifo => FileKind::Fifo,
+            super::attr::FileKind::Socket => FileKind::Socket,
+            super::attr::FileKind::CharDevice => FileKind::CharDevice,
+            super::attr::FileKind::BlockDevice => FileKind::BlockDevice,
         },
         mode: a.mode,
         nlink: a.nlink,
@@ -135,6 +138,7 @@ fn attr(a: &Fattr) -> Attr {
         atime: a.atime,
         mtime: a.mtime,
         ctime: a.ctime,
+        rdev: a.rdev,
     }
 }
 
@@ -382,6 +386,34 @@ impl FileStore for NfsStore {
 
     async fn readlink(&self, h: &StoreHandle) -> StoreResult<Vec<u8>> {
         self.ops.readlink(&handle(h)).await.map_err(store_error)
+    }
+
+    async fn mknod(
+        &self,
+        dir: &StoreHandle,
+        name: &[u8],
+        kind: FileKind,
+        rdev: (u32, u32),
+        new: NewAttr,
+    ) -> StoreResult<(StoreHandle, Attr)> {
+        let what = match kind {
+            FileKind::Fifo => Special::Fifo,
+            FileKind::Socket => Special::Socket,
+            FileKind::CharDevice => Special::CharDevice(rdev.0, rdev.1),
+            FileKind::BlockDevice => Special::BlockDevice(rdev.0, rdev.1),
+            FileKind::File | FileKind::Directory | FileKind::Symlink => {
+                return Err(StoreError::new(
+                    StoreErrorKind::Invalid,
+                    format!("mknod cannot make a {kind:?}; it makes fifos, sockets and devices"),
+                ))
+            }
+        };
+        let (fh, a) = self
+            .ops
+            .mknod(&handle(dir), name, what, &new_attrs(new))
+            .await
+            .map_err(store_error)?;
+        Ok(entry(fh, a))
     }
 
     async fn link(&self, h: &StoreHandle, dir: &StoreHandle, name: &[u8]) -> StoreResult<Attr> {
