@@ -777,6 +777,33 @@ fn round_trip_through_moto() {
     a.unmount("mv", "c5");
 }
 
+#[test]
+fn remove_elsewhere_is_refused_while_mounted_through_moto() {
+    let moto = moto::Moto::start();
+    let (_ta, a) = host(&moto.endpoint(), "mra", 4);
+    let (_tb, b) = host(&moto.endpoint(), "mrb", 4);
+    create(&a, "mh", "32MiB");
+    let m = a.mount("mh", "x");
+    write_file(&m.join("f"), b"first");
+    a.unmount("mh", "x");
+    create(&b, "mh", "32MiB");
+    let m = a.mount("mh", "y");
+    let err = b.err("/VolumeDriver.Remove", r#"{"Name":"mh"}"#);
+    let host_id = std::fs::read_to_string(a.state.join("host-id")).unwrap();
+    assert!(
+        err.contains("still mounted on host") && err.contains(host_id.trim()),
+        "{err}\n{}",
+        moto.log()
+    );
+    write_file(&m.join("g"), b"second");
+    a.unmount("mh", "y");
+    assert_eq!(generation(&a, "mh"), Some(2));
+    b.remove("mh");
+    // Gone from EBS: a's next mount is told so, not given stale data.
+    let err = mount_err(&a, "mh", "z");
+    assert!(err.contains("snapshots were deleted"), "{err}");
+}
+
 /// `ferry checkpoint` against a daemon's admin socket.
 fn checkpoint_cli(d: &Daemon, name: &str) -> String {
     let out = std::process::Command::new(common::ferry_bin())
