@@ -432,6 +432,19 @@ fn a_deleted_local_copy_is_pulled_again_and_never_advises_removal() {
     assert_eq!(std::fs::read(m.join("kept")).unwrap(), b"shipped");
     a.unmount("d", "y");
 
+    // A damaged copy.json: the documented recovery is `ferry ebs set-aside`, then mount.
+    std::fs::write(a.state.join("ebs/d/copy.json"), b"{not json").unwrap();
+    let err = mount_err(&a, "d", "z");
+    assert!(
+        err.contains("unreadable") && err.contains("ferry ebs set-aside d"),
+        "{err}"
+    );
+    let out = operator(&a, &["ebs", "set-aside", "d"]);
+    assert!(out.contains("was moved to"), "{out}");
+    let m = a.mount("d", "z2");
+    assert_eq!(std::fs::read(m.join("kept")).unwrap(), b"shipped");
+    a.unmount("d", "z2");
+
     // Never shipped: the directory held the only copy, and the error says so without advising a Remove.
     create(&a, "n", "32MiB");
     std::fs::remove_dir_all(a.state.join("ebs/n")).unwrap();
@@ -628,6 +641,18 @@ fn simultaneous_unmounts_on_two_hosts_leave_one_generation() {
     assert_eq!(loser.get("r")["Status"]["health"], "conflict");
     let err = mount_err(&loser, "r", "again");
     assert!(err.contains("changed elsewhere"), "{err}");
+    // The documented recovery: set the copy aside (its data is there), and mount the winner's data.
+    let out = operator(&loser, &["ebs", "set-aside", "r"]);
+    assert!(out.contains("was moved to"), "{out}");
+    let m = loser.mount("r", "after");
+    let (won, lost) = if a_won {
+        ("from-a", "from-b")
+    } else {
+        ("from-b", "from-a")
+    };
+    assert!(m.join(won).is_file() && !m.join(lost).exists());
+    loser.unmount("r", "after");
+    assert_eq!(loser.get("r")["Status"]["health"], "ok");
     drop(rt);
 }
 
