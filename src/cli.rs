@@ -25,6 +25,8 @@ pub enum Command {
     Doctor,
     /// Ship a mounted volume's changes now (ebs).
     Checkpoint(String),
+    /// Move this host's copy of an ebs volume to a rescue directory (`ferry ebs set-aside`).
+    EbsSetAside(String),
 }
 
 /// How long `ferry checkpoint` waits: an upload of many changed blocks takes a while.
@@ -85,6 +87,26 @@ pub async fn run(
                             "{name}: nothing shipped (not an ebs volume, or nothing written yet)\n"
                         ),
                     }
+                },
+                exit_code: 0,
+            })
+        }
+        Command::EbsSetAside(name) => {
+            let path = format!("/v1/volumes/{}/set-aside", percent_encode(name));
+            // Waits for a checkpoint of the volume that may be running.
+            let client = AdminClient::new(config.admin_socket.clone(), CHECKPOINT_TIMEOUT);
+            let done: crate::admin::SetAside = client.post(&path).await?;
+            Ok(Outcome {
+                text: if json {
+                    to_json(&done)
+                } else {
+                    format!(
+                        "{name}: this host's copy was moved to {}\n\
+                         copy out what you need from its image (mount it read-only with `mount -o loop,ro {}/image DIR`);\n\
+                         the next mount of {name} pulls the newest snapshot from EBS\n",
+                        done.moved_to.display(),
+                        done.moved_to.display()
+                    )
                 },
                 exit_code: 0,
             })

@@ -88,6 +88,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         rolled_back = report.rolled_back,
         removed = report.removed,
         failed = report.failed,
+        deferred = report.deferred,
         "state reconciled"
     );
 

@@ -62,6 +62,11 @@ enum Command {
         #[command(flatten)]
         format: Format,
     },
+    /// Operator commands for ebs volumes.
+    Ebs {
+        #[command(subcommand)]
+        command: EbsCommand,
+    },
     /// Show the daemon's version and uptime, and whether each configured backend is reachable now.
     /// Exits with 2 when a backend is unreachable.
     Status {
@@ -85,6 +90,21 @@ enum Command {
         /// The helper's settings, as JSON.
         #[arg(long)]
         spec: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EbsCommand {
+    /// Move this host's copy of an unmounted ebs volume (one in conflict with newer data in EBS) to a
+    /// rescue directory under the ebs cache and print where; the next mount pulls the newest snapshot.
+    /// Nothing is deleted, here or in EBS.
+    SetAside {
+        /// The volume's name.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
@@ -158,6 +178,14 @@ fn main() -> ExitCode {
             format,
         } => operator(ferry::cli::Command::Checkpoint(name), target, format),
         Command::Doctor { target, format } => operator(ferry::cli::Command::Doctor, target, format),
+        Command::Ebs {
+            command:
+                EbsCommand::SetAside {
+                    name,
+                    target,
+                    format,
+                },
+        } => operator(ferry::cli::Command::EbsSetAside(name), target, format),
         Command::NfsMount { spec } => nfs_mount(&spec),
     };
     match result {

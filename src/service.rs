@@ -137,6 +137,9 @@ pub struct ReconcileReport {
     pub rolled_back: usize,
     pub removed: usize,
     pub failed: usize,
+    /// Interrupted pushes and pulls left to finish in the background after the socket opens.
+    #[serde(default)]
+    pub deferred: usize,
 }
 
 /// Holds a volume's lock; on drop, forgets the lock entry if nobody else wants it, so churn of anonymous
@@ -177,6 +180,9 @@ pub struct VolumeService {
     /// When each attached volume with a `checkpoint` interval was last checkpointed (or first seen
     /// attached).
     checkpoint_clock: Mutex<HashMap<String, std::time::Instant>>,
+    /// Volumes whose interrupted push or pull start-up is finishing in the background: Mount and Remove
+    /// of them answer "busy" instead of waiting, Get and List answer as always.
+    recovering: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A phrase of `BackendError::Lost`'s message, to tell that failure apart in `failures`.
@@ -237,9 +243,96 @@ impl VolumeService {
             unsynced: Mutex::new(std::collections::HashSet::new()),
             metrics: crate::metrics::Metrics::default(),
             checkpoint_clock: Mutex::new(HashMap::new()),
+            recovering: Mutex::new(std::collections::HashSet::new()),
         });
         let report = service.reconcile().await?;
+        service.finish_deferred();
         Ok((service, report))
+    }
+
+    /// Starts the reconciliation of every volume `reconcile` deferred, each under its volume's lock, which
+    /// is taken before this returns so no request can act on the record first.
+    fn finish_deferred(self: &Arc<Self>) {
+        let names: Vec<String> = self
+            .recovering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for name in names {
+            let mutex = {
+                let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+                locks.entry(name.clone()).or_default().clone()
+            };
+            // Nothing has run yet that could hold it; if something did, the task waits for it.
+            let held = mutex.clone().try_lock_owned().ok();
+            let svc = self.clone();
+            self.tasks.spawn(async move {
+                let _guard = match held {
+                    Some(g) => g,
+                    None => mutex.lock_owned().await,
+                };
+                svc.reconcile_deferred(&name).await;
+                svc.recovering
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+            });
+        }
+    }
+
+    /// Reconciles one deferred volume, with a fresh mount table; the caller holds its lock.
+    async fn reconcile_deferred(&self, name: &str) {
+        let Some(entry) = self.lookup(name) else {
+            return;
+        };
+        let m = self.mounter.clone();
+        let table = match tokio::task::spawn_blocking(move || m.mount_table()).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::error!(volume = name, error = %e, "cannot read the mount table to finish an interrupted operation");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(volume = name, error = %e, "cannot read the mount table to finish an interrupted operation");
+                return;
+            }
+        };
+        let mut report = ReconcileReport::default();
+        match self.reconcile_one(&entry, &table, &mut report).await {
+            Ok(()) => {
+                tracing::info!(
+                    volume = name,
+                    "finished an interrupted operation in the background"
+                )
+            }
+            Err(e) => {
+                // Shown as health until the next operation on the volume succeeds.
+                let text = e.to_string();
+                self.failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_string(), text);
+                tracing::error!(volume = name, error = %e, "reconciliation failed; the volume is left as it was")
+            }
+        }
+    }
+
+    /// "Busy" while start-up finishes an interrupted push or pull of the volume.
+    fn refuse_while_recovering(&self, name: &str) -> Result<()> {
+        if self
+            .recovering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+        {
+            return Err(ServiceError::Busy {
+                name: name.into(),
+                state: "finishing a push or pull interrupted by a restart",
+            });
+        }
+        Ok(())
     }
 
     pub fn metrics(&self) -> &crate::metrics::Metrics {
@@ -481,6 +574,42 @@ impl VolumeService {
         Ok(shipped)
     }
 
+    /// Moves this host's copy of an unmounted volume to a rescue directory (ebs), so the next Mount takes
+    /// the newest shared data; returns where the copy went. The operator's way out of a conflict.
+    pub async fn set_aside(&self, name: &str) -> Result<PathBuf> {
+        spec::validate_name(name)?;
+        self.refuse_while_recovering(name)?;
+        let _guard = self.lock_synced(name).await?;
+        let entry = self
+            .lookup(name)
+            .filter(|e| Self::visible(&e.value))
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let rec = &entry.value;
+        let mounts = rec.active_mounts();
+        if mounts > 0 {
+            return Err(ServiceError::InUse {
+                name: name.into(),
+                mounts,
+            });
+        }
+        let backend = self.backend(rec.spec.backend)?.clone();
+        // Not recorded as the volume's health: a refusal here (the wrong backend, still mounted) says
+        // nothing about the volume's storage.
+        let to = backend
+            .set_aside(name, &rec.spec)
+            .await
+            .map_err(Self::backend_error(name))?;
+        // The recorded snapshot guarded the copy just moved away; what EBS holds now is what the
+        // operator asked for, even if its history was deleted and started again elsewhere.
+        if rec.shipped.is_some() {
+            let mut next = rec.clone();
+            next.shipped = None;
+            self.store(next, Expect::Version(entry.version)).await?;
+        }
+        self.healthy(name);
+        Ok(to)
+    }
+
     /// Advances a volume's newest snapshot unless the catalog already records this one or a newer one
     /// (an Unmount that shipped after the checkpoint).
     async fn record_shipped(&self, name: &str, new: crate::catalog::Shipped) -> Result<()> {
@@ -703,6 +832,7 @@ impl VolumeService {
     /// Removes a volume and its data; refuses while any mount ID is active.
     pub async fn remove(&self, name: &str) -> Result<()> {
         spec::validate_name(name)?;
+        self.refuse_while_recovering(name)?;
         let _guard = self.lock_synced(name).await?;
         let entry = self
             .lookup(name)
@@ -739,6 +869,7 @@ impl VolumeService {
     pub async fn mount(&self, name: &str, id: &str) -> Result<PathBuf> {
         spec::validate_name(name)?;
         validate_mount_id(id)?;
+        self.refuse_while_recovering(name)?;
         let guard = self.lock_synced(name).await?;
         let entry = self
             .lookup(name)
@@ -946,6 +1077,15 @@ impl VolumeService {
     /// Health comes from what Ferry already knows (the last backend failure and the state); nothing probes
     /// storage or a server for it.
     fn health_of(&self, rec: &VolumeRecord) -> (&'static str, Option<String>) {
+        // A conflict the backend keeps durably outlives restarts and outranks the last failure, which
+        // is usually the same conflict as seen by the last operation.
+        if let Some(problem) = self
+            .backends
+            .get(&rec.spec.backend)
+            .and_then(|b| b.problem(&rec.name))
+        {
+            return ("conflict", Some(problem));
+        }
         let failure = self
             .failures
             .lock()
@@ -1096,12 +1236,41 @@ impl VolumeService {
         };
         for entry in entries {
             let name = entry.value.name.clone();
+            if self.is_slow_to_reconcile(&entry.value, &table) {
+                tracing::info!(volume = %name, state = entry.value.state.as_str(),
+                    "an interrupted push or pull finishes in the background; the volume is busy until then");
+                self.recovering
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name);
+                report.deferred += 1;
+                continue;
+            }
             if let Err(e) = self.reconcile_one(&entry, &table, &mut report).await {
                 report.failed += 1;
                 tracing::error!(volume = %name, error = %e, "reconciliation failed; the volume is left as it was");
             }
         }
         Ok(report)
+    }
+
+    /// Whether reconciling the record may push or pull over the network: an attach or detach that was
+    /// interrupted, or a lost attach to redo, on a backend that ships data.
+    fn is_slow_to_reconcile(&self, rec: &VolumeRecord, table: &crate::mount::MountTable) -> bool {
+        let Some(backend) = self.backends.get(&rec.spec.backend) else {
+            return false;
+        };
+        if !backend.ships_data() {
+            return false;
+        }
+        match rec.state {
+            VolumeState::Attaching | VolumeState::Detaching => true,
+            VolumeState::Ready => {
+                !rec.mounts.is_empty()
+                    && backend.is_attached(&rec.name, &rec.spec, table) == Some(false)
+            }
+            VolumeState::Creating | VolumeState::Removing => false,
+        }
     }
 
     async fn reconcile_one(

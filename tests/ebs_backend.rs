@@ -286,13 +286,173 @@ fn a_stale_base_is_refused_loudly_and_the_local_copy_kept() {
     // Nothing of b's was shipped, the newest snapshot is still a's, and b's data is still on b.
     assert_eq!(generation(&a, "v"), Some(2));
     let health = b.get("v")["Status"].clone();
-    assert_eq!(health["health"], "error", "{health}");
+    assert_eq!(health["health"], "conflict", "{health}");
     let err = mount_err(&b, "v", "b2");
     assert!(err.contains("changed elsewhere"), "{err}");
+    // The advice deletes nothing: no "remove" of the volume, whose Remove deletes a's snapshots.
+    assert!(
+        err.contains("ferry ebs set-aside v") && !err.contains("remove"),
+        "{err}"
+    );
     let copy: Value =
         serde_json::from_slice(&std::fs::read(b.state.join("ebs/v/copy.json")).unwrap()).unwrap();
     assert_eq!(copy["dirty"], true);
     assert_eq!(copy["generation"], 1);
+
+    // The conflict survives a restart: Status, `ferry ls` and `ferry inspect` still say so.
+    let mut b = b;
+    b.kill9();
+    restart(&mut b);
+    let status = b.get("v")["Status"].clone();
+    assert_eq!(status["health"], "conflict", "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("changed elsewhere"),
+        "{status}"
+    );
+    let ls = operator(&b, &["ls"]);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("v ") && l.contains("conflict")),
+        "{ls}"
+    );
+    let inspect = operator(&b, &["inspect", "v"]);
+    assert!(
+        inspect.contains("conflict") && inspect.contains("changed elsewhere"),
+        "{inspect}"
+    );
+
+    // The documented recovery, literally: `ferry ebs set-aside v`, copy out what is needed from the
+    // printed directory with a read-only loop mount, and mount again to take the newest data.
+    let out = operator(&b, &["ebs", "set-aside", "v"]);
+    let moved = out
+        .split("was moved to ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("no path in {out}"));
+    assert!(moved.join("image").is_file(), "{out}");
+    let look = b.dir.join("rescued");
+    std::fs::create_dir(&look).unwrap();
+    run(&["mount", "-o", "loop,ro"], &[&moved.join("image"), &look]);
+    let rescued = std::fs::read(look.join("from-b"));
+    run(&["umount"], &[&look]);
+    assert_eq!(rescued.unwrap(), b"b");
+    assert_eq!(b.get("v")["Status"]["health"], "ok");
+    let mb = b.mount("v", "b3");
+    assert_eq!(std::fs::read(mb.join("from-a")).unwrap(), b"a");
+    assert!(!mb.join("from-b").exists());
+    b.unmount("v", "b3");
+    assert_eq!(generation(&b, "v"), Some(3));
+    drop(rt);
+}
+
+/// A `ferry` operator command against a daemon's admin socket; its standard output.
+fn operator(d: &Daemon, args: &[&str]) -> String {
+    let out = std::process::Command::new(common::ferry_bin())
+        .args(args)
+        .arg("--state-dir")
+        .arg(&d.state)
+        .arg("--config")
+        .arg(d.dir.join("ferry.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a program with fixed arguments and then paths; it must succeed.
+fn run(args: &[&str], paths: &[&Path]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .args(paths)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} {paths:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_failed_mount_leaves_the_local_copy_unchanged() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let (_ta, a) = host(&ebs.endpoint(), "fa", 4);
+    let (_tb, b) = host(&ebs.endpoint(), "fb", 4);
+    create(&a, "f", "32MiB");
+    let m = a.mount("f", "x");
+    write_file(&m.join("one"), b"1");
+    a.unmount("f", "x");
+    assert_eq!(generation(&a, "f"), Some(1));
+
+    // The mount itself fails (something else sits where the mountpoint goes).
+    let mnt = a.state.join("ebs/f/mnt");
+    std::fs::remove_dir(&mnt).unwrap();
+    write_file(&mnt, b"in the way");
+    let err = mount_err(&a, "f", "y");
+    assert!(err.contains("mnt"), "{err}");
+    let copy: Value =
+        serde_json::from_slice(&std::fs::read(a.state.join("ebs/f/copy.json")).unwrap()).unwrap();
+    assert_eq!(copy["dirty"], false, "{copy}");
+    std::fs::remove_file(&mnt).unwrap();
+
+    // Another host ships the next generation; this host's untouched copy just takes it.
+    create(&b, "f", "32MiB");
+    let mb = b.mount("f", "z");
+    write_file(&mb.join("two"), b"2");
+    b.unmount("f", "z");
+    let m = a.mount("f", "y2");
+    assert_eq!(std::fs::read(m.join("two")).unwrap(), b"2");
+    a.unmount("f", "y2");
+    assert_eq!(a.get("f")["Status"]["health"], "ok");
+    drop(rt);
+}
+
+#[test]
+fn a_deleted_local_copy_is_pulled_again_and_never_advises_removal() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let (_t, a) = host(&ebs.endpoint(), "del", 4);
+    create(&a, "d", "32MiB");
+    let m = a.mount("d", "x");
+    write_file(&m.join("kept"), b"shipped");
+    a.unmount("d", "x");
+    // Deleting the volume's directory under STATE_DIR/ebs (as the troubleshooting guide allows for a
+    // copy with nothing unshipped) makes the next Mount pull the newest snapshot.
+    std::fs::remove_dir_all(a.state.join("ebs/d")).unwrap();
+    let m = a.mount("d", "y");
+    assert_eq!(std::fs::read(m.join("kept")).unwrap(), b"shipped");
+    a.unmount("d", "y");
+
+    // A damaged copy.json: the documented recovery is `ferry ebs set-aside`, then mount.
+    std::fs::write(a.state.join("ebs/d/copy.json"), b"{not json").unwrap();
+    let err = mount_err(&a, "d", "z");
+    assert!(
+        err.contains("unreadable") && err.contains("ferry ebs set-aside d"),
+        "{err}"
+    );
+    let out = operator(&a, &["ebs", "set-aside", "d"]);
+    assert!(out.contains("was moved to"), "{out}");
+    let m = a.mount("d", "z2");
+    assert_eq!(std::fs::read(m.join("kept")).unwrap(), b"shipped");
+    a.unmount("d", "z2");
+
+    // Never shipped: the directory held the only copy, and the error says so without advising a Remove.
+    create(&a, "n", "32MiB");
+    std::fs::remove_dir_all(a.state.join("ebs/n")).unwrap();
+    let err = mount_err(&a, "n", "y");
+    assert!(
+        err.contains("missing") && err.contains("backup") && !err.contains("remove"),
+        "{err}"
+    );
     drop(rt);
 }
 
@@ -334,14 +494,43 @@ fn a_crash_during_push_or_pull_is_finished_after_restart() {
     );
     assert!(err.contains("still being written"), "{err}");
 
-    // Restart: reconciliation finishes the interrupted unmount, shipping everything.
+    // Restart with slow calls: the socket opens at once while the interrupted unmount finishes in the
+    // background. Get answers within 1 s before the push is done, and Mount of the volume says busy.
+    ebs.faults().latency_ms.store(150, Ordering::Relaxed);
     restart(&mut a);
+    let asked = Instant::now();
+    let status = a.get("c")["Status"].clone();
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(status["generation"], Value::Null, "{status}");
+    let err = mount_err(&a, "c", "early");
+    assert!(
+        err.contains("finishing a push or pull interrupted by a restart"),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while generation(&a, "c").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the push never finished: {}",
+            a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ebs.faults().latency_ms.store(0, Ordering::Relaxed);
     assert_eq!(generation(&a, "c"), Some(1), "{}", a.log_text());
     assert!(
         a.log_text().contains("interrupted push"),
         "{}",
         a.log_text()
     );
+    // Done: Mount works again (the record may still be settling for a moment after the generation).
+    let ma = mount_when_ready(&a, "c", "late");
+    assert_eq!(std::fs::read(ma.join("data")).unwrap(), data);
+    a.unmount("c", "late");
 
     create(&b, "c", "256MiB");
     ebs.faults().latency_ms.store(40, Ordering::Relaxed);
@@ -366,11 +555,175 @@ fn a_crash_during_push_or_pull_is_finished_after_restart() {
         !image(&b, "c").exists(),
         "a half-pulled image must never look like a local copy"
     );
+    // The interrupted mount is settled in the background too; then the volume mounts.
     restart(&mut b);
-    let mb = b.mount("c", "y2");
+    let mb = mount_when_ready(&b, "c", "y2");
     assert_eq!(std::fs::read(mb.join("data")).unwrap(), data);
     b.unmount("c", "y2");
     drop(rt);
+}
+
+/// The completed snapshots the emulator holds for one generation of one volume.
+fn snapshots_of(ebs: &StrictEbs, volume: &str, generation: u64) -> Vec<String> {
+    ebs.snapshot_ids()
+        .into_iter()
+        .filter(|id| {
+            let tags = ebs.tags(id);
+            let has = |k: &str, v: &str| tags.iter().any(|(tk, tv)| tk == k && tv == v);
+            ebs.is_completed(id)
+                && has("ferry:volume", volume)
+                && has("ferry:generation", &generation.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn simultaneous_unmounts_on_two_hosts_leave_one_generation() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let (_ta, a) = host(&ebs.endpoint(), "ra", 4);
+    let (_tb, b) = host(&ebs.endpoint(), "rb", 4);
+    create(&a, "r", "32MiB");
+    let m = a.mount("r", "x");
+    write_file(&m.join("base"), b"base");
+    a.unmount("r", "x");
+    create(&b, "r", "32MiB");
+    let ma = a.mount("r", "a1");
+    let mb = b.mount("r", "b1");
+    write_file(&ma.join("from-a"), &pattern(11, 2 * 1024 * 1024));
+    write_file(&mb.join("from-b"), &pattern(12, 2 * 1024 * 1024));
+
+    // Every call takes 200 ms, so both pushes read the same newest generation before either starts its
+    // snapshot: both ship generation 2 at once.
+    ebs.faults().latency_ms.store(200, Ordering::Relaxed);
+    let unmount = |d: &Daemon, id: &'static str| {
+        let socket = d.socket.clone();
+        std::thread::spawn(move || {
+            common::raw_call(
+                &socket,
+                "POST",
+                "/VolumeDriver.Unmount",
+                format!(r#"{{"Name":"r","ID":"{id}"}}"#).as_bytes(),
+            )
+        })
+    };
+    let (ua, ub) = (unmount(&a, "a1"), unmount(&b, "b1"));
+    let (ra, rb) = (ua.join().unwrap(), ub.join().unwrap());
+    ebs.faults().latency_ms.store(0, Ordering::Relaxed);
+
+    // Exactly one generation 2 survives; the other host reports the race and keeps its data.
+    let survivors = snapshots_of(&ebs, "r", 2);
+    assert_eq!(survivors.len(), 1, "{survivors:?} {ra:?} {rb:?}");
+    let a_won = ra.0 == 200;
+    let (winner, loser, lost) = if a_won { (&a, &b, rb) } else { (&b, &a, ra) };
+    assert_eq!(lost.0, 500, "{lost:?}");
+    assert!(
+        lost.1.contains("at the same moment") && lost.1.contains("ferry ebs set-aside r"),
+        "{lost:?}"
+    );
+    assert_eq!(generation(winner, "r"), Some(2));
+    assert_eq!(
+        winner.get("r")["Status"]["snapshot"].as_str(),
+        Some(survivors[0].as_str())
+    );
+    let copy: Value =
+        serde_json::from_slice(&std::fs::read(loser.state.join("ebs/r/copy.json")).unwrap())
+            .unwrap();
+    assert_eq!(copy["dirty"], true, "{copy}");
+    assert_eq!(copy["generation"], 1, "{copy}");
+    assert!(loser.state.join("ebs/r/image").is_file());
+    assert_eq!(loser.get("r")["Status"]["health"], "conflict");
+
+    // The conflict is durable: after a restart the loser still says so, and refuses to mount its copy.
+    let mut loser = if a_won { b } else { a };
+    loser.kill9();
+    restart(&mut loser);
+    assert_eq!(loser.get("r")["Status"]["health"], "conflict");
+    let err = mount_err(&loser, "r", "again");
+    assert!(err.contains("changed elsewhere"), "{err}");
+    // The documented recovery: set the copy aside (its data is there), and mount the winner's data.
+    let out = operator(&loser, &["ebs", "set-aside", "r"]);
+    assert!(out.contains("was moved to"), "{out}");
+    let m = loser.mount("r", "after");
+    let (won, lost) = if a_won {
+        ("from-a", "from-b")
+    } else {
+        ("from-b", "from-a")
+    };
+    assert!(m.join(won).is_file() && !m.join(lost).exists());
+    loser.unmount("r", "after");
+    assert_eq!(loser.get("r")["Status"]["health"], "ok");
+    drop(rt);
+}
+
+#[test]
+fn remove_on_another_host_is_refused_while_the_volume_is_mounted() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let (_ta, a) = host(&ebs.endpoint(), "ma", 4);
+    let (_tb, b) = host(&ebs.endpoint(), "mb", 4);
+    create(&a, "held", "32MiB");
+    let m = a.mount("held", "x");
+    write_file(&m.join("f"), b"first");
+    a.unmount("held", "x");
+    create(&b, "held", "32MiB");
+
+    // a mounts it again: its newest snapshot carries a's "mounted" tag, and b's Remove is refused.
+    let m = a.mount("held", "y");
+    let first = a.get("held")["Status"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tag = ebs
+        .tags(&first)
+        .into_iter()
+        .find(|(k, _)| k == "ferry:mounted")
+        .map(|(_, v)| v);
+    let host_id = std::fs::read_to_string(a.state.join("host-id")).unwrap();
+    assert!(
+        tag.as_deref().is_some_and(|t| t.contains(host_id.trim())),
+        "{tag:?}"
+    );
+    let err = b.err("/VolumeDriver.Remove", r#"{"Name":"held"}"#);
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert!(
+        err.contains("still mounted on host")
+            && err.contains(hostname.trim())
+            && err.contains(host_id.trim())
+            && err.contains("unmount it there first"),
+        "{err}"
+    );
+    assert!(ebs.is_completed(&first), "nothing may be deleted");
+    assert_eq!(ebs.counters().deleted.load(Ordering::Relaxed), 0);
+    assert_eq!(b.get("held")["Status"]["state"], "ready");
+
+    // Once a unmounts (shipping generation 2), the tag is gone and b's Remove goes ahead.
+    write_file(&m.join("g"), b"second");
+    a.unmount("held", "y");
+    assert!(!ebs.tags(&first).iter().any(|(k, _)| k == "ferry:mounted"));
+    b.remove("held");
+    assert!(snapshots_of(&ebs, "held", 1).is_empty() && snapshots_of(&ebs, "held", 2).is_empty());
+    drop(rt);
+}
+
+/// Mounts once the volume is no longer busy finishing an interrupted operation; any other error fails.
+fn mount_when_ready(d: &Daemon, name: &str, id: &str) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = d.call(
+            "/VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
+        );
+        if code == 200 {
+            return PathBuf::from(body["Mountpoint"].as_str().unwrap());
+        }
+        let err = body["Err"].as_str().unwrap_or_default();
+        assert!(
+            err.contains("interrupted by a restart") && Instant::now() < deadline,
+            "{body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -438,6 +791,41 @@ fn round_trip_through_moto() {
     b.unmount("mv", "c3");
     b.remove("mv");
     let err = a.err("/VolumeDriver.Mount", r#"{"Name":"mv","ID":"c4"}"#);
+    assert!(err.contains("snapshots were deleted"), "{err}");
+    // The documented way out deletes nothing: set this host's copy aside, and mount what EBS holds now
+    // (nothing: a new, empty filesystem).
+    assert!(err.contains("ferry ebs set-aside mv"), "{err}");
+    let out = operator(&a, &["ebs", "set-aside", "mv"]);
+    assert!(out.contains("was moved to"), "{out}");
+    let m = a.mount("mv", "c5");
+    assert!(!m.join("one").exists());
+    a.unmount("mv", "c5");
+}
+
+#[test]
+fn remove_elsewhere_is_refused_while_mounted_through_moto() {
+    let moto = moto::Moto::start();
+    let (_ta, a) = host(&moto.endpoint(), "mra", 4);
+    let (_tb, b) = host(&moto.endpoint(), "mrb", 4);
+    create(&a, "mh", "32MiB");
+    let m = a.mount("mh", "x");
+    write_file(&m.join("f"), b"first");
+    a.unmount("mh", "x");
+    create(&b, "mh", "32MiB");
+    let m = a.mount("mh", "y");
+    let err = b.err("/VolumeDriver.Remove", r#"{"Name":"mh"}"#);
+    let host_id = std::fs::read_to_string(a.state.join("host-id")).unwrap();
+    assert!(
+        err.contains("still mounted on host") && err.contains(host_id.trim()),
+        "{err}\n{}",
+        moto.log()
+    );
+    write_file(&m.join("g"), b"second");
+    a.unmount("mh", "y");
+    assert_eq!(generation(&a, "mh"), Some(2));
+    b.remove("mh");
+    // Gone from EBS: a's next mount is told so, not given stale data.
+    let err = mount_err(&a, "mh", "z");
     assert!(err.contains("snapshots were deleted"), "{err}");
 }
 

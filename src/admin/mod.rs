@@ -1,6 +1,7 @@
 //! The operator's admin socket: a small read-only JSON API over HTTP on a root-only Unix socket, served by
 //! `ferry serve` beside Docker's socket, and the client the `ferry ls|inspect|status|doctor` commands use.
-//! It exposes what `VolumeService` knows; it never changes a volume, so Docker stays the only writer.
+//! It exposes what `VolumeService` knows and changes no volume's record, so Docker stays the only writer of
+//! the catalog; its two actions are a checkpoint and setting an ebs copy aside, which touch only data.
 
 pub mod client;
 pub mod server;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::service::{BackendReport, ReconcileReport};
 
 pub use client::{AdminClient, ClientError};
-pub use server::{serve, AdminContext};
+pub use server::{serve, AdminContext, SetAside};
 
 /// The daemon as `ferry status` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,4 +1,5 @@
-//! The admin socket's server: `GET /v1/volumes`, `GET /v1/volumes/NAME` and `GET /v1/status`. The socket
+//! The admin socket's server: `GET /v1/volumes`, `GET /v1/volumes/NAME` and `GET /v1/status`, and two
+//! actions: `POST /v1/volumes/NAME/checkpoint` and `POST /v1/volumes/NAME/set-aside`. The socket
 //! is mode 0600 and every connection's peer must be root or the daemon's own user, so a permissive umask or
 //! a bind mount cannot open it to others.
 
@@ -76,8 +77,46 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
     }
 }
 
+/// What `POST /v1/volumes/NAME/set-aside` answers.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct SetAside {
+    pub volume: String,
+    /// Where this host's copy of the volume now is.
+    pub moved_to: PathBuf,
+}
+
 async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    // The one action: shipping a mounted volume's changes now. Everything else only reads.
+    // The operator's way out of an ebs conflict: move this host's copy aside.
+    if let Some(name) = path
+        .strip_prefix("/v1/volumes/")
+        .and_then(|rest| rest.strip_suffix("/set-aside"))
+    {
+        if method != Method::POST {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}; use POST"),
+            );
+        }
+        let Some(name) = percent_decode(name) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the volume name in the path is not valid percent-encoded UTF-8".into(),
+            );
+        };
+        return match ctx.service.set_aside(&name).await {
+            Ok(moved_to) => json(
+                StatusCode::OK,
+                &SetAside {
+                    volume: name,
+                    moved_to,
+                },
+            ),
+            Err(e @ ServiceError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+            Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+    }
+    // Shipping a mounted volume's changes now. Everything else only reads.
     if let Some(name) = path
         .strip_prefix("/v1/volumes/")
         .and_then(|rest| rest.strip_suffix("/checkpoint"))
@@ -104,7 +143,7 @@ async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Ful
     if method != Method::GET {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed: the admin API only reads, except POST /v1/volumes/NAME/checkpoint"),
+            format!("{method} is not allowed: the admin API only reads, except POST /v1/volumes/NAME/checkpoint and /v1/volumes/NAME/set-aside"),
         );
     }
     match path {
@@ -125,7 +164,7 @@ async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Ful
             },
             None => error(
                 StatusCode::NOT_FOUND,
-                format!("{path} is not part of the admin API (/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/status)"),
+                format!("{path} is not part of the admin API (/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/set-aside, /v1/status)"),
             ),
         },
     }

@@ -53,6 +53,11 @@ pub enum BackendError {
     NoSuchSubdir { subdir: String, reason: String },
     #[error("cannot serve volume {volume} through FUSE: {reason}")]
     Helper { volume: String, reason: String },
+    #[error("{op} applies only to ebs volumes, and this one uses the {backend} backend")]
+    Unsupported {
+        op: &'static str,
+        backend: BackendKind,
+    },
     #[error("the attached storage was lost while {mounts} container mount(s) used it (for nfs: its FUSE helper exited); those containers get I/O errors until restarted, and the next mount attaches the volume again")]
     Lost { mounts: u64 },
 }
@@ -73,6 +78,7 @@ impl BackendError {
             BackendError::NoSuchSubdir { .. } => "no_such_subdir",
             BackendError::Helper { .. } => "helper",
             BackendError::Lost { .. } => "lost",
+            BackendError::Unsupported { .. } => "unsupported",
         }
     }
 
@@ -192,6 +198,24 @@ pub trait Backend: Send + Sync {
     /// Data moved to and from remote storage since start, for backends that ship data.
     fn transfers(&self) -> Option<TransferTotals> {
         None
+    }
+    /// A lasting problem of this host's copy of the volume that only an operator resolves (an ebs copy in
+    /// conflict with newer data), durable across restarts and answered from memory; shown as health.
+    fn problem(&self, _name: &str) -> Option<String> {
+        None
+    }
+    /// Moves this host's copy of the volume to a rescue directory, so the next attach takes the shared
+    /// data (ebs); returns where the copy went. The volume must not be attached.
+    async fn set_aside(&self, _name: &str, _spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
+        Err(BackendError::Unsupported {
+            op: "set-aside",
+            backend: self.kind(),
+        })
+    }
+    /// Whether attach and detach may move data over a network for long (ebs pulls and pushes): start-up
+    /// then finishes an interrupted one in the background instead of keeping the socket closed.
+    fn ships_data(&self) -> bool {
+        false
     }
 }
 

@@ -157,6 +157,14 @@ impl StrictEbs {
         state.snapshots.get(snapshot).is_some_and(|s| s.completed)
     }
 
+    /// Every snapshot id the emulator holds (deleted parents with children included, their tags cleared).
+    pub fn snapshot_ids(&self) -> Vec<String> {
+        let state = self.inner.state.lock().unwrap();
+        let mut ids: Vec<String> = state.snapshots.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
     pub fn tags(&self, snapshot: &str) -> Vec<(String, String)> {
         let state = self.inner.state.lock().unwrap();
         state
@@ -437,8 +445,8 @@ impl Inner {
         reply(StatusCode::CREATED, described)
     }
 
-    /// The two EC2 query-API calls Ferry makes: DescribeSnapshots (by id, or by tag filters) and
-    /// DeleteSnapshot. EC2 answers in XML.
+    /// The EC2 query-API calls Ferry makes: DescribeSnapshots (by id, or by tag filters), DeleteSnapshot,
+    /// and CreateTags/DeleteTags on snapshots. EC2 answers in XML.
     async fn ec2(&self, req: Request<Incoming>) -> Reply {
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
@@ -554,6 +562,61 @@ impl Inner {
                     "<DeleteSnapshotResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">\
                      <requestId>strict</requestId><return>true</return></DeleteSnapshotResponse>",
                 )
+            }
+            Some(action @ ("CreateTags" | "DeleteTags")) => {
+                let ids: Vec<String> = form
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("ResourceId."))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                // Tag.N.Key with an optional Tag.N.Value (required for CreateTags, as EC2 takes a
+                // missing value as empty; for DeleteTags a value deletes the tag only if it matches).
+                let mut given: Vec<(String, Option<String>)> = Vec::new();
+                for n in 1.. {
+                    let Some(key) = get(&format!("Tag.{n}.Key")) else {
+                        break;
+                    };
+                    given.push((key, get(&format!("Tag.{n}.Value"))));
+                }
+                if ids.is_empty() || (action == "CreateTags" && given.is_empty()) {
+                    return ec2_error(
+                        StatusCode::BAD_REQUEST,
+                        "MissingParameter",
+                        "ResourceId.N and Tag.N.Key are required",
+                    );
+                }
+                let mut state = self.state.lock().unwrap();
+                for id in &ids {
+                    if !state.snapshots.contains_key(id) {
+                        return ec2_error(
+                            StatusCode::BAD_REQUEST,
+                            "InvalidSnapshot.NotFound",
+                            &format!("The snapshot '{id}' does not exist."),
+                        );
+                    }
+                }
+                for id in &ids {
+                    let Some(snap) = state.snapshots.get_mut(id) else {
+                        continue;
+                    };
+                    for (key, value) in &given {
+                        if action == "CreateTags" {
+                            let value = value.clone().unwrap_or_default();
+                            match snap.tags.iter_mut().find(|(k, _)| k == key) {
+                                Some(t) => t.1 = value,
+                                None => snap.tags.push((key.clone(), value)),
+                            }
+                        } else {
+                            snap.tags.retain(|(k, v)| {
+                                k != key || value.as_ref().is_some_and(|w| w != v)
+                            });
+                        }
+                    }
+                }
+                ec2_reply(&format!(
+                    "<{action}Response xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">\
+                     <requestId>strict</requestId><return>true</return></{action}Response>"
+                ))
             }
             other => ec2_error(
                 StatusCode::BAD_REQUEST,

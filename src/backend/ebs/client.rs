@@ -35,6 +35,9 @@ pub mod tags {
     /// The volume's options (size, fs, uid, gid, mode, checkpoint) as canonical JSON, so a Create on
     /// another host can adopt the volume or refuse contradicting options.
     pub const OPTIONS: &str = "ferry:options";
+    /// "EPOCH_SECS HOST_ID HOSTNAME" of the host that has the volume mounted, on its newest snapshot;
+    /// refreshed while mounted and deleted at unmount, so a Remove elsewhere can tell the volume is in use.
+    pub const MOUNTED: &str = "ferry:mounted";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,12 +79,20 @@ pub enum EbsError {
     },
     #[error("volume {volume}: {reason}")]
     Invalid { volume: String, reason: String },
-    #[error("volume {volume} was changed elsewhere: EBS holds generation {newest} (snapshot {snapshot}) but this host's copy is based on generation {base}. Its local changes were kept in {image}, not shipped; copy out what you need, then remove the local copy to take the newest data")]
+    #[error("volume {volume} was changed elsewhere: EBS holds generation {newest} (snapshot {snapshot}) but this host's copy is based on generation {base}. Its local changes were kept in {image}, not shipped; run `ferry ebs set-aside {volume}` to move this copy to a rescue directory (it prints where, so you can copy out what you need) and take the newest data at the next mount")]
     Diverged {
         volume: String,
         newest: u64,
         snapshot: String,
         base: u64,
+        image: String,
+    },
+    #[error("volume {volume}: {winner} shipped generation {generation} at the same moment as this host; by the tie rule (the smaller snapshot id wins) it was kept and this host's snapshot deleted. This host's changes were not shipped and are kept in {image}; run `ferry ebs set-aside {volume}` to move them to a rescue directory (it prints where) and take the newest data at the next mount")]
+    Raced {
+        volume: String,
+        generation: u64,
+        /// "host H (snapshot S)".
+        winner: String,
         image: String,
     },
     #[error("volume {volume}: snapshot {snapshot} of generation {generation} is still being written (by host {host}); retry once it completes")]
@@ -118,6 +129,7 @@ impl EbsError {
             EbsError::Checksum { .. } => "ebs_checksum",
             EbsError::Invalid { .. } => "ebs_invalid",
             EbsError::Diverged { .. } => "ebs_diverged",
+            EbsError::Raced { .. } => "ebs_raced",
             EbsError::Pending { .. } => "ebs_pending",
             EbsError::Contradicts { .. } => "ebs_contradicts",
             EbsError::Io { .. } => "io",
@@ -182,7 +194,7 @@ fn words_for(code: &str, message: &str) -> (String, &'static str) {
         | "UnrecognizedClientException" | "InvalidClientTokenId" | "ExpiredToken"
         | "ExpiredTokenException" | "SignatureDoesNotMatch" => (
             "AWS refused the credentials; check the AWS credential chain (environment, profile, \
-             instance role) and that it allows ebs:*Snapshot* and ec2:DescribeSnapshots/DeleteSnapshot"
+             instance role) and that it allows ebs:*Snapshot* and ec2:DescribeSnapshots/DeleteSnapshot/CreateTags/DeleteTags"
                 .to_string(),
             "ebs_denied",
         ),
@@ -226,6 +238,8 @@ pub struct SnapshotInfo {
     pub host: String,
     /// The `ferry:options` tag, parsed; empty if absent or unreadable.
     pub options: BTreeMap<String, String>,
+    /// The `ferry:mounted` tag, as it is.
+    pub mounted: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -615,6 +629,7 @@ impl SnapshotClient {
                         options: tag(tags::OPTIONS)
                             .and_then(|o| serde_json::from_str(&o).ok())
                             .unwrap_or_default(),
+                        mounted: tag(tags::MOUNTED),
                     },
                 ));
             }
@@ -644,6 +659,50 @@ impl SnapshotClient {
             Some(SnapshotState::Pending) => SnapState::Pending,
             _ => SnapState::Failed,
         }))
+    }
+
+    /// Sets one tag on a snapshot (EC2 CreateTags overwrites the value of an existing key).
+    pub async fn set_tag(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), EbsError> {
+        self.ec2
+            .create_tags()
+            .resources(snapshot)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key(key)
+                    .value(value)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.fail("CreateTags", volume, e))?;
+        Ok(())
+    }
+
+    /// Deletes one tag from a snapshot whatever its value; a snapshot or tag already gone is fine.
+    pub async fn delete_tag(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        key: &str,
+    ) -> Result<(), EbsError> {
+        match self
+            .ec2
+            .delete_tags()
+            .resources(snapshot)
+            .tags(aws_sdk_ec2::types::Tag::builder().key(key).build())
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => Ok(()),
+            Err(e) => Err(self.fail("DeleteTags", volume, e)),
+        }
     }
 
     /// Deletes a snapshot; one that is already gone is fine.

@@ -41,6 +41,14 @@ pub const DEFAULT_CONCURRENCY: usize = 16;
 pub const DEFAULT_NAMESPACE: &str = "ferry";
 /// How long a push waits for EBS to report a sealed snapshot completed.
 const SEAL_WAIT: Duration = Duration::from_secs(60);
+/// How often a mounted volume's `ferry:mounted` tag is refreshed.
+const MOUNTED_REFRESH: Duration = Duration::from_secs(30);
+/// A `ferry:mounted` tag older than this no longer counts: its host stopped (crashed, or lost AWS).
+/// Four refreshes, so one or two failed CreateTags calls never make a mounted volume look idle.
+pub const MOUNTED_STALE: Duration = Duration::from_secs(120);
+/// Where `set-aside` moves local copies, under the cache directory. Volume names start with a letter or
+/// digit, so no volume's directory can be this one.
+const RESCUE_DIR: &str = ".rescue";
 
 /// The `[ebs]` section, validated.
 #[derive(Clone, Debug)]
@@ -78,6 +86,10 @@ struct LocalCopy {
     /// deleted, because EBS may still be processing it.
     #[serde(default)]
     sealed: bool,
+    /// Why this copy cannot be shipped or mounted (changes on an old base, a lost race for a generation),
+    /// kept until the copy is set aside or ships; shown as the volume's health after any restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conflict: Option<String>,
 }
 
 struct Paths {
@@ -102,6 +114,13 @@ struct Inner {
     /// One per volume: a checkpoint runs outside the service's volume lock (its upload may be long), so
     /// attach, detach and checkpoint of one volume take this to never ship from the same base twice.
     ship_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The `conflict` of every local copy, loaded at start and kept in step with `copy.json`, so Status
+    /// answers from memory.
+    conflicts: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Volumes mounted here -> the snapshot that carries this host's `ferry:mounted` tag, if any.
+    mounted: std::sync::Mutex<std::collections::HashMap<String, Option<String>>>,
+    /// For the `ferry:mounted` tag: host ids are unambiguous, hostnames are what people recognise.
+    hostname: String,
 }
 
 fn ebs_err(e: EbsError) -> BackendError {
@@ -146,19 +165,72 @@ impl EbsBackend {
             endpoint_url: settings.endpoint_url.clone(),
         })
         .await;
-        Ok(EbsBackend {
-            inner: Arc::new(Inner {
-                settings,
-                root,
-                mount_root,
-                mounter,
-                client,
-                host_id,
-                transfers: Arc::new(Transfers::default()),
-                ship_locks: Default::default(),
-            }),
-        })
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let inner = Arc::new(Inner {
+            settings,
+            root,
+            mount_root,
+            mounter,
+            client,
+            host_id,
+            transfers: Arc::new(Transfers::default()),
+            ship_locks: Default::default(),
+            conflicts: Default::default(),
+            mounted: Default::default(),
+            hostname: if hostname.is_empty() {
+                "unknown".into()
+            } else {
+                hostname
+            },
+        });
+        inner.load_conflicts();
+        tokio::spawn(refresh_mounted_tags(Arc::downgrade(&inner)));
+        Ok(EbsBackend { inner })
     }
+}
+
+/// Refreshes the `ferry:mounted` tag of every volume mounted here until the backend is dropped.
+async fn refresh_mounted_tags(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(MOUNTED_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let names: Vec<String> = inner
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for name in names {
+            inner.tag_mounted(&name).await;
+        }
+    }
+}
+
+/// The value of a `ferry:mounted` tag: when, and which host (by id and by name).
+fn mounted_tag(host_id: &str, hostname: &str, at: u64) -> String {
+    format!("{at} {host_id} {hostname}")
+}
+
+/// (written at, host id, hostname) of a `ferry:mounted` tag; `None` if it is not one Ferry wrote.
+fn parse_mounted_tag(value: &str) -> Option<(u64, &str, &str)> {
+    let mut parts = value.splitn(3, ' ');
+    let at = parts.next()?.parse().ok()?;
+    let id = parts.next().filter(|s| !s.is_empty())?;
+    Some((at, id, parts.next().unwrap_or("")))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Inner {
@@ -169,6 +241,188 @@ impl Inner {
             .entry(name.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Reads the `conflict` of every local copy into memory.
+    fn load_conflicts(&self) {
+        let Ok(dirs) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        let mut found = self.conflicts.lock().unwrap_or_else(|p| p.into_inner());
+        for dir in dirs.flatten() {
+            let name = dir.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if let Ok(LocalCopy {
+                conflict: Some(c), ..
+            }) = self.load_copy(&name)
+            {
+                found.insert(name, c);
+            }
+        }
+    }
+
+    /// Records durably (and in memory) why this copy cannot ship, and returns the error that says so.
+    fn conflict(&self, name: &str, copy: &mut LocalCopy, err: EbsError) -> BackendError {
+        let text = err.to_string();
+        copy.conflict = Some(text.clone());
+        if let Err(e) = self.save_copy(name, copy) {
+            tracing::error!(volume = name, error = %e, "cannot record the conflict in the local copy's record");
+        }
+        self.conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), text);
+        ebs_err(err)
+    }
+
+    /// Forgets a conflict once the copy mounted or shipped from the newest base.
+    fn settled(&self, name: &str, copy: &mut LocalCopy) {
+        copy.conflict = None;
+        self.conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    /// Tags the snapshot the local copy is based on as mounted here (and untags the one tagged before,
+    /// after a checkpoint moved the base). Failures are logged: the tag only informs other hosts' Remove.
+    async fn tag_mounted(&self, name: &str) {
+        let Ok(copy) = self.load_copy(name) else {
+            return;
+        };
+        let before = match self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            Some(b) => b.clone(),
+            None => return,
+        };
+        if let Some(snap) = &copy.snapshot {
+            let value = mounted_tag(&self.host_id, &self.hostname, now_secs());
+            if let Err(e) = self
+                .client
+                .set_tag(name, snap, client::tags::MOUNTED, &value)
+                .await
+            {
+                tracing::warn!(volume = name, error = %e, "cannot refresh the mounted tag");
+                return;
+            }
+        }
+        if before.is_some() && before != copy.snapshot {
+            if let Some(old) = &before {
+                if let Err(e) = self
+                    .client
+                    .delete_tag(name, old, client::tags::MOUNTED)
+                    .await
+                {
+                    tracing::warn!(volume = name, error = %e, "cannot clear an old mounted tag");
+                }
+            }
+        }
+        if let Some(entry) = self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(name)
+        {
+            *entry = copy.snapshot.clone();
+        }
+    }
+
+    /// Starts tagging the volume as mounted here.
+    async fn start_mounted(&self, name: &str) {
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_insert(None);
+        self.tag_mounted(name).await;
+    }
+
+    /// Stops tagging the volume and clears its tag.
+    async fn stop_mounted(&self, name: &str) {
+        let tagged = self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .flatten();
+        if let Some(snap) = tagged {
+            if let Err(e) = self
+                .client
+                .delete_tag(name, &snap, client::tags::MOUNTED)
+                .await
+            {
+                tracing::warn!(volume = name, error = %e, "cannot clear the mounted tag; it goes stale by itself");
+            }
+        }
+    }
+
+    /// A fresh `ferry:mounted` tag of another host on any of the volume's snapshots, as the error that
+    /// refuses a Remove.
+    fn mounted_elsewhere(&self, snapshots: &[(String, SnapshotInfo)]) -> Option<BackendError> {
+        let now = now_secs();
+        snapshots
+            .iter()
+            .filter_map(|(_, s)| parse_mounted_tag(s.mounted.as_deref()?))
+            .filter(|(_, id, _)| *id != self.host_id)
+            .filter(|(at, _, _)| now.saturating_sub(*at) < MOUNTED_STALE.as_secs())
+            .max_by_key(|(at, _, _)| *at)
+            .map(|(at, id, hostname)| BackendError::MountedElsewhere {
+                host: format!("{hostname} [ferry host id {id}]"),
+                age_secs: now.saturating_sub(at),
+                stale_secs: MOUNTED_STALE.as_secs(),
+            })
+    }
+
+    /// Moves the local copy to the rescue directory and leaves an empty one, so the next mount pulls the
+    /// newest snapshot. Returns where the copy went.
+    fn set_aside(&self, name: &str) -> Result<PathBuf, BackendError> {
+        let p = self.paths(name);
+        let target = self.exposed(name);
+        if self.mounter.mount_table()?.is_mounted(&target) {
+            return Err(BackendError::StillMounted { path: target });
+        }
+        if !p.dir.is_dir() {
+            return Err(ebs_err(EbsError::Invalid {
+                volume: name.into(),
+                reason: format!(
+                    "there is no local copy at {} to set aside; the next mount pulls the newest snapshot",
+                    p.dir.display()
+                ),
+            }));
+        }
+        let rescue = self.root.join(RESCUE_DIR);
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&rescue)
+            .map_err(BackendError::io("create", &rescue))?;
+        let stamp = now_secs();
+        let mut to = rescue.join(format!("{name}.{stamp}"));
+        let mut n = 1;
+        while to.exists() {
+            to = rescue.join(format!("{name}.{stamp}.{n}"));
+            n += 1;
+        }
+        std::fs::rename(&p.dir, &to).map_err(BackendError::io("move aside", &p.dir))?;
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&p.dir)
+            .map_err(BackendError::io("create", &p.dir))?;
+        std::fs::File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(BackendError::io("sync", &self.root))?;
+        self.conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        tracing::warn!(volume = name, to = %to.display(), "the local copy was set aside; the next mount pulls the newest snapshot");
+        Ok(to)
     }
 
     fn paths(&self, name: &str) -> Paths {
@@ -195,7 +449,8 @@ impl Inner {
                 ebs_err(EbsError::Invalid {
                     volume: name.into(),
                     reason: format!(
-                        "{} is unreadable ({e}); remove the volume's local copy directory to pull it again",
+                        "{} is unreadable ({e}); run `ferry ebs set-aside {name}` to move the local copy \
+                         aside (it prints where) and pull the newest snapshot at the next mount",
                         path.display()
                     ),
                 })
@@ -242,27 +497,19 @@ impl Inner {
             .into_iter()
             .map(|(_, s)| s)
             .collect();
-        let newest = list
+        // Two completed snapshots of one generation are two hosts' pushes racing: the one with the smaller
+        // id wins (see `ship::resolve_twin`), and its loser deletes itself; until then, read the winner.
+        let top = list
             .iter()
             .filter(|s| s.state == SnapState::Completed)
-            .max_by_key(|s| s.generation)
+            .map(|s| s.generation)
+            .max();
+        let newest = list
+            .iter()
+            .filter(|s| s.state == SnapState::Completed && Some(s.generation) == top)
+            .min_by(|a, b| a.id.cmp(&b.id))
             .cloned();
-        let top = newest.as_ref().map_or(0, |n| n.generation);
-        if let Some(n) = &newest {
-            if let Some(twin) = list
-                .iter()
-                .find(|s| s.state == SnapState::Completed && s.generation == top && s.id != n.id)
-            {
-                return Err(ebs_err(EbsError::Invalid {
-                    volume: name.into(),
-                    reason: format!(
-                        "snapshots {} and {} both claim generation {top}: two hosts shipped it at once. \
-                         Delete the one whose data you do not want (aws ec2 delete-snapshot) and retry",
-                        n.id, twin.id
-                    ),
-                }));
-            }
-        }
+        let top = top.unwrap_or(0);
         if let Some(p) = list.iter().find(|s| {
             s.state == SnapState::Pending
                 && s.generation > top
@@ -306,6 +553,10 @@ impl Inner {
         };
         match (state, found) {
             (Some(SnapState::Completed), Some(s)) => {
+                copy.pending = None;
+                copy.sealed = false;
+                // It may have raced another host's push of the same generation, like any push.
+                ship::resolve_twin(self, name, copy, &id, s.generation).await?;
                 tracing::warn!(volume = name, snapshot = %id, generation = s.generation,
                     "a push interrupted after its snapshot completed is taken as shipped");
                 copy.snapshot = Some(id);
@@ -347,7 +598,24 @@ impl Inner {
         let p = self.paths(name);
         let target = self.exposed(name);
         if !p.dir.is_dir() {
-            return Err(BackendError::Missing { path: p.dir });
+            // The local copy is a cache of what EBS holds: gone (deleted by hand), it is pulled again.
+            // Gone with nothing ever shipped, the data lived only there and nothing can bring it back.
+            let (_, newest) = self.history(name, None).await?;
+            if newest.is_none() {
+                return Err(ebs_err(EbsError::Invalid {
+                    volume: name.into(),
+                    reason: format!(
+                        "the local copy {} is missing and EBS holds no snapshot of this volume: it was never \
+                         shipped, so its data existed only there; restore that directory from a backup",
+                        p.dir.display()
+                    ),
+                }));
+            }
+            tracing::warn!(volume = name, dir = %p.dir.display(), "the local copy is missing; pulling the newest snapshot");
+            DirBuilder::new()
+                .mode(0o700)
+                .create(&p.dir)
+                .map_err(BackendError::io("create", &p.dir))?;
         }
         let mut copy = self.load_copy(name)?;
         let from_copy = |c: &LocalCopy| {
@@ -359,6 +627,7 @@ impl Inner {
         // A mount left by an earlier run is adopted: the image is in use, and two mounts of one image
         // would corrupt it.
         if self.mounter.mount_table()?.is_mounted(&target) {
+            self.start_mounted(name).await;
             return Ok(Attached {
                 path: target,
                 shipped: from_copy(&copy).or_else(|| shipped.cloned()),
@@ -373,7 +642,8 @@ impl Inner {
                     volume: name.into(),
                     reason: format!(
                         "this host's catalog records generation {} (snapshot {}) but EBS holds only up to \
-                         generation {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry)",
+                         generation {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
+                         Run `ferry ebs set-aside {name}` to move this host's copy aside (it prints where) and take what EBS holds now",
                         s.generation, s.snapshot
                     ),
                 }));
@@ -395,23 +665,25 @@ impl Inner {
             false
         } else if have_image && copy.dirty && copy.generation <= newest_gen {
             let n = newest.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-            return Err(ebs_err(EbsError::Diverged {
+            let err = EbsError::Diverged {
                 volume: name.into(),
                 newest: newest_gen,
                 snapshot: n,
                 base: copy.generation,
                 image: p.image.display().to_string(),
-            }));
+            };
+            return Err(self.conflict(name, &mut copy, err));
         } else if have_image && copy.generation > newest_gen {
-            return Err(ebs_err(EbsError::Invalid {
+            let err = EbsError::Invalid {
                 volume: name.into(),
                 reason: format!(
                     "the local copy is based on generation {} but EBS holds only up to generation \
-                     {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry). Move {} away to start from EBS's data",
+                     {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
+                     Run `ferry ebs set-aside {name}` to move this copy aside (it prints where) and start from EBS's data",
                     copy.generation,
-                    p.dir.display()
                 ),
-            }));
+            };
+            return Err(self.conflict(name, &mut copy, err));
         } else if let Some(n) = &newest {
             let chain = ship::chain(name, &list, n)?;
             let map = ship::pull(self, name, spec, &chain, &p).await?;
@@ -447,6 +719,9 @@ impl Inner {
             copy = LocalCopy::default();
             true
         };
+        // Dirty before the mount, so a crash while mounted never hides changes; a mount that fails
+        // changed nothing, and puts the flag back.
+        let was_dirty = copy.dirty;
         copy.dirty = true;
         self.save_copy(name, &copy)?;
         let (_, fs) = sized(spec)?;
@@ -456,7 +731,7 @@ impl Inner {
             self.mounter.clone(),
             spec.clone(),
         );
-        blocking(move || {
+        let mounted = blocking(move || {
             DirBuilder::new()
                 .recursive(true)
                 .mode(0o755)
@@ -471,7 +746,19 @@ impl Inner {
             }
             Ok(())
         })
-        .await?;
+        .await;
+        if let Err(e) = mounted {
+            copy.dirty = was_dirty;
+            if let Err(s) = self.save_copy(name, &copy) {
+                tracing::error!(volume = name, error = %s, "cannot clear the changed flag after a failed mount");
+            }
+            return Err(e);
+        }
+        if copy.conflict.is_some() {
+            self.settled(name, &mut copy);
+            self.save_copy(name, &copy)?;
+        }
+        self.start_mounted(name).await;
         Ok(Attached {
             path: target,
             shipped: from_copy(&copy).or_else(|| shipped.cloned()),
@@ -497,6 +784,7 @@ impl Inner {
             Ok(())
         })
         .await?;
+        self.stop_mounted(name).await;
         if !self.paths(name).dir.is_dir() {
             return Ok(shipped.cloned());
         }
@@ -563,6 +851,7 @@ impl Inner {
         let blocks = p.blocks.clone();
         blocking(move || now.save(&blocks).map_err(internal)).await?;
         copy.dirty = false;
+        self.settled(name, copy);
         self.save_copy(name, copy)
     }
 
@@ -657,22 +946,25 @@ impl Inner {
         if newest_gen != copy.generation || newest.as_ref().map(|n| &n.id) != copy.snapshot.as_ref()
         {
             if newest_gen < copy.generation {
-                return Err(ebs_err(EbsError::Invalid {
+                let err = EbsError::Invalid {
                     volume: name.into(),
                     reason: format!(
                         "the local copy is based on generation {} but EBS holds only up to generation \
-                         {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry); nothing was shipped",
+                         {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry); \
+                         nothing was shipped. Run `ferry ebs set-aside {name}` to move this copy aside (it prints where)",
                         copy.generation
                     ),
-                }));
+                };
+                return Err(self.conflict(name, copy, err));
             }
-            return Err(ebs_err(EbsError::Diverged {
+            let err = EbsError::Diverged {
                 volume: name.into(),
                 newest: newest_gen,
                 snapshot: newest.map(|n| n.id).unwrap_or_default(),
                 base: copy.generation,
                 image: p.image.display().to_string(),
-            }));
+            };
+            return Err(self.conflict(name, copy, err));
         }
         Ok(())
     }
@@ -720,6 +1012,14 @@ impl Inner {
             }
         }
         let dir = self.paths(name).dir;
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -788,6 +1088,11 @@ impl Backend for EbsBackend {
             .find(&inner.settings.namespace, Some(name))
             .await
             .map_err(ebs_err)?;
+        // Without a shared catalog, the tag is how this host learns that another one still uses the data
+        // it is about to delete.
+        if let Some(e) = inner.mounted_elsewhere(&snapshots) {
+            return Err(e);
+        }
         // Unmount first: snapshots are deleted only once nothing here can ship more of them.
         let (i, n) = (inner.clone(), name.to_string());
         blocking(move || {
@@ -877,6 +1182,27 @@ impl Backend for EbsBackend {
         Ok(m)
     }
 
+    fn problem(&self, name: &str) -> Option<String> {
+        self.inner
+            .conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    async fn set_aside(&self, name: &str, _spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
+        // Under the ship lock: no checkpoint may be reading the image being moved.
+        let lock = self.inner.ship_lock(name);
+        let _shipping = lock.lock().await;
+        let (inner, n) = (self.inner.clone(), name.to_string());
+        blocking(move || inner.set_aside(&n)).await
+    }
+
+    fn ships_data(&self) -> bool {
+        true
+    }
+
     fn transfers(&self) -> Option<TransferTotals> {
         let t = &self.inner.transfers;
         Some(TransferTotals {
@@ -885,5 +1211,30 @@ impl Backend for EbsBackend {
             blocks_pulled: t.blocks_pulled.load(Ordering::Relaxed),
             bytes_pulled: t.bytes_pulled.load(Ordering::Relaxed),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounted_tags_round_trip_and_refuse_garbage() {
+        let tag = mounted_tag("0123abcd", "node 1", 1_700_000_000);
+        assert_eq!(
+            parse_mounted_tag(&tag),
+            Some((1_700_000_000, "0123abcd", "node 1"))
+        );
+        assert_eq!(parse_mounted_tag("soon 0123abcd node"), None);
+        assert_eq!(parse_mounted_tag("12"), None);
+        assert_eq!(parse_mounted_tag(""), None);
+    }
+
+    #[test]
+    fn a_copy_record_without_a_conflict_reads_as_before() {
+        let old = r#"{"snapshot":"snap-1","generation":3,"dirty":false,"pending":null}"#;
+        let copy: LocalCopy = serde_json::from_str(old).unwrap();
+        assert_eq!(copy.conflict, None);
+        assert!(!serde_json::to_string(&copy).unwrap().contains("conflict"));
     }
 }

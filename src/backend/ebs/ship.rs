@@ -357,6 +357,7 @@ pub(super) async fn push(
             }
         }
     }
+    resolve_twin(inner, name, copy, &id, generation).await?;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         volume = name,
@@ -367,6 +368,59 @@ pub(super) async fn push(
         "shipped a snapshot"
     );
     Ok(id)
+}
+
+/// Settles a race for one generation between hosts that share no catalog: two pushes may start from the
+/// same base at once, and both complete. The snapshot with the lexically smaller id wins; every host applies
+/// the same rule to the same listing, so exactly one survives. The loser deletes its own snapshot and keeps
+/// its data locally as a recorded conflict. A smaller rival still pending is waited for (up to `SEAL_WAIT`),
+/// since it may complete; one that never does makes this push lose, which keeps data, never two histories.
+pub(super) async fn resolve_twin(
+    inner: &Inner,
+    name: &str,
+    copy: &mut LocalCopy,
+    id: &str,
+    generation: u64,
+) -> Result<(), BackendError> {
+    let deadline = Instant::now() + super::SEAL_WAIT;
+    loop {
+        let list = inner
+            .client
+            .find(&inner.settings.namespace, Some(name))
+            .await
+            .map_err(ebs_err)?;
+        let rival = list
+            .into_iter()
+            .map(|(_, s)| s)
+            .filter(|s| {
+                s.generation == generation && s.state != SnapState::Failed && s.id.as_str() < id
+            })
+            .min_by(|a, b| a.id.cmp(&b.id));
+        let Some(rival) = rival else {
+            return Ok(());
+        };
+        if rival.state == SnapState::Pending && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        }
+        tracing::warn!(volume = name, ours = id, theirs = %rival.id, generation,
+            "another host shipped the same generation at once and won; deleting this host's snapshot");
+        inner.client.delete(name, id).await.map_err(ebs_err)?;
+        copy.pending = None;
+        copy.sealed = false;
+        let host = if rival.host.is_empty() {
+            "unknown"
+        } else {
+            rival.host.as_str()
+        };
+        let err = EbsError::Raced {
+            volume: name.into(),
+            generation,
+            winner: format!("host {host} (snapshot {})", rival.id),
+            image: inner.paths(name).image.display().to_string(),
+        };
+        return Err(inner.conflict(name, copy, err));
+    }
 }
 
 /// A token unique to this attempt (StartSnapshot treats a repeated token as a retry of the same start).
@@ -392,6 +446,7 @@ mod tests {
             parent: parent.map(str::to_string),
             host: "h".into(),
             options: Default::default(),
+            mounted: None,
         }
     }
 
