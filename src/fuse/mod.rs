@@ -6,7 +6,7 @@
 //! store does not give: keeping an unlinked-but-open file alive, committing writes on close, and paging
 //! directories with cookies, and write-behind (`write_behind`): a WRITE is acknowledged once its data is
 //! copied and the store write started, with a bounded amount in flight per file, as the kernel NFS client
-//! does. Everything about where the data lives is in the store (`store` defines the contract, `memory` is the
+//! does. Advisory locks are `locks`' business. Everything about where the data lives is in the store (`store` defines the contract, `memory` is the
 //! in-memory double). It must not retry, cache data beyond the writes in flight or enforce deadlines: the
 //! store owns its deadline, and the kernel owns the page cache and permission checks (`default_permissions`).
 //!
@@ -14,6 +14,7 @@
 //! a store call, so a request stuck on an unreachable server never delays the others.
 
 mod inode;
+pub mod locks;
 pub mod memory;
 pub mod store;
 mod write_behind;
@@ -100,6 +101,8 @@ pub struct MountOptions {
     pub fsname: String,
     /// Shown as the type `fuse.SUBTYPE` in the mount table.
     pub subtype: String,
+    /// What `fcntl` locks on the mount do; by default they fail with ENOLCK.
+    pub locks: locks::Locking,
 }
 
 impl Default for MountOptions {
@@ -109,6 +112,7 @@ impl Default for MountOptions {
             allow_other: false,
             fsname: "ferry".into(),
             subtype: "ferry".into(),
+            locks: locks::Locking::Refuse,
         }
     }
 }
@@ -212,7 +216,8 @@ pub async fn mount(
         return Err(FuseError::NoDevice);
     }
     let root = store.root().await.map_err(FuseError::Root)?;
-    let fs = FerryFs::new(store, root, opts.attr_ttl);
+    let mut fs = FerryFs::new(store, root, opts.attr_ttl);
+    fs.locks = locks::Locks::new(opts.locks.clone());
     let writes = Arc::clone(&fs.writes);
     let mut options = fuse3::MountOptions::default();
     options
@@ -279,6 +284,8 @@ struct FerryFs {
     /// Writes acknowledged to the kernel and still on their way to the store. Every request that reads or
     /// replaces an inode's data or size, or reports its attributes, settles them first.
     writes: Arc<WriteBehind>,
+    /// Advisory locks: where they go, who may hold some, which waits an interrupt cancels.
+    locks: locks::Locks,
 }
 
 type FuseResult<T> = fuse3::Result<T>;
@@ -390,7 +397,25 @@ impl FerryFs {
             dirs: Mutex::new(std::collections::HashMap::new()),
             hidden_serial: AtomicU64::new(0),
             writes: Arc::new(WriteBehind::default()),
+            locks: locks::Locks::default(),
         }
+    }
+
+    /// FLUSH's data part: waits for the writes in flight and commits what they wrote.
+    async fn flush_data(&self, inode: u64) -> FuseResult<()> {
+        let fs = self;
+        if let Some(e) = fs.writes.settle_and_take_error(inode).await {
+            return Err(e.errno().into());
+        }
+        if !fs.inodes.take_dirty(inode) {
+            return Ok(());
+        }
+        let handle = fs.handle(inode)?;
+        if let Err(e) = fs.store.commit(&handle).await {
+            fs.inodes.mark_dirty(inode);
+            return Err(fail("commit", e));
+        }
+        Ok(())
     }
 
     fn handle(&self, inode: u64) -> FuseResult<FileHandle> {
@@ -644,6 +669,10 @@ impl Filesystem for FerryFs {
         reply.max_background = Some(64);
         reply.congestion_threshold = Some(48);
         Ok(reply)
+    }
+
+    async fn ready(&self, notify: fuse3::notify::Notify) {
+        self.locks.set_notify(notify);
     }
 
     async fn destroy(&self, _req: Request) {
@@ -1011,10 +1040,14 @@ impl Filesystem for FerryFs {
         inode: u64,
         _fh: u64,
         _flags: u32,
-        _lock_owner: u64,
+        lock_owner: u64,
         _flush: bool,
     ) -> FuseResult<()> {
         let fs = self;
+        // A flock-style owner (the open file) is released with the file; POSIX owners at flush.
+        if let Some(handle) = fs.inodes.handle(inode) {
+            fs.locks.release_owner(inode, &handle, lock_owner).await;
+        }
         fs.writes.settle(inode).await;
         let hidden = fs.inodes.release(inode);
         if !fs.inodes.is_open(inode) {
@@ -1041,21 +1074,75 @@ impl Filesystem for FerryFs {
         Ok(())
     }
 
-    async fn flush(&self, _req: Request, inode: u64, _fh: u64, _lock_owner: u64) -> FuseResult<()> {
+    async fn flush(&self, _req: Request, inode: u64, _fh: u64, lock_owner: u64) -> FuseResult<()> {
         // Close-to-open consistency, as NFS clients do: data written through this file is committed by
         // close(2), and a failure is reported there.
         let fs = self;
-        if let Some(e) = fs.writes.settle_and_take_error(inode).await {
-            return Err(e.errno().into());
+        // POSIX: any close of a file drops the closing process's locks on it. After the data: a lock
+        // protects what was written under it until the next holder can read it.
+        let result = fs.flush_data(inode).await;
+        if let Some(handle) = fs.inodes.handle(inode) {
+            fs.locks.release_owner(inode, &handle, lock_owner).await;
         }
-        if !fs.inodes.take_dirty(inode) {
-            return Ok(());
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn getlk(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: u64,
+        lock_owner: u64,
+        start: u64,
+        end: u64,
+        r#type: u32,
+        pid: u32,
+    ) -> FuseResult<fuse3::raw::reply::ReplyLock> {
+        let handle = self.handle(inode)?;
+        self.locks
+            .getlk(&handle, lock_owner, start, end, r#type, pid)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn setlk(
+        &self,
+        req: Request,
+        inode: u64,
+        _fh: u64,
+        lock_owner: u64,
+        start: u64,
+        end: u64,
+        r#type: u32,
+        pid: u32,
+        block: bool,
+    ) -> FuseResult<()> {
+        let handle = self.handle(inode)?;
+        let unlock = r#type as i32 == libc::F_UNLCK;
+        if unlock {
+            // What was written under the lock reaches the server before another host can take it.
+            if let Err(e) = self.flush_data(inode).await {
+                tracing::warn!(
+                    inode,
+                    errno = -i32::from(e),
+                    "cannot commit a file's writes before unlocking it"
+                );
+            }
         }
-        let handle = fs.handle(inode)?;
-        if let Err(e) = fs.store.commit(&handle).await {
-            fs.inodes.mark_dirty(inode);
-            return Err(fail("commit", e));
+        self.locks
+            .setlk(
+                inode, &handle, req.unique, lock_owner, start, end, r#type, pid, block,
+            )
+            .await?;
+        if !unlock {
+            self.locks.invalidate(inode).await;
         }
+        Ok(())
+    }
+
+    async fn interrupt(&self, _req: Request, unique: u64) -> FuseResult<()> {
+        self.locks.interrupt(unique);
         Ok(())
     }
 
