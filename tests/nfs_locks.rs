@@ -330,3 +330,43 @@ fn without_a_lock_manager_locks_fail_with_enolck_unless_local_is_chosen() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_signal_interrupts_a_blocked_lock() {
+    let Some(g) = ganesha() else { return };
+    let a = Host::start(&g, "a", "");
+    let b = Host::start(&g, "b", "");
+    let fa = a.open("f");
+    setlk(&fa, libc::F_WRLCK, 0, 0, false).unwrap();
+    // Another process on host b waits for the lock; SIGALRM after 1 s interrupts the wait (Python's handler
+    // is installed without SA_RESTART, and raising in it ends the call).
+    let mut waiter = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import fcntl, signal, sys\n\
+             def alarm(*_):\n    raise TimeoutError\n\
+             signal.signal(signal.SIGALRM, alarm)\n\
+             f = open(sys.argv[1], 'r+')\n\
+             signal.alarm(1)\n\
+             try:\n    fcntl.lockf(f, fcntl.LOCK_EX)\n    print('granted')\n\
+             except TimeoutError:\n    print('interrupted')\n",
+        )
+        .arg(b.path("f"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while waiter.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = waiter.kill();
+            panic!("the blocked lock was not interrupted within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = waiter.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "interrupted");
+    // The interrupted request left nothing behind: once a lets go, b locks at once.
+    drop(fa);
+    let fb = b.open("f");
+    setlk(&fb, libc::F_WRLCK, 0, 0, false).unwrap();
+}

@@ -319,11 +319,14 @@ impl Locks {
     }
 
     /// After a lock is granted: what this host cached of the file may predate another host's writes made
-    /// under the lock just released there, so the kernel drops its pages and attributes (as NFS clients
-    /// revalidate on locking). Sent before the grant is answered, so no read under the lock sees old data.
+    /// under the lock just released there (NFS clients revalidate on locking too). Only the attributes are
+    /// dropped, before the grant is answered: the next read then asks the server for them, and the kernel
+    /// drops the cached pages itself when the change time or size moved (FUSE_AUTO_INVAL_DATA). Dropping
+    /// pages from here could deadlock: the kernel waits for a page that a read holds locked, and that read's
+    /// reply waits for fuse3's writer, which the notification holds.
     pub(crate) async fn invalidate(&self, inode: u64) {
         if let Some(n) = self.notify.get() {
-            n.clone().invalid_inode(inode, 0, 0).await;
+            n.clone().invalid_inode(inode, -1, 0).await;
         }
     }
 
