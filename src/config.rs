@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::backend::ebs::EbsSettings;
-use crate::backend::nfs::{DataPath, NfsSettings};
+use crate::backend::nfs::{DataPath, LockMode, NfsSettings};
 use crate::spec::{
     canonical_export, parse_size, AllowedServer, BackendKind, EbsDefaults, FsType, NfsDefaults,
     SpecDefaults, MAX_SIZE, MIN_SIZE,
@@ -107,6 +107,8 @@ struct NfsSection {
     timeout: Option<String>,
     attr_cache: Option<String>,
     connections: Option<usize>,
+    locks: Option<String>,
+    nlm_port: Option<u16>,
 }
 
 /// Blocks in flight per push or pull unless `[ebs] concurrency` says otherwise.
@@ -410,7 +412,14 @@ fn nfs_settings(n: NfsSection, path: &Path) -> Result<NfsSettings, ConfigError> 
             "expected 1 to 64",
         ));
     }
+    let locks = match n.locks {
+        None => LockMode::Nlm,
+        Some(l) => LockMode::parse(l.trim())
+            .ok_or_else(|| bad("nfs.locks", l.clone(), "valid values are: nlm, local"))?,
+    };
     Ok(NfsSettings {
+        locks,
+        nlm_port: n.nlm_port,
         server,
         export,
         nfs_port: n.nfs_port,
@@ -594,6 +603,21 @@ pub const REFERENCE: &[ConfigKey] = &[
         meaning: "connections to the server per FUSE mount (and for control operations): requests in flight \
                   at once; 1 to 64",
         example: "8",
+    },
+    ConfigKey {
+        key: "nfs.locks",
+        default: "`nlm`",
+        meaning: "where `fcntl` locks on FUSE mounts are kept: `nlm` takes them on the server's lock manager \
+                  (NLM 4), so they hold across hosts, and fails them with ENOLCK if the server has none; \
+                  `local` keeps them on this host only, where they do not protect data from other hosts \
+                  (docs/nfs.md, \"Locks\")",
+        example: "\"nlm\"",
+    },
+    ConfigKey {
+        key: "nfs.nlm_port",
+        default: "none (ask the portmapper)",
+        meaning: "the TCP port of the server's lock manager (NLM 4)",
+        example: "4045",
     },
     ConfigKey {
         key: "ebs.region",
@@ -901,6 +925,11 @@ mod tests {
                 "nfs.timeout" => code(&humantime::format_duration(nfs.timeout).to_string()),
                 "nfs.attr_cache" => code(&humantime::format_duration(nfs.attr_cache).to_string()),
                 "nfs.connections" => code(&nfs.connections.to_string()),
+                "nfs.locks" => code(nfs.locks.as_str()),
+                "nfs.nlm_port" => {
+                    assert_eq!(nfs.nlm_port, None);
+                    "none (ask the portmapper)".into()
+                }
                 "ebs.region" => {
                     assert!(c.ebs.is_none());
                     "`AWS_REGION` (required with `[ebs]`)".into()

@@ -7,8 +7,9 @@
 //! directories with cookies, and write-behind (`write_behind`): a WRITE is acknowledged once its data is
 //! copied and the store write started, with a bounded amount in flight per file, as the kernel NFS client
 //! does; close-to-open consistency (an open asks the store for the file's attributes and makes the kernel
-//! drop what it cached of a file changed since its last open here). Everything about where the data lives is
-//! in the store (`store` defines the contract, `memory` is the in-memory double). It must not retry, cache
+//! drop what it cached of a file changed since its last open here). Advisory locks are `locks`' business.
+//! Everything about where the data lives is in the store (`store` defines the contract, `memory` is the
+//! in-memory double). It must not retry, cache
 //! data beyond the writes in flight or enforce deadlines: the store owns its deadline (each request runs in
 //! `store::as_request`, which tells the store when the system call began), and the kernel owns the page
 //! cache and permission checks (`default_permissions`).
@@ -17,6 +18,7 @@
 //! a store call, so a request stuck on an unreachable server never delays the others.
 
 mod inode;
+pub mod locks;
 pub mod memory;
 pub mod store;
 mod write_behind;
@@ -106,6 +108,8 @@ pub struct MountOptions {
     pub fsname: String,
     /// Shown as the type `fuse.SUBTYPE` in the mount table.
     pub subtype: String,
+    /// What `fcntl` locks on the mount do; by default they fail with ENOLCK.
+    pub locks: locks::Locking,
 }
 
 impl Default for MountOptions {
@@ -115,6 +119,7 @@ impl Default for MountOptions {
             allow_other: false,
             fsname: "ferry".into(),
             subtype: "ferry".into(),
+            locks: locks::Locking::Refuse,
         }
     }
 }
@@ -218,7 +223,8 @@ pub async fn mount(
         return Err(FuseError::NoDevice);
     }
     let root = store.root().await.map_err(FuseError::Root)?;
-    let fs = FerryFs::new(store, root, opts.attr_ttl);
+    let mut fs = FerryFs::new(store, root, opts.attr_ttl);
+    fs.locks = locks::Locks::new(opts.locks.clone());
     let writes = Arc::clone(&fs.writes);
     let mut options = fuse3::MountOptions::default();
     options
@@ -287,6 +293,8 @@ struct FerryFs {
     writes: Arc<WriteBehind>,
     /// The session's channel for telling the kernel to drop cached attributes; set when the session starts.
     notify: std::sync::OnceLock<fuse3::notify::Notify>,
+    /// Advisory locks: where they go, who may hold some, which waits an interrupt cancels.
+    locks: locks::Locks,
 }
 
 type FuseResult<T> = fuse3::Result<T>;
@@ -408,7 +416,25 @@ impl FerryFs {
             hidden_serial: AtomicU64::new(0),
             writes: Arc::new(WriteBehind::default()),
             notify: std::sync::OnceLock::new(),
+            locks: locks::Locks::default(),
         }
+    }
+
+    /// FLUSH's data part: waits for the writes in flight and commits what they wrote.
+    async fn flush_data(&self, inode: u64) -> FuseResult<()> {
+        let fs = self;
+        if let Some(e) = fs.writes.settle_and_take_error(inode).await {
+            return Err(e.errno().into());
+        }
+        if !fs.inodes.take_dirty(inode) {
+            return Ok(());
+        }
+        let handle = fs.handle(inode)?;
+        if let Err(e) = fs.store.commit(&handle).await {
+            fs.inodes.mark_dirty(inode);
+            return Err(fail("commit", e));
+        }
+        Ok(())
     }
 
     fn handle(&self, inode: u64) -> FuseResult<FileHandle> {
@@ -724,7 +750,8 @@ impl Filesystem for FerryFs {
     }
 
     async fn ready(&self, notify: fuse3::notify::Notify) {
-        let _ = self.notify.set(notify);
+        let _ = self.notify.set(notify.clone());
+        self.locks.set_notify(notify);
     }
 
     async fn destroy(&self, _req: Request) {
@@ -1167,11 +1194,15 @@ impl Filesystem for FerryFs {
         inode: u64,
         _fh: u64,
         _flags: u32,
-        _lock_owner: u64,
+        lock_owner: u64,
         _flush: bool,
     ) -> FuseResult<()> {
         request(async {
             let fs = self;
+            // A flock-style owner (the open file) is released with the file; POSIX owners at flush.
+            if let Some(handle) = fs.inodes.handle(inode) {
+                fs.locks.release_owner(inode, &handle, lock_owner).await;
+            }
             fs.writes.settle(inode).await;
             let hidden = fs.inodes.release(inode);
             if !fs.inodes.is_open(inode) {
@@ -1203,25 +1234,79 @@ impl Filesystem for FerryFs {
         .await
     }
 
-    async fn flush(&self, _req: Request, inode: u64, _fh: u64, _lock_owner: u64) -> FuseResult<()> {
+    async fn flush(&self, _req: Request, inode: u64, _fh: u64, lock_owner: u64) -> FuseResult<()> {
         request(async {
             // Close-to-open consistency, as NFS clients do: data written through this file is committed by
             // close(2), and a failure is reported there.
             let fs = self;
-            if let Some(e) = fs.writes.settle_and_take_error(inode).await {
-                return Err(e.errno().into());
+            // POSIX: any close of a file drops the closing process's locks on it. After the data: a lock
+            // protects what was written under it until the next holder can read it.
+            let result = fs.flush_data(inode).await;
+            if let Some(handle) = fs.inodes.handle(inode) {
+                fs.locks.release_owner(inode, &handle, lock_owner).await;
             }
-            if !fs.inodes.take_dirty(inode) {
-                return Ok(());
-            }
-            let handle = fs.handle(inode)?;
-            if let Err(e) = fs.store.commit(&handle).await {
-                fs.inodes.mark_dirty(inode);
-                return Err(fail("commit", e));
-            }
-            Ok(())
+            result
         })
         .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn getlk(
+        &self,
+        _req: Request,
+        inode: u64,
+        _fh: u64,
+        lock_owner: u64,
+        start: u64,
+        end: u64,
+        r#type: u32,
+        pid: u32,
+    ) -> FuseResult<fuse3::raw::reply::ReplyLock> {
+        let handle = self.handle(inode)?;
+        self.locks
+            .getlk(&handle, lock_owner, start, end, r#type, pid)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn setlk(
+        &self,
+        req: Request,
+        inode: u64,
+        _fh: u64,
+        lock_owner: u64,
+        start: u64,
+        end: u64,
+        r#type: u32,
+        pid: u32,
+        block: bool,
+    ) -> FuseResult<()> {
+        let handle = self.handle(inode)?;
+        let unlock = r#type as i32 == libc::F_UNLCK;
+        if unlock {
+            // What was written under the lock reaches the server before another host can take it.
+            if let Err(e) = self.flush_data(inode).await {
+                tracing::warn!(
+                    inode,
+                    errno = -i32::from(e),
+                    "cannot commit a file's writes before unlocking it"
+                );
+            }
+        }
+        self.locks
+            .setlk(
+                inode, &handle, req.unique, lock_owner, start, end, r#type, pid, block,
+            )
+            .await?;
+        if !unlock {
+            self.locks.invalidate(inode).await;
+        }
+        Ok(())
+    }
+
+    async fn interrupt(&self, _req: Request, unique: u64) -> FuseResult<()> {
+        self.locks.interrupt(unique);
+        Ok(())
     }
 
     async fn opendir(&self, _req: Request, inode: u64, _flags: u32) -> FuseResult<ReplyOpen> {

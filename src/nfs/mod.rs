@@ -10,6 +10,9 @@
 //! - `attr`: file handles, attributes and the other Rust-side types, and their wire forms.
 //! - `ops`: `HandleOps`, the NFSv3 procedures on file handles, for a data path such as FUSE.
 //! - `store`: `NfsStore`, the FUSE adapter's `FileStore` over `HandleOps`, rooted at a volume's directory.
+//! - `nlm`: `NlmClient`, NFSv3's lock protocol (NLM 4) over ONC RPC.
+//! - `locks`: `NfsLocks`, the FUSE adapter's lock store on the server's lock manager, and the clean-up
+//!   after a helper that died holding locks.
 //! - `connector`: the TCP transport, which turns a closed connection into an error (a client defect).
 //! - `pool`: the connections.
 //! - `client`: `NfsClient` and its operations.
@@ -20,6 +23,8 @@ mod attr;
 mod client;
 mod connector;
 mod error;
+mod locks;
+mod nlm;
 mod ops;
 mod path;
 mod pool;
@@ -38,6 +43,8 @@ pub use error::{
     describe_auth, describe_connect, describe_io, describe_mount_status, describe_rpc,
     describe_status, status_errno, Endpoint, ExportPath, NfsError,
 };
+pub use locks::{release_journal, NfsLocks};
+pub use nlm::{NlmClient, NlmConfig, NlmError, NlmHolder, NlmLock};
 pub use ops::{DirEntryPlus, DirPagePlus, HandleOps, WriteVerifier, Written};
 pub use path::MAX_NAME_LEN;
 pub use store::NfsStore;

@@ -24,6 +24,8 @@ pub struct Ganesha {
     pub dir: tempfile::TempDir,
     pub nfs_port: u16,
     pub mount_port: u16,
+    /// The lock manager's (NLM 4) TCP port; None for a server started without one.
+    pub nlm_port: Option<u16>,
 }
 
 fn script() -> PathBuf {
@@ -34,22 +36,34 @@ fn installed(cmd: &str) -> bool {
     std::env::split_paths(SYSTEM_PATH).any(|p| p.join(cmd).is_file())
 }
 
-/// Two ports that were free a moment ago (the script refuses ports in use, and the caller retries).
-fn free_ports() -> (u16, u16) {
+/// Three ports that were free a moment ago (the script refuses ports in use, and the caller retries).
+fn free_ports() -> (u16, u16, u16) {
     let a = TcpListener::bind("127.0.0.1:0").unwrap();
     let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpListener::bind("127.0.0.1:0").unwrap();
     (
         a.local_addr().unwrap().port(),
         b.local_addr().unwrap().port(),
+        c.local_addr().unwrap().port(),
     )
 }
 
-fn run_script(dir: &Path, nfs_port: u16, mount_port: u16, action: &str) -> bool {
+fn run_script(
+    dir: &Path,
+    nfs_port: u16,
+    mount_port: u16,
+    nlm_port: Option<u16>,
+    action: &str,
+) -> bool {
     let out = Command::new(script())
         .arg(action)
         .arg(dir)
         .env("NFS_PORT", nfs_port.to_string())
         .env("MOUNT_PORT", mount_port.to_string())
+        .env(
+            "NLM_PORT",
+            nlm_port.map_or_else(|| "off".to_string(), |p| p.to_string()),
+        )
         .env("PATH", SYSTEM_PATH)
         .output()
         .unwrap();
@@ -64,8 +78,18 @@ fn run_script(dir: &Path, nfs_port: u16, mount_port: u16, action: &str) -> bool 
 }
 
 impl Ganesha {
-    /// Starts a server, or returns None when FERRY_SKIP_NFS=1 and ganesha is not installed.
+    /// Starts a server with a lock manager (NLM 4 on a port of its own), or returns None when
+    /// FERRY_SKIP_NFS=1 and ganesha is not installed.
     pub fn start() -> Option<Ganesha> {
+        Self::start_with(true)
+    }
+
+    /// Starts a server without a lock manager.
+    pub fn start_without_nlm() -> Option<Ganesha> {
+        Self::start_with(false)
+    }
+
+    fn start_with(nlm: bool) -> Option<Ganesha> {
         if !installed("ganesha.nfsd") || !installed("rpcbind") {
             if std::env::var("FERRY_SKIP_NFS").as_deref() == Ok("1") {
                 eprintln!("skipped: ganesha.nfsd or rpcbind is missing and FERRY_SKIP_NFS=1");
@@ -78,12 +102,14 @@ impl Ganesha {
             .tempdir()
             .unwrap();
         for _ in 0..3 {
-            let (nfs_port, mount_port) = free_ports();
-            if run_script(dir.path(), nfs_port, mount_port, "start") {
+            let (nfs_port, mount_port, nlm_port) = free_ports();
+            let nlm_port = nlm.then_some(nlm_port);
+            if run_script(dir.path(), nfs_port, mount_port, nlm_port, "start") {
                 return Some(Ganesha {
                     dir,
                     nfs_port,
                     mount_port,
+                    nlm_port,
                 });
             }
         }
@@ -132,7 +158,13 @@ impl Ganesha {
 
     /// Runs `scripts/nfs-server ACTION` for this server; whether it succeeded.
     pub fn run_script(&self, action: &str) -> bool {
-        run_script(self.dir.path(), self.nfs_port, self.mount_port, action)
+        run_script(
+            self.dir.path(),
+            self.nfs_port,
+            self.mount_port,
+            self.nlm_port,
+            action,
+        )
     }
 
     /// Stops the server, as a crash or a maintenance would.
@@ -166,11 +198,14 @@ impl Ganesha {
         NfsClient::new(self.config())
     }
 
-    /// An `[nfs]` configuration section for Ferry pointing at this server.
+    /// An `[nfs]` configuration section for Ferry pointing at this server. Its lock manager is named by
+    /// port: every test server registers one with the machine's single rpcbind, so asking it could name
+    /// another test's server. A server without one gets a port where nothing listens.
     pub fn config_section(&self, timeout: &str) -> String {
+        let nlm_port = self.nlm_port.unwrap_or_else(|| free_ports().2);
         format!(
             "[nfs]\nserver = \"127.0.0.1\"\nexport = \"/export\"\nnfs_port = {}\nmount_port = {}\n\
-             timeout = \"{timeout}\"\ndata_path = \"fuse\"\n",
+             nlm_port = {nlm_port}\ntimeout = \"{timeout}\"\ndata_path = \"fuse\"\n",
             self.nfs_port, self.mount_port
         )
     }

@@ -33,6 +33,66 @@ pub struct HelperSpec {
     /// This host's marker for the volume, refreshed while the mount lives.
     pub host_id: String,
     pub marker: String,
+    /// Where `fcntl` locks go.
+    #[serde(default)]
+    pub locks: super::LockMode,
+    #[serde(default)]
+    pub nlm_port: Option<u16>,
+    /// The NLM caller name of this helper instance, and the journal of the locks it may hold, from which
+    /// the daemon releases them if the helper dies (see `nfs::locks`).
+    #[serde(default)]
+    pub lock_caller: String,
+    #[serde(default)]
+    pub lock_journal: PathBuf,
+}
+
+impl HelperSpec {
+    /// How to reach the server's lock manager, when locks go there.
+    pub fn nlm_config(&self) -> Option<crate::nfs::NlmConfig> {
+        if self.locks != super::LockMode::Nlm {
+            return None;
+        }
+        Some(crate::nfs::NlmConfig {
+            server: self.server.parse().ok()?,
+            port: self.nlm_port,
+            timeout: Duration::from_millis(self.timeout_ms),
+            uid: self.uid,
+            gid: self.gid,
+        })
+    }
+}
+
+/// The file name of a lock journal: `nlm-INSTANCE.journal` in the volume's directory of the state.
+pub fn lock_journal_name(instance: &str) -> String {
+    format!("nlm-{instance}.journal")
+}
+
+/// Releases on the server the locks of every helper journal in `volume_root`. Call only when no helper
+/// of the volume runs: a journal there belongs to a helper that died holding locks.
+pub async fn release_leftover_locks(volume_root: &Path, config: Option<crate::nfs::NlmConfig>) {
+    let Some(config) = config else { return };
+    let Ok(entries) = std::fs::read_dir(volume_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("nlm-") && name.ends_with(".journal") {
+            release_journal(&entry.path(), config.clone()).await;
+        }
+    }
+}
+
+async fn release_journal(journal: &Path, config: crate::nfs::NlmConfig) {
+    match crate::nfs::release_journal(journal, config).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(journal = %journal.display(), released = n, "released the locks of a FUSE helper that died")
+        }
+        Err(e) => {
+            tracing::warn!(journal = %journal.display(), error = %e, "cannot release the locks of a FUSE helper that died; they stay until the server restarts or the journal is released at the next mount")
+        }
+    }
 }
 
 /// What the first line of a helper's output means.
@@ -101,10 +161,16 @@ pub async fn start(
     };
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let first = tokio::time::timeout(deadline, lines.next_line()).await;
-    // Reap the helper whenever it exits, so it never lingers as a zombie of a long-running daemon.
-    let reap = |mut child: tokio::process::Child| {
+    // Reap the helper whenever it exits, so it never lingers as a zombie of a long-running daemon; then
+    // release the server-side locks it may have died holding (none after a clean exit: the journal is empty).
+    let nlm = spec.nlm_config();
+    let journal = spec.lock_journal.clone();
+    let reap = move |mut child: tokio::process::Child| {
         tokio::spawn(async move {
             let _ = child.wait().await;
+            if let Some(config) = nlm {
+                release_journal(&journal, config).await;
+            }
         });
     };
     match first {

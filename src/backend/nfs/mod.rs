@@ -56,6 +56,34 @@ impl DataPath {
     }
 }
 
+/// Where `fcntl` locks taken through FUSE mounts are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// On the server's lock manager (NLM 4); ENOLCK where it has none.
+    #[default]
+    Nlm,
+    /// In the FUSE helper: they hold on this host only.
+    Local,
+}
+
+impl LockMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "nlm" => Some(LockMode::Nlm),
+            "local" => Some(LockMode::Local),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Nlm => "nlm",
+            LockMode::Local => "local",
+        }
+    }
+}
+
 /// The `[nfs]` section of the configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NfsSettings {
@@ -74,6 +102,10 @@ pub struct NfsSettings {
     pub attr_cache: Duration,
     /// Connections per server and export (in the daemon, and in each FUSE helper).
     pub connections: usize,
+    /// Where `fcntl` locks on FUSE mounts are kept.
+    pub locks: LockMode,
+    /// The lock manager's TCP port; None asks the portmapper.
+    pub nlm_port: Option<u16>,
 }
 
 /// Grace for a helper to exit on its own once its mount is gone.
@@ -210,6 +242,7 @@ impl NfsBackend {
 
     fn helper_spec(&self, name: &str, spec: &VolumeSpec) -> helper::HelperSpec {
         let (server, export) = Self::target(spec, &self.settings);
+        let instance = crate::nfs::NfsLocks::instance_id();
         helper::HelperSpec {
             volume: name.to_string(),
             server,
@@ -227,6 +260,12 @@ impl NfsBackend {
             log_file: self.volume_root(name).join("helper.log"),
             host_id: self.host.id.clone(),
             marker: marker::content(&self.host, name),
+            locks: self.settings.locks,
+            nlm_port: self.settings.nlm_port,
+            lock_caller: crate::nfs::NfsLocks::caller_name(&self.host.name, name, &instance),
+            lock_journal: self
+                .volume_root(name)
+                .join(helper::lock_journal_name(&instance)),
         }
     }
 
@@ -291,7 +330,10 @@ impl NfsBackend {
             .map_err(BackendError::io("create", &target))?;
         // Connecting, looking the directory up and mounting each wait on the server at most `timeout`.
         let deadline = self.settings.timeout * 2 + Duration::from_secs(5);
-        helper::start(&self.helper_binary, &self.helper_spec(name, spec), deadline)
+        let helper_spec = self.helper_spec(name, spec);
+        // No helper of this volume runs now: locks left by one that died go before new ones are taken.
+        helper::release_leftover_locks(&self.volume_root(name), helper_spec.nlm_config()).await;
+        helper::start(&self.helper_binary, &helper_spec, deadline)
             .await
             .map_err(|e| BackendError::Helper {
                 volume: name.to_string(),
@@ -474,6 +516,12 @@ impl Backend for NfsBackend {
         if !self.kernel {
             // The helper exits once its mount is gone and removes its marker on the way out.
             let signalled = helper::stop(&self.pid_file(name), name, HELPER_GRACE).await;
+            // A helper that was not this daemon's child (the daemon restarted) is released here.
+            helper::release_leftover_locks(
+                &self.volume_root(name),
+                self.helper_spec(name, spec).nlm_config(),
+            )
+            .await;
             if !signalled {
                 return Ok(None);
             }

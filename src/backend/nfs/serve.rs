@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use super::helper::{HelperSpec, READY};
 use super::marker;
+use super::LockMode;
+use crate::fuse::locks::{LocalLocks, Locking};
 use crate::fuse::{self, MountOptions};
-use crate::nfs::{NfsClient, NfsClientConfig, NfsStore};
+use crate::nfs::{NfsClient, NfsClientConfig, NfsLocks, NfsStore};
 
 /// Runs a helper to the end. Errors before "ready" are reported on standard output, where the daemon
 /// reads them; later ones go to the log.
@@ -31,6 +33,21 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
     let store = NfsStore::open(&client, &spec.dir)
         .await
         .map_err(|e| e.to_string())?;
+    let locks = match spec.nlm_config() {
+        Some(nlm) if spec.locks == LockMode::Nlm => {
+            let locks = NfsLocks::new(nlm, spec.lock_caller.clone(), spec.lock_journal.clone())
+                .map_err(|e| {
+                    format!(
+                        "cannot create the lock journal {}: {e}",
+                        spec.lock_journal.display()
+                    )
+                })?;
+            Locking::Store(Arc::new(locks))
+        }
+        // `locks = "local"`: kept in this helper, so they hold between this host's containers only.
+        _ if spec.locks == LockMode::Local => Locking::Store(Arc::new(LocalLocks::default())),
+        _ => return Err(format!("{} is not an IP address", spec.server)),
+    };
     let mut mount = fuse::mount(
         Arc::new(store),
         &spec.mountpoint,
@@ -40,6 +57,7 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
             allow_other: true,
             fsname: format!("ferry-nfs:{}", spec.volume),
             subtype: "ferry-nfs".into(),
+            locks,
         },
     )
     .await
