@@ -1,6 +1,8 @@
-//! The operator's admin socket: a small read-only JSON API over HTTP on a root-only Unix socket, served by
-//! `ferry serve` beside Docker's socket, and the client the `ferry ls|inspect|status|doctor` commands use.
-//! It exposes what `VolumeService` knows; it never changes a volume, so Docker stays the only writer.
+//! The operator's admin socket: a small JSON API over HTTP on a root-only Unix socket, served by `ferry
+//! serve` beside Docker's socket, and the client the `ferry ls|inspect|status|doctor|checkpoint|release`
+//! commands use. It exposes what `VolumeService` knows. Docker stays the only one to create, mount or remove
+//! volumes; the operator's two actions ship a volume's changes now (`checkpoint`) and drop mount IDs
+//! Docker will never unmount (`release`).
 
 pub mod client;
 pub mod server;

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 pub use crate::catalog::Shipped;
-use crate::mount::{MountError, MountTable};
+use crate::mount::{Holder, MountError, MountTable};
 use crate::spec::{BackendKind, VolumeSpec};
 
 pub use ebs::EbsBackend;
@@ -177,6 +177,17 @@ pub trait Backend: Send + Sync {
     /// Whether what `attach` sets up is in place right now, judged only from the given mount table; `None`
     /// when the volume has nothing to attach (its data is always reachable).
     fn is_attached(&self, name: &str, spec: &VolumeSpec, table: &MountTable) -> Option<bool>;
+    /// Where the volume's storage is still mounted in mount namespaces other than Ferry's own (containers
+    /// that hold it), from the kernel's mount tables; an empty list proves nothing holds it. `None` when
+    /// the backend cannot tell, so only an operator can say its mount IDs are stale. It reads `/proc`:
+    /// call it off the async threads.
+    fn holders(
+        &self,
+        _name: &str,
+        _spec: &VolumeSpec,
+    ) -> Option<Result<Vec<Holder>, BackendError>> {
+        None
+    }
     /// Backend facts for `Status`, known without any I/O.
     fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value>;
     /// Whether the backend's storage (a directory, a server, a cloud API) can be used right now, with facts
