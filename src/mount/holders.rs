@@ -92,6 +92,35 @@ pub fn find(storage: Storage<'_>) -> Result<Vec<Holder>, MountError> {
     if wanted.devices.is_empty() {
         return Ok(Vec::new());
     }
+    // One process per mount namespace other than ours; processes come and go while we look, and one that is
+    // gone holds nothing.
+    let mut seen: HashSet<PathBuf> = namespace_of("self").into_iter().collect();
+    let mut others = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(ns) = namespace_of(&pid.to_string()) else {
+            continue;
+        };
+        if !seen.insert(ns) {
+            continue;
+        }
+        if let Ok(table) =
+            MountTable::read(&Path::new("/proc").join(pid.to_string()).join("mountinfo"))
+        {
+            others.push((pid, table));
+        }
+    }
+    Ok(holders_among(&wanted, &own, &others))
+}
+
+/// The mounts of `wanted` in the other namespaces' tables that are not copies of Ferry's own (`own`).
+fn holders_among(wanted: &Wanted, own: &MountTable, others: &[(u32, MountTable)]) -> Vec<Holder> {
     // Copies of Ferry's own mounts that propagation made elsewhere go away with Ferry's mount, so they hold
     // nothing: peers (the host's view of a managed plugin's mount) and, at the very same path, slaves (the
     // private namespaces of system services). A container's copy is neither: Docker makes volume mounts
@@ -105,40 +134,111 @@ pub fn find(storage: Storage<'_>) -> Result<Vec<Holder>, MountError> {
                 own_groups.contains(&g) && own_mounts.iter().any(|o| o.mount_point == e.mount_point)
             })
     };
-    let own_ns = namespace_of("self");
-    let mut seen: HashSet<PathBuf> = own_ns.into_iter().collect();
-    let mut holders = Vec::new();
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // Processes come and go while we look; one that is gone holds nothing.
-        let Some(ns) = namespace_of(&pid.to_string()) else {
-            continue;
-        };
-        if !seen.insert(ns) {
-            continue;
-        }
-        let Ok(table) =
-            MountTable::read(&Path::new("/proc").join(pid.to_string()).join("mountinfo"))
-        else {
-            continue;
-        };
-        holders.extend(
+    others
+        .iter()
+        .flat_map(|(pid, table)| {
             table
                 .entries()
                 .iter()
                 .filter(|e| wanted.matches(e))
                 .filter(|e| !propagated(e))
                 .map(|e| Holder {
-                    pid,
+                    pid: *pid,
                     mount_point: e.mount_point.clone(),
-                }),
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ferry's namespace: a capped volume's ext4 on loop3 (peer group 50), and the host filesystem that
+    /// holds plain volumes' directories.
+    const OWN: &str = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+98 22 7:3 / /var/lib/ferry/local/v/data rw,relatime shared:50 - ext4 /dev/loop3 rw
+";
+
+    fn table(text: &str) -> MountTable {
+        MountTable::parse(text)
+    }
+
+    #[test]
+    fn containers_hold_and_propagated_copies_do_not() {
+        let image = Wanted {
+            devices: vec![(7, 3)],
+            root: PathBuf::from("/"),
+        };
+        let others = vec![
+            // A system service's private namespace: a slave copy at the same path.
+            (
+                10,
+                table("30 29 7:3 / /var/lib/ferry/local/v/data rw master:50 - ext4 /dev/loop3 rw\n"),
+            ),
+            // The host's view of a managed plugin's mount: a peer.
+            (
+                11,
+                table("31 29 7:3 / /var/lib/docker/plugins/x/propagated-mount/v rw shared:50 - ext4 /dev/loop3 rw\n"),
+            ),
+            // A container: a private mount at its own path.
+            (12, table("40 39 7:3 / /data rw,relatime - ext4 /dev/loop3 rw\n")),
+            // A container made with rslave propagation: a slave, but at its own path.
+            (13, table("41 39 7:3 / /srv rw master:50 - ext4 /dev/loop3 rw\n")),
+            // Another volume.
+            (14, table("42 39 7:4 / /data rw - ext4 /dev/loop4 rw\n")),
+        ];
+        let found = holders_among(&image, &table(OWN), &others);
+        let pids: Vec<u32> = found.iter().map(|h| h.pid).collect();
+        assert_eq!(pids, [12, 13]);
+        assert_eq!(found[0].to_string(), "pid 12 at /data");
+    }
+
+    #[test]
+    fn a_plain_directory_is_held_where_it_or_a_directory_inside_is_bound() {
+        let dir = Wanted {
+            devices: vec![(254, 0)],
+            root: PathBuf::from("/var/lib/ferry/local/p/data"),
+        };
+        let others = vec![
+            // Every namespace has the host filesystem somewhere; that is not the volume.
+            (20, table("50 1 254:0 / / rw - ext4 /dev/vda rw\n")),
+            (
+                21,
+                table("51 50 254:0 /var/lib/ferry/local/p/data /data rw - ext4 /dev/vda rw\n"),
+            ),
+            (
+                22,
+                table("52 50 254:0 /var/lib/ferry/local/p/data/sub /x rw - ext4 /dev/vda rw\n"),
+            ),
+            // A sibling volume whose name starts the same.
+            (
+                23,
+                table("53 50 254:0 /var/lib/ferry/local/p/data2 /y rw - ext4 /dev/vda rw\n"),
+            ),
+        ];
+        let pids: Vec<u32> = holders_among(&dir, &table(OWN), &others)
+            .iter()
+            .map(|h| h.pid)
+            .collect();
+        assert_eq!(pids, [21, 22]);
+    }
+
+    #[test]
+    fn the_root_of_a_directory_comes_from_the_mount_that_holds_it() {
+        let own = table(
+            "22 1 254:0 / / rw - ext4 /dev/vda rw\n60 22 254:0 /srv/state /var/lib/ferry rw - ext4 /dev/vda rw\n",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let w = directory_root(dir.path(), &own).unwrap();
+        assert_eq!(w.devices.len(), 1);
+        // A temporary directory is under `/`, or under a mount of its own; either way its root is a path
+        // of its filesystem ending in the directory's own name.
+        assert!(
+            w.root.ends_with(dir.path().file_name().unwrap()),
+            "{:?}",
+            w.root
         );
     }
-    Ok(holders)
 }
