@@ -851,7 +851,13 @@ impl VolumeService {
                 report.forced_past = holders;
             }
             Some(Ok(_)) => {}
-            Some(Err(e)) if !force => return Err(self.failed(name, e)),
+            // Not a failure of the volume: its health stays as it is.
+            Some(Err(source)) if !force => {
+                return Err(ServiceError::Backend {
+                    name: name.into(),
+                    source,
+                })
+            }
             // Without force, a backend that cannot tell is released on the operator's word alone.
             Some(Err(_)) | None => {}
         }

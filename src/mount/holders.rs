@@ -74,8 +74,18 @@ fn directory_root(dir: &Path, table: &MountTable) -> Result<Wanted, MountError> 
     })
 }
 
+/// Whether `/proc` (at `proc`) shows every process of the host. In a PID namespace of its own (the managed
+/// plugin, a daemon inside a container) it shows only that namespace's processes, and a scan that finds
+/// no holder there proves nothing. kthreadd, PID 2, exists only in the host's PID namespace.
+fn sees_every_process(proc: &Path) -> bool {
+    std::fs::read_to_string(proc.join("2/comm")).is_ok_and(|c| c.trim() == "kthreadd")
+}
+
 /// Every mount of `storage` in the other mount namespaces of the host.
 pub fn find(storage: Storage<'_>) -> Result<Vec<Holder>, MountError> {
+    if !sees_every_process(Path::new("/proc")) {
+        return Err(MountError::PartialView);
+    }
     let own = MountTable::read_self()?;
     let wanted = match storage {
         Storage::Image(image) => Wanted {
@@ -163,6 +173,20 @@ mod tests {
 
     fn table(text: &str) -> MountTable {
         MountTable::parse(text)
+    }
+
+    #[test]
+    fn only_the_host_pid_namespace_sees_every_process() {
+        assert!(
+            sees_every_process(Path::new("/proc")),
+            "tests run on the host"
+        );
+        let fake = tempfile::tempdir().unwrap();
+        std::fs::create_dir(fake.path().join("2")).unwrap();
+        std::fs::write(fake.path().join("2/comm"), "sleep\n").unwrap();
+        assert!(!sees_every_process(fake.path()));
+        std::fs::write(fake.path().join("2/comm"), "kthreadd\n").unwrap();
+        assert!(sees_every_process(fake.path()));
     }
 
     #[test]

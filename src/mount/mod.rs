@@ -53,6 +53,8 @@ pub enum MountError {
     },
     #[error("{image} is attached to several loop devices ({devices}), so more than one filesystem may be writing to it; stop every container that uses the volume, unmount them all, check the image with `e2fsck -f` (or `xfs_repair -n`) and mount it again")]
     ManyLoops { image: PathBuf, devices: String },
+    #[error("cannot tell whether a container still holds the volume: Ferry runs in a PID namespace of its own (such as the managed plugin's) and cannot see the host's processes; stop the containers using it, then `ferry release --force` releases on your word")]
+    PartialView,
     #[error("cannot unmount {target}: {errno}{}", if *.errno == Errno::EBUSY { " (a process still uses it)" } else { "" })]
     Unmount { target: PathBuf, errno: Errno },
     #[error("{0}")]
