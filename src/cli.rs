@@ -1,4 +1,4 @@
-//! The operator commands: `ferry ls`, `inspect`, `status` and `doctor`. Each asks the daemon over the admin
+//! The operator commands: `ferry ls`, `inspect`, `status`, `doctor`, `checkpoint` and `release`. Each asks the daemon over the admin
 //! socket (doctor also looks at the host itself) and prints a table for people or, with `--json`, the
 //! daemon's JSON for scripts. Rendering is kept apart from fetching so it is unit-tested without a daemon.
 
@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::admin::{AdminClient, ClientError, DaemonStatus};
 use crate::config::ServeConfig;
 use crate::doctor::{self, Check, Verdict};
-use crate::service::{BackendReport, VolumeReport};
+use crate::service::{BackendReport, ReleaseReport, VolumeReport};
 
 /// How long a command waits for the daemon: longer than the daemon's own backend-check deadline, so a slow
 /// backend shows up as that backend's error rather than as a timeout of the whole command.
@@ -27,6 +27,12 @@ pub enum Command {
     Checkpoint(String),
     /// Move this host's copy of an ebs volume to a rescue directory (`ferry ebs set-aside`).
     EbsSetAside(String),
+    /// Drop mount IDs Docker will never unmount.
+    Release {
+        name: String,
+        id: Option<String>,
+        force: bool,
+    },
 }
 
 /// How long `ferry checkpoint` waits: an upload of many changed blocks takes a while.
@@ -107,6 +113,21 @@ pub async fn run(
                         done.moved_to.display(),
                         done.moved_to.display()
                     )
+                },
+                exit_code: 0,
+            })
+        }
+        Command::Release { name, id, force } => {
+            let mut path = format!("/v1/volumes/{}/release?force={force}", percent_encode(name));
+            if let Some(id) = id {
+                let _ = write!(path, "&id={}", percent_encode(id));
+            }
+            let report: ReleaseReport = client.post(&path).await?;
+            Ok(Outcome {
+                text: if json {
+                    to_json(&report)
+                } else {
+                    render_release(&report)
                 },
                 exit_code: 0,
             })
@@ -198,6 +219,25 @@ fn percent_encode(name: &str) -> String {
         } else {
             let _ = write!(out, "%{b:02X}");
         }
+    }
+    out
+}
+
+fn render_release(r: &ReleaseReport) -> String {
+    if r.released.is_empty() {
+        return format!("{}: no mount IDs to release\n", r.name);
+    }
+    let mut out = format!("{}: released mount ID(s) {}", r.name, r.released.join(", "));
+    if r.detached {
+        out.push_str("; no mount is left, so its storage was released");
+    }
+    out.push('\n');
+    if !r.forced_past.is_empty() {
+        let _ = writeln!(
+            out,
+            "warning: still mounted in another mount namespace ({}); that container keeps its mount until it stops",
+            r.forced_past.join(", ")
+        );
     }
     out
 }

@@ -67,6 +67,24 @@ enum Command {
         #[command(subcommand)]
         command: EbsCommand,
     },
+    /// Drop a volume's mount IDs that Docker will never unmount (containers that stopped while the plugin
+    /// was down), so `docker volume rm` works again; the last one gone releases the storage. Refused while
+    /// a container's mount namespace still has the volume mounted, unless --force.
+    Release {
+        /// The volume's name.
+        name: String,
+        /// Only this mount ID (`ferry inspect NAME` lists them). [default: all of them]
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Release even while another mount namespace still has the storage mounted: that container keeps
+        /// its own mount, but Ferry stops counting it, and `docker volume rm` then deletes the data under it.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
+    },
     /// Show the daemon's version and uptime, and whether each configured backend is reachable now.
     /// Exits with 2 when a backend is unreachable.
     Status {
@@ -177,6 +195,17 @@ fn main() -> ExitCode {
             target,
             format,
         } => operator(ferry::cli::Command::Checkpoint(name), target, format),
+        Command::Release {
+            name,
+            id,
+            force,
+            target,
+            format,
+        } => operator(
+            ferry::cli::Command::Release { name, id, force },
+            target,
+            format,
+        ),
         Command::Doctor { target, format } => operator(ferry::cli::Command::Doctor, target, format),
         Command::Ebs {
             command:

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{ferry_bin, Daemon};
+use common::{ferry_bin, is_mounted, Daemon, NamespaceHolder};
 use serde_json::Value;
 
 struct Ran {
@@ -410,4 +410,72 @@ fn a_missing_configuration_file_is_named_once() {
             missing.display()
         )
     );
+}
+
+/// `ferry release` drops mount IDs Docker will never unmount: refused while another mount namespace (a
+/// container) still has the volume mounted, done with `--force` or once it is gone; the last one releases
+/// the storage, and the volume can be removed.
+#[test]
+fn release_frees_mount_ids_only_when_nothing_holds_the_volume_or_when_forced() {
+    let d = Daemon::start();
+    for (name, opts) in [("capped", r#"{"size":"32M"}"#), ("plain", "null")] {
+        d.create(name, opts);
+        let mp = d.mount(name, "c1");
+        d.mount(name, "c2");
+        let container = NamespaceHolder::start();
+        // Docker bind-mounts a plain volume's directory into the container.
+        let in_container = d.dir.join(format!("container-{name}"));
+        container.bind(&mp, &in_container);
+        // Docker's own check: still in use.
+        let err = d.err("/VolumeDriver.Remove", &format!(r#"{{"Name":"{name}"}}"#));
+        assert!(err.contains("ferry release"), "{err}");
+
+        let held = ferry(&["release", name], &d.state);
+        assert_eq!(held.code, 1, "{name}: {}{}", held.stdout, held.stderr);
+        assert!(
+            held.stderr
+                .contains("still mounted in another mount namespace")
+                && held.stderr.contains(&format!("pid {}", container.pid())),
+            "{name}: {}",
+            held.stderr
+        );
+        assert_eq!(d.get(name)["Status"]["active_mounts"], 2, "{name}");
+        let unknown = ferry(&["release", name, "--id", "nope"], &d.state);
+        assert!(
+            unknown
+                .stderr
+                .contains("has no active mount with ID \"nope\""),
+            "{}",
+            unknown.stderr
+        );
+
+        // --force drops one ID while the container still holds the volume.
+        let forced = json(&["release", name, "--id", "c1", "--force"], &d.state);
+        assert_eq!(forced["released"], serde_json::json!(["c1"]), "{forced}");
+        assert_eq!(forced["detached"], false, "{forced}");
+        assert_eq!(d.get(name)["Status"]["active_mounts"], 1, "{name}");
+
+        // Once the container is gone, no force is needed; the last ID releases the storage.
+        container.stop();
+        let done = ferry(&["release", name], &d.state);
+        assert_eq!(done.code, 0, "{name}: {}", done.stderr);
+        assert!(
+            done.stdout.contains("released mount ID(s) c2")
+                && done.stdout.contains("its storage was released"),
+            "{}",
+            done.stdout
+        );
+        assert_eq!(d.get(name)["Status"]["active_mounts"], 0, "{name}");
+        if name == "capped" {
+            assert!(!is_mounted(&mp));
+        }
+        let again = ferry(&["release", name], &d.state);
+        assert!(
+            again.stdout.contains("no mount IDs to release"),
+            "{}",
+            again.stdout
+        );
+        d.remove(name);
+    }
+    assert!(d.log_text().contains("mount IDs released by the operator"));
 }

@@ -1,5 +1,8 @@
 //! A property test: random sequences of create, mount, unmount, remove and restart against a simple model of
 //! what Docker should observe. Runs the real service, catalog and local backend with a recording mounter.
+//! Every volume with active mounts is held by a pretend container (another mount namespace, as the
+//! recording mounter models it); `StopWhileDown` stops a volume's containers while the plugin is down, so
+//! their Unmounts never come and the restarted plugin must release their mount IDs itself.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +26,7 @@ enum Op {
     Mount(usize, usize),
     Unmount(usize, usize),
     Restart,
+    StopWhileDown(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -32,6 +36,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..3usize, 0..3usize).prop_map(|(n, i)| Op::Mount(n, i)),
         4 => (0..3usize, 0..3usize).prop_map(|(n, i)| Op::Unmount(n, i)),
         1 => Just(Op::Restart),
+        1 => (0..3usize).prop_map(Op::StopWhileDown),
     ]
 }
 
@@ -52,6 +57,21 @@ async fn start(dir: &std::path::Path, mounter: &Arc<RecordingMounter>) -> Arc<Vo
     .await
     .unwrap()
     .0
+}
+
+/// Makes the pretend containers match the model: a volume with active mounts is held elsewhere.
+fn hold_in_use(dir: &std::path::Path, mounter: &RecordingMounter, model: &Model) {
+    for name in NAMES {
+        for file in ["disk.img", "data"] {
+            mounter.release_elsewhere(&dir.join("local").join(name).join(file));
+        }
+    }
+    for (name, (o, ids)) in &model.volumes {
+        let file = if *o > 0 { "disk.img" } else { "data" };
+        if !ids.is_empty() {
+            mounter.hold_elsewhere(&dir.join("local").join(name).join(file));
+        }
+    }
 }
 
 fn options(i: usize) -> BTreeMap<String, String> {
@@ -119,7 +139,16 @@ async fn run(ops: Vec<Op>) {
                 drop(svc);
                 svc = start(dir.path(), &mounter).await;
             }
+            Op::StopWhileDown(n) => {
+                drop(svc);
+                if let Some((_, ids)) = model.volumes.get_mut(NAMES[n]) {
+                    ids.clear();
+                }
+                hold_in_use(dir.path(), &mounter, &model);
+                svc = start(dir.path(), &mounter).await;
+            }
         }
+        hold_in_use(dir.path(), &mounter, &model);
         // Docker's view agrees with the model, and sized volumes are mounted exactly while in use.
         let listed: Vec<_> = svc.list().into_iter().map(|v| v.name).collect();
         let want: Vec<_> = model.volumes.keys().map(|s| s.to_string()).collect();

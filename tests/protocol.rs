@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 
-use common::{is_mounted, raw_call, raw_request, Daemon};
+use common::{is_mounted, raw_call, raw_request, Daemon, NamespaceHolder};
 
 fn names(d: &Daemon) -> Vec<String> {
     let v = d.ok("/VolumeDriver.List", "{}");
@@ -252,8 +252,11 @@ fn mount_counts_per_id() {
     assert_eq!(p1, p2);
     assert!(is_mounted(&p1));
     assert_eq!(d.get("v")["Status"]["active_mounts"], 2);
+    // While a container holds the volume, Remove refuses.
+    let container = NamespaceHolder::start();
     let err = d.err("/VolumeDriver.Remove", r#"{"Name":"v"}"#);
     assert!(err.contains("in use"), "{err}");
+    container.stop();
     // Unmount of an unknown ID succeeds and changes nothing.
     d.unmount("v", "not-a-known-id");
     d.unmount("v", &id);
@@ -374,6 +377,8 @@ fn socket_ownership_and_lifecycle() {
     d.create("inuse", r#"{"size":"32M"}"#);
     let mp = d.mount("inuse", "c1");
     std::fs::write(mp.join("f"), b"still here").unwrap();
+    // The container using it runs on through the restart.
+    let container = NamespaceHolder::start();
     let status = d.terminate();
     assert!(status.success(), "{status}\n{}", d.log_text());
     assert!(!d.socket.exists());
@@ -386,6 +391,7 @@ fn socket_ownership_and_lifecycle() {
     d.spawn(&[]);
     assert_eq!(std::fs::read(mp.join("f")).unwrap(), b"still here");
     assert_eq!(d.get("inuse")["Status"]["active_mounts"], 1);
+    container.stop();
     d.unmount("inuse", "c1");
     assert!(!is_mounted(&mp));
     let log = d.log_text();

@@ -1,7 +1,8 @@
-//! The operator's admin socket: a small read-only JSON API over HTTP on a root-only Unix socket, served by
-//! `ferry serve` beside Docker's socket, and the client the `ferry ls|inspect|status|doctor` commands use.
-//! It exposes what `VolumeService` knows and changes no volume's record, so Docker stays the only writer of
-//! the catalog; its two actions are a checkpoint and setting an ebs copy aside, which touch only data.
+//! The operator's admin socket: a small JSON API over HTTP on a root-only Unix socket, served by `ferry
+//! serve` beside Docker's socket, and the client the `ferry ls|inspect|status|doctor|checkpoint|release|ebs`
+//! commands use. It exposes what `VolumeService` knows. Docker stays the only one to create, mount or remove
+//! volumes; the operator's actions ship a volume's changes now (`checkpoint`), drop mount IDs Docker will
+//! never unmount (`release`) and set a conflicting ebs copy aside (`ebs set-aside`).
 
 pub mod client;
 pub mod server;

@@ -1,5 +1,6 @@
-//! The admin socket's server: `GET /v1/volumes`, `GET /v1/volumes/NAME` and `GET /v1/status`, and two
-//! actions: `POST /v1/volumes/NAME/checkpoint` and `POST /v1/volumes/NAME/set-aside`. The socket
+//! The admin socket's server: `GET /v1/volumes`, `GET /v1/volumes/NAME` and `GET /v1/status`, and the
+//! actions `POST /v1/volumes/NAME/checkpoint`, `POST /v1/volumes/NAME/release[?id=ID][&force=true]` and
+//! `POST /v1/volumes/NAME/set-aside`. The socket
 //! is mode 0600 and every connection's peer must be root or the daemon's own user, so a permissive umask or
 //! a bind mount cannot open it to others.
 
@@ -57,7 +58,7 @@ pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
                 let ctx = ctx.clone();
                 async move {
                     let resp = if allowed {
-                        handle(&ctx, req.method(), req.uri().path()).await
+                        handle(&ctx, req.method(), req.uri().path(), req.uri().query()).await
                     } else {
                         error(
                             StatusCode::FORBIDDEN,
@@ -85,7 +86,18 @@ pub struct SetAside {
     pub moved_to: PathBuf,
 }
 
-async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Full<Bytes>> {
+async fn handle(
+    ctx: &AdminContext,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Response<Full<Bytes>> {
+    if let Some(name) = path
+        .strip_prefix("/v1/volumes/")
+        .and_then(|rest| rest.strip_suffix("/release"))
+    {
+        return release(ctx, method, path, name, query).await;
+    }
     // The operator's way out of an ebs conflict: move this host's copy aside.
     if let Some(name) = path
         .strip_prefix("/v1/volumes/")
@@ -116,7 +128,7 @@ async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Ful
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
     }
-    // Shipping a mounted volume's changes now. Everything else only reads.
+    // Shipping a mounted volume's changes now; besides release and set-aside, everything else only reads.
     if let Some(name) = path
         .strip_prefix("/v1/volumes/")
         .and_then(|rest| rest.strip_suffix("/checkpoint"))
@@ -143,7 +155,7 @@ async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Ful
     if method != Method::GET {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed: the admin API only reads, except POST /v1/volumes/NAME/checkpoint and /v1/volumes/NAME/set-aside"),
+            format!("{method} is not allowed: the admin API only reads, except POST /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/release and /v1/volumes/NAME/set-aside"),
         );
     }
     match path {
@@ -164,9 +176,59 @@ async fn handle(ctx: &AdminContext, method: &Method, path: &str) -> Response<Ful
             },
             None => error(
                 StatusCode::NOT_FOUND,
-                format!("{path} is not part of the admin API (/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/set-aside, /v1/status)"),
+                format!("{path} is not part of the admin API (/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/release, /v1/volumes/NAME/set-aside, /v1/status)"),
             ),
         },
+    }
+}
+
+/// `POST /v1/volumes/NAME/release[?id=ID][&force=true]`: drops mount IDs left behind, on the operator's
+/// word (`ferry release`).
+async fn release(
+    ctx: &AdminContext,
+    method: &Method,
+    path: &str,
+    name: &str,
+    query: Option<&str>,
+) -> Response<Full<Bytes>> {
+    if method != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}; use POST"),
+        );
+    }
+    let Some(name) = percent_decode(name) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the volume name in the path is not valid percent-encoded UTF-8".into(),
+        );
+    };
+    let (mut id, mut force) = (None, false);
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match (key, percent_decode(value)) {
+            ("id", Some(v)) => id = Some(v),
+            ("force", Some(v)) if v == "true" || v == "false" => force = v == "true",
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                    "bad query parameter {pair:?}: release takes id=MOUNT_ID and force=true|false"
+                ),
+                )
+            }
+        }
+    }
+    match ctx.service.release(&name, id.as_deref(), force).await {
+        Ok(report) => json(StatusCode::OK, &report),
+        Err(e @ ServiceError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ ServiceError::Held { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

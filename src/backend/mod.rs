@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 pub use crate::catalog::Shipped;
-use crate::mount::{MountError, MountTable};
+use crate::mount::{Holder, MountError, MountTable};
 use crate::spec::{BackendKind, VolumeSpec};
 
 pub use ebs::EbsBackend;
@@ -188,6 +188,17 @@ pub trait Backend: Send + Sync {
     /// restart); false where their mounts still reach the data (a kernel mount removed on the host only).
     fn loss_strands_mounts(&self, _spec: &VolumeSpec) -> bool {
         false
+    }
+    /// Where the volume's storage is still mounted in mount namespaces other than Ferry's own (containers
+    /// that hold it), from the kernel's mount tables; an empty list proves nothing holds it. `None` when
+    /// the backend cannot tell, so only an operator can say its mount IDs are stale. It reads `/proc`:
+    /// call it off the async threads.
+    fn holders(
+        &self,
+        _name: &str,
+        _spec: &VolumeSpec,
+    ) -> Option<Result<Vec<Holder>, BackendError>> {
+        None
     }
     /// Backend facts for `Status`, known without any I/O.
     fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value>;

@@ -1,5 +1,7 @@
 //! Loop devices through ioctls: claim a free device from `/dev/loop-control` and bind it to an image with
-//! LOOP_CONFIGURE and autoclear, so unmounting the filesystem is all it takes to release the device.
+//! LOOP_CONFIGURE and autoclear, so unmounting the filesystem is all it takes to release the device; and
+//! find the devices already bound to an image (by the backing file's device and inode, which the kernel
+//! reports through LOOP_GET_STATUS64), so an image is never bound twice.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -12,6 +14,7 @@ use super::MountError;
 
 const LOOP_CTL_GET_FREE: u16 = 0x4C82;
 const LOOP_CONFIGURE: u16 = 0x4C0A;
+const LOOP_GET_STATUS64: u16 = 0x4C05;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LOOP_MAJOR: u64 = 7;
 
@@ -42,6 +45,7 @@ struct LoopConfig {
 
 nix::ioctl_none_bad!(loop_ctl_get_free, LOOP_CTL_GET_FREE);
 nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
+nix::ioctl_read_bad!(loop_get_status64, LOOP_GET_STATUS64, LoopInfo64);
 
 /// An open, configured loop device. Dropping it closes our descriptor; with autoclear the kernel then
 /// releases the device as soon as nothing (no mount) holds it.
@@ -57,13 +61,17 @@ impl LoopDevice {
 }
 
 fn open_device(n: u32) -> std::io::Result<File> {
+    open_device_with(n, true)
+}
+
+fn open_device_with(n: u32, write: bool) -> std::io::Result<File> {
     let path = PathBuf::from(format!("/dev/loop{n}"));
-    match OpenOptions::new().read(true).write(true).open(&path) {
+    match OpenOptions::new().read(true).write(write).open(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Some minimal /dev setups (containers) do not create nodes for new loop devices.
             let dev = makedev(LOOP_MAJOR, u64::from(n));
             mknod(&path, SFlag::S_IFBLK, Mode::from_bits_truncate(0o660), dev)?;
-            OpenOptions::new().read(true).write(true).open(&path)
+            OpenOptions::new().read(true).write(write).open(&path)
         }
         other => other,
     }
@@ -138,4 +146,72 @@ pub fn attach(image: &Path) -> Result<LoopDevice, MountError> {
         }
     }
     Err(err(Errno::EBUSY))
+}
+
+/// A loop device bound to some file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundLoop {
+    /// `/dev/loopN`.
+    pub path: PathBuf,
+    /// The block device's number as mountinfo shows it, (major, minor).
+    pub device: (u64, u64),
+}
+
+/// Every loop device whose backing file is `image` itself (the same device and inode, whatever path it
+/// was bound under). Devices that vanish or unbind while we look are skipped.
+pub fn bound_to(image: &Path) -> Result<Vec<BoundLoop>, MountError> {
+    let st = nix::sys::stat::stat(image).map_err(|errno| MountError::Loop {
+        path: image.to_path_buf(),
+        errno,
+    })?;
+    let entries = match std::fs::read_dir("/sys/block") {
+        Ok(e) => e,
+        // No sysfs (a minimal container): no loop device can be found, and none can be made either.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(MountError::Io(e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_prefix("loop"))
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Only a bound device has the `loop` attribute directory; skip the rest without opening them.
+        if !entry.path().join("loop").is_dir() {
+            continue;
+        }
+        let Ok(dev) = open_device_with(n, false) else {
+            continue;
+        };
+        let mut info = std::mem::MaybeUninit::<LoopInfo64>::zeroed();
+        // SAFETY: `dev` is an open loop device and `info` points to writable memory the size of struct
+        // loop_info64, which the kernel fills in; zeroed memory is a valid LoopInfo64 (integers and arrays).
+        if unsafe { loop_get_status64(dev.as_raw_fd(), info.as_mut_ptr()) }.is_err() {
+            continue; // unbound since we looked (ENXIO)
+        }
+        // SAFETY: zero-initialised above, and every bit pattern is a valid LoopInfo64.
+        let info = unsafe { info.assume_init() };
+        if info.lo_device != st.st_dev || info.lo_inode != st.st_ino {
+            continue;
+        }
+        let Some(device) = std::fs::read_to_string(entry.path().join("dev"))
+            .ok()
+            .and_then(|t| {
+                let (major, minor) = t.trim().split_once(':')?;
+                Some((major.parse().ok()?, minor.parse().ok()?))
+            })
+        else {
+            continue;
+        };
+        found.push(BoundLoop {
+            path: PathBuf::from(format!("/dev/loop{n}")),
+            device,
+        });
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(found)
 }

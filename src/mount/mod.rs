@@ -4,6 +4,7 @@
 //! above it can be unit-tested with `RecordingMounter` without root. Everything here blocks: call it from
 //! `spawn_blocking`. No shell is ever involved: external tools run with argument vectors.
 
+mod holders;
 mod loopdev;
 mod mountinfo;
 mod recording;
@@ -16,6 +17,7 @@ use nix::mount::{umount2, MntFlags, MsFlags};
 
 use crate::spec::FsType;
 
+pub use holders::{Holder, Storage};
 pub use loopdev::probe_free as probe_free_loop_device;
 pub use mountinfo::{MountEntry, MountTable};
 pub use recording::RecordingMounter;
@@ -43,6 +45,16 @@ pub enum MountError {
         target: PathBuf,
         errno: Errno,
     },
+    #[error("{image} is still attached to {device} (its filesystem is mounted elsewhere, such as in a container's mount namespace), and mounting that device failed: {errno}; stop the containers that use the volume (`losetup -j {image}` names the device) and try again")]
+    SharedLoop {
+        image: PathBuf,
+        device: PathBuf,
+        errno: Errno,
+    },
+    #[error("{image} is attached to several loop devices ({devices}), so more than one filesystem may be writing to it; stop every container that uses the volume, unmount them all, check the image with `e2fsck -f` (or `xfs_repair -n`) and mount it again")]
+    ManyLoops { image: PathBuf, devices: String },
+    #[error("cannot tell whether a container still holds the volume: Ferry runs in a PID namespace of its own (such as the managed plugin's) and cannot see the host's processes; stop the containers using it, then `ferry release --force` releases on your word")]
+    PartialView,
     #[error("cannot unmount {target}: {errno}{}", if *.errno == Errno::EBUSY { " (a process still uses it)" } else { "" })]
     Unmount { target: PathBuf, errno: Errno },
     #[error("{0}")]
@@ -53,9 +65,55 @@ pub enum MountError {
 pub trait Mounter: Send + Sync {
     /// Makes a filesystem of type `fs` in the image file, destroying what it held.
     fn format(&self, image: &Path, fs: FsType) -> Result<(), MountError>;
-    /// Attaches the image to a free loop device and mounts it on `target`. The loop device detaches itself
-    /// when the filesystem is unmounted.
-    fn mount_image(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError>;
+    /// Mounts the filesystem in the image on `target`, keeping one filesystem instance per image: when a
+    /// loop device is still bound to the image (its filesystem outlived Ferry's mount in another mount
+    /// namespace, after a lazy unmount for example), that device is mounted, and the kernel shares the
+    /// superblock already in use; otherwise the image is attached to a new loop device. A second loop device
+    /// on one image would be a second filesystem writing the same blocks.
+    fn mount_image(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
+        let bound = self.bound_loops(image)?;
+        match bound.as_slice() {
+            [] => self.attach_and_mount(image, target, fs),
+            [device] => {
+                tracing::warn!(
+                    image = %image.display(),
+                    device = %device.display(),
+                    "the image is still attached to a loop device, so its filesystem is mounted somewhere else (a container's mount namespace, after a lazy unmount); mounting that device to share the one filesystem"
+                );
+                self.mount_device(device, target, fs).map_err(|e| match e {
+                    MountError::Mount { errno, .. } => MountError::SharedLoop {
+                        image: image.to_path_buf(),
+                        device: device.clone(),
+                        errno,
+                    },
+                    other => other,
+                })
+            }
+            many => Err(MountError::ManyLoops {
+                image: image.to_path_buf(),
+                devices: many
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+    /// The loop devices bound to this image file (matched by device and inode, not by name).
+    fn bound_loops(&self, image: &Path) -> Result<Vec<PathBuf>, MountError>;
+    /// Attaches the image to a new loop device and mounts it on `target`. The loop device detaches itself
+    /// when the filesystem is unmounted everywhere. Only `mount_image` calls this, after making sure no
+    /// device is bound to the image yet.
+    fn attach_and_mount(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError>;
+    /// Mounts an existing block device holding a filesystem of type `fs` on `target`.
+    fn mount_device(&self, device: &Path, target: &Path, fs: FsType) -> Result<(), MountError>;
+    /// The bytes an unprivileged user can still write to the filesystem mounted at `target` (what `df`
+    /// shows as available).
+    fn available_bytes(&self, target: &Path) -> Result<u64, MountError>;
+    /// Where the storage is mounted in mount namespaces other than Ferry's own: containers (or any other
+    /// process) that still hold it. Copies of Ferry's own mount that propagation made (the same peer group)
+    /// do not count.
+    fn holders(&self, storage: Storage<'_>) -> Result<Vec<Holder>, MountError>;
     /// Bind-mounts the directory `source` on `target`.
     fn bind(&self, source: &Path, target: &Path) -> Result<(), MountError>;
     /// Unmounts `target`; succeeds if nothing is mounted there.
@@ -80,6 +138,39 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// Deletes the `lost+found` directory mkfs.ext4 puts in the root, so a new volume starts empty (programs
+/// such as postgres' initdb refuse a data directory that is not). e2fsck makes it again when it needs it.
+/// debugfs works on the unmounted image and exits 0 even when a command fails, so its complaints on stderr
+/// (anything past its version banner) are the failure.
+fn remove_lost_found(image: &Path) -> Result<(), MountError> {
+    let tool = "debugfs";
+    let path = find_tool(tool).ok_or(MountError::ToolMissing {
+        tool,
+        package: "e2fsprogs",
+    })?;
+    let out = Command::new(path)
+        .args(["-w", "-R", "rmdir lost+found"])
+        .arg(image)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let complaints: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("debugfs "))
+        .collect();
+    if !out.status.success() || !complaints.is_empty() {
+        return Err(MountError::Tool {
+            tool,
+            path: image.to_path_buf(),
+            detail: format!(
+                "cannot remove lost+found: {} ({})",
+                complaints.join("; "),
+                out.status
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Mounter for SystemMounter {
     fn format(&self, image: &Path, fs: FsType) -> Result<(), MountError> {
         let (tool, package, args): (&'static str, &'static str, &[&str]) = match fs {
@@ -101,10 +192,44 @@ impl Mounter for SystemMounter {
                 detail: format!("{} ({})", stderr.trim(), out.status),
             });
         }
+        if matches!(fs, FsType::Ext4) {
+            remove_lost_found(image)?;
+        }
         Ok(())
     }
 
-    fn mount_image(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
+    fn bound_loops(&self, image: &Path) -> Result<Vec<PathBuf>, MountError> {
+        Ok(loopdev::bound_to(image)?
+            .into_iter()
+            .map(|l| l.path)
+            .collect())
+    }
+
+    fn mount_device(&self, device: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
+        nix::mount::mount(
+            Some(device),
+            target,
+            Some(fs.as_str()),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|errno| MountError::Mount {
+            device: device.display().to_string(),
+            target: target.to_path_buf(),
+            errno,
+        })
+    }
+
+    fn available_bytes(&self, target: &Path) -> Result<u64, MountError> {
+        let st = nix::sys::statvfs::statvfs(target).map_err(std::io::Error::from)?;
+        Ok(st.blocks_available() * st.fragment_size())
+    }
+
+    fn holders(&self, storage: Storage<'_>) -> Result<Vec<Holder>, MountError> {
+        holders::find(storage)
+    }
+
+    fn attach_and_mount(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
         let device = loopdev::attach(image)?;
         let res = nix::mount::mount(
             Some(device.path()),

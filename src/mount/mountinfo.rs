@@ -7,11 +7,20 @@ use std::path::{Path, PathBuf};
 use super::MountError;
 
 /// One line of mountinfo.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// The device of the mounted filesystem (`st_dev` of files in it), as (major, minor).
+    pub device: (u64, u64),
+    /// Which directory of that filesystem is mounted here: `/` for a whole filesystem, the source
+    /// directory's path inside its filesystem for a bind mount.
+    pub root: PathBuf,
+    /// The peer group this mount shares propagation with (`shared:N`), if any.
+    pub shared: Option<u64>,
+    /// The peer group this mount receives propagation from (`master:N`), if any.
+    pub master: Option<u64>,
 }
 
 /// A snapshot of the mount table.
@@ -43,8 +52,12 @@ fn unescape(field: &str) -> Vec<u8> {
 
 impl MountTable {
     pub fn read_self() -> Result<Self, MountError> {
-        let text =
-            std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountTable)?;
+        Self::read(Path::new("/proc/self/mountinfo"))
+    }
+
+    /// Reads a mountinfo file, such as `/proc/PID/mountinfo` of a process in another mount namespace.
+    pub fn read(path: &Path) -> Result<Self, MountError> {
+        let text = std::fs::read_to_string(path).map_err(MountError::MountTable)?;
         Ok(Self::parse(&text))
     }
 
@@ -59,10 +72,21 @@ impl MountTable {
                 if sep < 6 || fields.len() < sep + 3 {
                     return None;
                 }
+                let (major, minor) = fields[2].split_once(':')?;
+                let tag = |name: &str| {
+                    fields[6..sep]
+                        .iter()
+                        .find_map(|f| f.strip_prefix(name)?.parse().ok())
+                };
+                let (shared, master) = (tag("shared:"), tag("master:"));
                 Some(MountEntry {
                     mount_point: PathBuf::from(OsString::from_vec(unescape(fields[4]))),
                     fstype: fields[sep + 1].to_string(),
                     source: String::from_utf8_lossy(&unescape(fields[sep + 2])).into_owned(),
+                    device: (major.parse().ok()?, minor.parse().ok()?),
+                    root: PathBuf::from(OsString::from_vec(unescape(fields[3]))),
+                    shared,
+                    master,
                 })
             })
             .collect();
@@ -108,6 +132,11 @@ garbage line
             .unwrap();
         assert_eq!(e.fstype, "ext4");
         assert_eq!(e.source, "/dev/loop3");
+        assert_eq!(e.device, (7, 3));
+        assert_eq!(e.root, Path::new("/"));
+        assert_eq!(e.shared, Some(50));
+        let x = t.find(Path::new("/mnt/x")).unwrap();
+        assert_eq!((x.device, x.shared, x.master), ((0, 55), None, Some(3)));
         assert!(t.is_mounted(Path::new("/var/lib/ferry/local/volumes/with space/data")));
         assert_eq!(t.find(Path::new("/mnt/x")).unwrap().fstype, "fuse.ferry");
         assert!(!t.is_mounted(Path::new("/var/lib/ferry")));

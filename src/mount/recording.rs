@@ -3,16 +3,26 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{MountEntry, MountError, MountTable, Mounter};
+use super::{Holder, MountEntry, MountError, MountTable, Mounter, Storage};
 use crate::spec::FsType;
 
 /// Records calls as strings such as `mount /img /target ext4`, and can be told to fail the next mount.
+/// It models loop devices (one per image, bound while the image is mounted here or held elsewhere),
+/// other mount namespaces holding storage (`hold_elsewhere`), and filesystem overhead (`set_overhead`).
 #[derive(Debug, Default)]
 pub struct RecordingMounter {
     pub calls: Mutex<Vec<String>>,
-    mounted: Mutex<Vec<(PathBuf, FsType)>>,
+    /// (target, fs, the image mounted there, if any)
+    mounted: Mutex<Vec<(PathBuf, FsType, Option<PathBuf>)>>,
     fail_next_mount: Mutex<bool>,
+    /// Images and directories another mount namespace holds.
+    held: Mutex<Vec<PathBuf>>,
+    /// Bytes of an image its filesystem keeps for itself.
+    overhead: Mutex<u64>,
 }
+
+/// The one loop device the double pretends to bind.
+pub const RECORDED_LOOP: &str = "/dev/loop-test";
 
 impl RecordingMounter {
     pub fn calls(&self) -> Vec<String> {
@@ -31,6 +41,27 @@ impl RecordingMounter {
             .fail_next_mount
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    /// Pretends a process in another mount namespace keeps `path` (an image or a directory) mounted, as a
+    /// running container does; `release_elsewhere` ends it.
+    pub fn hold_elsewhere(&self, path: &Path) {
+        lock(&self.held).push(path.to_path_buf());
+    }
+
+    pub fn release_elsewhere(&self, path: &Path) {
+        lock(&self.held).retain(|p| p != path);
+    }
+
+    /// Removes the mount at `target` from this namespace only, as `umount -l` does while another namespace
+    /// still holds the filesystem.
+    pub fn lazy_unmount(&self, target: &Path) {
+        lock(&self.mounted).retain(|(t, _, _)| t != target);
+    }
+
+    /// How many bytes of every image its filesystem keeps for itself.
+    pub fn set_overhead(&self, bytes: u64) {
+        *lock(&self.overhead) = bytes;
     }
 
     /// Forgets every mount, as a reboot would.
@@ -55,7 +86,57 @@ impl Mounter for RecordingMounter {
         Ok(())
     }
 
-    fn mount_image(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
+    fn bound_loops(&self, image: &Path) -> Result<Vec<PathBuf>, MountError> {
+        let mounted = lock(&self.mounted)
+            .iter()
+            .any(|(_, _, i)| i.as_deref() == Some(image));
+        let held = lock(&self.held).iter().any(|p| p == image);
+        Ok(if mounted || held {
+            vec![PathBuf::from(RECORDED_LOOP)]
+        } else {
+            Vec::new()
+        })
+    }
+
+    fn mount_device(&self, device: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
+        self.record(format!(
+            "mount-device {} {} {}",
+            device.display(),
+            target.display(),
+            fs.as_str()
+        ));
+        lock(&self.mounted).push((target.to_path_buf(), fs, None));
+        Ok(())
+    }
+
+    fn available_bytes(&self, target: &Path) -> Result<u64, MountError> {
+        let image = lock(&self.mounted)
+            .iter()
+            .rev()
+            .find(|(t, _, _)| t == target)
+            .and_then(|(_, _, i)| i.clone());
+        let Some(image) = image else {
+            return Ok(u64::MAX);
+        };
+        let len = std::fs::metadata(&image)?.len();
+        Ok(len.saturating_sub(*lock(&self.overhead)))
+    }
+
+    fn holders(&self, storage: Storage<'_>) -> Result<Vec<Holder>, MountError> {
+        let path = match storage {
+            Storage::Image(p) | Storage::Directory(p) => p,
+        };
+        Ok(lock(&self.held)
+            .iter()
+            .filter(|p| p.as_path() == path)
+            .map(|_| Holder {
+                pid: 4242,
+                mount_point: PathBuf::from("/data"),
+            })
+            .collect())
+    }
+
+    fn attach_and_mount(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
         if std::mem::take(
             &mut *self
                 .fail_next_mount
@@ -82,7 +163,7 @@ impl Mounter for RecordingMounter {
         self.mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((target.to_path_buf(), fs));
+            .push((target.to_path_buf(), fs, Some(image.to_path_buf())));
         Ok(())
     }
 
@@ -91,13 +172,13 @@ impl Mounter for RecordingMounter {
         self.mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((target.to_path_buf(), FsType::Ext4));
+            .push((target.to_path_buf(), FsType::Ext4, None));
         Ok(())
     }
 
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
         let mut m = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = m.iter().rposition(|(t, _)| t == target) {
+        if let Some(i) = m.iter().rposition(|(t, _, _)| t == target) {
             m.remove(i);
             self.record(format!("unmount {}", target.display()));
         }
@@ -108,12 +189,17 @@ impl Mounter for RecordingMounter {
         let m = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
         Ok(MountTable::from_entries(
             m.iter()
-                .map(|(t, fs)| MountEntry {
+                .map(|(t, fs, _)| MountEntry {
                     mount_point: t.clone(),
                     fstype: fs.as_str().to_string(),
-                    source: "/dev/loop-test".into(),
+                    source: RECORDED_LOOP.into(),
+                    ..MountEntry::default()
                 })
                 .collect(),
         ))
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

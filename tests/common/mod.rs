@@ -212,6 +212,79 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|p| Path::new(p) == path)
 }
 
+/// A process in a mount namespace of its own (`unshare -m`, private propagation), made while the volumes
+/// the test mounted existed: it keeps its copy of those mounts whatever happens to the host's, as a running
+/// container keeps its volumes. Dropping it kills it, which ends the copies.
+pub struct NamespaceHolder {
+    child: Child,
+}
+
+impl NamespaceHolder {
+    pub fn start() -> NamespaceHolder {
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sleep", "3600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux) runs");
+        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // It holds the mounts once it runs `sleep` in its new namespace.
+        loop {
+            let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if ns.is_some_and(|n| n != own) && comm.trim() == "sleep" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "unshare did not start in time");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        NamespaceHolder { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Bind-mounts `source` on `target` inside the holder's namespace only, as Docker gives a container a
+    /// plain volume's directory. `target` is made if missing.
+    pub fn bind(&self, source: &Path, target: &Path) {
+        std::fs::create_dir_all(target).unwrap();
+        let out = Command::new("nsenter")
+            .arg("-t")
+            .arg(self.pid().to_string())
+            .args(["-m", "--", "mount", "--bind"])
+            .arg(source)
+            .arg(target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nsenter mount --bind: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `path` as the holder's namespace sees it (through `/proc/PID/root`).
+    pub fn path(&self, path: &Path) -> PathBuf {
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        PathBuf::from(format!("/proc/{}/root", self.pid())).join(rel)
+    }
+
+    /// Ends the holder and its copies of the mounts.
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NamespaceHolder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Sends one raw HTTP/1.1 request over the socket and returns the status and body.
 pub fn raw_call(socket: &Path, method: &str, endpoint: &str, body: &[u8]) -> (u16, String) {
     let mut head = format!(
