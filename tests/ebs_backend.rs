@@ -706,6 +706,37 @@ fn remove_on_another_host_is_refused_while_the_volume_is_mounted() {
     drop(rt);
 }
 
+/// The recovery troubleshooting.md gives for a host that died with the volume mounted, run literally:
+/// its tag stops being refreshed, and once it is 120 s old the Remove refused before goes ahead.
+#[test]
+fn remove_elsewhere_goes_ahead_once_a_dead_hosts_tag_is_stale() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let (_ta, mut a) = host(&ebs.endpoint(), "da", 4);
+    let (_tb, b) = host(&ebs.endpoint(), "db", 4);
+    create(&a, "orphaned", "32MiB");
+    let m = a.mount("orphaned", "x");
+    write_file(&m.join("f"), b"first");
+    a.unmount("orphaned", "x");
+    create(&b, "orphaned", "32MiB");
+    a.mount("orphaned", "y");
+    let tagged = Instant::now();
+    // a dies with the volume mounted: nothing refreshes or deletes its tag any more.
+    a.kill9();
+    let err = b.err("/VolumeDriver.Remove", r#"{"Name":"orphaned"}"#);
+    assert!(
+        err.contains("still mounted on host") && err.contains("120 s"),
+        "{err}"
+    );
+    assert_eq!(ebs.counters().deleted.load(Ordering::Relaxed), 0);
+    // "wait until its tag is 120 s old and remove the volume again"
+    let stale_at = tagged + ferry::backend::ebs::MOUNTED_STALE + Duration::from_secs(2);
+    std::thread::sleep(stale_at.saturating_duration_since(Instant::now()));
+    b.remove("orphaned");
+    assert!(snapshots_of(&ebs, "orphaned", 1).is_empty());
+    drop(rt);
+}
+
 /// Mounts once the volume is no longer busy finishing an interrupted operation; any other error fails.
 fn mount_when_ready(d: &Daemon, name: &str, id: &str) -> PathBuf {
     let deadline = Instant::now() + Duration::from_secs(60);
