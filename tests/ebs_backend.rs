@@ -737,6 +737,53 @@ fn remove_elsewhere_goes_ahead_once_a_dead_hosts_tag_is_stale() {
     drop(rt);
 }
 
+/// A container that stopped while the plugin was down never sends its Unmount: at restart, where no mount
+/// namespace but Ferry's holds the image's filesystem, the mount ID is released, what was written is
+/// shipped, and the volume can be removed; one a container still holds keeps its ID.
+#[test]
+fn mount_ids_of_containers_gone_while_down_are_released_and_shipped_at_start() {
+    let rt = runtime();
+    let ebs = rt.block_on(StrictEbs::start(100));
+    let (_t, mut d) = host(&ebs.endpoint(), "stale", 4);
+    create(&d, "gone", "32MiB");
+    create(&d, "kept", "32MiB");
+    let gone = d.mount("gone", "c1");
+    write_file(&gone.join("f"), b"written before the crash");
+    let kept = d.mount("kept", "c2");
+    let container = common::NamespaceHolder::start();
+    d.kill9();
+    // "gone"'s container stops while the plugin is down; "kept"'s runs on (it holds both in its
+    // namespace, so let it go of "gone" first).
+    let out = std::process::Command::new("nsenter")
+        .arg("-t")
+        .arg(container.pid().to_string())
+        .args(["-m", "--", "umount", "-l"])
+        .arg(&gone)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    restart(&mut d);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while generation(&d, "gone") != Some(1) || d.get("gone")["Status"]["active_mounts"] != 0 {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d
+        .log_text()
+        .contains("released mount IDs left by containers"));
+    assert_eq!(d.get("kept")["Status"]["active_mounts"], 1);
+    assert!(common::is_mounted(&kept));
+    d.remove("gone");
+    assert!(snapshots_of(&ebs, "gone", 1).is_empty());
+    container.stop();
+    d.unmount("kept", "c2");
+    drop(rt);
+}
+
 /// Mounts once the volume is no longer busy finishing an interrupted operation; any other error fails.
 fn mount_when_ready(d: &Daemon, name: &str, id: &str) -> PathBuf {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -765,8 +812,12 @@ fn remove_deletes_the_snapshots_and_refuses_while_mounted() {
     create(&d, "gone", "32MiB");
     let m = d.mount("gone", "x");
     write_file(&m.join("f"), b"data");
+    // A container holds the mount in its own namespace (without one, the ID is provably stale and Remove
+    // releases it).
+    let container = common::NamespaceHolder::start();
     let err = d.err("/VolumeDriver.Remove", r#"{"Name":"gone"}"#);
     assert!(err.contains("in use") || err.contains("mounted"), "{err}");
+    container.stop();
     d.unmount("gone", "x");
     let m = d.mount("gone", "x2");
     write_file(&m.join("g"), b"more");

@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 use self::blockmap::BlockMap;
 pub use self::client::{ClientSettings, EbsError, SnapState, SnapshotClient, SnapshotInfo};
 use super::{Attached, Backend, BackendError, Shipped, TransferTotals};
-use crate::mount::{MountTable, Mounter};
+use crate::mount::{Holder, MountTable, Mounter, Storage};
 use crate::spec::{format_size, BackendKind, FsType, VolumeSpec};
 
 /// Blocks in flight per push or pull unless configured.
@@ -1150,6 +1150,18 @@ impl Backend for EbsBackend {
 
     fn is_attached(&self, name: &str, _spec: &VolumeSpec, table: &MountTable) -> Option<bool> {
         Some(table.is_mounted(&self.inner.exposed(name)))
+    }
+
+    /// The local copy is a loop-mounted image, as a capped local volume's: a container still holds the
+    /// volume exactly where that image's filesystem is mounted in its namespace.
+    fn holders(&self, name: &str, _spec: &VolumeSpec) -> Option<Result<Vec<Holder>, BackendError>> {
+        let image = self.inner.paths(name).image;
+        Some(
+            self.inner
+                .mounter
+                .holders(Storage::Image(&image))
+                .map_err(BackendError::from),
+        )
     }
 
     fn status(&self, name: &str, spec: &VolumeSpec) -> Map<String, Value> {
