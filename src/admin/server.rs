@@ -92,16 +92,11 @@ async fn handle(
     path: &str,
     query: Option<&str>,
 ) -> Response<Full<Bytes>> {
-    if let Some(name) = path
+    // The operator's actions: POST /v1/volumes/NAME/ACTION. Everything else only reads.
+    if let Some((name, action)) = path
         .strip_prefix("/v1/volumes/")
-        .and_then(|rest| rest.strip_suffix("/release"))
-    {
-        return release(ctx, method, path, name, query).await;
-    }
-    // The operator's way out of an ebs conflict: move this host's copy aside.
-    if let Some(name) = path
-        .strip_prefix("/v1/volumes/")
-        .and_then(|rest| rest.strip_suffix("/set-aside"))
+        .and_then(|rest| rest.rsplit_once('/'))
+        .filter(|(_, a)| ["release", "set-aside", "checkpoint"].contains(a))
     {
         if method != Method::POST {
             return error(
@@ -115,42 +110,26 @@ async fn handle(
                 "the volume name in the path is not valid percent-encoded UTF-8".into(),
             );
         };
-        return match ctx.service.set_aside(&name).await {
-            Ok(moved_to) => json(
-                StatusCode::OK,
-                &SetAside {
-                    volume: name,
-                    moved_to,
-                },
-            ),
-            Err(e @ ServiceError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
-            Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        let answer = match action {
+            "release" => return release(ctx, name, query).await,
+            // The operator's way out of an ebs conflict: move this host's copy aside.
+            "set-aside" => ctx.service.set_aside(&name).await.map(|moved_to| {
+                json(
+                    StatusCode::OK,
+                    &SetAside {
+                        volume: name,
+                        moved_to,
+                    },
+                )
+            }),
+            // Shipping a mounted volume's changes now.
+            _ => ctx
+                .service
+                .checkpoint(&name)
+                .await
+                .map(|shipped| json(StatusCode::OK, &shipped)),
         };
-    }
-    // Shipping a mounted volume's changes now; besides release and set-aside, everything else only reads.
-    if let Some(name) = path
-        .strip_prefix("/v1/volumes/")
-        .and_then(|rest| rest.strip_suffix("/checkpoint"))
-    {
-        if method != Method::POST {
-            return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}; use POST"),
-            );
-        }
-        let Some(name) = percent_decode(name) else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "the volume name in the path is not valid percent-encoded UTF-8".into(),
-            );
-        };
-        return match ctx.service.checkpoint(&name).await {
-            Ok(shipped) => json(StatusCode::OK, &shipped),
-            Err(e @ ServiceError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
-            Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        };
+        return answer.unwrap_or_else(service_error);
     }
     if method != Method::GET {
         return error(
@@ -165,9 +144,7 @@ async fn handle(
             Some(name) => match percent_decode(name) {
                 Some(name) => match ctx.service.report(&name) {
                     Ok(report) => json(StatusCode::OK, &report),
-                    Err(e @ ServiceError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
-                    Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
-                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    Err(e) => service_error(e),
                 },
                 None => error(
                     StatusCode::BAD_REQUEST,
@@ -182,27 +159,20 @@ async fn handle(
     }
 }
 
+/// A service error as the admin API answers it: the status says whose problem it is.
+fn service_error(e: ServiceError) -> Response<Full<Bytes>> {
+    let status = match &e {
+        ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
+        ServiceError::Held { .. } => StatusCode::CONFLICT,
+        e if e.is_user_error() => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
 /// `POST /v1/volumes/NAME/release[?id=ID][&force=true]`: drops mount IDs left behind, on the operator's
 /// word (`ferry release`).
-async fn release(
-    ctx: &AdminContext,
-    method: &Method,
-    path: &str,
-    name: &str,
-    query: Option<&str>,
-) -> Response<Full<Bytes>> {
-    if method != Method::POST {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed on {path}; use POST"),
-        );
-    }
-    let Some(name) = percent_decode(name) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the volume name in the path is not valid percent-encoded UTF-8".into(),
-        );
-    };
+async fn release(ctx: &AdminContext, name: String, query: Option<&str>) -> Response<Full<Bytes>> {
     let (mut id, mut force) = (None, false);
     for pair in query
         .unwrap_or_default()
@@ -225,10 +195,7 @@ async fn release(
     }
     match ctx.service.release(&name, id.as_deref(), force).await {
         Ok(report) => json(StatusCode::OK, &report),
-        Err(e @ ServiceError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ ServiceError::Held { .. }) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e) if e.is_user_error() => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => service_error(e),
     }
 }
 
