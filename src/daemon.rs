@@ -15,6 +15,46 @@ use crate::mount::{Mounter, SystemMounter};
 use crate::plugin;
 use crate::service::VolumeService;
 
+/// Creates the state directory root-only, or restricts an existing one, and returns it resolved: every
+/// path below is built from that one resolution. A state directory given as a symbolic link is followed
+/// once, and its target is restricted only when it is Ferry's own (it holds a catalog) or empty: a link to
+/// a directory of something else (`/etc`, a home) is refused rather than chmod'ed.
+fn prepare_state_dir(given: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let is_link = std::fs::symlink_metadata(given)
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false);
+    if !is_link {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(given)
+            .with_context(|| format!("cannot create the state directory {}", given.display()))?;
+    }
+    let state = std::fs::canonicalize(given)
+        .with_context(|| format!("cannot resolve the state directory {}", given.display()))?;
+    if is_link {
+        let ferrys = state.join("catalog.redb").exists()
+            || std::fs::read_dir(&state)
+                .with_context(|| format!("cannot read the state directory {}", state.display()))?
+                .next()
+                .is_none();
+        if !ferrys {
+            anyhow::bail!(
+                "the state directory {} is a link to {}, which holds files but no Ferry catalog; Ferry \
+                 would restrict it to root (mode 0700) and keep its volumes there, so it refuses a directory \
+                 that is not its own: point --state-dir (or FERRY_STATE_DIR) at an empty directory or at \
+                 Ferry's existing state directory",
+                given.display(),
+                state.display()
+            );
+        }
+    }
+    // The catalog may name volumes and options: keep it from other users even if the directory existed.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict the state directory {}", state.display()))?;
+    Ok(state)
+}
+
 /// Runs the plugin until SIGTERM or SIGINT.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
@@ -22,18 +62,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let state = &config.state_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state)
-        .with_context(|| format!("cannot create the state directory {}", state.display()))?;
-    // The catalog may name volumes and options: keep it from other users even if the directory existed.
-    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot restrict the state directory {}", state.display()))?;
-
-    let state = &std::fs::canonicalize(state)
-        .with_context(|| format!("cannot resolve the state directory {}", state.display()))?;
+    let state = &prepare_state_dir(&config.state_dir)?;
 
     // Refuse early if another plugin answers on the socket, before touching any state.
     if config.socket.exists() && std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {

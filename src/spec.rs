@@ -374,11 +374,16 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
+/// A uid or gid. 4294967295 is (uid_t)-1, which chown(2) takes as "leave unchanged", so it could be
+/// recorded but never applied. Signs are refused: `+5` is not how anyone writes an id on purpose.
 fn parse_id(key: &'static str, value: &str) -> Result<u32, SpecError> {
-    value
-        .trim()
-        .parse::<u32>()
-        .map_err(|_| bad(key, value, "expected a numeric id from 0 to 4294967295"))
+    let t = value.trim();
+    t.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| t.parse::<u32>().ok())
+        .flatten()
+        .filter(|id| *id != u32::MAX)
+        .ok_or_else(|| bad(key, value, "expected a numeric id from 0 to 4294967294"))
 }
 
 impl VolumeSpec {
@@ -480,9 +485,11 @@ impl VolumeSpec {
             Some(v) => {
                 let t = v.trim();
                 let t = t.strip_prefix("0o").unwrap_or(t);
+                // from_str_radix alone would take a sign.
                 let m = u32::from_str_radix(t, 8)
                     .ok()
                     .filter(|m| *m <= 0o7777 && !t.is_empty())
+                    .filter(|_| t.bytes().all(|b| (b'0'..=b'7').contains(&b)))
                     .ok_or_else(|| {
                         bad(
                             "mode",
@@ -764,6 +771,15 @@ mod tests {
             (&[("size", "100M"), ("fs", "xfs")], "size"),
             (&[("size", "1G"), ("fs", "btrfs")], "fs"),
             (&[("uid", "-1")], "uid"),
+            (&[("uid", "+5")], "uid"),
+            (&[("uid", "4294967295")], "uid"),
+            (&[("gid", "4294967295")], "gid"),
+            (&[("gid", "+0")], "gid"),
+            (&[("uid", " 5 6")], "uid"),
+            (&[("mode", "+755")], "mode"),
+            (&[("mode", "-755")], "mode"),
+            (&[("mode", "0o+755")], "mode"),
+            (&[("size", "+1G")], "size"),
             (&[("uid", "root")], "uid"),
             (&[("gid", "4294967296")], "gid"),
             (&[("mode", "0999")], "mode"),
@@ -777,6 +793,12 @@ mod tests {
             }
         }
         assert_eq!(spec(&[("fs", "xfs")]), Err(SpecError::FsWithoutSize));
+        // The largest id chown(2) can apply, and the way ids are usually written, still pass.
+        let edge = spec(&[("uid", "4294967294"), ("gid", " 0 "), ("mode", "0o2775")]).unwrap();
+        assert_eq!(
+            (edge.uid, edge.gid, edge.mode),
+            (Some(u32::MAX - 1), Some(0), Some(0o2775))
+        );
     }
 
     #[test]

@@ -373,3 +373,204 @@ fn a_volume_unmounted_by_hand_is_shared_never_mounted_twice() {
     d.unmount("shared", "c3");
     d.remove("shared");
 }
+
+/// Links planted where Ferry keeps its own files are refused with an error naming them, and their targets
+/// are neither mounted over, attached nor changed.
+#[test]
+fn planted_links_are_refused_and_their_targets_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious"), b"keep me").unwrap();
+    let victim_image = tmp.path().join("victim.img");
+    std::fs::write(&victim_image, vec![7u8; 1 << 20]).unwrap();
+    let untouched = |what: &str| {
+        assert!(!is_mounted(&victim), "{what}: the victim was mounted over");
+        assert_eq!(
+            std::fs::read(victim.join("precious")).unwrap(),
+            b"keep me",
+            "{what}"
+        );
+        assert_eq!(
+            std::fs::read(&victim_image).unwrap(),
+            vec![7u8; 1 << 20],
+            "{what}"
+        );
+        assert!(
+            loops_of(&victim_image).is_empty(),
+            "{what}: the victim image was attached"
+        );
+    };
+    let plant = |link: &std::path::Path, target: &std::path::Path| {
+        if link.is_dir() && !link.is_symlink() {
+            std::fs::remove_dir_all(link).unwrap();
+        } else if link.exists() || link.is_symlink() {
+            std::fs::remove_file(link).unwrap();
+        }
+        std::os::unix::fs::symlink(target, link).unwrap();
+    };
+
+    // Without a mount root: Docker is handed local/NAME/data, and a capped volume is mounted there.
+    let d = Daemon::start_in(tmp.path(), &tmp.path().join("a.sock"), &[]);
+    d.create("plain", "null");
+    plant(&d.state.join("local/plain/data"), &victim);
+    let err = d.err("/VolumeDriver.Mount", r#"{"Name":"plain","ID":"a"}"#);
+    assert!(err.contains("local/plain/data is a symbolic link"), "{err}");
+    untouched("plain data");
+
+    d.create("capped", r#"{"size":"32MiB"}"#);
+    plant(&d.state.join("local/capped/disk.img"), &victim_image);
+    let err = d.err("/VolumeDriver.Mount", r#"{"Name":"capped","ID":"a"}"#);
+    assert!(
+        err.contains("local/capped/disk.img is a symbolic link"),
+        "{err}"
+    );
+    untouched("capped image");
+
+    d.create("capped2", r#"{"size":"32MiB"}"#);
+    plant(&d.state.join("local/capped2/data"), &victim);
+    let err = d.err("/VolumeDriver.Mount", r#"{"Name":"capped2","ID":"a"}"#);
+    assert!(
+        err.contains("local/capped2/data is a symbolic link"),
+        "{err}"
+    );
+    untouched("capped mountpoint");
+    drop(d);
+
+    // With a mount root: a link in place of the volume's mountpoint.
+    let root = tmp.path().join("propagated");
+    let root_s = root.to_str().unwrap().to_string();
+    let d = Daemon::start_in(
+        tmp.path(),
+        &tmp.path().join("b.sock"),
+        &[("FERRY_MOUNT_ROOT", &root_s)],
+    );
+    for (name, opts) in [("rooted", "null"), ("rooted-capped", r#"{"size":"32MiB"}"#)] {
+        d.create(name, opts);
+        plant(&root.join(name), &victim);
+        let err = d.err(
+            "/VolumeDriver.Mount",
+            &format!(r#"{{"Name":"{name}","ID":"a"}}"#),
+        );
+        assert!(
+            err.contains(&format!("propagated/{name} is a symbolic link")),
+            "{err}"
+        );
+        untouched(name);
+        // Remove refuses the link too, and works once it is gone; the target stays as it was.
+        let err = d.err("/VolumeDriver.Remove", &format!(r#"{{"Name":"{name}"}}"#));
+        assert!(err.contains("is a symbolic link"), "{err}");
+        untouched(name);
+        std::fs::remove_file(root.join(name)).unwrap();
+        d.remove(name);
+        untouched(name);
+    }
+    drop(d);
+    unmount_under(&root);
+}
+
+/// A state directory given as a link is followed once; its target is restricted only when it is Ferry's.
+#[test]
+fn a_linked_state_dir_is_restricted_only_when_it_is_ferrys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let foreign = tmp.path().join("etc-like");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("passwd"), b"root:x:0:0").unwrap();
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = tmp.path().join("state-link");
+    std::os::unix::fs::symlink(&foreign, &link).unwrap();
+    let out = std::process::Command::new(common::ferry_bin())
+        .args(["serve", "--socket"])
+        .arg(tmp.path().join("x.sock"))
+        .arg("--state-dir")
+        .arg(&link)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("holds files but no Ferry catalog"),
+        "{stderr}"
+    );
+    let mode = std::fs::metadata(&foreign).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "the link's target was chmod'ed");
+    assert!(!foreign.join("catalog.redb").exists());
+
+    // An empty target becomes Ferry's, and stays usable through the link after a restart.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&empty, &link).unwrap();
+    let mut d = Daemon::start_in_state(tmp.path(), &tmp.path().join("y.sock"), &link);
+    d.create("v", "null");
+    assert_eq!(
+        std::fs::metadata(&empty).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+    d.kill9();
+    d.spawn(&[]);
+    assert_eq!(d.get("v")["Name"], "v");
+}
+
+/// A size the state filesystem cannot hold as one file is refused at Create, naming the largest it can
+/// hold, instead of failing with "File too large" later. ext4 with 1 KiB blocks stops at 4 TiB per file.
+#[test]
+fn a_size_beyond_the_largest_file_is_refused_at_create() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("statefs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(cmd).args(args).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+    };
+    run(
+        "mkfs.ext4",
+        &[
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-b".as_ref(),
+            "1024".as_ref(),
+            image.as_os_str(),
+        ],
+    );
+    let fs = tmp.path().join("statefs");
+    std::fs::create_dir(&fs).unwrap();
+    run(
+        "mount",
+        &[
+            "-o".as_ref(),
+            "loop".as_ref(),
+            image.as_os_str(),
+            fs.as_os_str(),
+        ],
+    );
+    let d = Daemon::start_in(&fs, &tmp.path().join("f.sock"), &[]);
+    let err = d.err(
+        "/VolumeDriver.Create",
+        r#"{"Name":"huge","Opts":{"size":"5TiB"}}"#,
+    );
+    assert!(err.contains("size=5TiB does not fit"), "{err}");
+    let max = err
+        .split("the largest size it can hold is ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("{err}"));
+    let max_gib: u64 = max.strip_suffix("GiB").unwrap().parse().unwrap();
+    assert!((3 << 10..4 << 10).contains(&max_gib), "{err}");
+    assert!(!d.state.join("local/huge").exists());
+    assert!(d
+        .err("/VolumeDriver.Get", r#"{"Name":"huge"}"#)
+        .contains("does not exist"));
+    // Sizes the filesystem can hold still work there.
+    d.create("fits", r#"{"size":"32MiB"}"#);
+    let mp = d.mount("fits", "a");
+    std::fs::write(mp.join("f"), b"x").unwrap();
+    d.unmount("fits", "a");
+    d.remove("fits");
+    drop(d);
+    run("umount", &[fs.as_os_str()]);
+}

@@ -208,14 +208,23 @@ impl LocalBackend {
 
     fn attach_blocking(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
         let p = self.paths(name);
+        // Docker is handed `data` (or a mount of it): a link planted there would give a container, or the
+        // mount below, some other part of the host.
+        let storage = if sized(spec).is_some() {
+            &p.image
+        } else {
+            &p.data
+        };
+        super::refuse_links(&self.root, storage)?;
         if !p.data.is_dir() {
             return Err(BackendError::Missing { path: p.data });
         }
         let target = self.exposed(name);
         if !self.mounts_something(spec) {
+            super::refuse_links(&self.root, &p.data)?;
             return Ok(target);
         }
-        if self.mount_root.is_some() {
+        if let Some(mount_root) = &self.mount_root {
             DirBuilder::new()
                 .mode(0o755)
                 .create(&target)
@@ -227,6 +236,10 @@ impl LocalBackend {
                     }
                 })
                 .map_err(BackendError::io("create", &target))?;
+            // An existing "mountpoint" that is a link would have the volume mounted over its target.
+            super::refuse_links(mount_root, &target)?;
+        } else {
+            super::refuse_links(&self.root, &target)?;
         }
         // A mount left by an earlier run is adopted, never stacked: two mounts of one image would
         // corrupt it.
@@ -260,6 +273,12 @@ impl LocalBackend {
 
 /// Removes a mountpoint directory that Ferry made; a missing one is fine.
 fn remove_empty_dir(path: &Path) -> Result<(), BackendError> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(crate::mount::MountError::PlantedLink {
+            path: path.to_path_buf(),
+        }
+        .into());
+    }
     match std::fs::remove_dir(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -282,11 +301,16 @@ impl Backend for LocalBackend {
         BackendKind::Local
     }
 
-    fn preflight(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+    fn preflight(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
         let dir = self.paths(name).dir;
-        match std::fs::symlink_metadata(&dir) {
-            Ok(_) => Err(BackendError::Orphan { path: dir }),
-            Err(_) => Ok(()),
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            return Err(BackendError::Orphan { path: dir });
+        }
+        match sized(spec) {
+            Some((size, fs)) => {
+                super::check_image_fits(&self.root, size, |s| first_image_len(s, fs))
+            }
+            None => Ok(()),
         }
     }
 

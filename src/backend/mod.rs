@@ -3,6 +3,7 @@
 //! `is_attached` and `status`, which answer from memory and a mount-table snapshot.
 
 pub mod ebs;
+mod limits;
 mod local;
 pub mod nfs;
 
@@ -58,6 +59,13 @@ pub enum BackendError {
         op: &'static str,
         backend: BackendKind,
     },
+    #[error("size={size} does not fit on the filesystem that holds this volume's image ({dir}): its largest file is {largest_file}, so the largest size it can hold is {max}; choose a smaller size, or move the directory to a filesystem with larger files (such as xfs, or ext4 with 4 KiB blocks)")]
+    TooLarge {
+        size: String,
+        max: String,
+        largest_file: String,
+        dir: PathBuf,
+    },
     #[error("the attached storage was lost while {mounts} container mount(s) used it (for nfs: its FUSE helper exited); those containers get I/O errors until restarted, and the next mount attaches the volume again")]
     Lost { mounts: u64 },
 }
@@ -78,6 +86,7 @@ impl BackendError {
             BackendError::NoSuchSubdir { .. } => "no_such_subdir",
             BackendError::Helper { .. } => "helper",
             BackendError::Lost { .. } => "lost",
+            BackendError::TooLarge { .. } => "too_large",
             BackendError::Unsupported { .. } => "unsupported",
         }
     }
@@ -115,6 +124,51 @@ pub(crate) fn prepare_roots(
         None => None,
     };
     Ok((root, mount_root))
+}
+
+/// Refuses an image of `image_len(size)` bytes that the filesystem holding `dir` cannot hold as one file,
+/// naming the largest size it can. A filesystem that cannot be asked lets the create go on; sizing the
+/// image then reports whatever it has to.
+pub(crate) fn check_image_fits(
+    dir: &Path,
+    size: u64,
+    image_len: impl Fn(u64) -> u64,
+) -> Result<(), BackendError> {
+    match limits::largest_file_if_smaller(dir, image_len(size)) {
+        Ok(None) => Ok(()),
+        Ok(Some(largest)) => Err(BackendError::TooLarge {
+            size: crate::spec::format_size(size),
+            max: crate::spec::format_size(limits::largest_size(largest, image_len)),
+            largest_file: crate::spec::format_size(largest),
+            dir: dir.to_path_buf(),
+        }),
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot probe the largest file size");
+            Ok(())
+        }
+    }
+}
+
+/// Refuses `path` if it, or any directory between `root` and it, is a symbolic link. `root` itself was
+/// resolved once at start-up; below it everything is Ferry's own making, so a link there was planted.
+/// Paths outside `root` are not checked. A component that does not exist yet is fine: Ferry creates it.
+pub(crate) fn refuse_links(root: &Path, path: &Path) -> Result<(), BackendError> {
+    let Ok(rel) = path.strip_prefix(root) else {
+        return Ok(());
+    };
+    let mut at = root.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(MountError::PlantedLink { path: at }.into());
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(BackendError::io("inspect", &at)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// What `attach` made reachable.

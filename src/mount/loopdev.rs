@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -95,7 +96,18 @@ pub fn attach(image: &Path) -> Result<LoopDevice, MountError> {
         path: image.to_path_buf(),
         errno,
     };
-    let backing = OpenOptions::new().read(true).write(true).open(image)?;
+    // Never through a link: the image is Ferry's own file, and a link in its place was planted.
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(image)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => MountError::PlantedLink {
+                path: image.to_path_buf(),
+            },
+            _ => e.into(),
+        })?;
     let control = OpenOptions::new()
         .read(true)
         .write(true)
@@ -160,7 +172,7 @@ pub struct BoundLoop {
 /// Every loop device whose backing file is `image` itself (the same device and inode, whatever path it
 /// was bound under). Devices that vanish or unbind while we look are skipped.
 pub fn bound_to(image: &Path) -> Result<Vec<BoundLoop>, MountError> {
-    let st = nix::sys::stat::stat(image).map_err(|errno| MountError::Loop {
+    let st = nix::sys::stat::lstat(image).map_err(|errno| MountError::Loop {
         path: image.to_path_buf(),
         errno,
     })?;

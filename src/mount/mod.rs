@@ -57,8 +57,52 @@ pub enum MountError {
     PartialView,
     #[error("cannot unmount {target}: {errno}{}", if *.errno == Errno::EBUSY { " (a process still uses it)" } else { "" })]
     Unmount { target: PathBuf, errno: Errno },
+    /// A path inside Ferry's own directories is a symbolic link: Ferry never makes one there, so someone
+    /// planted it, and following it would mount or attach something else.
+    #[error("{path} is a symbolic link, which Ferry never makes inside its own directories, so it was refused rather than followed; check who made it, remove it (`rm {path}` removes the link, not its target) and try again")]
+    PlantedLink { path: PathBuf },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// An open directory (or file) reached without following a link in the last component of its path, to
+/// mount on or bind from through `/proc/self/fd`, so that a link swapped in after any check is never
+/// followed either: the kernel mounts exactly what was opened.
+struct Pinned {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Pinned {
+    fn open(path: &Path) -> Result<Self, MountError> {
+        use std::os::fd::FromRawFd;
+        let flags = nix::fcntl::OFlag::O_PATH
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC;
+        match nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty()) {
+            // SAFETY: `open` returned a new descriptor that nothing else owns.
+            Ok(raw) => {
+                let pinned = Pinned {
+                    fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) },
+                };
+                let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&pinned.fd))
+                    .map_err(std::io::Error::from)?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                    return Err(MountError::PlantedLink {
+                        path: path.to_path_buf(),
+                    });
+                }
+                Ok(pinned)
+            }
+            Err(errno) => Err(std::io::Error::from(errno).into()),
+        }
+    }
+
+    fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+        ))
+    }
 }
 
 /// Performs mounts. Implemented by `SystemMounter` (the real kernel) and `RecordingMounter` (tests).
@@ -206,9 +250,10 @@ impl Mounter for SystemMounter {
     }
 
     fn mount_device(&self, device: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
+        let pinned = Pinned::open(target)?;
         nix::mount::mount(
             Some(device),
-            target,
+            &pinned.proc_path(),
             Some(fs.as_str()),
             MsFlags::empty(),
             None::<&str>,
@@ -230,10 +275,11 @@ impl Mounter for SystemMounter {
     }
 
     fn attach_and_mount(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
+        let pinned = Pinned::open(target)?;
         let device = loopdev::attach(image)?;
         let res = nix::mount::mount(
             Some(device.path()),
-            target,
+            &pinned.proc_path(),
             Some(fs.as_str()),
             MsFlags::empty(),
             None::<&str>,
@@ -248,9 +294,10 @@ impl Mounter for SystemMounter {
     }
 
     fn bind(&self, source: &Path, target: &Path) -> Result<(), MountError> {
+        let (from, onto) = (Pinned::open(source)?, Pinned::open(target)?);
         nix::mount::mount(
-            Some(source),
-            target,
+            Some(&from.proc_path()),
+            &onto.proc_path(),
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
@@ -263,7 +310,8 @@ impl Mounter for SystemMounter {
     }
 
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
-        match umount2(target, MntFlags::empty()) {
+        // A link at the mountpoint is never followed: what is mounted there is the link's business.
+        match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
             Err(errno) => Err(MountError::Unmount {
                 target: target.to_path_buf(),

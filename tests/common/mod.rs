@@ -53,6 +53,20 @@ impl Daemon {
         d
     }
 
+    /// Like `start_in`, with the state directory at `state` (which may be a link).
+    pub fn start_in_state(dir: &Path, socket: &Path, state: &Path) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            socket: socket.to_path_buf(),
+            state: state.to_path_buf(),
+            log: dir.join("ferry.log"),
+            dir: dir.to_path_buf(),
+            _tmp: None,
+        };
+        d.spawn(&[]);
+        d
+    }
+
     /// Starts the process again (after `kill9` or `terminate`) on the same socket and state.
     pub fn spawn(&mut self, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()

@@ -597,6 +597,9 @@ impl Inner {
     ) -> Result<Attached, BackendError> {
         let p = self.paths(name);
         let target = self.exposed(name);
+        for path in [&p.image, &p.copy, &p.blocks] {
+            super::refuse_links(&self.root, path)?;
+        }
         if !p.dir.is_dir() {
             // The local copy is a cache of what EBS holds: gone (deleted by hand), it is pulled again.
             // Gone with nothing ever shipped, the data lived only there and nothing can bring it back.
@@ -708,6 +711,7 @@ impl Inner {
                     .create(true)
                     .truncate(true)
                     .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(&tmp)
                     .map_err(BackendError::io("create", &tmp))?;
                 f.set_len(size).map_err(BackendError::io("size", &tmp))?;
@@ -731,12 +735,15 @@ impl Inner {
             self.mounter.clone(),
             spec.clone(),
         );
+        let exposed_root = self.mount_root.clone().unwrap_or_else(|| self.root.clone());
         let mounted = blocking(move || {
             DirBuilder::new()
                 .recursive(true)
                 .mode(0o755)
                 .create(&t)
                 .map_err(BackendError::io("create", &t))?;
+            // An existing mountpoint that is a link would have the volume mounted over its target.
+            super::refuse_links(&exposed_root, &t)?;
             mounter.mount_image(&image, &t, fs)?;
             if fresh_fs {
                 if let Err(e) = super::local::apply_ownership(&t, &spec2) {
@@ -1037,6 +1044,7 @@ fn copy_aside(image: &Path, spool: &Path, changed: &[u64]) -> Result<(), Backend
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(spool)
         .map_err(BackendError::io("create", spool))?;
     let mut buf = vec![0u8; blockmap::BLOCK_SIZE as usize];
@@ -1062,11 +1070,16 @@ impl Backend for EbsBackend {
         BackendKind::Ebs
     }
 
-    fn preflight(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+    fn preflight(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
         let dir = self.inner.paths(name).dir;
-        match std::fs::symlink_metadata(&dir) {
-            Ok(_) => Err(BackendError::Orphan { path: dir }),
-            Err(_) => Ok(()),
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            return Err(BackendError::Orphan { path: dir });
+        }
+        // The local copy is one file of the volume's size, made at the first Mount: refuse now what
+        // that filesystem could never hold.
+        match spec.size {
+            Some(size) => super::check_image_fits(&self.inner.root, size, |s| s),
+            None => Ok(()),
         }
     }
 

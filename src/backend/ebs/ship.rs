@@ -81,6 +81,7 @@ pub(super) async fn pull(
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&tmp)
                 .map_err(BackendError::io("create", &tmp))?;
             f.set_len(size).map_err(BackendError::io("size", &tmp))?;

@@ -328,6 +328,8 @@ impl NfsBackend {
             .mode(0o755)
             .create(&target)
             .map_err(BackendError::io("create", &target))?;
+        // An existing mountpoint that is a link would have the FUSE filesystem mounted over its target.
+        super::refuse_links(self.mount_root.as_ref().unwrap_or(&self.root), &target)?;
         // Connecting, looking the directory up and mounting each wait on the server at most `timeout`.
         let deadline = self.settings.timeout * 2 + Duration::from_secs(5);
         let helper_spec = self.helper_spec(name, spec);
@@ -353,6 +355,7 @@ impl NfsBackend {
             .mode(0o755)
             .create(&target)
             .map_err(BackendError::io("create", &target))?;
+        super::refuse_links(self.mount_root.as_ref().unwrap_or(&self.root), &target)?;
         let (server, export) = Self::target(spec, &self.settings);
         let args = kernel::mount_args(
             &server,
