@@ -383,7 +383,7 @@ pub async fn serve<H: Handler>(
             stop: &stop,
         };
         match accepted {
-            Ok((stream, peer)) => ctx.admit(stream, peer, false),
+            Ok((stream, peer)) => ctx.admit(stream, peer, Room::UnderCap),
             Err(e) if is_fd_exhaustion(&e) => {
                 if let Some(fd) = spare.take() {
                     // One descriptor to accept with: serve the newcomer in place of the longest-idle
@@ -396,19 +396,7 @@ pub async fn serve<H: Handler>(
                         a = listener.accept() => a,
                     };
                     match retried {
-                        Ok((stream, peer)) => {
-                            if table.evict_one() {
-                                logs.warn(LogKey::NoFds, |suppressed| {
-                                    tracing::warn!(listener = name, suppressed, "out of file descriptors: closed the longest-idle connection to serve a new one");
-                                });
-                                ctx.admit(stream, peer, true);
-                            } else {
-                                drop(stream);
-                                logs.warn(LogKey::NoFds, |suppressed| {
-                                    tracing::warn!(listener = name, suppressed, "out of file descriptors: closed a new connection unserved; raise the open-file limit (LimitNOFILE)");
-                                });
-                            }
-                        }
+                        Ok((stream, peer)) => ctx.admit(stream, peer, Room::NoFds),
                         Err(e) => ctx.accept_failed(&e),
                     }
                 } else {
@@ -454,6 +442,16 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
+/// How a new connection gets its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Past the cap, by closing the longest-idle other connection.
+    UnderCap,
+    /// Descriptors ran out and the spare was given up to accept it: by closing another connection, or if
+    /// none may be closed, by not being served.
+    NoFds,
+}
+
 /// What admitting a connection needs from the accept loop.
 struct Admission<'a, H> {
     name: &'static str,
@@ -467,9 +465,8 @@ struct Admission<'a, H> {
 }
 
 impl<H: Handler> Admission<'_, H> {
-    /// Checks the peer, counts the connection (closing the longest-idle one past the cap, unless
-    /// `made_room` says one was closed already) and starts serving it.
-    fn admit(&self, stream: Stream, peer: Peer, made_room: bool) {
+    /// Checks the peer, makes room for the connection as `room` says, counts it and starts serving it.
+    fn admit(&self, stream: Stream, peer: Peer, room: Room) {
         let name = self.name;
         if !self.opts.peers.admits(peer) {
             drop(stream);
@@ -479,16 +476,32 @@ impl<H: Handler> Admission<'_, H> {
             });
             return;
         }
-        let (conn, registration) = self.table.register();
-        if !made_room
-            && self.table.len() > self.opts.limits.max_connections
-            && self.table.evict_one()
-        {
-            let max = self.opts.limits.max_connections;
-            self.logs.warn(LogKey::AtLimit, |suppressed| {
-                tracing::warn!(listener = name, max, suppressed, "connection limit reached: closed the longest-idle connection to admit a new one");
-            });
+        match room {
+            // Room is made before the newcomer is counted, so it is never its own victim: it has sent
+            // nothing yet and would rank as the youngest idle connection.
+            Room::UnderCap if self.table.len() >= self.opts.limits.max_connections => {
+                if self.table.evict_one() {
+                    let max = self.opts.limits.max_connections;
+                    self.logs.warn(LogKey::AtLimit, |suppressed| {
+                        tracing::warn!(listener = name, max, suppressed, "connection limit reached: closed the longest-idle connection to admit a new one");
+                    });
+                }
+            }
+            Room::UnderCap => {}
+            Room::NoFds if self.table.evict_one() => {
+                self.logs.warn(LogKey::NoFds, |suppressed| {
+                    tracing::warn!(listener = name, suppressed, "out of file descriptors: closed the longest-idle connection to serve a new one");
+                });
+            }
+            Room::NoFds => {
+                drop(stream);
+                self.logs.warn(LogKey::NoFds, |suppressed| {
+                    tracing::warn!(listener = name, suppressed, "out of file descriptors: closed a new connection unserved; raise the open-file limit (LimitNOFILE)");
+                });
+                return;
+            }
         }
+        let (conn, registration) = self.table.register();
         let watch = Watch {
             name,
             limits: self.opts.limits,
