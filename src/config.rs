@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::backend::ebs::EbsSettings;
 use crate::backend::nfs::{DataPath, LockMode, NfsSettings};
+use crate::listener::ListenerSettings;
 use crate::spec::{
     canonical_export, parse_size, AllowedServer, BackendKind, EbsDefaults, FsType, NfsDefaults,
     SpecDefaults, MAX_SIZE, MIN_SIZE,
@@ -58,6 +59,8 @@ pub struct ServeConfig {
     pub nfs: Option<NfsSettings>,
     /// The ebs backend's settings; `None` leaves the backend off.
     pub ebs: Option<EbsSettings>,
+    /// Connection caps, timeouts and the plugin socket's users, for all three listeners.
+    pub listeners: ListenerSettings,
 }
 
 /// The TOML file. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -76,6 +79,8 @@ struct FileConfig {
     local: LocalSection,
     #[serde(default)]
     metrics: MetricsSection,
+    #[serde(default)]
+    listeners: ListenersSection,
     /// Present only where the nfs backend is wanted.
     nfs: Option<NfsSection>,
     /// Present only where the ebs backend is wanted.
@@ -125,6 +130,20 @@ struct MetricsSection {
     /// An address such as "127.0.0.1:9464"; unset turns the endpoint off.
     listen: Option<String>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenersSection {
+    idle_timeout: Option<String>,
+    request_timeout: Option<String>,
+    plugin_connections: Option<usize>,
+    admin_connections: Option<usize>,
+    metrics_connections: Option<usize>,
+    docker_uids: Option<Vec<u32>>,
+}
+
+/// The most connections a listener may be configured for; the open-file limit may allow fewer.
+pub const MAX_LISTENER_CONNECTIONS: usize = 65_536;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,6 +229,7 @@ impl ServeConfig {
                 hint: "the nfs backend needs an [nfs] section with server and export".into(),
             });
         }
+        let listeners = listener_settings(file.listeners, &path)?;
         let state_dir = over
             .state_dir
             .clone()
@@ -232,8 +252,70 @@ impl ServeConfig {
             metrics_listen,
             nfs,
             ebs,
+            listeners,
         })
     }
+}
+
+/// Validates the `[listeners]` section.
+fn listener_settings(l: ListenersSection, path: &Path) -> Result<ListenerSettings, ConfigError> {
+    let bad = |key: &'static str, value: String, hint: &str| ConfigError::Value {
+        path: path.to_path_buf(),
+        key,
+        value,
+        hint: hint.to_string(),
+    };
+    let defaults = ListenerSettings::default();
+    let duration = |key: &'static str, v: Option<String>, default| match v {
+        None => Ok(default),
+        Some(t) => humantime::parse_duration(t.trim())
+            .ok()
+            .filter(|d| *d >= std::time::Duration::from_millis(100))
+            .ok_or_else(|| {
+                bad(
+                    key,
+                    t.clone(),
+                    "expected a duration of at least 100ms, such as 120s or 2m",
+                )
+            }),
+    };
+    let count = |key: &'static str, v: Option<usize>, default| match v {
+        None => Ok(default),
+        Some(n) if (1..=MAX_LISTENER_CONNECTIONS).contains(&n) => Ok(n),
+        Some(n) => Err(bad(
+            key,
+            n.to_string(),
+            &format!("expected 1 to {MAX_LISTENER_CONNECTIONS}"),
+        )),
+    };
+    Ok(ListenerSettings {
+        idle_timeout: duration(
+            "listeners.idle_timeout",
+            l.idle_timeout,
+            defaults.idle_timeout,
+        )?,
+        request_timeout: duration(
+            "listeners.request_timeout",
+            l.request_timeout,
+            defaults.request_timeout,
+        )?,
+        plugin_connections: count(
+            "listeners.plugin_connections",
+            l.plugin_connections,
+            defaults.plugin_connections,
+        )?,
+        admin_connections: count(
+            "listeners.admin_connections",
+            l.admin_connections,
+            defaults.admin_connections,
+        )?,
+        metrics_connections: count(
+            "listeners.metrics_connections",
+            l.metrics_connections,
+            defaults.metrics_connections,
+        )?,
+        docker_uids: l.docker_uids.unwrap_or_default(),
+    })
 }
 
 /// Validates the `[ebs]` section. Credentials are deliberately not part of it: they come from the AWS
@@ -527,6 +609,53 @@ pub const REFERENCE: &[ConfigKey] = &[
                   `ferry_{shipped,pulled}_{bytes,blocks}_total`. Plain HTTP without authentication: bind \
                   it to loopback or a trusted network",
         example: "\"127.0.0.1:9464\"",
+    },
+    ConfigKey {
+        key: "listeners.idle_timeout",
+        default: "`2m`",
+        meaning: "how long a connection to any of Ferry's listeners (plugin socket, admin socket, metrics) may \
+                  sit unused before Ferry closes it; keep it above Docker's own keep-alive (dockerd closes \
+                  idle plugin connections after 30 s, Go's HTTP client after 90 s), so Ferry never closes a \
+                  connection Docker is about to reuse",
+        example: "\"2m\"",
+    },
+    ConfigKey {
+        key: "listeners.request_timeout",
+        default: "`10s`",
+        meaning: "how long a request's headers and body may take to arrive, counted from its first byte, \
+                  and how long its client may take to read the answer; a connection that is slower is \
+                  dropped. Calls themselves are bounded by Docker's deadlines, not by this",
+        example: "\"10s\"",
+    },
+    ConfigKey {
+        key: "listeners.plugin_connections",
+        default: "`512`",
+        meaning: "connections the plugin socket keeps at once; past it the longest-idle one is closed to \
+                  admit a new one (a call in progress is never cut). Lowered at start-up, with a warning, \
+                  if the open-file limit (`LimitNOFILE`) cannot hold it; 1 to 65536",
+        example: "512",
+    },
+    ConfigKey {
+        key: "listeners.admin_connections",
+        default: "`32`",
+        meaning: "the same for the admin socket; never more than an eighth of the open-file limit (less \
+                  256 kept for volumes and backends)",
+        example: "32",
+    },
+    ConfigKey {
+        key: "listeners.metrics_connections",
+        default: "`32`",
+        meaning: "the same for the metrics endpoint, so clients holding TCP connections to it can never use \
+                  up the descriptors the plugin socket needs",
+        example: "32",
+    },
+    ConfigKey {
+        key: "listeners.docker_uids",
+        default: "`[]`",
+        meaning: "users, besides root and Ferry's own, whose processes may use the plugin socket (checked \
+                  with SO_PEERCRED whatever the socket's mode): the user a rootless dockerd runs as. \
+                  Connections from anyone else are closed unanswered",
+        example: "[1000]",
     },
     ConfigKey {
         key: "nfs.server",
@@ -907,6 +1036,21 @@ mod tests {
                     assert!(c.metrics_listen.is_none());
                     "none (off)".into()
                 }
+                "listeners.idle_timeout" => {
+                    code(&humantime::format_duration(c.listeners.idle_timeout).to_string())
+                }
+                "listeners.request_timeout" => {
+                    code(&humantime::format_duration(c.listeners.request_timeout).to_string())
+                }
+                "listeners.plugin_connections" => code(&c.listeners.plugin_connections.to_string()),
+                "listeners.admin_connections" => code(&c.listeners.admin_connections.to_string()),
+                "listeners.metrics_connections" => {
+                    code(&c.listeners.metrics_connections.to_string())
+                }
+                "listeners.docker_uids" => {
+                    assert!(c.listeners.docker_uids.is_empty());
+                    "`[]`".into()
+                }
                 "nfs.server" | "nfs.export" => {
                     assert!(c.nfs.is_none());
                     "none (required with `[nfs]`)".into()
@@ -964,6 +1108,41 @@ mod tests {
             // Four cells: five unescaped bars.
             assert_eq!(row.replace("\\|", "").matches('|').count(), 5, "{row}");
         }
+    }
+
+    #[test]
+    fn listeners_section() {
+        let (_d, over) = with_file(
+            "[listeners]\nidle_timeout = \"1s\"\nrequest_timeout = \"500ms\"\nplugin_connections = 8\n\
+             docker_uids = [1000, 1001]\n",
+        );
+        let l = ServeConfig::load(&over).unwrap().listeners;
+        assert_eq!(l.idle_timeout, std::time::Duration::from_secs(1));
+        assert_eq!(l.request_timeout, std::time::Duration::from_millis(500));
+        assert_eq!(l.plugin_connections, 8);
+        assert_eq!(
+            l.admin_connections,
+            crate::listener::DEFAULT_ADMIN_CONNECTIONS
+        );
+        assert_eq!(l.docker_uids, vec![1000, 1001]);
+        // The default outlives the keep-alive of every client Docker uses (30 s and 90 s).
+        assert!(ListenerSettings::default().idle_timeout > std::time::Duration::from_secs(90));
+        for (text, key) in [
+            ("idle_timeout = \"0\"", "listeners.idle_timeout"),
+            ("idle_timeout = \"soon\"", "listeners.idle_timeout"),
+            ("request_timeout = \"10ms\"", "listeners.request_timeout"),
+            ("plugin_connections = 0", "listeners.plugin_connections"),
+            (
+                "metrics_connections = 1000000",
+                "listeners.metrics_connections",
+            ),
+        ] {
+            let (_d, over) = with_file(&format!("[listeners]\n{text}\n"));
+            let err = ServeConfig::load(&over).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let (_d, over) = with_file("[listeners]\ndocker_uids = [-1]\n");
+        assert!(ServeConfig::load(&over).is_err());
     }
 
     #[test]

@@ -1,16 +1,19 @@
 //! `ferry serve`: puts the pieces together in the order correctness needs: state directory, catalog,
 //! reconciliation with the mount table, and only then the socket, so Docker never talks to a plugin that
-//! has not yet loaded its state. Shutdown stops accepting, finishes calls in flight, removes the socket and
-//! leaves every mount in place: containers may still be using them.
+//! has not yet loaded its state. Shutdown stops every listener accepting, closes idle and half-received
+//! connections, finishes calls in flight, removes the sockets and leaves every mount in place: containers
+//! may still be using them.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::sync::Arc;
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, LocalBackend};
 use crate::catalog::RedbCatalog;
 use crate::config::ServeConfig;
+use crate::listener::{ConnectionCaps, Peers};
 use crate::mount::{Mounter, SystemMounter};
 use crate::plugin;
 use crate::service::VolumeService;
@@ -66,8 +69,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     // Refuse early if another plugin answers on the socket, before touching any state.
     if config.socket.exists() && std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
-        anyhow::bail!(plugin::SocketError::InUse(config.socket.clone()));
+        anyhow::bail!(crate::listener::SocketError::InUse(config.socket.clone()));
     }
+    let caps = connection_caps(&config);
 
     let catalog = Arc::new(
         RedbCatalog::open(&state.join("catalog.redb")).context("cannot open the catalog")?,
@@ -121,13 +125,29 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         "state reconciled"
     );
 
-    if let Some(addr) = config.metrics_listen {
-        crate::metrics::serve(addr, service.clone())
-            .await
-            .with_context(|| format!("cannot serve metrics on {addr}"))?;
-    }
+    let limits = &config.listeners;
+    // Caught before any socket exists: a stop that comes while they are bound is acted on, not fatal.
+    // (Until here SIGTERM kills the process, which start-up reconciliation is made to survive.)
+    let signals = catch_stop_signals();
+    // Cancelled by SIGTERM or SIGINT: every listener then stops and drains.
+    let stop = CancellationToken::new();
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            tracing::info!(listen = %addr, "metrics endpoint serving");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                service.clone(),
+                limits.limits(caps.metrics),
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
     // The admin socket comes first, so an operator can look at a daemon that Docker has not reached yet.
-    let admin_listener = plugin::bind_socket(&config.admin_socket).context(
+    let admin_listener = crate::listener::bind_unix_socket(&config.admin_socket).context(
         "cannot serve the admin socket (set admin_socket in the configuration to move it)",
     )?;
     let admin_bound = identity(&config.admin_socket);
@@ -143,26 +163,76 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             mount_root: config.mount_root.clone(),
             reconcile: report.clone(),
         }),
+        limits.limits(caps.admin),
+        stop.clone(),
     ));
     let watcher = tokio::spawn(watch_attachments(service.clone()));
     let checkpointer = tokio::spawn(run_checkpoints(service.clone()));
-    let listener = plugin::bind_socket(&config.socket)?;
+    let listener = crate::listener::bind_unix_socket(&config.socket)?;
     let bound = identity(&config.socket);
     tracing::info!(socket = %config.socket.display(), state_dir = %state.display(), "ferry is serving");
     // Only now, with state reconciled and the socket answering, may systemd start dockerd after us.
     crate::notify::notify("READY=1\nSTATUS=serving");
-    plugin::serve(listener, service, async {
-        shutdown_signal().await;
-        crate::notify::notify("STOPPING=1");
-    })
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal(signals).await;
+            crate::notify::notify("STOPPING=1");
+            stop.cancel();
+        }
+    });
+    plugin::serve(
+        listener,
+        service,
+        limits.limits(caps.plugin),
+        plugin_peers(&limits.docker_uids),
+        stop,
+    )
     .await;
-    admin.abort();
+    // Both were stopped with the plugin socket and drain within seconds.
+    let _ = admin.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     watcher.abort();
     checkpointer.abort();
     remove_if_ours(&config.socket, bound);
     remove_if_ours(&config.admin_socket, admin_bound);
     tracing::info!("stopped; mounts in use were left in place");
     Ok(())
+}
+
+/// Raises the open-file limit as far as allowed and fits the configured connection caps into it, so the
+/// listeners together can never exhaust it; says so when the plugin socket gets fewer than configured.
+fn connection_caps(config: &ServeConfig) -> ConnectionCaps {
+    let fd_limit = crate::listener::raise_fd_limit();
+    let l = &config.listeners;
+    let wanted = ConnectionCaps {
+        plugin: l.plugin_connections,
+        admin: l.admin_connections,
+        metrics: l.metrics_connections,
+    };
+    let caps = crate::listener::fit_to_fd_limit(fd_limit, wanted);
+    if caps != wanted {
+        tracing::warn!(
+            fd_limit,
+            plugin = caps.plugin,
+            admin = caps.admin,
+            metrics = caps.metrics,
+            "the open-file limit is too low for the configured connection caps; using lower ones (raise LimitNOFILE)"
+        );
+    }
+    tracing::debug!(fd_limit, ?caps, "connection caps");
+    caps
+}
+
+/// Who may use the plugin socket: root, Ferry's own user and the configured Docker users.
+fn plugin_peers(docker_uids: &[u32]) -> Peers {
+    let mut uids = vec![0, nix::unistd::geteuid().as_raw()];
+    uids.extend_from_slice(docker_uids);
+    uids.sort_unstable();
+    uids.dedup();
+    Peers::Uids(uids)
 }
 
 /// How often attached volumes are checked for storage that died under their containers.
@@ -210,13 +280,26 @@ fn remove_if_ours(path: &std::path::Path, bound: Option<(u64, u64)>) {
     }
 }
 
-async fn shutdown_signal() {
+/// Catches SIGTERM and SIGINT from now on; `None` if the handlers cannot be installed.
+fn catch_stop_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the plugin with SIGKILL");
+    ) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the plugin with SIGKILL");
+            None
+        }
+    }
+}
+
+/// Returns when SIGTERM or SIGINT arrives (or, without handlers, never).
+async fn shutdown_signal(
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+) {
+    let Some((mut term, mut int)) = signals else {
         return std::future::pending().await;
     };
     tokio::select! {

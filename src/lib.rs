@@ -6,6 +6,8 @@
 //! - `daemon`: `ferry serve`, which wires the parts together and owns start-up and shutdown order.
 //! - `doctor`: the host checks behind `ferry doctor`.
 //! - `host`: this host's identity (`HostId`: a stable id kept in the state directory, and the hostname).
+//! - `listener`: the HTTP serving shared by the plugin, admin and metrics listeners: sockets bound with no
+//!   window for other users, peer checks, connection caps, idle and request timeouts, graceful stop.
 //! - `plugin`: Docker's volume-plugin protocol (wire types, routing, the HTTP server on the Unix socket).
 //! - `service`: `VolumeService`, the protocol-agnostic core (locks, mount counts, reconciliation).
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
@@ -26,6 +28,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod fuse;
 pub mod host;
+pub mod listener;
 pub mod metrics;
 pub mod mount;
 pub mod nfs;

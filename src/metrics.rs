@@ -2,20 +2,22 @@
 //! kind, and gauges computed at scrape time from the service's in-memory view. Rendering the text
 //! exposition format by hand keeps the dependency tree small; the format is simple and tested by parsing.
 //! Served only when `[metrics] listen` is configured, on plain HTTP: bind it to loopback or a trusted
-//! network, it reveals volume counts but no names or options.
+//! network, it reveals volume counts but no names or options. Its connections are capped apart from the
+//! plugin socket's (`listener`), so its clients cannot take the descriptors Docker's calls need.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
+use crate::listener::{BodyError, Handler, Limits, Listener, Peer, Peers, ServeOptions};
 use crate::service::VolumeService;
 
 /// Upper bounds of the latency buckets, in seconds: from sub-millisecond Get to Docker's 2-minute limit.
@@ -164,49 +166,77 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until the process exits.
-pub async fn serve(addr: SocketAddr, service: Arc<VolumeService>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(listen = %addr, "metrics endpoint serving");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let service = service.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let service = service.clone();
-                        async move {
-                            let resp =
-                                if req.method() == Method::GET && req.uri().path() == "/metrics" {
-                                    let body = service.metrics().render(&service.gauges());
-                                    let mut r = Response::new(Full::new(Bytes::from(body)));
-                                    r.headers_mut().insert(
-                                        hyper::header::CONTENT_TYPE,
-                                        hyper::header::HeaderValue::from_static(
-                                            "text/plain; version=0.0.4",
-                                        ),
-                                    );
-                                    r
-                                } else {
-                                    let mut r = Response::new(Full::new(Bytes::from_static(
-                                        b"only GET /metrics is served here\n",
-                                    )));
-                                    *r.status_mut() = StatusCode::NOT_FOUND;
-                                    r
-                                };
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+/// A request body the endpoint reads at most; scrapers send none.
+const MAX_BODY: usize = 64 << 10;
+
+/// Serves `GET /metrics` on `listener` until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<VolumeService>,
+    limits: Limits,
+    stop: CancellationToken,
+) {
+    let opts = ServeOptions {
+        name: "metrics endpoint",
+        limits,
+        // Plain HTTP on an address the operator chose; the cap keeps its clients from the plugin's
+        // descriptors, and nothing here is secret.
+        peers: Peers::Anyone,
+        spare_fd: false,
+        drain: Duration::from_secs(2),
+    };
+    let handler = Arc::new(MetricsHandler { service });
+    crate::listener::serve(Listener::Tcp(listener), handler, opts, stop).await;
+}
+
+struct MetricsHandler {
+    service: Arc<VolumeService>,
+}
+
+impl Handler for MetricsHandler {
+    fn max_body(&self) -> usize {
+        MAX_BODY
+    }
+
+    fn handle(
+        &self,
+        head: hyper::http::request::Parts,
+        _body: Bytes,
+        _peer: Peer,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        let resp = if head.method == Method::GET && head.uri.path() == "/metrics" {
+            let body = self.service.metrics().render(&self.service.gauges());
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        } else {
+            text(
+                StatusCode::NOT_FOUND,
+                "only GET /metrics is served here\n".into(),
+            )
+        };
+        std::future::ready(resp)
+    }
+
+    fn body_error(&self, _path: &str, err: BodyError) -> Response<Full<Bytes>> {
+        match err {
+            BodyError::TooLarge(_) => text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "only GET /metrics is served here\n".into(),
+            ),
+            BodyError::Unreadable(cause) => text(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request: {cause}\n"),
+            ),
         }
-    });
-    Ok(())
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
 }

@@ -2,9 +2,10 @@
 //! actions `POST /v1/volumes/NAME/checkpoint`, `POST /v1/volumes/NAME/release[?id=ID][&force=true]` and
 //! `POST /v1/volumes/NAME/set-aside`. The socket
 //! is mode 0600 and every connection's peer must be root or the daemon's own user, so a permissive umask or
-//! a bind mount cannot open it to others.
+//! a bind mount cannot open it to others; others are answered 403, so the CLI can tell them why.
+//! Connections, timeouts and the stop belong to `listener`.
 
-use std::convert::Infallible;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,16 +13,21 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
 
 use super::{DaemonStatus, ErrorBody};
+use crate::listener::{BodyError, Handler, Limits, Listener, Peer, Peers, ServeOptions};
 use crate::service::{ReconcileReport, ServiceError, VolumeService};
 
 /// How long `GET /v1/status` waits for each backend's check; the CLI waits a little longer.
 pub const BACKEND_CHECK_DEADLINE: Duration = Duration::from_secs(5);
+/// The admin API takes no request bodies; anything longer than this is not the CLI.
+const MAX_BODY: usize = 64 << 10;
+/// How long a stop waits for the operator's calls in progress.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// What the admin API needs besides the service.
 pub struct AdminContext {
@@ -36,45 +42,69 @@ pub struct AdminContext {
     pub reconcile: ReconcileReport,
 }
 
-/// Serves the admin API on `listener` until the process exits or the task is aborted.
-pub async fn serve(listener: UnixListener, ctx: Arc<AdminContext>) {
-    let own_uid = nix::unistd::geteuid().as_raw();
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin socket: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+/// Serves the admin API on `listener` until `stop` is cancelled.
+pub async fn serve(
+    listener: UnixListener,
+    ctx: Arc<AdminContext>,
+    limits: Limits,
+    stop: CancellationToken,
+) {
+    let handler = Arc::new(AdminHandler {
+        ctx,
+        own_uid: nix::unistd::geteuid().as_raw(),
+    });
+    let opts = ServeOptions {
+        name: "admin socket",
+        limits,
+        // Everyone is let in to be told, with 403, that the socket is for root only.
+        peers: Peers::Anyone,
+        spare_fd: false,
+        drain: DRAIN,
+    };
+    crate::listener::serve(Listener::Unix(listener), handler, opts, stop).await;
+}
+
+struct AdminHandler {
+    ctx: Arc<AdminContext>,
+    own_uid: u32,
+}
+
+impl Handler for AdminHandler {
+    fn max_body(&self) -> usize {
+        MAX_BODY
+    }
+
+    fn handle(
+        &self,
+        head: hyper::http::request::Parts,
+        _body: Bytes,
+        peer: Peer,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        let allowed = peer.uid.is_some_and(|u| u == 0 || u == self.own_uid);
+        let ctx = self.ctx.clone();
+        async move {
+            if allowed {
+                handle(&ctx, &head.method, head.uri.path(), head.uri.query()).await
+            } else {
+                error(
+                    StatusCode::FORBIDDEN,
+                    "the admin socket is for root only".into(),
+                )
             }
-        };
-        let allowed = match stream.peer_cred() {
-            Ok(cred) => cred.uid() == 0 || cred.uid() == own_uid,
-            Err(_) => false,
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let ctx = ctx.clone();
-                async move {
-                    let resp = if allowed {
-                        handle(&ctx, req.method(), req.uri().path(), req.uri().query()).await
-                    } else {
-                        error(
-                            StatusCode::FORBIDDEN,
-                            "the admin socket is for root only".into(),
-                        )
-                    };
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(error = %e, "admin connection ended with an error");
-            }
-        });
+        }
+    }
+
+    fn body_error(&self, _path: &str, err: BodyError) -> Response<Full<Bytes>> {
+        match err {
+            BodyError::TooLarge(limit) => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the admin API takes no request body (this one is over {limit} bytes)"),
+            ),
+            BodyError::Unreadable(cause) => error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {cause}"),
+            ),
+        }
     }
 }
 

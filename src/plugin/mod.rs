@@ -7,4 +7,4 @@ pub mod server;
 pub mod wire;
 
 pub use router::{route, Request, RouteError};
-pub use server::{bind_socket, serve, SocketError};
+pub use server::serve;

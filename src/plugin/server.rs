@@ -1,28 +1,25 @@
-//! The HTTP/1.1 server on the plugin's Unix socket: a thin hyper layer that reads a bounded body, routes
-//! it, calls `VolumeService` and writes Docker's JSON. Each call gets a span with the volume and mount ID,
-//! and an error is logged once, here.
+//! The plugin socket's server: a thin layer that routes each request (whose body `listener` has read,
+//! bounded), calls `VolumeService` and writes Docker's JSON. Each call gets a span with the volume and
+//! mount ID, and an error is logged once, here. Connections, timeouts, the peer check and the stop belong
+//! to `listener`; this module only answers.
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::io::ErrorKind;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::{Method, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::router::{route, Request, RouteError};
 use super::wire;
+use crate::listener::{BodyError, Handler, Limits, Listener, Peer, Peers, ServeOptions};
 use crate::service::{ServiceError, VolumeInfo, VolumeService};
 
 /// Docker's bodies are a few hundred bytes; anything near this is not Docker.
@@ -32,105 +29,63 @@ pub const LONG_DEADLINE: Duration = Duration::from_secs(110);
 /// Inside Docker's 1-minute deadline for every other call.
 pub const SHORT_DEADLINE: Duration = Duration::from_secs(55);
 
-#[derive(Debug, thiserror::Error)]
-pub enum SocketError {
-    #[error("another process is already serving {0}; stop it first, or choose another --socket")]
-    InUse(PathBuf),
-    #[error("{0} exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    #[error("cannot set up the socket {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// Binds the plugin socket, readable and writable by root only. A socket file left by a dead process is
-/// replaced; one that a live process answers on is not.
-pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
-    let io = |source| SocketError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(SocketError::NotASocket(path.into()))
-        }
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(SocketError::InUse(path.into())),
-            Err(e)
-                if e.kind() == ErrorKind::ConnectionRefused || e.kind() == ErrorKind::NotFound =>
-            {
-                tracing::info!(socket = %path.display(), "replacing a stale socket");
-                std::fs::remove_file(path)
-                    .or_else(|e| {
-                        if e.kind() == ErrorKind::NotFound {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })
-                    .map_err(io)?;
-            }
-            Err(e) => return Err(io(e)),
-        },
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io)?;
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    Ok(listener)
-}
-
-/// Serves until `shutdown` completes, then stops accepting, lets the calls in flight finish and returns.
+/// Serves Docker's protocol on `listener` until `stop` is cancelled, then stops accepting, lets the
+/// calls in progress answer and waits for the work they started. Only processes of `peers` are served.
 pub async fn serve(
     listener: UnixListener,
     service: Arc<VolumeService>,
-    shutdown: impl Future<Output = ()>,
+    limits: Limits,
+    peers: Peers,
+    stop: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    // No idle timeout: dockerd keeps connections for 30 s and must never find one closed under it.
-    http.keep_alive(true);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let service = service.clone();
-                let conn = http.serve_connection(
-                    TokioIo::new(stream),
-                    hyper::service::service_fn(move |req| handle(service.clone(), req)),
-                );
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+    let handler = Arc::new(PluginHandler {
+        service: service.clone(),
+    });
+    let opts = ServeOptions {
+        name: "plugin socket",
+        limits,
+        peers,
+        spare_fd: true,
+        // Every call in progress ends within its deadline; its answer then needs a moment to be written.
+        drain: LONG_DEADLINE + Duration::from_secs(5),
+    };
+    crate::listener::serve(Listener::Unix(listener), handler, opts, stop).await;
+    service.finish_background_work(LONG_DEADLINE).await;
+}
+
+/// Docker's volume-plugin protocol over `VolumeService`.
+struct PluginHandler {
+    service: Arc<VolumeService>,
+}
+
+impl Handler for PluginHandler {
+    fn max_body(&self) -> usize {
+        MAX_BODY
+    }
+
+    fn handle(
+        &self,
+        head: hyper::http::request::Parts,
+        body: Bytes,
+        _peer: Peer,
+    ) -> impl Future<Output = Response<Full<Bytes>>> + Send {
+        let service = self.service.clone();
+        async move { handle(service, &head.method, head.uri.path(), &body).await }
+    }
+
+    fn body_error(&self, path: &str, err: BodyError) -> Response<Full<Bytes>> {
+        match err {
+            BodyError::TooLarge(limit) => {
+                let err = RouteError::TooLarge(limit);
+                tracing::warn!(path, error = %err, "refused a request");
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, err.to_string())
             }
-            () = &mut shutdown => break,
+            BodyError::Unreadable(cause) => error_response(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {cause}"),
+            ),
         }
     }
-    drop(listener);
-    tracing::info!("shutting down: finishing calls in flight");
-    if tokio::time::timeout(LONG_DEADLINE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not finish in time");
-    }
-    service.finish_background_work(LONG_DEADLINE).await;
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
@@ -149,28 +104,11 @@ fn error_response(status: StatusCode, message: String) -> Response<Full<Bytes>> 
 
 async fn handle(
     service: Arc<VolumeService>,
-    req: hyper::Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            let err = RouteError::TooLarge(MAX_BODY);
-            tracing::warn!(path, error = %err, "refused a request");
-            return Ok(error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                err.to_string(),
-            ));
-        }
-        Err(e) => {
-            return Ok(error_response(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}"),
-            ));
-        }
-    };
-    let request = match route(&method, &path, &body) {
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    let request = match route(method, path, body) {
         Ok(r) => r,
         Err(err) => {
             let status = match err {
@@ -182,7 +120,7 @@ async fn handle(
                 }
             };
             tracing::warn!(path, error = %err, "refused a request");
-            return Ok(error_response(status, err.to_string()));
+            return error_response(status, err.to_string());
         }
     };
     let (volume, mount_id) = match &request {
@@ -193,7 +131,7 @@ async fn handle(
     };
     let span = tracing::info_span!("call", method = request.method(), volume, mount_id);
     let method_name = request.method();
-    Ok(async move {
+    async move {
         tracing::debug!("call started");
         let started = std::time::Instant::now();
         let result = dispatch(&service, request).await;
@@ -221,7 +159,7 @@ async fn handle(
         }
     }
     .instrument(span)
-    .await)
+    .await
 }
 
 fn path_string(p: Option<&Path>) -> String {

@@ -19,7 +19,18 @@ pub struct Daemon {
     pub state: PathBuf,
     pub log: PathBuf,
     pub dir: PathBuf,
+    /// How the process is started, each time it is.
+    pub spawn_options: SpawnOptions,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// The process environment of a daemon beyond its variables.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpawnOptions {
+    /// RLIMIT_NOFILE, soft and hard, as a service manager's `LimitNOFILE=` sets it.
+    pub nofile: Option<u64>,
+    /// The umask it starts under.
+    pub umask: Option<u32>,
 }
 
 pub fn ferry_bin() -> &'static str {
@@ -41,12 +52,23 @@ impl Daemon {
 
     /// Starts a daemon with the given socket, state under `dir/state`, and extra environment.
     pub fn start_in(dir: &Path, socket: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(dir, socket, env, SpawnOptions::default())
+    }
+
+    /// As `start_in`, with resource limits or a umask of its own.
+    pub fn start_with(
+        dir: &Path,
+        socket: &Path,
+        env: &[(&str, &str)],
+        spawn_options: SpawnOptions,
+    ) -> Daemon {
         let mut d = Daemon {
             child: None,
             socket: socket.to_path_buf(),
             state: dir.join("state"),
             log: dir.join("ferry.log"),
             dir: dir.to_path_buf(),
+            spawn_options,
             _tmp: None,
         };
         d.spawn(env);
@@ -86,6 +108,27 @@ impl Daemon {
             .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        let SpawnOptions { nofile, umask } = self.spawn_options;
+        if nofile.is_some() || umask.is_some() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only makes two system calls (setrlimit, umask),
+            // both async-signal-safe, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(n) = nofile {
+                        nix::sys::resource::setrlimit(
+                            nix::sys::resource::Resource::RLIMIT_NOFILE,
+                            n,
+                            n,
+                        )?;
+                    }
+                    if let Some(mask) = umask {
+                        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -128,6 +171,26 @@ impl Daemon {
         )
         .unwrap();
         c.wait().unwrap()
+    }
+
+    /// SIGTERM, and waits at most `limit` for the exit; `None` (after a SIGKILL) if it did not come.
+    pub fn terminate_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take().expect("daemon running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = c.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
     }
 
     /// Waits for a daemon that was already signalled to exit.
@@ -340,4 +403,26 @@ pub fn raw_request(socket: &Path, bytes: &[u8]) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+/// Runs `f` on a thread of its own whose credentials are nobody's (uid and gid 65534, no supplementary
+/// groups) while the rest of the test process stays root: the raw system calls change only the calling
+/// thread, where glibc's setuid() would change every thread of the process. A socket connected from that
+/// thread carries uid 65534 to its peer (SO_PEERCRED), as one from an unprivileged user's process does.
+pub fn as_nobody<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        // SAFETY: system calls with integer arguments (and a null list of zero groups); they change only
+        // this thread's credentials, and the thread ends with `f`.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534), 0);
+        }
+        f()
+    })
+}
+
 pub mod ganesha;
