@@ -84,6 +84,7 @@ impl Daemon {
             log: dir.join("ferry.log"),
             dir: dir.to_path_buf(),
             _tmp: None,
+            spawn_options: SpawnOptions::default(),
         };
         d.spawn(&[]);
         d
