@@ -310,6 +310,17 @@ impl LocalBackend {
             return Ok(());
         };
         tracing::warn!(volume = name, reason = %why, "checking the volume's filesystem before mounting it");
+        if fs == FsType::Xfs {
+            // `xfs_repair -n` cannot judge a filesystem whose log still holds changes, as a shutdown
+            // leaves it; mounting replays the log, as any mount would, and a log that cannot be replayed
+            // leaves the judgement to the check.
+            match self.mounter.mount_image(&p.image, &p.data, fs) {
+                Ok(()) => self.mounter.unmount(&p.data)?,
+                Err(e) => {
+                    tracing::warn!(volume = name, error = %e, "cannot mount the image to replay its log; checking it as it is")
+                }
+            }
+        }
         match self.mounter.check_filesystem(&p.image, fs)? {
             FsCheck::Clean => {
                 tracing::info!(volume = name, "the filesystem check found nothing wrong")
@@ -390,6 +401,8 @@ impl LocalBackend {
         if spec.preallocate {
             reserve(&p.image)?;
         }
+        // Status warns at once, not at the next health pass, when this create overcommitted.
+        self.survey_blocking();
         Ok(())
     }
 

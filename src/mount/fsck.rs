@@ -59,10 +59,12 @@ pub fn ext4_needs_check(image: &Path) -> std::io::Result<Option<String>> {
         sb[EXT4_ERROR_COUNT_AT + 2],
         sb[EXT4_ERROR_COUNT_AT + 3],
     ]);
-    Ok(if state & EXT4_ERROR_FS != 0 || errors > 0 {
+    Ok(if errors > 0 {
         Some(format!(
             "its superblock records {errors} filesystem error(s)"
         ))
+    } else if state & EXT4_ERROR_FS != 0 {
+        Some("its superblock says it has errors".into())
     } else if state & EXT4_VALID_FS == 0 {
         Some("its superblock is not marked clean".into())
     } else {
@@ -104,8 +106,16 @@ fn last_words(out: &std::process::Output) -> String {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    let tail = lines[lines.len().saturating_sub(4)..].join("; ");
-    tail.chars().take(600).collect()
+    // xfs_repair says what matters in an ERROR or ALERT paragraph and then goes on through its phases;
+    // e2fsck ends with its verdict.
+    let picked = match lines
+        .iter()
+        .position(|l| l.starts_with("ERROR") || l.starts_with("ALERT"))
+    {
+        Some(at) => &lines[at..lines.len().min(at + 3)],
+        None => &lines[lines.len().saturating_sub(4)..],
+    };
+    picked.join(" ").chars().take(600).collect()
 }
 
 /// Checks the filesystem in an unmounted image: `e2fsck -p -f` repairs what is safe to repair without
