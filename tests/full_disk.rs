@@ -188,10 +188,7 @@ fn a_full_state_filesystem_fails_calls_with_its_cause_and_they_work_again_once_f
         }
     }
     let err = first_failure.expect("no catalog write failed on a full state filesystem");
-    assert!(
-        err.contains("No space left on device") && err.contains("catalog.redb"),
-        "{err}"
-    );
+    assert!(err.contains("No space left on device"), "{err}");
     // The next calls keep naming the real cause, not redb's "Previous I/O error" of a poisoned handle.
     // (Whether a given later write fails depends on whether redb finds room in pages it already has.)
     let (status, body) = d.call("/VolumeDriver.Create", r#"{"Name":"during","Opts":null}"#);
