@@ -33,7 +33,7 @@ const DEFAULT_MODE: u32 = 0o755;
 
 /// Less free space than this on the state filesystem counts as full: the catalog and sparse images can no
 /// longer be counted on to grow.
-pub const MIN_FREE: u64 = 1 << 20;
+const MIN_FREE: u64 = 1 << 20;
 
 /// The file that marks a volume's image for a repair check before its next mount; it holds the reason.
 const CHECK_MARKER: &str = "check-needed";
