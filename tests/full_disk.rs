@@ -311,7 +311,10 @@ fn caps_beyond_the_free_space_are_refused_unless_overcommit_is_allowed() {
     d.create("pre", r#"{"size":"16MiB","preallocate":"true"}"#);
     d.create("sparse", r#"{"size":"16MiB"}"#);
     let (held, len) = allocation(&state.join("local/pre/disk.img"));
-    assert!(held >= len, "preallocated image holds {held} of {len} bytes");
+    assert!(
+        held >= len,
+        "preallocated image holds {held} of {len} bytes"
+    );
     let (held, len) = allocation(&state.join("local/sparse/disk.img"));
     assert!(held < len / 2, "sparse image holds {held} of {len} bytes");
     assert_eq!(d.get("pre")["Status"]["options"]["preallocate"], "true");
@@ -340,7 +343,10 @@ fn caps_beyond_the_free_space_are_refused_unless_overcommit_is_allowed() {
         "/VolumeDriver.Create",
         r#"{"Name":"x","Opts":{"preallocate":"true"}}"#,
     );
-    assert!(err.contains("option \"preallocate\" needs option \"size\""), "{err}");
+    assert!(
+        err.contains("option \"preallocate\" needs option \"size\""),
+        "{err}"
+    );
     let err = d.err(
         "/VolumeDriver.Create",
         r#"{"Name":"x","Opts":{"backend":"nfs","preallocate":"true"}}"#,
@@ -384,7 +390,10 @@ fn caps_beyond_the_free_space_are_refused_unless_overcommit_is_allowed() {
     for v in ["pre", "sparse", "third", "fourth"] {
         d.remove(v);
     }
-    assert!(free_bytes(&state) > 100 << 20, "removing gave the space back");
+    assert!(
+        free_bytes(&state) > 100 << 20,
+        "removing gave the space back"
+    );
 }
 
 /// The device mounted at `path`, from the mount table.
@@ -416,9 +425,15 @@ fn a_filesystem_that_logged_errors_is_reported_and_checked_before_the_next_mount
     assert_eq!(d.get("v")["Status"]["health"], "ok");
     let device = source_of(&mp);
     let name = Path::new(&device).file_name().unwrap().to_str().unwrap();
-    let trigger = PathBuf::from("/sys/fs/ext4").join(name).join("trigger_fs_error");
-    std::fs::write(&trigger, "forced by a test")
-        .unwrap_or_else(|e| panic!("{}: {e} (this kernel cannot force an ext4 error)", trigger.display()));
+    let trigger = PathBuf::from("/sys/fs/ext4")
+        .join(name)
+        .join("trigger_fs_error");
+    std::fs::write(&trigger, "forced by a test").unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (this kernel cannot force an ext4 error)",
+            trigger.display()
+        )
+    });
 
     let v = wait_for(&d, "v", 20, |v| v["Status"]["health"] == "error");
     let problem = v["Status"]["last_error"].as_str().unwrap_or_default();
@@ -519,7 +534,10 @@ fn an_xfs_that_shut_down_is_reported_and_checked_before_the_next_mount() {
         d.log_text()
     );
     assert_eq!(d.get("x")["Status"]["health"], "ok");
-    assert_eq!(std::fs::read(mp.join("kept")).unwrap(), b"before the shutdown");
+    assert_eq!(
+        std::fs::read(mp.join("kept")).unwrap(),
+        b"before the shutdown"
+    );
     d.unmount("x", "c2");
     d.remove("x");
 }
