@@ -271,11 +271,13 @@ impl RedbCatalog {
             }),
             cause: Mutex::new(None),
         });
-        store.ensure_open().map_err(|e| match e {
-            CatalogError::Unavailable { cause, .. } => {
-                storage(format!("cannot open {}: {cause}", path.display()))
-            }
-            other => other,
+        store.ensure_open().map_err(|e| {
+            let detail = match e {
+                CatalogError::Unavailable { cause, .. } => cause,
+                CatalogError::Storage(detail) => detail,
+                other => other.to_string(),
+            };
+            storage(format!("cannot open {}: {detail}", path.display()))
         })?;
         let (tx, rx) = mpsc::channel::<Write>();
         let writer_store = store.clone();
