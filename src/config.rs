@@ -61,6 +61,8 @@ pub struct ServeConfig {
     pub ebs: Option<EbsSettings>,
     /// Connection caps, timeouts and the plugin socket's users, for all three listeners.
     pub listeners: ListenerSettings,
+    /// Whether the caps of capped local volumes may add up to more than the state filesystem has free.
+    pub local_overcommit: bool,
 }
 
 /// The TOML file. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -150,6 +152,8 @@ pub const MAX_LISTENER_CONNECTIONS: usize = 65_536;
 struct LocalSection {
     /// The filesystem of size-capped volumes created without `-o fs=`.
     default_fs: Option<String>,
+    /// Allow caps beyond the free space of the state filesystem.
+    overcommit: Option<bool>,
 }
 
 impl ServeConfig {
@@ -253,6 +257,7 @@ impl ServeConfig {
             nfs,
             ebs,
             listeners,
+            local_overcommit: file.local.overcommit.unwrap_or(false),
         })
     }
 }
@@ -598,6 +603,17 @@ pub const REFERENCE: &[ConfigKey] = &[
         default: "`ext4`",
         meaning: "filesystem of size-capped volumes created without `-o fs=`: `ext4` or `xfs`",
         example: "\"xfs\"",
+    },
+    ConfigKey {
+        key: "local.overcommit",
+        default: "`false`",
+        meaning: "whether the caps (`-o size=`) of capped local volumes may add up to more than the state \
+                  filesystem has free. Images are sparse, so a cap is a promise on free space; by default a \
+                  create that would promise more (what each image can still grow by, plus the new one) is \
+                  refused. `true` allows it and warns in each volume's Status and in `ferry status`: when \
+                  the disk fills, writes inside capped volumes fail. `-o preallocate=true` reserves a \
+                  volume's space for real",
+        example: "true",
     },
     ConfigKey {
         key: "metrics.listen",
@@ -1032,6 +1048,7 @@ mod tests {
                 ),
                 "default_backend" => code(c.defaults.backend.as_str()),
                 "local.default_fs" => code(c.defaults.fs.as_str()),
+                "local.overcommit" => code(&c.local_overcommit.to_string()),
                 "metrics.listen" => {
                     assert!(c.metrics_listen.is_none());
                     "none (off)".into()

@@ -77,11 +77,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         RedbCatalog::open(&state.join("catalog.redb")).context("cannot open the catalog")?,
     );
     let mounter: Arc<dyn Mounter> = Arc::new(SystemMounter);
-    let local: Arc<dyn Backend> = Arc::new(LocalBackend::with_mount_root(
-        state.join("local"),
-        config.mount_root.clone(),
-        mounter.clone(),
-    )?);
+    let local: Arc<dyn Backend> = Arc::new(
+        LocalBackend::with_mount_root(
+            state.join("local"),
+            config.mount_root.clone(),
+            mounter.clone(),
+        )?
+        .allow_overcommit(config.local_overcommit),
+    );
     let mut backends = vec![local];
     // One identity for every backend that tells other hosts who holds a volume.
     let host = crate::host::HostId::load(state)
@@ -235,16 +238,19 @@ fn plugin_peers(docker_uids: &[u32]) -> Peers {
     Peers::Uids(uids)
 }
 
-/// How often attached volumes are checked for storage that died under their containers.
+/// How often attached volumes are checked for storage that died under their containers, volumes' storage
+/// for damage, and what failed catalog writes left behind.
 const ATTACHMENT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Runs `check_attachments` for as long as the daemon serves.
+/// Runs `heal`, `check_attachments` and `check_storage` for as long as the daemon serves.
 async fn watch_attachments(service: Arc<VolumeService>) {
     let mut tick = tokio::time::interval(ATTACHMENT_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        service.heal().await;
         service.check_attachments().await;
+        service.check_storage().await;
     }
 }
 

@@ -206,6 +206,14 @@ pub struct VolumeService {
     /// Volumes whose interrupted push or pull start-up is finishing in the background: Mount and Remove
     /// of them answer "busy" instead of waiting, Get and List answer as always.
     recovering: Mutex<std::collections::HashSet<String>>,
+    /// Mount IDs whose Unmount failed because the catalog could not record it, each with the version the
+    /// failed write would have stored (`u64::MAX` when no write was tried). Docker never repeats an
+    /// Unmount, so they are dropped by the next operation on the volume, or by `heal`, once the catalog
+    /// works again.
+    owed_unmounts: Mutex<HashMap<String, Vec<(String, u64)>>>,
+    /// Problems of volumes' storage found by `check_storage` (a filesystem that logged errors, a full
+    /// filesystem under an image), shown as health until a later check no longer finds them.
+    storage_problems: Mutex<HashMap<String, String>>,
 }
 
 /// A phrase of `BackendError::Lost`'s message, to tell that failure apart in `failures`.
@@ -267,6 +275,8 @@ impl VolumeService {
             metrics: crate::metrics::Metrics::default(),
             checkpoint_clock: Mutex::new(HashMap::new()),
             recovering: Mutex::new(std::collections::HashSet::new()),
+            owed_unmounts: Mutex::new(HashMap::new()),
+            storage_problems: Mutex::new(HashMap::new()),
         });
         let report = service.reconcile().await?;
         service.finish_deferred();
@@ -391,9 +401,17 @@ impl VolumeService {
 
     /// Takes the volume's lock for an operation that changes it. If an earlier failed write left the view
     /// out of step with the catalog, the durable record is reloaded first; while the catalog cannot be
-    /// read, the operation fails instead of acting on a record that may not exist.
+    /// read, the operation fails instead of acting on a record that may not exist. Unmounts that could not
+    /// be recorded are recorded first (without releasing storage: the operation decides that).
     async fn lock_synced(&self, name: &str) -> Result<VolumeGuard<'_>> {
         let guard = self.lock(name).await;
+        self.sync_locked(name).await?;
+        self.apply_owed_unmounts(name, false).await?;
+        Ok(guard)
+    }
+
+    /// Reloads the durable record if a failed write left the view out of step; the caller holds the lock.
+    async fn sync_locked(&self, name: &str) -> Result<()> {
         let unsynced = self
             .unsynced
             .lock()
@@ -420,7 +438,153 @@ impl VolumeService {
                 .remove(name);
             tracing::info!(volume = name, "reloaded the volume from the catalog");
         }
-        Ok(guard)
+        Ok(())
+    }
+
+    /// Remembers mount IDs whose Unmount could not be recorded: the write that would have stored `version`
+    /// failed, or none was tried (`u64::MAX`).
+    fn owe_unmounts(&self, name: &str, ids: &[String], version: u64) {
+        if ids.is_empty() {
+            return;
+        }
+        tracing::warn!(volume = name, mount_ids = ?ids, "an unmount could not be recorded; it is recorded once the catalog works again");
+        self.owed_unmounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .extend(ids.iter().map(|id| (id.clone(), version)));
+    }
+
+    /// Records the unmounts `owe_unmounts` kept; the caller holds the volume's lock and has synced it.
+    /// With `release`, storage no mount is left on is released as the last Unmount would; without, it
+    /// stays attached but idle for the operation at hand to reuse or release.
+    async fn apply_owed_unmounts(&self, name: &str, release: bool) -> Result<()> {
+        let Some(owed) = self
+            .owed_unmounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+        else {
+            return Ok(());
+        };
+        let Some(entry) = self.lookup(name) else {
+            return Ok(());
+        };
+        let mut rec = entry.value.clone();
+        let mut dropped = Vec::new();
+        for (id, version) in &owed {
+            // The failed write may have landed after all (a failed fsync after a complete write): then the
+            // record already holds it.
+            if entry.version >= *version {
+                continue;
+            }
+            if let Some(count) = rec.mounts.get_mut(id) {
+                *count -= 1;
+                if *count == 0 {
+                    rec.mounts.remove(id);
+                    rec.dead_mounts.remove(id);
+                }
+                dropped.push(id.clone());
+            }
+        }
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(volume = name, mount_ids = ?dropped, "recording unmounts that failed while the catalog could not be written");
+        if release && rec.mounts.is_empty() && rec.mountpoint.is_some() {
+            return self.release_storage(&entry, rec, &dropped).await;
+        }
+        if let Err(e) = self.store(rec, Expect::Version(entry.version)).await {
+            self.owe_unmounts(name, &dropped, entry.version + 1);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Finishes what failed catalog writes left behind, once the catalog works again: records unmounts
+    /// that could not be recorded (releasing storage no mount is left on), and brings volumes left
+    /// attaching or detaching to ready, as start-up reconciliation does. Volumes with an operation under
+    /// way are left to it. Returns how many volumes were set right.
+    pub async fn heal(&self) -> usize {
+        let mut names: std::collections::BTreeSet<String> = self
+            .owed_unmounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.extend(
+            self.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned(),
+        );
+        names.extend(
+            self.view
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|e| {
+                    matches!(
+                        e.value.state,
+                        VolumeState::Attaching | VolumeState::Detaching
+                    )
+                })
+                .map(|e| e.value.name.clone()),
+        );
+        let mut healed = 0;
+        for name in names {
+            let recovering = self
+                .recovering
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&name);
+            if recovering {
+                continue;
+            }
+            let Some(_guard) = self.try_lock(&name) else {
+                continue;
+            };
+            let owed = self
+                .owed_unmounts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&name);
+            let outcome = async {
+                self.sync_locked(&name).await?;
+                self.apply_owed_unmounts(&name, true).await?;
+                let Some(entry) = self.lookup(&name) else {
+                    return Ok(owed);
+                };
+                if !matches!(
+                    entry.value.state,
+                    VolumeState::Attaching | VolumeState::Detaching
+                ) {
+                    return Ok(owed);
+                }
+                let m = self.mounter.clone();
+                let table = tokio::task::spawn_blocking(move || m.mount_table())
+                    .await
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                self.reconcile_one(&entry, &table, &mut ReconcileReport::default())
+                    .await?;
+                tracing::info!(volume = %name, state = entry.value.state.as_str(), "finished an operation whose last catalog write had failed");
+                Ok::<bool, ServiceError>(true)
+            }
+            .await;
+            match outcome {
+                Ok(true) => healed += 1,
+                Ok(false) => {}
+                // Most likely the catalog still fails; the next pass tries again.
+                Err(e) => {
+                    tracing::debug!(volume = %name, error = %e, "cannot set the volume right yet")
+                }
+            }
+        }
+        healed
     }
 
     async fn lock(&self, name: &str) -> VolumeGuard<'_> {
@@ -471,14 +635,15 @@ impl VolumeService {
         expect: Expect,
     ) -> Result<Arc<Versioned<VolumeRecord>>> {
         let name = record.name.clone();
-        let version = self
-            .catalog
-            .put(record.clone(), expect)
-            .await
-            .map_err(|source| ServiceError::Catalog {
-                name: name.clone(),
-                source,
-            })?;
+        let version = match self.catalog.put(record.clone(), expect).await {
+            Ok(v) => v,
+            Err(source) => {
+                // A commit that failed may have landed all the same (a failed fsync), and a conflict means
+                // the view is stale: the next operation reloads the durable record before trusting it.
+                self.mark_unsynced(&name);
+                return Err(ServiceError::Catalog { name, source });
+            }
+        };
         let entry = Arc::new(Versioned {
             value: record,
             version,
@@ -508,11 +673,21 @@ impl VolumeService {
 
     /// Waits until a queued write is durable. If it failed, the view ran ahead of the catalog: it is put
     /// back to what is durable, and writes queued after this one fail too, since they chain on its version.
-    async fn settle(&self, name: &str, pending: PendingWrite) -> Result<()> {
+    /// `owing` names the mount IDs the write dropped and the version it would have stored, to be recorded
+    /// later if it failed.
+    async fn settle(
+        &self,
+        name: &str,
+        pending: PendingWrite,
+        owing: Option<(&[String], u64)>,
+    ) -> Result<()> {
         let Err(source) = pending.await else {
             return Ok(());
         };
         let _guard = self.lock(name).await;
+        if let Some((ids, version)) = owing {
+            self.owe_unmounts(name, ids, version);
+        }
         match self.catalog.get(name).await {
             Ok(durable) => {
                 let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
@@ -537,14 +712,21 @@ impl VolumeService {
         })
     }
 
+    fn mark_unsynced(&self, name: &str) {
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+    }
+
     async fn forget(&self, name: &str, version: u64) -> Result<()> {
-        self.catalog
-            .delete(name, version)
-            .await
-            .map_err(|source| ServiceError::Catalog {
+        if let Err(source) = self.catalog.delete(name, version).await {
+            self.mark_unsynced(name);
+            return Err(ServiceError::Catalog {
                 name: name.to_string(),
                 source,
-            })?;
+            });
+        }
         self.view
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -755,6 +937,71 @@ impl VolumeService {
             }
         }
         lost
+    }
+
+    /// Asks the backends about every volume's storage (filesystem errors, a full filesystem under an image,
+    /// a check still pending) and shows what they find as health until a later pass no longer finds it.
+    /// Local I/O only, off the async threads; nothing waits on a network. Returns how many volumes have a
+    /// problem.
+    pub async fn check_storage(&self) -> usize {
+        let volumes: Vec<(String, VolumeSpec)> = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|e| Self::visible(&e.value))
+            .map(|e| (e.value.name.clone(), e.value.spec.clone()))
+            .collect();
+        let backends = self.backends.clone();
+        let mounter = self.mounter.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let table = match mounter.mount_table() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the mount table to check volumes' storage");
+                    return None;
+                }
+            };
+            for backend in backends.values() {
+                backend.survey();
+            }
+            let mut found = HashMap::new();
+            for (name, spec) in volumes {
+                let Some(backend) = backends.get(&spec.backend) else {
+                    continue;
+                };
+                if let Some(problem) = backend.storage_problem(&name, &spec, &table) {
+                    found.insert(name, problem);
+                }
+            }
+            Some(found)
+        })
+        .await;
+        let found = match found {
+            Ok(Some(f)) => f,
+            Ok(None) => return 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "the storage check failed");
+                return 0;
+            }
+        };
+        let mut problems = self
+            .storage_problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (name, problem) in &found {
+            if problems.get(name) != Some(problem) {
+                tracing::error!(volume = %name, problem = %problem, "the volume's storage has a problem");
+            }
+        }
+        for name in problems.keys() {
+            if !found.contains_key(name) {
+                tracing::info!(volume = %name, "the volume's storage problem is gone");
+            }
+        }
+        let n = found.len();
+        *problems = found;
+        n
     }
 
     /// Forgets a recorded failure once the storage was prepared or released successfully.
@@ -1003,7 +1250,8 @@ impl VolumeService {
         );
         report.released = released;
         report.detached = rec.mounts.is_empty() && rec.mountpoint.is_some();
-        self.finish_unmount(guard, &entry, rec).await?;
+        // The operator sees a failure and can repeat the command, so nothing is kept for later.
+        self.finish_unmount(guard, &entry, rec, &[]).await?;
         Ok(report)
     }
 
@@ -1050,9 +1298,11 @@ impl VolumeService {
                 self.healthy(name);
             }
             *rec.mounts.entry(id.to_string()).or_insert(0) += 1;
+            // What a failed catalog write left (detaching, with the storage still attached) ends here.
+            rec.state = VolumeState::Ready;
             let pending = self.store_queued(rec, Expect::Version(entry.version));
             drop(guard);
-            self.settle(name, pending).await?;
+            self.settle(name, pending, None).await?;
             return Ok(mountpoint);
         }
         let backend = self.backend(rec.spec.backend)?.clone();
@@ -1085,6 +1335,12 @@ impl VolumeService {
             return Err(e);
         }
         self.healthy(name);
+        // Attaching checked the storage (a filesystem marked for a check was checked and repaired); what
+        // the last health pass found is out of date until the next one.
+        self.storage_problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         tracing::info!(volume = name, mountpoint = %path.display(), "storage prepared");
         Ok(path)
     }
@@ -1094,7 +1350,16 @@ impl VolumeService {
     pub async fn unmount(&self, name: &str, id: &str) -> Result<()> {
         spec::validate_name(name)?;
         validate_mount_id(id)?;
-        let guard = self.lock_synced(name).await?;
+        let guard = match self.lock_synced(name).await {
+            Ok(g) => g,
+            Err(e) => {
+                // Docker will not send this Unmount again: keep it for when the catalog works.
+                if matches!(e, ServiceError::Catalog { .. }) {
+                    self.owe_unmounts(name, &[id.to_string()], u64::MAX);
+                }
+                return Err(e);
+            }
+        };
         let entry = self
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
@@ -1112,27 +1377,53 @@ impl VolumeService {
             rec.mounts.remove(id);
             rec.dead_mounts.remove(id);
         }
-        self.finish_unmount(guard, &entry, rec).await
+        self.finish_unmount(guard, &entry, rec, &[id.to_string()])
+            .await
     }
 
-    /// Stores a record whose mount IDs were dropped, and releases the storage when none is left.
+    /// Stores a record whose mount IDs were dropped, and releases the storage when none is left. `owing`
+    /// are the mount IDs of Docker's Unmount, kept for later if the catalog cannot record their drop.
     async fn finish_unmount(
         &self,
         guard: VolumeGuard<'_>,
         entry: &Versioned<VolumeRecord>,
-        mut rec: VolumeRecord,
+        rec: VolumeRecord,
+        owing: &[String],
     ) -> Result<()> {
         let name = entry.value.name.as_str();
         if !rec.mounts.is_empty() || rec.mountpoint.is_none() {
             let pending = self.store_queued(rec, Expect::Version(entry.version));
             drop(guard);
-            return self.settle(name, pending).await;
+            return self
+                .settle(name, pending, Some((owing, entry.version + 1)))
+                .await;
         }
+        self.release_storage(entry, rec, owing).await
+    }
+
+    /// Releases the storage of a volume no mount is left on, recording each step; the caller holds the
+    /// volume's lock. `owing` as for `finish_unmount`.
+    async fn release_storage(
+        &self,
+        entry: &Versioned<VolumeRecord>,
+        mut rec: VolumeRecord,
+        owing: &[String],
+    ) -> Result<()> {
+        let name = entry.value.name.as_str();
         let backend = self.backend(rec.spec.backend)?.clone();
         rec.state = VolumeState::Detaching;
-        let marked = self
+        let marked = match self
             .store(rec.clone(), Expect::Version(entry.version))
-            .await?;
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                if matches!(e, ServiceError::Catalog { .. }) {
+                    self.owe_unmounts(name, owing, entry.version + 1);
+                }
+                return Err(e);
+            }
+        };
         let detached = backend.detach(name, &rec.spec, rec.shipped.as_ref()).await;
         rec.state = VolumeState::Ready;
         match detached {
@@ -1245,6 +1536,13 @@ impl VolumeService {
             .unwrap_or_else(|p| p.into_inner())
             .get(&rec.name)
             .cloned();
+        let failure = failure.or_else(|| {
+            self.storage_problems
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&rec.name)
+                .cloned()
+        });
         // Storage attached again serves new containers, but those that held the lost one stay broken.
         let dead = rec.dead_mount_ids();
         let failure = failure.or_else(|| {
@@ -1958,6 +2256,8 @@ mod tests {
     struct FlakyCatalog {
         inner: RedbCatalog,
         fail_next: std::sync::atomic::AtomicBool,
+        /// When not zero, the put that brings it down to zero fails.
+        fail_in: std::sync::atomic::AtomicUsize,
         /// How many of the next reads fail.
         fail_gets: std::sync::atomic::AtomicUsize,
     }
@@ -1968,6 +2268,7 @@ mod tests {
             let catalog = Arc::new(FlakyCatalog {
                 inner: RedbCatalog::open(&f.dir.path().join("catalog.redb")).unwrap(),
                 fail_next: false.into(),
+                fail_in: 0.into(),
                 fail_gets: 0.into(),
             });
             let local =
@@ -2001,9 +2302,18 @@ mod tests {
             self.inner.get(name).await
         }
         fn put(&self, record: VolumeRecord, expect: Expect) -> PendingWrite {
+            let counted_down = self
+                .fail_in
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok_and(|n| n == 1);
             if self
                 .fail_next
                 .swap(false, std::sync::atomic::Ordering::SeqCst)
+                || counted_down
             {
                 return Box::pin(async { Err(CatalogError::Storage("disk on fire".into())) });
             }
@@ -2033,6 +2343,204 @@ mod tests {
         svc.unmount("v", "a").await.unwrap();
         svc.unmount("v", "c").await.unwrap();
         assert_eq!(f.mounter.count("unmount"), 2);
+    }
+
+    /// Docker never repeats an Unmount, so one whose write failed is recorded once the catalog works: by
+    /// the next operation on the volume, or by the background pass, which releases the storage too.
+    #[tokio::test]
+    async fn an_unmount_the_catalog_could_not_record_is_recorded_later() {
+        let f = Fixture::new();
+        let (svc, catalog) = FlakyCatalog::service(&f).await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        svc.mount("v", "a").await.unwrap();
+        catalog
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = svc.unmount("v", "a").await.unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert_eq!(svc.get("v").unwrap().status["active_mounts"], 1);
+        assert_eq!(f.mounter.count("unmount"), 1, "only create's measuring");
+        assert_eq!(svc.heal().await, 1);
+        let v = svc.get("v").unwrap();
+        assert_eq!(v.status["active_mounts"], 0);
+        assert_eq!(v.status["state"], "ready");
+        assert!(v.mountpoint.is_none());
+        assert_eq!(
+            f.mounter.count("unmount"),
+            2,
+            "released by the background pass"
+        );
+        assert_eq!(svc.heal().await, 0, "nothing left to do");
+
+        // The next operation records it first when it comes before the background pass: a Mount keeps
+        // the storage attached for itself, and the owed ID does not hold the volume afterwards.
+        svc.mount("v", "b").await.unwrap();
+        catalog
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(svc.unmount("v", "b").await.is_err());
+        svc.mount("v", "c").await.unwrap();
+        let v = svc.get("v").unwrap();
+        assert_eq!(v.status["active_mounts"], 1);
+        assert_eq!(
+            svc.report("v")
+                .unwrap()
+                .mount_ids
+                .keys()
+                .collect::<Vec<_>>(),
+            ["c"]
+        );
+        svc.unmount("v", "c").await.unwrap();
+        assert!(svc.get("v").unwrap().mountpoint.is_none());
+        assert_eq!(f.mounter.count("unmount"), 3);
+        // A restart finds nothing held.
+        drop(svc);
+        drop(catalog);
+        let (svc, report) = f.start().await;
+        assert_eq!(report.failed, 0);
+        assert_eq!(svc.get("v").unwrap().status["active_mounts"], 0);
+    }
+
+    /// The whole chain on a real redb over a disk that fills: while full, every change fails naming the
+    /// cause, an Unmount among them; once there is room the next calls work without a restart, and the
+    /// failed Unmount is recorded and releases the storage.
+    #[tokio::test]
+    async fn a_full_disk_under_the_catalog_costs_no_restart_and_no_stuck_mount() {
+        let f = Fixture::new();
+        let disk = crate::catalog::FillableDisk::default();
+        let local =
+            Arc::new(LocalBackend::new(f.dir.path().join("local"), f.mounter.clone()).unwrap());
+        let (svc, _) = VolumeService::start(
+            Arc::new(disk.catalog()),
+            vec![local],
+            f.mounter.clone(),
+            SpecDefaults::default(),
+        )
+        .await
+        .unwrap();
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        svc.mount("v", "a").await.unwrap();
+        disk.set_full(true);
+        for err in [
+            svc.unmount("v", "a").await.unwrap_err(),
+            svc.create("w", None).await.unwrap_err(),
+            svc.mount("v", "b").await.unwrap_err(),
+            svc.remove("v").await.unwrap_err(),
+        ] {
+            let text = err.to_string();
+            assert!(
+                text.contains("No space left on device") && !text.contains("Previous I/O"),
+                "{text}"
+            );
+        }
+        assert_eq!(svc.heal().await, 0, "nothing can be set right while full");
+        assert_eq!(svc.get("v").unwrap().status["active_mounts"], 1);
+        disk.set_full(false);
+        assert_eq!(svc.heal().await, 1);
+        let v = svc.get("v").unwrap();
+        assert_eq!(v.status["active_mounts"], 0);
+        assert!(v.mountpoint.is_none());
+        svc.create("w", None).await.unwrap();
+        svc.mount("v", "b").await.unwrap();
+        svc.unmount("v", "b").await.unwrap();
+        svc.remove("v").await.unwrap();
+        svc.remove("w").await.unwrap();
+        assert!(svc.list().is_empty());
+    }
+
+    /// A release whose last write failed leaves the volume detaching; the next Mount or the background pass
+    /// brings it back to ready instead of leaving it "busy".
+    #[tokio::test]
+    async fn a_volume_left_detaching_by_a_failed_write_is_set_right() {
+        let f = Fixture::new();
+        let (svc, catalog) = FlakyCatalog::service(&f).await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        svc.mount("v", "a").await.unwrap();
+        // The marker write succeeds, the detach happens, the final write fails.
+        catalog
+            .fail_in
+            .store(2, std::sync::atomic::Ordering::SeqCst);
+        assert!(svc.unmount("v", "a").await.is_err());
+        assert_eq!(svc.get("v").unwrap().status["state"], "detaching");
+        assert_eq!(svc.get("v").unwrap().status["health"], "busy");
+        assert_eq!(svc.heal().await, 1);
+        let v = svc.get("v").unwrap();
+        assert_eq!(v.status["state"], "ready");
+        assert_eq!(v.status["health"], "ok");
+        assert!(v.mountpoint.is_none());
+        let p = svc.mount("v", "b").await.unwrap();
+        assert_eq!(svc.path("v").unwrap(), Some(p));
+        svc.unmount("v", "b").await.unwrap();
+    }
+
+    /// A mount of an image marked for a check runs the check first, and refuses to mount damage the check
+    /// could not repair; health says why until the volume mounts cleanly.
+    #[tokio::test]
+    async fn a_marked_image_is_checked_before_it_is_mounted() {
+        let f = Fixture::new();
+        let (svc, _) = f.start().await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        svc.mount("v", "a").await.unwrap();
+        svc.unmount("v", "a").await.unwrap();
+        assert_eq!(
+            f.mounter.count("check"),
+            0,
+            "nothing marked, nothing checked"
+        );
+        let marker = f.dir.path().join("local/v/check-needed");
+        std::fs::write(&marker, "its ext4 filesystem has logged 1 error(s)").unwrap();
+        assert_eq!(svc.check_storage().await, 1);
+        let v = svc.get("v").unwrap();
+        assert_eq!(v.status["health"], "error");
+        assert!(
+            v.status["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("needs a check (its ext4 filesystem has logged 1 error(s))"),
+            "{:?}",
+            v.status
+        );
+        f.mounter.set_check_verdict(crate::mount::FsCheck::Damaged {
+            tool: "e2fsck",
+            detail: "UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY.".into(),
+        });
+        let err = svc.mount("v", "b").await.unwrap_err().to_string();
+        assert!(
+            err.contains("needs a repair (its ext4 filesystem has logged 1 error(s)) that e2fsck could not make")
+                && err.contains("RUN fsck MANUALLY")
+                && err.contains("was not mounted"),
+            "{err}"
+        );
+        assert_eq!(
+            f.mounter.count("mount "),
+            2,
+            "create's measuring and the first mount only"
+        );
+        assert!(marker.exists());
+        assert_eq!(svc.get("v").unwrap().status["health"], "error");
+        f.mounter
+            .set_check_verdict(crate::mount::FsCheck::Repaired("fixed".into()));
+        svc.mount("v", "b").await.unwrap();
+        assert_eq!(f.mounter.count("check"), 2);
+        assert!(!marker.exists());
+        assert_eq!(svc.get("v").unwrap().status["health"], "ok");
+        assert_eq!(svc.check_storage().await, 0);
+        svc.unmount("v", "b").await.unwrap();
+        svc.mount("v", "c").await.unwrap();
+        assert_eq!(
+            f.mounter.count("check"),
+            2,
+            "checked once, not at every mount"
+        );
+        svc.unmount("v", "c").await.unwrap();
     }
 
     #[tokio::test]

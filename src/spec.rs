@@ -24,10 +24,11 @@ pub const OPTION_KEYS: &[&str] = &[
     "export",
     "subdir",
     "checkpoint",
+    "preallocate",
 ];
 
 /// The options each backend accepts besides `backend`; the rest are refused with a message naming them.
-const LOCAL_KEYS: &[&str] = &["size", "fs", "uid", "gid", "mode"];
+const LOCAL_KEYS: &[&str] = &["size", "fs", "uid", "gid", "mode", "preallocate"];
 const NFS_KEYS: &[&str] = &["uid", "gid", "mode", "server", "export", "subdir"];
 const EBS_KEYS: &[&str] = &["size", "fs", "uid", "gid", "mode", "checkpoint"];
 
@@ -69,6 +70,8 @@ pub enum SpecError {
         "option \"fs\" needs option \"size\": only size-capped volumes have their own filesystem"
     )]
     FsWithoutSize,
+    #[error("option \"preallocate\" needs option \"size\": only a size-capped volume has an image whose space can be reserved")]
+    PreallocateWithoutSize,
     #[error("option {key:?} does not apply to the {backend} backend; its options are: {}", backend_keys(*backend).join(", "))]
     NotForBackend {
         key: &'static str,
@@ -304,6 +307,10 @@ pub struct VolumeSpec {
     /// ebs: seconds between checkpoints while mounted; `None` ships only when the last mount goes away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<u64>,
+    /// local, capped: the image's whole size is allocated on the host at create (fallocate), so a full host
+    /// filesystem can never fail writes inside the volume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preallocate: bool,
 }
 
 /// Checks a volume name before any path is built from it.
@@ -478,6 +485,14 @@ impl VolumeSpec {
                 ));
             }
         }
+        let preallocate = match opts.get("preallocate").map(|v| v.trim()) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => return Err(bad("preallocate", v, "expected true or false")),
+        };
+        if preallocate && size.is_none() {
+            return Err(SpecError::PreallocateWithoutSize);
+        }
         let uid = opts.get("uid").map(|v| parse_id("uid", v)).transpose()?;
         let gid = opts.get("gid").map(|v| parse_id("gid", v)).transpose()?;
         let mode = match opts.get("mode") {
@@ -557,6 +572,7 @@ impl VolumeSpec {
             export,
             subdir,
             checkpoint,
+            preallocate,
         })
     }
 
@@ -584,6 +600,9 @@ impl VolumeSpec {
                 "checkpoint".into(),
                 humantime::format_duration(std::time::Duration::from_secs(c)).to_string(),
             );
+        }
+        if self.preallocate {
+            out.insert("preallocate".into(), "true".into());
         }
         for (key, value) in [
             ("server", &self.server),
@@ -628,6 +647,9 @@ impl VolumeSpec {
         }
         if self.checkpoint != other.checkpoint {
             return Some("checkpoint");
+        }
+        if self.preallocate != other.preallocate {
+            return Some("preallocate");
         }
         None
     }
@@ -751,6 +773,54 @@ mod tests {
         let back =
             VolumeSpec::from_options(Some(&a.to_options()), &SpecDefaults::default()).unwrap();
         assert_eq!(back, a);
+    }
+
+    #[test]
+    fn preallocate_is_for_capped_local_volumes_only() {
+        let v = spec(&[("size", "1G"), ("preallocate", "true")]).unwrap();
+        assert!(v.preallocate);
+        assert_eq!(v.to_options()["preallocate"], "true");
+        let back =
+            VolumeSpec::from_options(Some(&v.to_options()), &SpecDefaults::default()).unwrap();
+        assert_eq!(back, v);
+        let plain = spec(&[("size", "1G"), ("preallocate", "false")]).unwrap();
+        assert!(!plain.preallocate && !plain.to_options().contains_key("preallocate"));
+        assert_eq!(v.first_difference(&plain), Some("preallocate"));
+        assert_eq!(
+            spec(&[("preallocate", "true")]),
+            Err(SpecError::PreallocateWithoutSize)
+        );
+        assert!(matches!(
+            spec(&[("size", "1G"), ("preallocate", "yes please")]),
+            Err(SpecError::BadValue {
+                key: "preallocate",
+                ..
+            })
+        ));
+        let ebs = VolumeSpec::from_options(
+            Some(&opts(&[
+                ("backend", "ebs"),
+                ("size", "1G"),
+                ("preallocate", "true"),
+            ])),
+            &SpecDefaults {
+                ebs: Some(EbsDefaults::default()),
+                ..SpecDefaults::default()
+            },
+        );
+        assert_eq!(
+            ebs,
+            Err(SpecError::NotForBackend {
+                key: "preallocate",
+                backend: BackendKind::Ebs
+            })
+        );
+        // Records written before the option existed read as not preallocated, and are written the same.
+        let old: VolumeSpec =
+            serde_json::from_str(r#"{"backend":"local","size":1073741824,"fs":"ext4","uid":null,"gid":null,"mode":null}"#)
+                .unwrap();
+        assert!(!old.preallocate);
+        assert!(!serde_json::to_string(&old).unwrap().contains("preallocate"));
     }
 
     #[test]

@@ -6,22 +6,37 @@
 //! there), or, with a `mount_root` (a managed plugin's propagated mount), `<mount_root>/<name>`, onto which
 //! the image is mounted or the data directory bind-mounted. Names were validated by `spec`, so joining
 //! them is safe.
+//!
+//! Images are sparse, so their caps are promises on the state filesystem's free space: a create that would
+//! promise more than is free is refused (unless `[local] overcommit`), `preallocate` reserves the space for
+//! real, and a filesystem that logged errors (or whose host filesystem filled under it) is marked with
+//! `<root>/<name>/check-needed` and checked before it is mounted again.
 
+use std::collections::HashMap;
 use std::fs::{DirBuilder, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use nix::unistd::{chown, Gid, Uid};
 use serde_json::{json, Map, Value};
 
 use super::{Attached, Backend, BackendError, Shipped};
-use crate::mount::{Holder, MountTable, Mounter, Storage};
+use crate::doctor::human_bytes;
+use crate::mount::{FsCheck, Holder, MountTable, Mounter, Storage};
 use crate::spec::{format_size, BackendKind, FsType, VolumeSpec};
 
 /// The directory mode of a volume's root when the user gave none (that of Docker's own local volumes).
 const DEFAULT_MODE: u32 = 0o755;
+
+/// Less free space than this on the state filesystem counts as full: the catalog and sparse images can no
+/// longer be counted on to grow.
+const MIN_FREE: u64 = 1 << 20;
+
+/// The file that marks a volume's image for a repair check before its next mount; it holds the reason.
+const CHECK_MARKER: &str = "check-needed";
 
 /// How many times a new image is formatted before its filesystem is accepted with less room than asked;
 /// the first guess fits as a rule, and one correction always has so far.
@@ -42,12 +57,67 @@ pub struct LocalBackend {
     root: PathBuf,
     mount_root: Option<PathBuf>,
     mounter: Arc<dyn Mounter>,
+    /// Whether caps may add up to more than the state filesystem has free (`[local] overcommit`).
+    overcommit: bool,
+    /// Held while a capped volume is created, so two creates never count the same free space.
+    creating: Arc<Mutex<()>>,
+    /// What the last look at the state filesystem found, when the caps promise more than it has free; for
+    /// Status, which must not do I/O.
+    overcommitted: Arc<Mutex<Option<String>>>,
+    /// Volumes whose filesystem must be checked before the next mount, in case the marker file could not
+    /// be written (a full disk).
+    to_check: Arc<Mutex<HashMap<String, String>>>,
 }
 
 struct Paths {
     dir: PathBuf,
     data: PathBuf,
     image: PathBuf,
+    marker: PathBuf,
+}
+
+/// The state filesystem's free space, and how much more of it the capped volumes' images could take.
+struct Room {
+    free: u64,
+    total: u64,
+    growth: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether every byte of the image is allocated on the host, so writes in it cannot fail for lack of room.
+fn fully_allocated(image: &Path) -> bool {
+    std::fs::metadata(image).is_ok_and(|m| m.blocks() * 512 >= m.len())
+}
+
+/// Allocates every block of the image on the host (fallocate), keeping what it holds.
+fn reserve(image: &Path) -> Result<(), BackendError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(BackendError::io("reserve space for", image))?;
+    let len = file
+        .metadata()
+        .map_err(BackendError::io("reserve space for", image))?
+        .len();
+    let len = libc::off_t::try_from(len).map_err(|_| BackendError::Io {
+        op: "reserve space for",
+        path: image.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(libc::EFBIG),
+    })?;
+    nix::fcntl::fallocate(
+        file.as_raw_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        len,
+    )
+    .map_err(|e| BackendError::Io {
+        op: "reserve space for",
+        path: image.to_path_buf(),
+        source: e.into(),
+    })
 }
 
 fn sized(spec: &VolumeSpec) -> Option<(u64, FsType)> {
@@ -90,7 +160,194 @@ impl LocalBackend {
             root,
             mount_root,
             mounter,
+            overcommit: false,
+            creating: Arc::default(),
+            overcommitted: Arc::default(),
+            to_check: Arc::default(),
         })
+    }
+
+    /// Lets the caps of capped volumes add up to more than the state filesystem has free; Status then warns.
+    pub fn allow_overcommit(mut self, allow: bool) -> Self {
+        self.overcommit = allow;
+        self
+    }
+
+    /// Free space on the state filesystem and what the capped images could still take of it: each image's
+    /// length less the blocks it already has.
+    fn room(&self) -> Result<Room, BackendError> {
+        let st = nix::sys::statvfs::statvfs(&self.root).map_err(|e| BackendError::Io {
+            op: "check",
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        let frag = st.fragment_size();
+        let mut growth = 0u64;
+        let entries =
+            std::fs::read_dir(&self.root).map_err(BackendError::io("check", &self.root))?;
+        for entry in entries.flatten() {
+            // Plain volumes have no image, and half-made ones may not yet.
+            let Ok(meta) = std::fs::metadata(entry.path().join("disk.img")) else {
+                continue;
+            };
+            growth = growth.saturating_add(meta.len().saturating_sub(meta.blocks() * 512));
+        }
+        Ok(Room {
+            free: st.blocks_available() * frag,
+            total: st.blocks() * frag,
+            growth,
+        })
+    }
+
+    /// Refuses a new capped volume whose image, with what the others could still take, would not fit in
+    /// the free space, unless overcommit is allowed.
+    fn check_room(&self, name: &str, size: u64, fs: FsType) -> Result<(), BackendError> {
+        let needed = first_image_len(size, fs);
+        let room = self.room()?;
+        if room.growth.saturating_add(needed) <= room.free {
+            return Ok(());
+        }
+        if self.overcommit {
+            tracing::warn!(
+                volume = name,
+                needed,
+                others = room.growth,
+                free = room.free,
+                "the caps of capped volumes now add up to more than the state filesystem has free (overcommit = true)"
+            );
+            return Ok(());
+        }
+        Err(BackendError::Overcommit {
+            size,
+            needed,
+            others: room.growth,
+            free: room.free,
+            path: self.root.clone(),
+        })
+    }
+
+    /// Looks at the state filesystem again, so Status can warn from memory when the caps promise more than
+    /// it has free.
+    fn survey_blocking(&self) {
+        let warning = match self.room() {
+            Ok(room) if room.growth > room.free => Some(format!(
+                "the capped volumes on this host can still grow by {} but the filesystem of {} has {} free{}: when it fills, writes inside them fail and can be lost; free space there, or recreate volumes with -o preallocate=true",
+                human_bytes(room.growth),
+                self.root.display(),
+                human_bytes(room.free),
+                if self.overcommit { " (overcommit = true allows it)" } else { "" }
+            )),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot look at the state filesystem");
+                return;
+            }
+        };
+        *lock(&self.overcommitted) = warning;
+    }
+
+    /// Why the volume's filesystem must be checked before it is mounted, if it must: a marker left by a
+    /// health check, or errors its own superblock records.
+    fn pending_check(&self, name: &str, p: &Paths, fs: FsType) -> Option<String> {
+        if let Some(why) = lock(&self.to_check).get(name) {
+            return Some(why.clone());
+        }
+        if let Ok(why) = std::fs::read_to_string(&p.marker) {
+            let why = why.trim();
+            // A full disk may have left the marker without its reason.
+            return Some(if why.is_empty() {
+                "a health check found a problem".into()
+            } else {
+                why.to_string()
+            });
+        }
+        let recorded = match fs {
+            FsType::Ext4 => crate::mount::ext4_needs_check(&p.image),
+            FsType::Xfs => crate::mount::xfs_needs_repair(&p.image)
+                .map(|flag| flag.then(|| "its superblock carries the needs-repair flag".into())),
+        };
+        recorded.unwrap_or_else(|e| {
+            tracing::debug!(image = %p.image.display(), error = %e, "cannot read the superblock");
+            None
+        })
+    }
+
+    /// Marks the volume's image for a check before its next mount: in memory at once, and in a marker file
+    /// so the mark survives a restart. A full disk may refuse the file; the mark in memory stands.
+    fn mark_for_check(&self, name: &str, p: &Paths, why: &str) {
+        lock(&self.to_check)
+            .entry(name.to_string())
+            .or_insert_with(|| why.to_string());
+        if p.marker.exists() {
+            return;
+        }
+        tracing::error!(
+            volume = name,
+            reason = why,
+            "the volume's filesystem will be checked before its next mount"
+        );
+        // The name alone marks it; the reason is a courtesy that a full disk may not have room for.
+        match OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&p.marker)
+        {
+            Ok(mut f) => {
+                use std::io::Write;
+                let _ = f.write_all(why.as_bytes());
+            }
+            Err(e) => {
+                tracing::warn!(marker = %p.marker.display(), error = %e, "cannot write the check marker; the mark is kept in memory until the next mount")
+            }
+        }
+    }
+
+    /// Runs the repair check on an unmounted image that is marked for one; refuses to mount it damaged.
+    fn check_before_mount(&self, name: &str, p: &Paths, fs: FsType) -> Result<(), BackendError> {
+        let Some(why) = self.pending_check(name, p, fs) else {
+            return Ok(());
+        };
+        tracing::warn!(volume = name, reason = %why, "checking the volume's filesystem before mounting it");
+        if fs == FsType::Xfs {
+            // `xfs_repair -n` cannot judge a filesystem whose log still holds changes, as a shutdown
+            // leaves it; mounting replays the log, as any mount would, and a log that cannot be replayed
+            // leaves the judgement to the check.
+            match self.mounter.mount_image(&p.image, &p.data, fs) {
+                Ok(()) => self.mounter.unmount(&p.data)?,
+                Err(e) => {
+                    tracing::warn!(volume = name, error = %e, "cannot mount the image to replay its log; checking it as it is")
+                }
+            }
+        }
+        match self.mounter.check_filesystem(&p.image, fs)? {
+            FsCheck::Clean => {
+                tracing::info!(volume = name, "the filesystem check found nothing wrong")
+            }
+            FsCheck::Repaired(words) => {
+                tracing::warn!(volume = name, check = %words, "the filesystem check repaired the volume")
+            }
+            FsCheck::Damaged { tool, detail } => {
+                return Err(BackendError::Damaged(Box::new(super::DamagedImage {
+                    fs: fs.as_str(),
+                    image: p.image.clone(),
+                    reason: why,
+                    tool,
+                    detail,
+                })))
+            }
+        }
+        lock(&self.to_check).remove(name);
+        match std::fs::remove_file(&p.marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // The filesystem passed; a marker left behind only costs another check at the next mount.
+            Err(e) => {
+                tracing::warn!(marker = %p.marker.display(), error = %e, "cannot remove the check marker; the next mount checks again")
+            }
+        }
+        Ok(())
     }
 
     /// Where Docker finds the volume's data while it is attached.
@@ -111,12 +368,18 @@ impl LocalBackend {
         Paths {
             data: dir.join("data"),
             image: dir.join("disk.img"),
+            marker: dir.join(CHECK_MARKER),
             dir,
         }
     }
 
     fn create_blocking(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
         let p = self.paths(name);
+        let creating = self.creating.clone();
+        let _creating = sized(spec).map(|_| lock(&creating));
+        if let Some((size, fs)) = sized(spec) {
+            self.check_room(name, size, fs)?;
+        }
         match DirBuilder::new().mode(0o700).create(&p.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -138,7 +401,13 @@ impl LocalBackend {
             .open(&p.image)
             .map_err(BackendError::io("create", &p.image))?;
         drop(image);
-        self.make_filesystem(&p, size, fs, spec)
+        self.make_filesystem(&p, size, fs, spec)?;
+        if spec.preallocate {
+            reserve(&p.image)?;
+        }
+        // Status warns at once, not at the next health pass, when this create overcommitted.
+        self.survey_blocking();
+        Ok(())
     }
 
     /// Makes the image's filesystem so that `size` bytes are free in it (what `df` shows as available):
@@ -251,6 +520,18 @@ impl LocalBackend {
                 if !p.image.is_file() {
                     return Err(BackendError::Missing { path: p.image });
                 }
+                // A filesystem still in use elsewhere (a container's namespace) cannot be checked, and is
+                // shared as it is.
+                if self.mounter.bound_loops(&p.image)?.is_empty() {
+                    self.check_before_mount(name, &p, fs)?;
+                    if spec.preallocate {
+                        // Something may have punched holes in it (fstrim through the loop device): allocate
+                        // them again. The volume works without, so a failure only warns.
+                        if let Err(e) = reserve(&p.image) {
+                            tracing::warn!(volume = name, error = %e, "cannot keep the preallocated volume's space reserved");
+                        }
+                    }
+                }
                 self.mounter.mount_image(&p.image, &target, fs)?;
             }
             None => self.mounter.bind(&p.data, &target)?,
@@ -258,9 +539,64 @@ impl LocalBackend {
         Ok(target)
     }
 
-    fn detach_blocking(&self, name: &str) -> Result<(), BackendError> {
+    /// What is wrong with the storage of an attached capped volume right now: errors its filesystem
+    /// logged, an xfs that shut down, or a full state filesystem under its sparse image. `source` is the
+    /// mount's device, such as `/dev/loop3`.
+    fn live_problems(&self, p: &Paths, fs: FsType, target: &Path, source: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        match fs {
+            FsType::Ext4 => {
+                if let Some(n) = crate::mount::ext4_errors_logged(source).filter(|n| *n > 0) {
+                    found.push(format!("its ext4 filesystem has logged {n} error(s)"));
+                }
+            }
+            FsType::Xfs => {
+                // A shut-down xfs answers every call with EIO, stat of its root included.
+                if let Err(e) = std::fs::metadata(target) {
+                    if e.raw_os_error() == Some(libc::EIO) {
+                        found.push("its xfs filesystem has shut down after an error".into());
+                    }
+                }
+            }
+        }
+        if let Some(full) = self.full_under(p) {
+            found.push(full);
+        }
+        found
+    }
+
+    /// Whether the state filesystem is full under a sparse image, whose writes then fail and are lost.
+    fn full_under(&self, p: &Paths) -> Option<String> {
+        let full = nix::sys::statvfs::statvfs(&self.root)
+            .is_ok_and(|st| st.blocks_available() * st.fragment_size() < MIN_FREE);
+        (full && !fully_allocated(&p.image)).then(|| {
+            format!(
+                "the filesystem holding its image ({}) is full, so writes inside the volume can fail and be lost",
+                self.root.display()
+            )
+        })
+    }
+
+    fn detach_blocking(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
         let target = self.exposed(name);
+        // Unmounting writes back what the filesystem still holds; if the state filesystem filled or the
+        // volume's filesystem logged errors since the last health pass, the next mount must check it.
+        let sized = sized(spec).map(|(_, fs)| (self.paths(name), fs));
+        if let Some((p, fs)) = &sized {
+            let table = self.mounter.mount_table().unwrap_or_default();
+            if let Some(entry) = table.find(&target) {
+                let found = self.live_problems(p, *fs, &target, &entry.source);
+                if !found.is_empty() {
+                    self.mark_for_check(name, p, &found.join("; "));
+                }
+            }
+        }
         self.mounter.unmount(&target)?;
+        if let Some((p, _)) = &sized {
+            if let Some(full) = self.full_under(p) {
+                self.mark_for_check(name, p, &full);
+            }
+        }
         if self.mount_root.is_some() {
             // The storage is released either way; a leftover empty directory is harmless.
             if let Err(e) = remove_empty_dir(&target) {
@@ -350,8 +686,8 @@ impl Backend for LocalBackend {
             return Ok(None);
         }
         let this = self.clone_handle();
-        let name = name.to_string();
-        blocking(move || this.detach_blocking(&name)).await?;
+        let (name, spec) = (name.to_string(), spec.clone());
+        blocking(move || this.detach_blocking(&name, &spec)).await?;
         Ok(None)
     }
 
@@ -379,6 +715,11 @@ impl Backend for LocalBackend {
                 m.insert("size_bytes".into(), json!(size));
                 m.insert("fs".into(), json!(fs.as_str()));
                 m.insert("image".into(), json!(self.paths(name).image));
+                if !spec.preallocate {
+                    if let Some(w) = lock(&self.overcommitted).as_ref() {
+                        m.insert("warning".into(), json!(w));
+                    }
+                }
             }
             None => {
                 m.insert("size".into(), json!("unlimited"));
@@ -388,25 +729,84 @@ impl Backend for LocalBackend {
     }
 
     async fn check(&self) -> Result<Map<String, Value>, BackendError> {
-        let root = self.root.clone();
+        let this = self.clone_handle();
         tokio::task::spawn_blocking(move || {
-            let io = |e: nix::Error| BackendError::Io {
+            let root = &this.root;
+            // A read-only or full filesystem under the state directory is what breaks local volumes.
+            nix::unistd::access(root, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+                BackendError::Io {
+                    op: "check",
+                    path: root.clone(),
+                    source: std::io::Error::from(e),
+                }
+            })?;
+            let room = this.room()?;
+            if room.free < MIN_FREE {
+                return Err(BackendError::Full {
+                    path: root.clone(),
+                    what: format!(
+                        "{} free of {}",
+                        human_bytes(room.free),
+                        human_bytes(room.total)
+                    ),
+                });
+            }
+            let st = nix::sys::statvfs::statvfs(root).map_err(|e| BackendError::Io {
                 op: "check",
                 path: root.clone(),
-                source: std::io::Error::from(e),
-            };
-            // A read-only or full filesystem under the state directory is what breaks local volumes.
-            nix::unistd::access(&root, nix::unistd::AccessFlags::W_OK).map_err(io)?;
-            let st = nix::sys::statvfs::statvfs(&root).map_err(io)?;
-            let frag = st.fragment_size();
+                source: e.into(),
+            })?;
+            // Some filesystems (btrfs) report no inode counts at all; only a count of zero left is full.
+            if st.files() > 0 && st.files_available() == 0 {
+                return Err(BackendError::Full {
+                    path: root.clone(),
+                    what: "no inodes free".into(),
+                });
+            }
+            this.survey_blocking();
             let mut m = Map::new();
             m.insert("path".into(), json!(root));
-            m.insert("total_bytes".into(), json!(st.blocks() * frag));
-            m.insert("free_bytes".into(), json!(st.blocks_available() * frag));
+            m.insert("total_bytes".into(), json!(room.total));
+            m.insert("free_bytes".into(), json!(room.free));
+            m.insert("capped_growth_bytes".into(), json!(room.growth));
+            if let Some(w) = lock(&this.overcommitted).as_ref() {
+                m.insert("warning".into(), json!(w));
+            }
             Ok(m)
         })
         .await
         .map_err(|e| BackendError::Internal(BackendKind::Local, e.to_string()))?
+    }
+
+    fn survey(&self) {
+        self.survey_blocking();
+    }
+
+    /// For an attached capped volume: errors its filesystem logged (ext4's count in sysfs), an xfs that
+    /// shut down, or a full state filesystem under a sparse image; each also marks the image for a check
+    /// before its next mount. For any capped volume: a check still pending from such a mark.
+    fn storage_problem(&self, name: &str, spec: &VolumeSpec, table: &MountTable) -> Option<String> {
+        let (_, fs) = sized(spec)?;
+        let p = self.paths(name);
+        let target = self.exposed(name);
+        let Some(entry) = table.find(&target) else {
+            let why = self.pending_check(name, &p, fs)?;
+            return Some(format!(
+                "its filesystem needs a check ({why}); the next mount runs it"
+            ));
+        };
+        let found = self.live_problems(&p, fs, &target, &entry.source);
+        if found.is_empty() {
+            let why = self.pending_check(name, &p, fs)?;
+            return Some(format!(
+                "its filesystem needs a check ({why}); stop the containers using it, and the next mount runs it"
+            ));
+        }
+        let why = found.join("; ");
+        self.mark_for_check(name, &p, &why);
+        Some(format!(
+            "{why}; stop the containers using it, and the next mount checks and repairs its filesystem"
+        ))
     }
 }
 
@@ -416,6 +816,10 @@ impl LocalBackend {
             root: self.root.clone(),
             mount_root: self.mount_root.clone(),
             mounter: self.mounter.clone(),
+            overcommit: self.overcommit,
+            creating: self.creating.clone(),
+            overcommitted: self.overcommitted.clone(),
+            to_check: self.to_check.clone(),
         }
     }
 }

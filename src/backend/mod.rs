@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 pub use crate::catalog::Shipped;
+use crate::doctor::human_bytes;
 use crate::mount::{Holder, MountError, MountTable};
 use crate::spec::{BackendKind, VolumeSpec};
 
@@ -66,8 +67,35 @@ pub enum BackendError {
         largest_file: String,
         dir: PathBuf,
     },
+    /// Sizes in bytes.
+    #[error("cannot promise {}: its image needs up to {} on the filesystem of {path}, the capped volumes already there can still grow by {}, and only {} is free. Free space there, choose a smaller size, or set overcommit = true in the [local] section of the configuration to allow caps beyond the free space (a full disk then fails writes inside capped volumes)", crate::spec::format_size(*.size), human_bytes(*.needed), human_bytes(*.others), human_bytes(*.free))]
+    Overcommit {
+        size: u64,
+        needed: u64,
+        others: u64,
+        free: u64,
+        path: PathBuf,
+    },
+    /// Boxed like `Nfs`: it carries the image, the reason and the tool's words.
+    #[error(transparent)]
+    Damaged(Box<DamagedImage>),
+    #[error("the filesystem of {path} is full ({what}): volumes and Ferry's catalog cannot be written; free space on it")]
+    Full { path: PathBuf, what: String },
     #[error("the attached storage was lost while {mounts} container mount(s) used it (for nfs: its FUSE helper exited); those containers get I/O errors until restarted, and the next mount attaches the volume again")]
     Lost { mounts: u64 },
+}
+
+/// A volume image whose filesystem the repair check before mounting could not repair by itself.
+#[derive(Debug, thiserror::Error)]
+#[error("the {fs} filesystem in {image} needs a repair ({reason}) that {tool} could not make without help: {detail}. It was not mounted: stop every container using the volume, copy the image somewhere safe and repair it by hand (`e2fsck -f IMAGE`; for xfs `xfs_repair IMAGE`, after mounting and unmounting it once if it asks for its log to be replayed), then mount again")]
+pub struct DamagedImage {
+    pub fs: &'static str,
+    pub image: PathBuf,
+    /// Why it was checked.
+    pub reason: String,
+    pub tool: &'static str,
+    /// The tool's last words.
+    pub detail: String,
 }
 
 impl BackendError {
@@ -88,6 +116,9 @@ impl BackendError {
             BackendError::Lost { .. } => "lost",
             BackendError::TooLarge { .. } => "too_large",
             BackendError::Unsupported { .. } => "unsupported",
+            BackendError::Overcommit { .. } => "overcommit",
+            BackendError::Damaged(_) => "damaged",
+            BackendError::Full { .. } => "full",
         }
     }
 
@@ -260,6 +291,21 @@ pub trait Backend: Send + Sync {
     /// such as free space. It may do I/O, so it serves the operator's `ferry status`, never Get/List/Path;
     /// the caller bounds it with a deadline.
     async fn check(&self) -> Result<Map<String, Value>, BackendError>;
+    /// Looks at local storage once per health pass (free space against what sparse images promise), so
+    /// `status` can report it from memory. It may do local I/O: call it off the async threads.
+    fn survey(&self) {}
+    /// A problem of the volume's storage found on this host (a filesystem that logged errors, a full
+    /// filesystem under a sparse image, a repair check still pending), shown as health; `None` when all is
+    /// well or the backend cannot tell. It may do local I/O (sysfs, statvfs, a superblock), never network
+    /// I/O: call it off the async threads.
+    fn storage_problem(
+        &self,
+        _name: &str,
+        _spec: &VolumeSpec,
+        _table: &MountTable,
+    ) -> Option<String> {
+        None
+    }
     /// Data moved to and from remote storage since start, for backends that ship data.
     fn transfers(&self) -> Option<TransferTotals> {
         None

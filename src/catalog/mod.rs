@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::VolumeSpec;
 
+#[cfg(test)]
+pub(crate) use redb_store::test_disk::FillableDisk;
 pub use redb_store::RedbCatalog;
 
 /// Where a volume is in its life. Each transition is written before the slow work it announces begins, so a
@@ -121,7 +123,7 @@ impl Expect {
 /// A queued write: resolves once it is durable (with the stored version) or has failed.
 pub type PendingWrite = futures_core::future::BoxFuture<'static, Result<u64, CatalogError>>;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("catalog conflict on volume {name:?}: expected {expected:?}, found version {found:?}")]
     Conflict {
@@ -133,6 +135,10 @@ pub enum CatalogError {
     Corrupt { name: String, reason: String },
     #[error("catalog storage failed: {0}")]
     Storage(String),
+    /// The catalog file failed (a full or read-only filesystem, a disk error). The embedded store closes it
+    /// and opens it again on the next call, so this lasts only as long as its cause.
+    #[error("the catalog {path} cannot be used: {cause}; make room on (or repair) the filesystem of the state directory, and the next call opens the catalog again without a restart")]
+    Unavailable { path: PathBuf, cause: String },
 }
 
 /// The persistent record of volumes, with compare-and-swap on versions.

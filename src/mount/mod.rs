@@ -4,6 +4,7 @@
 //! above it can be unit-tested with `RecordingMounter` without root. Everything here blocks: call it from
 //! `spawn_blocking`. No shell is ever involved: external tools run with argument vectors.
 
+mod fsck;
 mod holders;
 mod loopdev;
 mod mountinfo;
@@ -17,6 +18,7 @@ use nix::mount::{umount2, MntFlags, MsFlags};
 
 use crate::spec::FsType;
 
+pub use fsck::{ext4_errors_logged, ext4_needs_check, xfs_needs_repair, FsCheck};
 pub use holders::{Holder, Storage};
 pub use loopdev::probe_free as probe_free_loop_device;
 pub use mountinfo::{MountEntry, MountTable};
@@ -162,6 +164,9 @@ pub trait Mounter: Send + Sync {
     fn bind(&self, source: &Path, target: &Path) -> Result<(), MountError>;
     /// Unmounts `target`; succeeds if nothing is mounted there.
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
+    /// Checks the filesystem in an unmounted image before it is mounted, repairing what is safe to repair
+    /// unattended: `e2fsck -p -f` for ext4; `xfs_repair -n`, which repairs nothing, for xfs.
+    fn check_filesystem(&self, image: &Path, fs: FsType) -> Result<FsCheck, MountError>;
     /// The current mount table of this process's mount namespace.
     fn mount_table(&self) -> Result<MountTable, MountError>;
 }
@@ -322,5 +327,9 @@ impl Mounter for SystemMounter {
 
     fn mount_table(&self) -> Result<MountTable, MountError> {
         MountTable::read_self()
+    }
+
+    fn check_filesystem(&self, image: &Path, fs: FsType) -> Result<FsCheck, MountError> {
+        fsck::check(image, fs)
     }
 }

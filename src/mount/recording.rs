@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{Holder, MountEntry, MountError, MountTable, Mounter, Storage};
+use super::{FsCheck, Holder, MountEntry, MountError, MountTable, Mounter, Storage};
 use crate::spec::FsType;
 
 /// Records calls as strings such as `mount /img /target ext4`, and can be told to fail the next mount.
@@ -19,6 +19,8 @@ pub struct RecordingMounter {
     held: Mutex<Vec<PathBuf>>,
     /// Bytes of an image its filesystem keeps for itself.
     overhead: Mutex<u64>,
+    /// What the next repair checks find; `None` finds nothing wrong.
+    check_verdict: Mutex<Option<FsCheck>>,
 }
 
 /// The one loop device the double pretends to bind.
@@ -62,6 +64,11 @@ impl RecordingMounter {
     /// How many bytes of every image its filesystem keeps for itself.
     pub fn set_overhead(&self, bytes: u64) {
         *lock(&self.overhead) = bytes;
+    }
+
+    /// What repair checks find from now on.
+    pub fn set_check_verdict(&self, verdict: FsCheck) {
+        *lock(&self.check_verdict) = Some(verdict);
     }
 
     /// Forgets every mount, as a reboot would.
@@ -183,6 +190,11 @@ impl Mounter for RecordingMounter {
             self.record(format!("unmount {}", target.display()));
         }
         Ok(())
+    }
+
+    fn check_filesystem(&self, image: &Path, fs: FsType) -> Result<FsCheck, MountError> {
+        self.record(format!("check {} {}", image.display(), fs.as_str()));
+        Ok(lock(&self.check_verdict).clone().unwrap_or(FsCheck::Clean))
     }
 
     fn mount_table(&self) -> Result<MountTable, MountError> {
