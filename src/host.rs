@@ -7,7 +7,7 @@
 //! every daemon on a machine would share it. This module reads files only; it never talks to the network.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::Path;
 
 /// The name of the file in the state directory that keeps this host's id.
@@ -64,8 +64,8 @@ pub fn hostname() -> String {
     }
 }
 
-/// Reads the id kept at `path`, making a random one the first time (temp file, fsync, rename, fsync of
-/// the directory, so a crash never leaves a half-written id that would make this host someone else).
+/// Reads the id kept at `path`, making a random one the first time (written atomically and durably, so a
+/// crash never leaves a half-written id that would make this host someone else).
 fn load_id(path: &Path) -> io::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(s) if s.trim().len() >= 8 => return Ok(s.trim().to_string()),
@@ -76,14 +76,7 @@ fn load_id(path: &Path) -> io::Result<String> {
     let mut raw = [0u8; 8];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
     let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(format!("{id}\n").as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
+    crate::durable::write_atomic(path, format!("{id}\n").as_bytes())?;
     Ok(id)
 }
 

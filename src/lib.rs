@@ -5,6 +5,7 @@
 //! - `config`: flags, environment and the TOML file merged into one typed configuration.
 //! - `daemon`: `ferry serve`, which wires the parts together and owns start-up and shutdown order.
 //! - `doctor`: the host checks behind `ferry doctor`.
+//! - `durable`: small state files replaced atomically and durably (temporary file, fsync, rename, fsync).
 //! - `host`: this host's identity (`HostId`: a stable id kept in the state directory, and the hostname).
 //! - `listener`: the HTTP serving shared by the plugin, admin and metrics listeners: sockets bound with no
 //!   window for other users, peer checks, connection caps, idle and request timeouts, graceful stop.
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+pub mod durable;
 pub mod fuse;
 pub mod host;
 pub mod listener;

@@ -10,7 +10,7 @@
 //! does change, and is shipped as a block of zeros.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -159,23 +159,7 @@ impl BlockMap {
         let digest = Sha256::digest(&bytes);
         bytes.extend_from_slice(&digest);
 
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        f.write_all(&bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("sync", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io_err("rename", &tmp))?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err("sync", dir))?;
-        }
-        Ok(())
+        crate::durable::write_atomic(path, &bytes).map_err(|e| io_err(e.op, &e.path)(e.source))
     }
 
     /// Reads a map written by `save`. A missing file is `Ok(None)`; a damaged one is `Corrupt`, never a

@@ -460,26 +460,11 @@ impl Inner {
         }
     }
 
-    /// Writes `copy.json` atomically and durably (temporary file, fsync, rename, fsync of the directory).
+    /// Writes `copy.json` atomically and durably.
     fn save_copy(&self, name: &str, copy: &LocalCopy) -> Result<(), BackendError> {
-        use std::io::Write;
-        let p = self.paths(name);
-        let tmp = p.copy.with_extension("tmp");
         let bytes = serde_json::to_vec_pretty(copy).map_err(internal)?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(BackendError::io("create", &tmp))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(BackendError::io("write", &tmp))?;
-        std::fs::rename(&tmp, &p.copy).map_err(BackendError::io("rename", &tmp))?;
-        std::fs::File::open(&p.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(BackendError::io("sync", &p.dir))
+        crate::durable::write_atomic(&self.paths(name).copy, &bytes)
+            .map_err(|e| BackendError::io(e.op, &e.path)(e.source))
     }
 
     /// The volume's snapshots, with the newest completed one; refuses while another host's push of a

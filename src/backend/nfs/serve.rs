@@ -179,7 +179,10 @@ pub fn report(line: &str) {
 }
 
 fn write_pid_file(spec: &HelperSpec) -> std::io::Result<()> {
-    let tmp = spec.pid_file.with_extension("tmp");
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
-    std::fs::rename(&tmp, &spec.pid_file)
+    // Durable too: after a power loss, the daemon finds the helper it must stop by this file.
+    crate::durable::write_atomic(
+        &spec.pid_file,
+        format!("{}\n", std::process::id()).as_bytes(),
+    )
+    .map_err(std::io::Error::from)
 }
