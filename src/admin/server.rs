@@ -249,22 +249,23 @@ async fn status(ctx: &AdminContext) -> DaemonStatus {
     }
 }
 
-/// Decodes `%XX` escapes, so any name Docker accepts can be asked for; `None` if the result is not UTF-8.
+/// Decodes `%XX` escapes, so any name Docker accepts can be asked for; `None` if an escape is malformed
+/// (the crate's decoder would keep it as literal text) or the result is not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let well_formed = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode(bytes)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
@@ -302,6 +303,9 @@ mod tests {
         );
         assert_eq!(percent_decode("bad%2"), None);
         assert_eq!(percent_decode("bad%zz"), None);
+        assert_eq!(percent_decode("bad%+1"), None);
+        assert_eq!(percent_decode("bad%-f"), None);
+        assert_eq!(percent_decode("a%25b").as_deref(), Some("a%b"));
         assert_eq!(percent_decode("%ff"), None);
     }
 }
