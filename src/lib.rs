@@ -12,6 +12,7 @@
 //! - `plugin`: Docker's volume-plugin protocol (wire types, routing, the HTTP server on the Unix socket).
 //! - `service`: `VolumeService`, the protocol-agnostic core (locks, mount counts, reconciliation).
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
+//! - `sync`: std locks recovered from poisoning, one way everywhere.
 //! - `catalog`: the persistent record of volumes, behind a compare-and-swap trait.
 //! - `backend`: the `Backend` trait, the `local` and `nfs` backends, and the block maps the `ebs` backend builds on.
 //! - `nfs`: an NFSv3 client for control operations on an export (pooled, with deadlines).
@@ -38,3 +39,4 @@ pub mod notify;
 pub mod plugin;
 pub mod service;
 pub mod spec;
+pub mod sync;

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::sync::Recover;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -653,7 +654,7 @@ impl ConnState {
 
     fn lock(&self) -> MutexGuard<'_, Phase> {
         // A phase is a plain value: one left by a panicking holder is still a valid phase.
-        self.phase.lock().unwrap_or_else(|p| p.into_inner())
+        self.phase.lock().recover()
     }
 
     fn phase(&self) -> Phase {
@@ -856,7 +857,7 @@ struct ConnTable {
 impl ConnTable {
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<ConnState>>> {
         // Entries are only inserted and removed whole; a panic elsewhere cannot leave one half-made.
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+        self.conns.lock().recover()
     }
 
     fn register(self: &Arc<Self>) -> (Arc<ConnState>, Registration) {
@@ -948,7 +949,7 @@ impl LogThrottle {
     }
 
     fn admit(&self, key: LogKey, now: Instant) -> Option<u64> {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last.lock().recover();
         // Keys are per uid: bound the memory a stream of strangers could take.
         if last.len() > 4096 {
             last.clear();

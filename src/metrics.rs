@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::listener::{BodyError, Handler, Limits, Listener, Peer, Peers, ServeOptions};
 use crate::service::VolumeService;
+use crate::sync::Recover;
 
 /// Upper bounds of the latency buckets, in seconds: from sub-millisecond Get to Docker's 2-minute limit.
 const BUCKETS: [f64; 16] = [
@@ -53,7 +54,7 @@ impl Metrics {
     /// Records one protocol call; `outcome` is `ok`, `refused` (the caller's mistake) or `error`.
     pub fn observe_call(&self, method: &'static str, outcome: &'static str, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut calls = self.calls.lock().recover();
         let h = calls.entry((method, outcome)).or_default();
         if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
             h.counts[i] += 1;
@@ -67,7 +68,7 @@ impl Metrics {
         *self
             .backend_errors
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .entry((backend, kind))
             .or_default() += 1;
     }
@@ -75,7 +76,7 @@ impl Metrics {
     /// The text exposition format (version 0.0.4).
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::new();
-        let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let calls = self.calls.lock().recover().clone();
         out.push_str("# HELP ferry_calls_total Protocol calls answered, by method and outcome.\n");
         out.push_str("# TYPE ferry_calls_total counter\n");
         for ((method, outcome), h) in &calls {
@@ -111,12 +112,7 @@ impl Metrics {
         }
         out.push_str("# HELP ferry_backend_errors_total Backend failures, by backend and kind.\n");
         out.push_str("# TYPE ferry_backend_errors_total counter\n");
-        for ((backend, kind), n) in self
-            .backend_errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for ((backend, kind), n) in self.backend_errors.lock().recover().iter() {
             let _ = writeln!(
                 out,
                 "ferry_backend_errors_total{{backend=\"{backend}\",kind=\"{kind}\"}} {n}"

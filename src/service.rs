@@ -19,6 +19,7 @@ use crate::catalog::{
 };
 use crate::mount::{MountError, Mounter};
 use crate::spec::{self, BackendKind, SpecDefaults, SpecError, VolumeSpec};
+use crate::sync::Recover;
 
 /// The longest mount ID accepted; Docker's are 64 hex characters.
 const MAX_MOUNT_ID_LEN: usize = 256;
@@ -175,7 +176,7 @@ struct VolumeGuard<'a> {
 
 impl Drop for VolumeGuard<'_> {
     fn drop(&mut self) {
-        let mut locks = self.service.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locks = self.service.locks.lock().recover();
         // Two references: the table's and the one inside our guard. Any waiter holds a third.
         if locks
             .get(&self.name)
@@ -286,16 +287,10 @@ impl VolumeService {
     /// Starts the reconciliation of every volume `reconcile` deferred, each under its volume's lock, which
     /// is taken before this returns so no request can act on the record first.
     fn finish_deferred(self: &Arc<Self>) {
-        let names: Vec<String> = self
-            .recovering
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let names: Vec<String> = self.recovering.lock().recover().iter().cloned().collect();
         for name in names {
             let mutex = {
-                let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+                let mut locks = self.locks.lock().recover();
                 locks.entry(name.clone()).or_default().clone()
             };
             // Nothing has run yet that could hold it; if something did, the task waits for it.
@@ -307,10 +302,7 @@ impl VolumeService {
                     None => mutex.lock_owned().await,
                 };
                 svc.reconcile_deferred(&name).await;
-                svc.recovering
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&name);
+                svc.recovering.lock().recover().remove(&name);
             });
         }
     }
@@ -345,7 +337,7 @@ impl VolumeService {
                 let text = e.to_string();
                 self.failures
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .recover()
                     .insert(name.to_string(), text);
                 tracing::error!(volume = name, error = %e, "reconciliation failed; the volume is left as it was")
             }
@@ -354,12 +346,7 @@ impl VolumeService {
 
     /// "Busy" while start-up finishes an interrupted push or pull of the volume.
     fn refuse_while_recovering(&self, name: &str) -> Result<()> {
-        if self
-            .recovering
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
-        {
+        if self.recovering.lock().recover().contains(name) {
             return Err(ServiceError::Busy {
                 name: name.into(),
                 state: "finishing a push or pull interrupted by a restart",
@@ -374,7 +361,7 @@ impl VolumeService {
 
     /// Volume counts for the metrics endpoint, from memory.
     pub fn gauges(&self) -> crate::metrics::Gauges {
-        let view = self.view.read().unwrap_or_else(|p| p.into_inner());
+        let view = self.view.read().recover();
         let mut g = crate::metrics::Gauges {
             volumes_by_backend: BTreeMap::new(),
             active_mounts: 0,
@@ -412,11 +399,7 @@ impl VolumeService {
 
     /// Reloads the durable record if a failed write left the view out of step; the caller holds the lock.
     async fn sync_locked(&self, name: &str) -> Result<()> {
-        let unsynced = self
-            .unsynced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name);
+        let unsynced = self.unsynced.lock().recover().contains(name);
         if unsynced {
             let durable = self
                 .catalog
@@ -426,16 +409,13 @@ impl VolumeService {
                     name: name.to_string(),
                     source,
                 })?;
-            let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
+            let mut view = self.view.write().recover();
             match durable {
                 Some(d) => view.insert(name.to_string(), Arc::new(d)),
                 None => view.remove(name),
             };
             drop(view);
-            self.unsynced
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(name);
+            self.unsynced.lock().recover().remove(name);
             tracing::info!(volume = name, "reloaded the volume from the catalog");
         }
         Ok(())
@@ -450,7 +430,7 @@ impl VolumeService {
         tracing::warn!(volume = name, mount_ids = ?ids, "an unmount could not be recorded; it is recorded once the catalog works again");
         self.owed_unmounts
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .entry(name.to_string())
             .or_default()
             .extend(ids.iter().map(|id| (id.clone(), version)));
@@ -460,12 +440,7 @@ impl VolumeService {
     /// With `release`, storage no mount is left on is released as the last Unmount would; without, it
     /// stays attached but idle for the operation at hand to reuse or release.
     async fn apply_owed_unmounts(&self, name: &str, release: bool) -> Result<()> {
-        let Some(owed) = self
-            .owed_unmounts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-        else {
+        let Some(owed) = self.owed_unmounts.lock().recover().remove(name) else {
             return Ok(());
         };
         let Some(entry) = self.lookup(name) else {
@@ -510,21 +485,15 @@ impl VolumeService {
         let mut names: std::collections::BTreeSet<String> = self
             .owed_unmounts
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .keys()
             .cloned()
             .collect();
-        names.extend(
-            self.unsynced
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .cloned(),
-        );
+        names.extend(self.unsynced.lock().recover().iter().cloned());
         names.extend(
             self.view
                 .read()
-                .unwrap_or_else(|p| p.into_inner())
+                .recover()
                 .values()
                 .filter(|e| {
                     matches!(
@@ -536,22 +505,14 @@ impl VolumeService {
         );
         let mut healed = 0;
         for name in names {
-            let recovering = self
-                .recovering
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&name);
+            let recovering = self.recovering.lock().recover().contains(&name);
             if recovering {
                 continue;
             }
             let Some(_guard) = self.try_lock(&name) else {
                 continue;
             };
-            let owed = self
-                .owed_unmounts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&name);
+            let owed = self.owed_unmounts.lock().recover().contains_key(&name);
             let outcome = async {
                 self.sync_locked(&name).await?;
                 self.apply_owed_unmounts(&name, true).await?;
@@ -589,7 +550,7 @@ impl VolumeService {
 
     async fn lock(&self, name: &str) -> VolumeGuard<'_> {
         let mutex = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = self.locks.lock().recover();
             locks.entry(name.to_string()).or_default().clone()
         };
         VolumeGuard {
@@ -602,7 +563,7 @@ impl VolumeService {
     /// The volume's lock if nobody holds it now; `None` while an operation on it runs.
     fn try_lock(&self, name: &str) -> Option<VolumeGuard<'_>> {
         let mutex = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = self.locks.lock().recover();
             locks.entry(name.to_string()).or_default().clone()
         };
         // On failure the holder's guard tidies the table entry, as it does after any waiter.
@@ -615,11 +576,7 @@ impl VolumeService {
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<Versioned<VolumeRecord>>> {
-        self.view
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.view.read().recover().get(name).cloned()
     }
 
     fn backend(&self, kind: BackendKind) -> Result<&Arc<dyn Backend>> {
@@ -648,10 +605,7 @@ impl VolumeService {
             value: record,
             version,
         });
-        self.view
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name, entry.clone());
+        self.view.write().recover().insert(name, entry.clone());
         Ok(entry)
     }
 
@@ -666,7 +620,7 @@ impl VolumeService {
         });
         self.view
             .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .insert(entry.value.name.clone(), entry);
         pending
     }
@@ -690,7 +644,7 @@ impl VolumeService {
         }
         match self.catalog.get(name).await {
             Ok(durable) => {
-                let mut view = self.view.write().unwrap_or_else(|p| p.into_inner());
+                let mut view = self.view.write().recover();
                 match durable {
                     Some(d) => view.insert(name.to_string(), Arc::new(d)),
                     None => view.remove(name),
@@ -700,10 +654,7 @@ impl VolumeService {
                 // The view may now be ahead of the catalog; the next operation on this volume reloads it
                 // before trusting it, instead of chaining every later write on a version that never landed.
                 tracing::error!(volume = name, error = %e, "cannot reload the volume after a failed write");
-                self.unsynced
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name.to_string());
+                self.unsynced.lock().recover().insert(name.to_string());
             }
         }
         Err(ServiceError::Catalog {
@@ -713,10 +664,7 @@ impl VolumeService {
     }
 
     fn mark_unsynced(&self, name: &str) {
-        self.unsynced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string());
+        self.unsynced.lock().recover().insert(name.to_string());
     }
 
     async fn forget(&self, name: &str, version: u64) -> Result<()> {
@@ -727,10 +675,7 @@ impl VolumeService {
                 source,
             });
         }
-        self.view
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.view.write().recover().remove(name);
         self.healthy(name);
         Ok(())
     }
@@ -748,7 +693,7 @@ impl VolumeService {
         };
         self.failures
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .insert(name.to_string(), err.to_string());
         err
     }
@@ -843,16 +788,13 @@ impl VolumeService {
         let attached: Vec<(String, u64)> = self
             .view
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .values()
             .filter(|e| Self::visible(&e.value) && e.value.mountpoint.is_some())
             .filter_map(|e| Some((e.value.name.clone(), e.value.spec.checkpoint?)))
             .collect();
         let due: Vec<String> = {
-            let mut clock = self
-                .checkpoint_clock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut clock = self.checkpoint_clock.lock().recover();
             clock.retain(|name, _| attached.iter().any(|(n, _)| n == name));
             attached
                 .iter()
@@ -873,7 +815,7 @@ impl VolumeService {
             }
             self.checkpoint_clock
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .recover()
                 .insert(name, std::time::Instant::now());
         }
         done
@@ -888,7 +830,7 @@ impl VolumeService {
         let names: Vec<String> = self
             .view
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .values()
             .filter(|e| e.value.state == VolumeState::Ready && !e.value.mounts.is_empty())
             .map(|e| e.value.name.clone())
@@ -923,7 +865,7 @@ impl VolumeService {
             let known = self
                 .failures
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .recover()
                 .get(&name)
                 .is_some_and(|f| f.contains(LOST_MARK));
             if !known {
@@ -947,7 +889,7 @@ impl VolumeService {
         let volumes: Vec<(String, VolumeSpec)> = self
             .view
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .values()
             .filter(|e| Self::visible(&e.value))
             .map(|e| (e.value.name.clone(), e.value.spec.clone()))
@@ -985,10 +927,7 @@ impl VolumeService {
                 return 0;
             }
         };
-        let mut problems = self
-            .storage_problems
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut problems = self.storage_problems.lock().recover();
         for (name, problem) in &found {
             if problems.get(name) != Some(problem) {
                 tracing::error!(volume = %name, problem = %problem, "the volume's storage has a problem");
@@ -1006,10 +945,7 @@ impl VolumeService {
 
     /// Forgets a recorded failure once the storage was prepared or released successfully.
     fn healthy(&self, name: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.failures.lock().recover().remove(name);
     }
 
     fn backend_error(name: &str) -> impl FnOnce(BackendError) -> ServiceError + '_ {
@@ -1337,10 +1273,7 @@ impl VolumeService {
         self.healthy(name);
         // Attaching checked the storage (a filesystem marked for a check was checked and repaired); what
         // the last health pass found is out of date until the next one.
-        self.storage_problems
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.storage_problems.lock().recover().remove(name);
         tracing::info!(volume = name, mountpoint = %path.display(), "storage prepared");
         Ok(path)
     }
@@ -1530,16 +1463,11 @@ impl VolumeService {
         {
             return ("conflict", Some(problem));
         }
-        let failure = self
-            .failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&rec.name)
-            .cloned();
+        let failure = self.failures.lock().recover().get(&rec.name).cloned();
         let failure = failure.or_else(|| {
             self.storage_problems
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .recover()
                 .get(&rec.name)
                 .cloned()
         });
@@ -1562,13 +1490,7 @@ impl VolumeService {
 
     /// `report` for every volume, in name order.
     pub fn reports(&self) -> Vec<VolumeReport> {
-        let entries: Vec<_> = self
-            .view
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let entries: Vec<_> = self.view.read().recover().values().cloned().collect();
         entries.iter().map(|e| self.report_of(e)).collect()
     }
 
@@ -1654,7 +1576,7 @@ impl VolumeService {
     pub fn list(&self) -> Vec<VolumeSummary> {
         self.view
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .values()
             .filter(|e| Self::visible(&e.value))
             .map(|e| VolumeSummary {
@@ -1674,13 +1596,7 @@ impl VolumeService {
                 .map_err(|e| ServiceError::Internal(e.to_string()))?
                 .map_err(|e: MountError| ServiceError::Internal(e.to_string()))?
         };
-        let entries: Vec<_> = self
-            .view
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let entries: Vec<_> = self.view.read().recover().values().cloned().collect();
         let mut report = ReconcileReport {
             volumes: entries.len(),
             ..Default::default()
@@ -1690,10 +1606,7 @@ impl VolumeService {
             if self.is_slow_to_reconcile(&entry.value, &table) {
                 tracing::info!(volume = %name, state = entry.value.state.as_str(),
                     "an interrupted push or pull finishes in the background; the volume is busy until then");
-                self.recovering
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name);
+                self.recovering.lock().recover().insert(name);
                 report.deferred += 1;
                 continue;
             }

@@ -27,6 +27,7 @@ use super::{Attached, Backend, BackendError, Shipped};
 use crate::doctor::human_bytes;
 use crate::mount::{FsCheck, Holder, MountTable, Mounter, Storage};
 use crate::spec::{format_size, BackendKind, FsType, VolumeSpec};
+use crate::sync::Recover;
 
 /// The directory mode of a volume's root when the user gave none (that of Docker's own local volumes).
 const DEFAULT_MODE: u32 = 0o755;
@@ -84,7 +85,7 @@ struct Room {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().recover()
 }
 
 /// Whether every byte of the image is allocated on the host, so writes in it cannot fail for lack of room.
@@ -626,9 +627,7 @@ fn remove_empty_dir(path: &Path) -> Result<(), BackendError> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, BackendError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BackendError::Internal(BackendKind::Local, e.to_string()))?
+    super::blocking(BackendKind::Local, f).await
 }
 
 #[async_trait]

@@ -157,6 +157,17 @@ pub(crate) fn prepare_roots(
     Ok((root, mount_root))
 }
 
+/// Runs blocking work (filesystem calls, mkfs, mount, image I/O) off the async threads; a panic in it
+/// becomes the backend's internal error rather than taking the daemon down.
+pub(crate) async fn blocking<T: Send + 'static>(
+    kind: BackendKind,
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::Internal(kind, e.to_string()))?
+}
+
 /// Refuses an image of `image_len(size)` bytes that the filesystem holding `dir` cannot hold as one file,
 /// naming the largest size it can. A filesystem that cannot be asked lets the create go on; sizing the
 /// image then reports whatever it has to.

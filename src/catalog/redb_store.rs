@@ -19,6 +19,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::{Catalog, CatalogError, Expect, PendingWrite, Versioned, VolumeRecord};
+use crate::sync::Recover;
 
 /// Volume name -> 8-byte little-endian version followed by the JSON record.
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -75,7 +76,7 @@ struct Store {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().recover()
 }
 
 impl Store {
@@ -99,16 +100,10 @@ impl Store {
     /// Opens the handle if a failure closed it. Under the handle's write lock, so no transaction is running
     /// on an old handle while the file is reopened (redb locks the file against a second handle).
     fn ensure_open(&self) -> Result<(), CatalogError> {
-        if self
-            .handle
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .db
-            .is_some()
-        {
+        if self.handle.read().recover().db.is_some() {
             return Ok(());
         }
-        let mut h = self.handle.write().unwrap_or_else(|p| p.into_inner());
+        let mut h = self.handle.write().recover();
         if h.db.is_some() {
             return Ok(());
         }
@@ -129,7 +124,7 @@ impl Store {
     /// Closes the handle of `generation` after a failure of its file, so the next call opens it again.
     fn close(&self, generation: u64, words: String) -> CatalogError {
         let cause = self.cause_of(words);
-        let mut h = self.handle.write().unwrap_or_else(|p| p.into_inner());
+        let mut h = self.handle.write().recover();
         if h.generation == generation && h.db.is_some() {
             // Dropping the handle releases redb's lock on the file; redb marks the file for repair, which
             // the next opening performs.
@@ -143,7 +138,7 @@ impl Store {
     /// Runs `f` on the open handle, opening it first if needed; a failure of the file closes it.
     fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, CatalogError> {
         self.ensure_open()?;
-        let h = self.handle.read().unwrap_or_else(|p| p.into_inner());
+        let h = self.handle.read().recover();
         let generation = h.generation;
         let Some(database) = h.db.as_ref() else {
             // Another caller's failure closed it in between; its cause is ours.

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::store::FileHandle;
+use crate::sync::Recover;
 
 /// FUSE's inode number for the root directory.
 pub const ROOT_INODE: u64 = 1;
@@ -92,7 +93,7 @@ impl InodeTable {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every critical section leaves the maps consistent before anything can panic, so a poisoned lock
         // still guards valid data.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().recover()
     }
 
     /// The handle of a live inode.

@@ -13,13 +13,14 @@
 //! flock locks on this host (see docs/nfs.md, "Locks").
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::store::FileHandle;
+use crate::sync::Recover;
 
 /// The kernel's "to the end of the file" (OFFSET_MAX): the largest end a lock may have.
 pub const TO_EOF: u64 = i64::MAX as u64;
@@ -165,7 +166,7 @@ impl Locks {
     }
 
     fn note_held(&self, inode: u64, owner: u64) {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = self.held.lock().recover();
         let owners = held.entry(inode).or_default();
         if !owners.contains(&owner) {
             owners.push(owner);
@@ -174,7 +175,7 @@ impl Locks {
 
     /// Whether `owner` may hold locks on `inode`; forgets it.
     fn take_held(&self, inode: u64, owner: u64) -> bool {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = self.held.lock().recover();
         let Some(owners) = held.get_mut(&inode) else {
             return false;
         };
@@ -269,24 +270,15 @@ impl Locks {
         }
         let cancel = CancellationToken::new();
         {
-            let mut early = self
-                .early_interrupts
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut early = self.early_interrupts.lock().recover();
             if let Some(i) = early.iter().position(|u| *u == unique) {
                 early.swap_remove(i);
                 return Err(libc::EINTR.into());
             }
-            self.waits
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(unique, cancel.clone());
+            self.waits.lock().recover().insert(unique, cancel.clone());
         }
         let result = self.wait_for(store, file, &request, &cancel).await;
-        self.waits
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&unique);
+        self.waits.lock().recover().remove(&unique);
         result
     }
 
@@ -332,16 +324,8 @@ impl Locks {
 
     /// The kernel interrupts request `unique` (its caller got a signal): end its wait if it is a blocked lock.
     pub(crate) fn interrupt(&self, unique: u64) {
-        let mut early = self
-            .early_interrupts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(token) = self
-            .waits
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&unique)
-        {
+        let mut early = self.early_interrupts.lock().recover();
+        if let Some(token) = self.waits.lock().recover().get(&unique) {
             token.cancel();
             return;
         }
@@ -432,12 +416,12 @@ impl LocalLocks {
 #[async_trait]
 impl LockStore for LocalLocks {
     async fn test(&self, file: &FileHandle, lock: &LockRequest) -> LockResult<Option<Conflict>> {
-        let files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        let files = self.files.lock().recover();
         Ok(files.get(file).and_then(|l| Self::conflict(l, lock)))
     }
 
     async fn try_lock(&self, file: &FileHandle, lock: &LockRequest) -> LockResult<bool> {
-        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut files = self.files.lock().recover();
         let locks = files.entry(file.clone()).or_default();
         if Self::conflict(locks, lock).is_some() {
             return Ok(false);
@@ -454,7 +438,7 @@ impl LockStore for LocalLocks {
     }
 
     async fn unlock(&self, file: &FileHandle, owner: u64, start: u64, end: u64) -> LockResult<()> {
-        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut files = self.files.lock().recover();
         if let Some(locks) = files.get_mut(file) {
             carve(locks, owner, start, end);
             if locks.is_empty() {

@@ -21,6 +21,7 @@ use super::store::{
     Attr, CookieVerifier, CreateMode, DirEntry, DirPage, FileHandle, FileKind, FileStore, FsStat,
     NewAttr, ReadReply, SetAttr, SetTime, StoreError, StoreErrorKind, StoreResult,
 };
+use crate::sync::Recover;
 
 /// File data is kept in chunks of this size; a chunk exists only once something was written into it.
 const CHUNK: u64 = 64 * 1024;
@@ -202,7 +203,7 @@ impl MemoryStore {
 
     /// Delays every later call by `delay` (zero: none).
     pub fn set_delay(&self, delay: Duration) {
-        *self.delay.lock().unwrap_or_else(|e| e.into_inner()) = delay;
+        *self.delay.lock().recover() = delay;
     }
 
     /// Makes the whole store stop answering (`true`) or answer again (`false`).
@@ -239,13 +240,13 @@ impl MemoryStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves the model as consistent as any crash would; carry on.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().recover()
     }
 
     /// Applies the injected delay and waits out an outage that covers `id`, up to the deadline.
     async fn gate(&self, handle: &FileHandle) -> StoreResult<u64> {
         let id = id_of(handle)?;
-        let delay = *self.delay.lock().unwrap_or_else(|e| e.into_inner());
+        let delay = *self.delay.lock().recover();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }

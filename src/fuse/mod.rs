@@ -49,6 +49,7 @@ pub use store::{
     NewAttr, ReadReply, SetAttr, SetTime, StoreError, StoreErrorKind, StoreResult,
 };
 
+use crate::sync::Recover;
 use inode::{Hidden, Version};
 use write_behind::WriteBehind;
 
@@ -663,7 +664,7 @@ impl FerryFs {
         } else {
             self.dirs
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .recover()
                 .get(&fh)
                 .copied()
                 .unwrap_or([0; 8])
@@ -673,12 +674,7 @@ impl FerryFs {
             .readdirplus(dir, cookie, verifier, DIR_PAGE)
             .await
             .map_err(|e| fail("readdirplus", e))?;
-        if let Some(v) = self
-            .dirs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&fh)
-        {
+        if let Some(v) = self.dirs.lock().recover().get_mut(&fh) {
             *v = page.verifier;
         }
         Ok(page)
@@ -1313,18 +1309,12 @@ impl Filesystem for FerryFs {
         let fs = self;
         fs.handle(inode)?;
         let fh = fs.new_fh();
-        fs.dirs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, [0; 8]);
+        fs.dirs.lock().recover().insert(fh, [0; 8]);
         Ok(ReplyOpen { fh, flags: 0 })
     }
 
     async fn releasedir(&self, _req: Request, _inode: u64, fh: u64, _flags: u32) -> FuseResult<()> {
-        self.dirs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&fh);
+        self.dirs.lock().recover().remove(&fh);
         Ok(())
     }
 

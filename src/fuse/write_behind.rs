@@ -24,6 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use super::store::StoreError;
+use crate::sync::Recover;
 
 /// Most bytes acknowledged but not yet written per inode: enough to keep the store busy while the kernel
 /// copies the next request in (the kernel NFS client allows a few MiB per file before it throttles).
@@ -141,7 +142,7 @@ impl WriteBehind {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, Pending>> {
         // Every critical section leaves the map consistent before anything can panic.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().recover()
     }
 
     /// Waits until a write of `len` bytes at `offset` to `inode` may start, and records it as started.

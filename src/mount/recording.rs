@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use super::{FsCheck, Holder, MountEntry, MountError, MountTable, Mounter, Storage};
 use crate::spec::FsType;
+use crate::sync::Recover;
 
 /// Records calls as strings such as `mount /img /target ext4`, and can be told to fail the next mount.
 /// It models loop devices (one per image, bound while the image is mounted here or held elsewhere),
@@ -28,7 +29,7 @@ pub const RECORDED_LOOP: &str = "/dev/loop-test";
 
 impl RecordingMounter {
     pub fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.calls.lock().recover().clone()
     }
 
     pub fn count(&self, prefix: &str) -> usize {
@@ -39,10 +40,7 @@ impl RecordingMounter {
     }
 
     pub fn fail_next_mount(&self) {
-        *self
-            .fail_next_mount
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = true;
+        *self.fail_next_mount.lock().recover() = true;
     }
 
     /// Pretends a process in another mount namespace keeps `path` (an image or a directory) mounted, as a
@@ -73,17 +71,11 @@ impl RecordingMounter {
 
     /// Forgets every mount, as a reboot would.
     pub fn forget_mounts(&self) {
-        self.mounted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.mounted.lock().recover().clear();
     }
 
     fn record(&self, call: String) {
-        self.calls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(call);
+        self.calls.lock().recover().push(call);
     }
 }
 
@@ -144,12 +136,7 @@ impl Mounter for RecordingMounter {
     }
 
     fn attach_and_mount(&self, image: &Path, target: &Path, fs: FsType) -> Result<(), MountError> {
-        if std::mem::take(
-            &mut *self
-                .fail_next_mount
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        ) {
+        if std::mem::take(&mut *self.fail_next_mount.lock().recover()) {
             return Err(MountError::Mount {
                 device: image.display().to_string(),
                 target: target.to_path_buf(),
@@ -169,7 +156,7 @@ impl Mounter for RecordingMounter {
         ));
         self.mounted
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .push((target.to_path_buf(), fs, Some(image.to_path_buf())));
         Ok(())
     }
@@ -178,13 +165,13 @@ impl Mounter for RecordingMounter {
         self.record(format!("bind {} {}", source.display(), target.display()));
         self.mounted
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .push((target.to_path_buf(), FsType::Ext4, None));
         Ok(())
     }
 
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
-        let mut m = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.mounted.lock().recover();
         if let Some(i) = m.iter().rposition(|(t, _, _)| t == target) {
             m.remove(i);
             self.record(format!("unmount {}", target.display()));
@@ -198,7 +185,7 @@ impl Mounter for RecordingMounter {
     }
 
     fn mount_table(&self) -> Result<MountTable, MountError> {
-        let m = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.mounted.lock().recover();
         Ok(MountTable::from_entries(
             m.iter()
                 .map(|(t, fs, _)| MountEntry {
@@ -213,5 +200,5 @@ impl Mounter for RecordingMounter {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().recover()
 }

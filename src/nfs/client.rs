@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nfs3_client::nfs3_types::nfs3::{
@@ -19,6 +19,7 @@ use super::attr::{Fattr, FileHandle, FsInfo, FsStat};
 use super::error::{describe_connect, describe_rpc, Endpoint, NfsError};
 use super::path;
 use super::pool::{Connection, Pool, PoolFailure, PoolTarget};
+use crate::sync::Recover;
 
 /// The deadline of one RPC when the configuration names none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -569,11 +570,7 @@ impl NfsClient {
     /// connection and MOUNT over a slow link) is still found.
     pub(super) fn call_timeout(&self) -> Duration {
         let full = self.shared.timeout;
-        let mut suspect = self
-            .shared
-            .suspect
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut suspect = self.shared.suspect.lock().recover();
         match *suspect {
             None => full,
             Some(full_allowed_at) => {
@@ -590,11 +587,7 @@ impl NfsClient {
 
     /// The server answered a call (with success or an NFS error: either way it is alive).
     pub(super) fn note_answer(&self) {
-        let mut suspect = self
-            .shared
-            .suspect
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut suspect = self.shared.suspect.lock().recover();
         if suspect.take().is_some() {
             tracing::info!(at = %self.shared.at, "the nfs server answers again");
         }
@@ -602,11 +595,7 @@ impl NfsClient {
 
     /// A call reached its deadline without an answer.
     pub(super) fn note_timeout(&self) {
-        let mut suspect = self
-            .shared
-            .suspect
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut suspect = self.shared.suspect.lock().recover();
         if suspect.is_none() {
             *suspect = Some(std::time::Instant::now() + self.shared.timeout);
             tracing::warn!(

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 
@@ -32,6 +32,7 @@ use crate::fuse::locks::{
     Conflict, LockError, LockKind, LockRequest, LockResult, LockStore, TO_EOF,
 };
 use crate::fuse::FileHandle;
+use crate::sync::Recover;
 
 /// A `LockStore` on the server's lock manager.
 #[derive(Debug)]
@@ -144,7 +145,7 @@ impl NfsLocks {
 
     /// The svid of a pair: its own, the owner's on another file, or the asking process's pid.
     fn svid(&self, file: &FileHandle, lock: &LockRequest) -> i32 {
-        let pairs = self.pairs.lock().unwrap_or_else(PoisonError::into_inner);
+        let pairs = self.pairs.lock().recover();
         if let Some(s) = pairs.get(&(file.clone(), lock.owner)) {
             return *s;
         }
@@ -157,7 +158,7 @@ impl NfsLocks {
 
     /// Records the pair in memory and in the journal before its first LOCK is sent.
     fn journal_pair(&self, file: &FileHandle, owner: u64, svid: i32) -> LockResult<()> {
-        let mut pairs = self.pairs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pairs = self.pairs.lock().recover();
         if pairs.contains_key(&(file.clone(), owner)) {
             return Ok(());
         }
@@ -223,7 +224,7 @@ impl LockStore for NfsLocks {
 
     async fn unlock(&self, file: &FileHandle, owner: u64, start: u64, end: u64) -> LockResult<()> {
         let svid = {
-            let pairs = self.pairs.lock().unwrap_or_else(PoisonError::into_inner);
+            let pairs = self.pairs.lock().recover();
             match pairs.get(&(file.clone(), owner)) {
                 Some(s) => *s,
                 // Never locked through this store: nothing of it to release.
@@ -236,7 +237,7 @@ impl LockStore for NfsLocks {
 
     async fn unlock_owner(&self, file: &FileHandle, owner: u64) -> LockResult<()> {
         self.unlock(file, owner, 0, TO_EOF).await?;
-        let mut pairs = self.pairs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pairs = self.pairs.lock().recover();
         pairs.remove(&(file.clone(), owner));
         if pairs.is_empty() {
             // Nothing held any more: the journal need not list released pairs.

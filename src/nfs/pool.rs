@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use nfs3_client::nfs3_types::nfs3::nfs_fh3;
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
@@ -16,6 +16,7 @@ use nfs3_client::{ConnectError, Nfs3Client, Nfs3ConnectionBuilder, RpcError};
 use tokio::sync::Semaphore;
 
 use super::connector::{TcpConnector, TcpStreamIo};
+use crate::sync::Recover;
 
 /// One mounted connection: a stream to the NFS program, with this client's credentials.
 pub struct Connection {
@@ -72,10 +73,7 @@ impl Pool {
 
     /// The export root handle, if any connection has been mounted yet.
     pub fn cached_root(&self) -> Option<nfs_fh3> {
-        self.root
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.root.lock().recover().clone()
     }
 
     /// Runs `call` on a pooled connection and returns the connection to the pool if the RPC worked.
@@ -110,10 +108,7 @@ impl Pool {
             Err(RpcError::Io(_)) if reused => {
                 drop(conn);
                 // The other idle connections most likely died with this one.
-                self.idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clear();
+                self.idle.lock().recover().clear();
                 let conn = self.connect().await.map_err(PoolFailure::Connect)?;
                 let (conn, result) = call(conn).await;
                 let value = result.map_err(PoolFailure::Rpc)?;
@@ -126,17 +121,11 @@ impl Pool {
     }
 
     fn take_idle(&self) -> Option<Connection> {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
+        self.idle.lock().recover().pop()
     }
 
     fn put_idle(&self, conn: Connection) {
-        self.idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(conn);
+        self.idle.lock().recover().push(conn);
     }
 
     async fn connect(&self) -> Result<Connection, ConnectError> {
@@ -152,7 +141,7 @@ impl Pool {
             builder = builder.nfs3_port(port);
         }
         let mounted = builder.mount().await?;
-        *self.root.lock().unwrap_or_else(PoisonError::into_inner) = Some(mounted.root_nfs_fh3());
+        *self.root.lock().recover() = Some(mounted.root_nfs_fh3());
         // The MOUNT stream is only needed for the root handle; closing it keeps one socket per connection.
         Ok(Connection {
             nfs: mounted.into_nfs3_client(),

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -28,6 +28,7 @@ use super::attr::{CreateHow, Fattr, FileHandle, SetAttrs, SetTime, Special, Stab
 use super::client::NfsClient;
 use super::error::NfsError;
 use super::ops::{HandleOps, WriteVerifier};
+use crate::sync::Recover;
 
 /// A `FileStore` over one directory of an NFS export. Cheap to share: calls run concurrently on the
 /// client's connection pool, each under the client's deadline.
@@ -96,10 +97,7 @@ impl NfsStore {
     }
 
     fn note_unstable_write(&self, fh: &FileHandle, verifier: WriteVerifier) {
-        let mut map = self
-            .uncommitted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.uncommitted.lock().recover();
         map.entry(fh.clone())
             .and_modify(|u| u.verifier_changed |= u.verifier != verifier)
             .or_insert(Uncommitted {
@@ -274,21 +272,13 @@ impl FileStore for NfsStore {
 
     async fn commit(&self, h: &StoreHandle) -> StoreResult<()> {
         let fh = handle(h);
-        let pending = self
-            .uncommitted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&fh)
-            .copied();
+        let pending = self.uncommitted.lock().recover().get(&fh).copied();
         let Some(pending) = pending else {
             // Nothing written UNSTABLE since the last commit: nothing the server could still lose.
             return Ok(());
         };
         let verifier = self.ops.commit(&fh).await.map_err(store_error)?;
-        self.uncommitted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&fh);
+        self.uncommitted.lock().recover().remove(&fh);
         if pending.verifier_changed || pending.verifier != verifier {
             return Err(StoreError::new(
                 StoreErrorKind::Io,

@@ -34,6 +34,7 @@ pub use self::client::{ClientSettings, EbsError, SnapState, SnapshotClient, Snap
 use super::{Attached, Backend, BackendError, Shipped, TransferTotals};
 use crate::mount::{Holder, MountTable, Mounter, Storage};
 use crate::spec::{format_size, BackendKind, FsType, VolumeSpec};
+use crate::sync::Recover;
 
 /// Blocks in flight per push or pull unless configured.
 pub const DEFAULT_CONCURRENCY: usize = 16;
@@ -135,7 +136,7 @@ fn internal(e: impl std::fmt::Display) -> BackendError {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, BackendError> {
-    tokio::task::spawn_blocking(f).await.map_err(internal)?
+    super::blocking(BackendKind::Ebs, f).await
 }
 
 /// The options that must match for a Create on another host to adopt a volume. `checkpoint` is this
@@ -200,13 +201,7 @@ async fn refresh_mounted_tags(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let names: Vec<String> = inner
-            .mounted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let names: Vec<String> = inner.mounted.lock().recover().keys().cloned().collect();
         for name in names {
             inner.tag_mounted(&name).await;
         }
@@ -237,7 +232,7 @@ impl Inner {
     fn ship_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.ship_locks
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .entry(name.to_string())
             .or_default()
             .clone()
@@ -248,7 +243,7 @@ impl Inner {
         let Ok(dirs) = std::fs::read_dir(&self.root) else {
             return;
         };
-        let mut found = self.conflicts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = self.conflicts.lock().recover();
         for dir in dirs.flatten() {
             let name = dir.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
@@ -272,7 +267,7 @@ impl Inner {
         }
         self.conflicts
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .insert(name.to_string(), text);
         ebs_err(err)
     }
@@ -280,10 +275,7 @@ impl Inner {
     /// Forgets a conflict once the copy mounted or shipped from the newest base.
     fn settled(&self, name: &str, copy: &mut LocalCopy) {
         copy.conflict = None;
-        self.conflicts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.conflicts.lock().recover().remove(name);
     }
 
     /// Tags the snapshot the local copy is based on as mounted here (and untags the one tagged before,
@@ -292,12 +284,7 @@ impl Inner {
         let Ok(copy) = self.load_copy(name) else {
             return;
         };
-        let before = match self
-            .mounted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
+        let before = match self.mounted.lock().recover().get(name) {
             Some(b) => b.clone(),
             None => return,
         };
@@ -323,12 +310,7 @@ impl Inner {
                 }
             }
         }
-        if let Some(entry) = self
-            .mounted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(name)
-        {
+        if let Some(entry) = self.mounted.lock().recover().get_mut(name) {
             *entry = copy.snapshot.clone();
         }
     }
@@ -337,7 +319,7 @@ impl Inner {
     async fn start_mounted(&self, name: &str) {
         self.mounted
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .entry(name.to_string())
             .or_insert(None);
         self.tag_mounted(name).await;
@@ -345,12 +327,7 @@ impl Inner {
 
     /// Stops tagging the volume and clears its tag.
     async fn stop_mounted(&self, name: &str) {
-        let tagged = self
-            .mounted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-            .flatten();
+        let tagged = self.mounted.lock().recover().remove(name).flatten();
         if let Some(snap) = tagged {
             if let Err(e) = self
                 .client
@@ -417,10 +394,7 @@ impl Inner {
         std::fs::File::open(&self.root)
             .and_then(|d| d.sync_all())
             .map_err(BackendError::io("sync", &self.root))?;
-        self.conflicts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.conflicts.lock().recover().remove(name);
         tracing::warn!(volume = name, to = %to.display(), "the local copy was set aside; the next mount pulls the newest snapshot");
         Ok(to)
     }
@@ -1004,14 +978,8 @@ impl Inner {
             }
         }
         let dir = self.paths(name).dir;
-        self.mounted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
-        self.conflicts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.mounted.lock().recover().remove(name);
+        self.conflicts.lock().recover().remove(name);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -1193,12 +1161,7 @@ impl Backend for EbsBackend {
     }
 
     fn problem(&self, name: &str) -> Option<String> {
-        self.inner
-            .conflicts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.inner.conflicts.lock().recover().get(name).cloned()
     }
 
     async fn set_aside(&self, name: &str, _spec: &VolumeSpec) -> Result<PathBuf, BackendError> {

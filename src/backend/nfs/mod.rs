@@ -27,6 +27,7 @@ use crate::host::HostId;
 use crate::mount::MountTable;
 use crate::nfs::{FileKind, FsStat, NfsClient, NfsClientConfig, NfsError};
 use crate::spec::{AllowedServer, BackendKind, VolumeSpec};
+use crate::sync::Recover;
 
 /// How data reaches containers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,7 +185,7 @@ impl NfsBackend {
 
     fn client_for(&self, server: &str, export: &str) -> Result<NfsClient, BackendError> {
         let key = (server.to_string(), export.to_string());
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = self.clients.lock().recover();
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
@@ -230,13 +231,10 @@ impl NfsBackend {
 
     async fn note_free_space(&self, client: &NfsClient, spec: &VolumeSpec) {
         if let Ok(stat) = client.fsstat().await {
-            self.free_space
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    Self::target(spec, &self.settings),
-                    (stat, SystemTime::now()),
-                );
+            self.free_space.lock().recover().insert(
+                Self::target(spec, &self.settings),
+                (stat, SystemTime::now()),
+            );
         }
     }
 
@@ -313,9 +311,7 @@ impl NfsBackend {
                 "the FUSE mount lost its helper; mounting it again"
             );
             let t = target.clone();
-            tokio::task::spawn_blocking(move || Self::unmount_blocking(&t))
-                .await
-                .map_err(|e| BackendError::Internal(BackendKind::Nfs, e.to_string()))??;
+            super::blocking(BackendKind::Nfs, move || Self::unmount_blocking(&t)).await?;
             helper::stop(&self.pid_file(name), name, Duration::ZERO).await;
         }
         std::fs::DirBuilder::new()
@@ -513,9 +509,7 @@ impl Backend for NfsBackend {
     ) -> Result<Option<Shipped>, BackendError> {
         let target = self.mountpoint(name);
         let t = target.clone();
-        tokio::task::spawn_blocking(move || Self::unmount_blocking(&t))
-            .await
-            .map_err(|e| BackendError::Internal(BackendKind::Nfs, e.to_string()))??;
+        super::blocking(BackendKind::Nfs, move || Self::unmount_blocking(&t)).await?;
         if !self.kernel {
             // The helper exits once its mount is gone and removes its marker on the way out.
             let signalled = helper::stop(&self.pid_file(name), name, HELPER_GRACE).await;
@@ -560,12 +554,7 @@ impl Backend for NfsBackend {
             "data_path".into(),
             json!(if self.kernel { "kernel" } else { "fuse" }),
         );
-        if let Some((stat, when)) = self
-            .free_space
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(server, export))
-        {
+        if let Some((stat, when)) = self.free_space.lock().recover().get(&(server, export)) {
             m.insert("export_avail_bytes".into(), json!(stat.avail_bytes));
             m.insert("export_total_bytes".into(), json!(stat.total_bytes));
             m.insert(
@@ -583,7 +572,7 @@ impl Backend for NfsBackend {
         let stat = client.fsstat().await.map_err(nfs_err)?;
         self.free_space
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .recover()
             .insert((server.clone(), export.clone()), (stat, SystemTime::now()));
         let mut m = Map::new();
         m.insert("server".into(), json!(server));
