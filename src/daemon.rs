@@ -140,9 +140,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot serve metrics on {addr}"))?;
             tracing::info!(listen = %addr, "metrics endpoint serving");
+            let scraped = service.clone();
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
-                service.clone(),
+                Arc::new(move || scraped.metrics().render(&scraped.gauges())),
                 limits.limits(caps.metrics),
                 stop.clone(),
             )))

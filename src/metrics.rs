@@ -18,7 +18,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::listener::{BodyError, Handler, Limits, Listener, Peer, Peers, ServeOptions};
-use crate::service::VolumeService;
 use crate::sync::Recover;
 
 /// Upper bounds of the latency buckets, in seconds: from sub-millisecond Get to Docker's 2-minute limit.
@@ -165,10 +164,14 @@ impl Metrics {
 /// A request body the endpoint reads at most; scrapers send none.
 const MAX_BODY: usize = 64 << 10;
 
+/// What a scrape returns: the exposition text, rendered at the time of the scrape. The daemon passes
+/// one over the service, so this module needs nothing of the service but this.
+pub type Exposition = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Serves `GET /metrics` on `listener` until `stop` is cancelled.
 pub async fn serve(
     listener: TcpListener,
-    service: Arc<VolumeService>,
+    exposition: Exposition,
     limits: Limits,
     stop: CancellationToken,
 ) {
@@ -181,12 +184,12 @@ pub async fn serve(
         spare_fd: false,
         drain: Duration::from_secs(2),
     };
-    let handler = Arc::new(MetricsHandler { service });
+    let handler = Arc::new(MetricsHandler { exposition });
     crate::listener::serve(Listener::Tcp(listener), handler, opts, stop).await;
 }
 
 struct MetricsHandler {
-    service: Arc<VolumeService>,
+    exposition: Exposition,
 }
 
 impl Handler for MetricsHandler {
@@ -201,7 +204,7 @@ impl Handler for MetricsHandler {
         _peer: Peer,
     ) -> impl Future<Output = Response<Full<Bytes>>> + Send {
         let resp = if head.method == Method::GET && head.uri.path() == "/metrics" {
-            let body = self.service.metrics().render(&self.service.gauges());
+            let body = (self.exposition)();
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
