@@ -8,30 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{ferry_bin, is_mounted, Daemon, NamespaceHolder};
+use common::{ferry, ferry_bin, is_mounted, Daemon, NamespaceHolder, Ran};
 use serde_json::Value;
-
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn ferry(args: &[&str], state: &Path) -> Ran {
-    let out = Command::new(ferry_bin())
-        .args(args)
-        .arg("--state-dir")
-        .arg(state)
-        .env_remove("FERRY_ADMIN_SOCKET")
-        .env_remove("FERRY_CONFIG")
-        .output()
-        .unwrap();
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn json(args: &[&str], state: &Path) -> Value {
     let mut all = args.to_vec();

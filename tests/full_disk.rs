@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ferry_bin, Daemon};
+use common::{ferry, Daemon};
 use serde_json::Value;
 
 /// A temporary directory whose `state` is a tmpfs of `mib` MiB, so it fills quickly.
@@ -87,28 +87,6 @@ fn write_synced(path: &Path, data: &[u8]) {
 fn free_bytes(path: &Path) -> u64 {
     let st = nix::sys::statvfs::statvfs(path).unwrap();
     st.blocks_available() * st.fragment_size()
-}
-
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn ferry(args: &[&str], state: &Path) -> Ran {
-    let out = Command::new(ferry_bin())
-        .args(args)
-        .arg("--state-dir")
-        .arg(state)
-        .env_remove("FERRY_ADMIN_SOCKET")
-        .env_remove("FERRY_CONFIG")
-        .output()
-        .unwrap();
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// `ferry status --json`: its exit code and the local backend's report.

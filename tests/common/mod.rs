@@ -427,3 +427,28 @@ pub fn as_nobody<T: Send + 'static>(
 }
 
 pub mod ganesha;
+
+/// What an operator command printed and how it exited.
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs an operator command (`ferry ARGS --state-dir STATE`) with nothing from the environment choosing
+/// another daemon.
+pub fn ferry(args: &[&str], state: &Path) -> Ran {
+    let out = Command::new(ferry_bin())
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .env_remove("FERRY_ADMIN_SOCKET")
+        .env_remove("FERRY_CONFIG")
+        .output()
+        .unwrap();
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
