@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::Barrier;
 
-/// Docker's Accept header for plugin calls (see docs/docker-volume-protocol.md §1.1).
+/// Docker's Accept header for plugin calls (moby's `pkg/plugins/client.go` sends it on every call).
 const ACCEPT: &str = "application/vnd.docker.plugins.v1.2+json";
 /// Every how many responses a client fully decodes and checks the body (the status is always checked).
 const CHECK_EVERY: usize = 64;

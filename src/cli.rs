@@ -1,6 +1,7 @@
-//! The operator commands: `ferry ls`, `inspect`, `status`, `doctor`, `checkpoint` and `release`. Each asks the daemon over the admin
-//! socket (doctor also looks at the host itself) and prints a table for people or, with `--json`, the
-//! daemon's JSON for scripts. Rendering is kept apart from fetching so it is unit-tested without a daemon.
+//! The operator commands: `ferry ls`, `inspect`, `status`, `doctor`, `checkpoint`, `release` and `ebs set-aside`.
+//! Each asks the daemon over the admin socket (doctor also looks at the host itself) and prints a table for
+//! people or, with `--json`, the daemon's JSON for scripts. Rendering is kept apart from fetching so it is
+//! unit-tested without a daemon.
 
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};

@@ -112,6 +112,7 @@ pub fn host_checks(config: &ServeConfig) -> Vec<Check> {
             "FUSE mounts (the NFS data path on hosts without a kernel NFS client)",
         ),
         fuse_device(),
+        loop_configure(&std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()),
         loop_devices(),
         tool(
             "mkfs.ext4",
@@ -255,6 +256,28 @@ fn fuse_device() -> Check {
             format!("cannot open /dev/fuse: {e}; needed for FUSE mounts"),
             "`modprobe fuse`; in a container pass --device /dev/fuse (the managed plugin asks for it)",
         ),
+    }
+}
+
+/// Capped volumes attach their image with `LOOP_CONFIGURE` (one ioctl, autoclear set atomically), which
+/// Linux has had since 5.8; an older kernel fails every capped Mount with "inappropriate ioctl".
+fn loop_configure(release: &str) -> Check {
+    const CHECK: &str = "kernel: LOOP_CONFIGURE";
+    let release = release.trim();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().ok());
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(major), Some(minor)) if (major, minor) >= (5, 8) => {
+            Check::ok(CHECK, format!("kernel {release} has it (5.8 or newer)"))
+        }
+        (Some(_), Some(_)) => Check::bad(
+            CHECK,
+            Verdict::Fail,
+            format!("kernel {release} is older than 5.8 and lacks LOOP_CONFIGURE; size-capped local volumes and ebs volumes cannot be mounted"),
+            "run Ferry on Linux 5.8 or newer",
+        ),
+        _ => not_checked(CHECK, format!("cannot tell the kernel version from {release:?}")),
     }
 }
 
@@ -475,6 +498,19 @@ mod tests {
         let file = dir.path().join("f");
         std::fs::write(&file, b"").unwrap();
         assert_eq!(state_dir(&file).verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn loop_configure_needs_linux_5_8() {
+        assert_eq!(loop_configure("6.1.0-28-amd64\n").verdict, Verdict::Ok);
+        assert_eq!(loop_configure("5.8.0").verdict, Verdict::Ok);
+        assert_eq!(loop_configure("5.10.0-rt").verdict, Verdict::Ok);
+        let old = loop_configure("5.4.0-150-generic");
+        assert_eq!(old.verdict, Verdict::Fail);
+        assert!(old.detail.contains("older than 5.8"), "{}", old.detail);
+        assert_eq!(loop_configure("4.19.0").verdict, Verdict::Fail);
+        assert_ne!(loop_configure("").verdict, Verdict::Ok);
+        assert_ne!(loop_configure("garbage").verdict, Verdict::Ok);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Ferry: a Docker volume plugin that routes each volume to a backend.
 //!
-//! - `admin`: the operator's read-only API on a root-only socket, and its client for the CLI.
-//! - `cli`: the operator commands (`ls`, `inspect`, `status`, `doctor`): tables and `--json`.
+//! - `admin`: the operator's API on a root-only socket (what the service knows, plus the `checkpoint`,
+//!   `release` and `ebs set-aside` actions), and its client for the CLI.
+//! - `cli`: the operator commands (`ls`, `inspect`, `status`, `doctor`, `checkpoint`, `release`,
+//!   `ebs set-aside`): tables and `--json`.
 //! - `config`: flags, environment and the TOML file merged into one typed configuration.
 //! - `daemon`: `ferry serve`, which wires the parts together and owns start-up and shutdown order.
 //! - `doctor`: the host checks behind `ferry doctor`.
@@ -14,12 +16,18 @@
 //! - `spec`: validation of volume names and options into a `VolumeSpec`.
 //! - `sync`: std locks recovered from poisoning, one way everywhere.
 //! - `catalog`: the persistent record of volumes, behind a compare-and-swap trait.
-//! - `backend`: the `Backend` trait, the `local` and `nfs` backends, and the block maps the `ebs` backend builds on.
+//! - `backend`: the `Backend` trait and the `local`, `nfs` and `ebs` backends (ebs: block maps, the EBS direct
+//!   APIs client, shipping and checkpoints).
 //! - `nfs`: an NFSv3 client for control operations on an export (pooled, with deadlines).
 //! - `metrics`: Prometheus counters, histograms and gauges, and their optional HTTP endpoint.
 //! - `notify`: systemd readiness notification.
 //! - `fuse`: a `FileStore` (NFSv3-shaped remote filesystem) served as a FUSE mount, with an in-memory store for tests.
 //! - `mount`: mount(2), loop devices, mkfs and the mount table, with a recording double for tests.
+
+// What the house style already demands, held by the compiler: every unsafe block explains itself, and
+// production code never unwraps (tests may).
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
 pub mod backend;

@@ -1,5 +1,10 @@
 //! The `ferry` command: parses the command line, sets up logging and calls into the library.
 
+// What the house style already demands, held by the compiler: every unsafe block explains itself, and
+// production code never unwraps (tests may).
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -44,6 +44,12 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
+// The kernel reads these structs by layout alone (include/uapi/linux/loop.h): a field added or widened here
+// by mistake would configure the device from garbage, so their sizes are pinned to the kernel's.
+const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
+const _: () = assert!(std::mem::offset_of!(LoopConfig, info) == 8);
+
 nix::ioctl_none_bad!(loop_ctl_get_free, LOOP_CTL_GET_FREE);
 nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
 nix::ioctl_read_bad!(loop_get_status64, LOOP_GET_STATUS64, LoopInfo64);

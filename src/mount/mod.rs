@@ -81,9 +81,9 @@ impl Pinned {
             | nix::fcntl::OFlag::O_NOFOLLOW
             | nix::fcntl::OFlag::O_CLOEXEC;
         match nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty()) {
-            // SAFETY: `open` returned a new descriptor that nothing else owns.
             Ok(raw) => {
                 let pinned = Pinned {
+                    // SAFETY: `open` returned a new descriptor that nothing else owns.
                     fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) },
                 };
                 let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&pinned.fd))

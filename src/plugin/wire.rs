@@ -1,4 +1,5 @@
-//! The JSON of each endpoint, with Docker's exact field names (see docs/docker-volume-protocol.md §2).
+//! The JSON of each endpoint, with Docker's exact field names (Docker's "Volume plugins" reference, https://docs.docker.com/engine/extend/plugins_volume/, and the
+//! request structs in moby's `volume/drivers/proxy.go`).
 //! Unknown fields are ignored, as Go's decoder does; `Opts` may be `null`.
 
 use std::collections::BTreeMap;
