@@ -560,7 +560,7 @@ pub struct ConfigKey {
 
 /// Every key the configuration file accepts. Unit tests check this list against the parser (no key missing,
 /// none extra), the examples against `ServeConfig::load` and the defaults against the embedded ones;
-/// `tests/docs.rs` checks that docs/configuration.md shows `reference_markdown()`.
+/// `tests/socket/docs.rs` checks that docs/configuration.md shows `reference_markdown()`.
 pub const REFERENCE: &[ConfigKey] = &[
     ConfigKey {
         key: "socket",

@@ -1116,7 +1116,7 @@ mod tests {
     async fn sockets_are_bound_0600_and_replace_only_stale_ones() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ferry.sock");
-        // (Under a permissive umask too: tests/listeners.rs starts the daemon under umask 000; changing
+        // (Under a permissive umask too: tests/root/listeners.rs starts the daemon under umask 000; changing
         // this process's umask would race with the other unit tests.)
         let listener = bind_unix_socket(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();

@@ -34,7 +34,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Busybox with its applets installed as symlinks; `CMD` is a shell. The same recipe as tests/docker.rs.
+/// Busybox with its applets installed as symlinks; `CMD` is a shell. The same recipe as tests/dockerd/docker.rs.
 pub const BUSYBOX_IMAGE: &str = "ferry-test-busybox:latest";
 pub const BUSYBOX: &str = "/usr/bin/busybox";
 /// Where the machine's dockerd looks for legacy plugins.
@@ -555,7 +555,7 @@ pub struct FerryPlugin {
 impl FerryPlugin {
     /// Starts `ferry serve` for the machine's dockerd: it listens on `dir/ferry.sock` (state in
     /// `dir/state`), and `/run/docker/plugins/NAME.sock` becomes a symlink to that, atomically replacing
-    /// whatever an earlier run left there (as tests/docker.rs does; see `Plugin::link` there).
+    /// whatever an earlier run left there (as tests/dockerd/docker.rs does; see `Plugin::link` there).
     pub fn start_on_machine(name: &str, dir: &Path, env: &[(&str, &str)]) -> FerryPlugin {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
         for (k, v) in env {

@@ -3,10 +3,7 @@
 
 #![allow(dead_code)]
 
-#[path = "../common/ganesha.rs"]
-mod ganesha;
-
-pub use ganesha::Ganesha as Server;
+pub use crate::common::ganesha::Ganesha as Server;
 
 macro_rules! server_or_skip {
     () => {

@@ -1,6 +1,6 @@
 //! The local backend through real loop mounts: the size cap, filesystems, ownership and removal.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

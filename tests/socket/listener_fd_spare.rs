@@ -1,6 +1,7 @@
 //! The plugin socket's spare descriptor, in process: with every descriptor of the process in use, a new
-//! connection is still accepted, served in place of the longest-idle connection, and answered. A test binary
-//! of its own, with one test, because it lowers the whole process's open-file limit.
+//! connection is still accepted, served in place of the longest-idle connection, and answered. The test
+//! lowers the whole process's open-file limit, which would starve every other test of the tier's binary, so
+//! it runs itself again in a child process of its own and only the child lowers the limit.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -58,8 +59,34 @@ fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd").unwrap().count() as u64
 }
 
+/// Set in the child process that runs the test for real.
+const CHILD: &str = "FERRY_TEST_FD_SPARE_CHILD";
+
 #[test]
 fn a_connection_is_answered_when_descriptors_run_out() {
+    if std::env::var_os(CHILD).is_some() {
+        return descriptors_run_out();
+    }
+    let name = format!(
+        "{}::a_connection_is_answered_when_descriptors_run_out",
+        module_path!().split_once("::").map_or("", |(_, m)| m)
+    );
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name.as_str(), "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the child test failed:\n{text}");
+    // It must have run the test, not matched nothing.
+    assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+}
+
+fn descriptors_run_out() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

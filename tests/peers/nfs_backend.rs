@@ -2,7 +2,7 @@
 //! export, the FUSE data path in helper processes, two daemons standing in for two hosts, an unreachable
 //! server, and a plugin killed while a volume is mounted.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

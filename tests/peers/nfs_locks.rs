@@ -4,7 +4,7 @@
 //! manager, locks fail with ENOLCK, or stay on one host with `locks = "local"`.
 //! Needs root, /dev/fuse and ganesha (FERRY_SKIP_NFS=1 skips without ganesha).
 
-mod common;
+use crate::common;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

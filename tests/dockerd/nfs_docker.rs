@@ -25,17 +25,13 @@
 //!
 //! It fails when the machine's dockerd is unreachable (set `FERRY_SKIP_DOCKER=1` to skip it) or when
 //! ganesha or rpcbind is missing (set `FERRY_SKIP_NFS=1` to skip it then, as the other NFS tests do). It
-//! holds the lock of tests/docker.rs (`/tmp/ferry-e2e-docker.lock`) while it runs. A failure prints both
+//! holds the lock of tests/dockerd/docker.rs (`/tmp/ferry-e2e-docker.lock`) while it runs. A failure prints both
 //! Ferry logs, every FUSE helper's log and the end of both dockerd logs; `FERRY_E2E_SHOW_LOG=1` prints the
 //! Ferry logs at the end of a passing run too.
 
-#[path = "common/docker2.rs"]
-mod docker2;
-#[path = "common/e2e.rs"]
-mod e2e;
-#[allow(dead_code)]
-#[path = "common/ganesha.rs"]
-mod ganesha;
+use crate::docker2;
+use crate::e2e;
+use crate::ganesha;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -19,9 +19,8 @@
 //! the list, when the wait would exceed `FERRY_E2E_COMPOSE_PROBE_BUDGET` seconds (default 180): restarting
 //! dockerd clears them, or raise the budget to wait.
 
-mod common;
-#[path = "common/e2e.rs"]
-mod e2e;
+use crate::common;
+use crate::e2e;
 
 use std::fs::File;
 use std::io::Read;

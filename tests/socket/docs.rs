@@ -3,12 +3,12 @@
 //! the Markdown files resolves, and every error message Ferry can print is explained in
 //! docs/troubleshooting.md. No daemon and no root needed.
 //!
-//! `FERRY_UPDATE_DOCS=1 cargo test --test docs` rewrites the generated block instead of failing.
+//! `FERRY_UPDATE_DOCS=1 cargo test --test socket docs::` rewrites the generated block instead of failing.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-const BEGIN: &str = "<!-- BEGIN config-reference (generated: cargo test --test docs regenerates with FERRY_UPDATE_DOCS=1) -->";
+const BEGIN: &str = "<!-- BEGIN config-reference (generated: cargo test --test socket docs:: regenerates with FERRY_UPDATE_DOCS=1) -->";
 const END: &str = "<!-- END config-reference -->";
 
 /// Error messages a user can never see, so docs/troubleshooting.md need not explain them: a prefix of the
@@ -48,7 +48,7 @@ fn configuration_reference_is_generated_from_the_code() {
     }
     panic!(
         "docs/configuration.md does not match config::REFERENCE; run \
-         `FERRY_UPDATE_DOCS=1 cargo test --test docs` and commit the result.\n\
+         `FERRY_UPDATE_DOCS=1 cargo test --test socket docs::` and commit the result.\n\
          expected:\n{expected}\nfound:\n{current}"
     );
 }

@@ -17,7 +17,11 @@ use ferry::spec::SpecDefaults;
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const IDS: [&str; 3] = ["m1", "m2", "m3"];
-const OPTS: [&[(&str, &str)]; 3] = [&[], &[("size", "64M")], &[("size", "64M"), ("uid", "7")]];
+const OPTS: [&[(&str, &str)]; 3] = [
+    &[],
+    &[("size", "64M")],
+    &[("size", "64M"), ("mode", "0700")],
+];
 
 #[derive(Clone, Debug)]
 enum Op {

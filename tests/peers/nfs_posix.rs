@@ -5,8 +5,7 @@
 //! difference, or a known one that went away, fails the test. Needs root, /dev/fuse and ganesha
 //! (FERRY_SKIP_NFS=1 skips without ganesha).
 
-#[macro_use]
-mod nfs_support;
+use crate::nfs_support;
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};

@@ -4,8 +4,7 @@
 //! system call against a hung server fails within the deadline. Needs root, /dev/fuse and ganesha
 //! (FERRY_SKIP_NFS=1 skips without ganesha).
 
-#[macro_use]
-mod nfs_support;
+use crate::nfs_support;
 
 use std::fs;
 use std::io::{Read, Write};

@@ -1,8 +1,7 @@
 //! The strict EBS emulator (`tests/common/ebs_strict.rs`) itself, over raw HTTP: that it enforces the rules
 //! the EBS tests rely on it for, so a client that passes against it is held to the real service's rules.
 
-#[path = "common/ebs_strict.rs"]
-mod ebs_strict;
+use crate::ebs_strict;
 
 use std::sync::atomic::Ordering;
 

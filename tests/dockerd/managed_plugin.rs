@@ -2,7 +2,7 @@
 //! binary cargo built for this test into a plugin, dockerd runs it in its own namespaces (rootfs, state bind
 //! mount, propagated mount, host /dev), and volumes are driven through the `docker` command-line tool.
 //!
-//! Like `tests/docker.rs` this fails when dockerd is unreachable; set `FERRY_SKIP_DOCKER=1` to skip it. It
+//! Like `tests/dockerd/docker.rs` this fails when dockerd is unreachable; set `FERRY_SKIP_DOCKER=1` to skip it. It
 //! takes the same lock file, so it never runs alongside the other dockerd tests. Each run registers its own
 //! plugin, `ferry-mp-<pid>-<random>:latest`, with a state directory in a temporary directory, and removes
 //! the plugin, its volumes and its containers on every path. A plugin left by a run that was killed is
@@ -12,8 +12,7 @@
 //! the first of `FERRY_DOCKERD_LOG`, /var/log/dockerd.log, /var/log/docker.log,
 //! /var/log/ferry-test-dockerd.log that exists.
 
-#[path = "common/e2e.rs"]
-mod e2e;
+use crate::e2e;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -26,10 +25,10 @@ use e2e::{lock_docker_tests, run_id};
 use nix::fcntl::Flock;
 use serde_json::Value;
 
-/// Busybox with its applets installed as symlinks; the same image (and build) as `tests/docker.rs`.
+/// Busybox with its applets installed as symlinks; the same image (and build) as `tests/dockerd/docker.rs`.
 const BASE_IMAGE: &str = "ferry-test-busybox:latest";
 const BUSYBOX: &str = "/usr/bin/busybox";
-/// Shared with `tests/docker.rs`: one dockerd test at a time, across processes.
+/// Shared with `tests/dockerd/docker.rs`: one dockerd test at a time, across processes.
 /// Every plugin this test creates starts with this; under the lock any other one is a dead run's leftover.
 const NAME_PREFIX: &str = "ferry-mp-";
 /// The key of the label on every container the test starts.

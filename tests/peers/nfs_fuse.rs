@@ -2,8 +2,7 @@
 //! with FUSE and used only through std::fs and libc calls, as a container would, and checked in the
 //! export directory on disk. Needs root, /dev/fuse and ganesha (FERRY_SKIP_NFS=1 skips without ganesha).
 
-#[macro_use]
-mod nfs_support;
+use crate::nfs_support;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};

@@ -18,15 +18,12 @@
 //!     nothing is left mounted and no secret reached a log.
 //!
 //! It fails when the machine's dockerd is unreachable (set `FERRY_SKIP_DOCKER=1` to skip it) and when moto
-//! cannot be installed. It holds the lock of tests/docker.rs while it runs. A failure prints both Ferry logs
+//! cannot be installed. It holds the lock of tests/dockerd/docker.rs while it runs. A failure prints both Ferry logs
 //! and the end of both dockerd logs.
 
-#[path = "common/docker2.rs"]
-mod docker2;
-#[path = "common/e2e.rs"]
-mod e2e;
-#[path = "common/moto.rs"]
-mod moto;
+use crate::docker2;
+use crate::e2e;
+use crate::moto;
 
 use std::process::Command;
 

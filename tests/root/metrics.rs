@@ -1,6 +1,6 @@
 //! The Prometheus endpoint: scraped over HTTP and parsed as the text exposition format.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

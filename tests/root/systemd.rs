@@ -1,7 +1,7 @@
 //! The legacy-daemon installation: scripts/install, the systemd unit (checked by `systemd-analyze verify`)
 //! and readiness notification over NOTIFY_SOCKET.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;

@@ -1,6 +1,6 @@
 //! Docker's volume-plugin protocol over a real socket with raw JSON, against the real daemon.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! socket, as tables and as JSON, and the errors an operator sees when the socket is wrong, the daemon is
 //! down, or the caller is not root.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

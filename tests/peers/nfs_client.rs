@@ -4,8 +4,7 @@
 //! Ganesha and rpcbind must be installed (`scripts/deps`); without them these tests fail, unless
 //! FERRY_SKIP_NFS=1 says to skip them.
 
-#[macro_use]
-mod nfs_support;
+use crate::nfs_support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;

@@ -1,8 +1,7 @@
 //! `HandleOps` (the NFSv3 data procedures on file handles) against a real NFS-Ganesha, one server per
 //! test, checked through the export directory on disk.
 
-#[macro_use]
-mod nfs_support;
+use crate::nfs_support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;

@@ -10,7 +10,7 @@
 //! The external programs (fio, stress-ng, sqlite3, tar, diff, cp) come from `scripts/deps`: a missing one
 //! fails the test, unless FERRY_SKIP_NFS=1 says to skip the NFS tests.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};

@@ -4,7 +4,7 @@
 //! failed must not leave its volume in use; and sparse images must neither promise more than the disk
 //! has nor be mounted again unchecked after the disk filled under them.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;

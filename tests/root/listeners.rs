@@ -3,7 +3,7 @@
 //! timeouts, a stop that such clients cannot delay, a plugin socket that is never open to another user while
 //! the daemon starts under umask 000, and the peer check when the socket is opened to everyone.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

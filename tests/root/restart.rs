@@ -1,6 +1,6 @@
 //! Crash safety: `kill -9` with volumes mounted, restart, and everything is intact and releasable.
 
-mod common;
+use crate::common;
 
 use common::{is_mounted, Daemon, NamespaceHolder};
 

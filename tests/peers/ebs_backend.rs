@@ -3,11 +3,9 @@
 //! implementation whose child snapshots do not inherit). Two daemons with separate state directories stand
 //! in for two hosts.
 
-mod common;
-#[path = "common/ebs_strict.rs"]
-mod ebs_strict;
-#[path = "common/moto.rs"]
-mod moto;
+use crate::common;
+use crate::ebs_strict;
+use crate::moto;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};

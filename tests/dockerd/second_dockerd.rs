@@ -4,7 +4,7 @@
 //! driver, sees only its own volumes and containers, and each Ferry is only ever asked about its own volumes.
 //!
 //! It fails when the machine's dockerd is unreachable; set `FERRY_SKIP_DOCKER=1` to skip it instead. It holds
-//! the lock of tests/docker.rs (`/tmp/ferry-e2e-docker.lock`) while it runs. With `FERRY_E2E_SHOW_LOG=1` it
+//! the lock of tests/dockerd/docker.rs (`/tmp/ferry-e2e-docker.lock`) while it runs. With `FERRY_E2E_SHOW_LOG=1` it
 //! prints both Ferry logs at the end.
 //!
 //! **Host 1.** By default both hosts are second dockerds, and the machine's dockerd is only asked to list
@@ -13,13 +13,11 @@
 //! every legacy plugin it activated until it restarts, and every `docker volume ls` (and every lookup of a
 //! volume name it does not know) then waits about 15 s for the dead ones, so each such run leaves the
 //! machine's dockerd slower. Its driver name is then `FERRY_E2E_PLUGIN_NAME` when that is set (as in
-//! tests/docker.rs, so runs reuse one dead plugin instead of piling them up), else unique per run.
+//! tests/dockerd/docker.rs, so runs reuse one dead plugin instead of piling them up), else unique per run.
 //! Host 2's driver name is always unique per run: host 2 and what it remembers are gone after the run.
 
-#[path = "common/docker2.rs"]
-mod docker2;
-#[path = "common/e2e.rs"]
-mod e2e;
+use crate::docker2;
+use crate::e2e;
 
 use std::fs::File;
 use std::path::Path;
