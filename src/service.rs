@@ -374,7 +374,7 @@ impl VolumeService {
         };
         for e in view.values().filter(|e| Self::visible(&e.value)) {
             *g.volumes_by_backend
-                .entry(e.value.spec.backend.as_str())
+                .entry(e.value.spec.kind().as_str())
                 .or_default() += 1;
             g.active_mounts += e.value.active_mounts();
             g.attached_volumes += u64::from(e.value.mountpoint.is_some());
@@ -684,7 +684,7 @@ impl VolumeService {
     fn failed(&self, name: &str, source: BackendError) -> ServiceError {
         let backend = self
             .lookup(name)
-            .map(|e| e.value.spec.backend.as_str())
+            .map(|e| e.value.spec.kind().as_str())
             .unwrap_or("unknown");
         self.metrics.backend_error(backend, source.kind());
         let err = ServiceError::Backend {
@@ -712,7 +712,7 @@ impl VolumeService {
         if rec.mountpoint.is_none() {
             return Ok(rec.shipped.clone());
         }
-        let backend = self.backend(rec.spec.backend)?.clone();
+        let backend = self.backend(rec.spec.kind())?.clone();
         let shipped = backend
             .checkpoint(name, &rec.spec, rec.shipped.as_ref())
             .await
@@ -742,7 +742,7 @@ impl VolumeService {
                 mounts,
             });
         }
-        let backend = self.backend(rec.spec.backend)?.clone();
+        let backend = self.backend(rec.spec.kind())?.clone();
         // Not recorded as the volume's health: a refusal here (the wrong backend, still mounted) says
         // nothing about the volume's storage.
         let to = backend
@@ -791,7 +791,7 @@ impl VolumeService {
             .recover()
             .values()
             .filter(|e| Self::visible(&e.value) && e.value.mountpoint.is_some())
-            .filter_map(|e| Some((e.value.name.clone(), e.value.spec.checkpoint?)))
+            .filter_map(|e| Some((e.value.name.clone(), e.value.spec.checkpoint()?)))
             .collect();
         let due: Vec<String> = {
             let mut clock = self.checkpoint_clock.lock().recover();
@@ -847,7 +847,7 @@ impl VolumeService {
             if rec.state != VolumeState::Ready || rec.mounts.is_empty() {
                 continue;
             }
-            let Some(backend) = self.backends.get(&rec.spec.backend) else {
+            let Some(backend) = self.backends.get(&rec.spec.kind()) else {
                 continue;
             };
             // Read under the lock: a table read before it could predate an attach that just finished.
@@ -909,7 +909,7 @@ impl VolumeService {
             }
             let mut found = HashMap::new();
             for (name, spec) in volumes {
-                let Some(backend) = backends.get(&spec.backend) else {
+                let Some(backend) = backends.get(&spec.kind()) else {
                     continue;
                 };
                 if let Some(problem) = backend.storage_problem(&name, &spec, &table) {
@@ -966,7 +966,7 @@ impl VolumeService {
                 // Every operation finishes under the lock we hold, so these are leftovers of one whose
                 // cleanup failed (at start-up or after a failed create): finish it, then create afresh.
                 VolumeState::Creating | VolumeState::Removing => {
-                    let backend = self.backend(rec.spec.backend)?.clone();
+                    let backend = self.backend(rec.spec.kind())?.clone();
                     Self::finish_leftover(&backend, name, rec)
                         .await
                         .map_err(|e| self.failed(name, e))?;
@@ -988,7 +988,7 @@ impl VolumeService {
                 }
             }
         }
-        let backend = self.backend(spec.backend)?.clone();
+        let backend = self.backend(spec.kind())?.clone();
         // Refuse data Ferry does not own before recording anything: a crash after the record is written
         // rolls the create back, and that must never delete someone else's files.
         backend
@@ -1031,7 +1031,7 @@ impl VolumeService {
         self.store(record, Expect::Version(creating.version))
             .await?;
         self.healthy(name);
-        tracing::info!(volume = name, backend = %spec.backend, "volume created");
+        tracing::info!(volume = name, backend = %spec.kind(), "volume created");
         Ok(())
     }
 
@@ -1046,7 +1046,7 @@ impl VolumeService {
         let mut rec = entry.value.clone();
         // A record still Creating under the lock is the leftover of a create whose rollback failed; removing
         // it is exactly what finishes that rollback.
-        let backend = self.backend(rec.spec.backend)?.clone();
+        let backend = self.backend(rec.spec.kind())?.clone();
         let mounts = rec.active_mounts();
         if mounts > 0 {
             // Mount IDs of containers that stopped while Ferry was down never get their Unmount; they are
@@ -1152,7 +1152,7 @@ impl VolumeService {
         if released.is_empty() {
             return Ok(report);
         }
-        let backend = self.backend(rec.spec.backend)?.clone();
+        let backend = self.backend(rec.spec.kind())?.clone();
         match Self::holders_of(&backend, name, &rec.spec).await {
             Some(Ok(holders)) if !holders.is_empty() => {
                 let holders: Vec<String> = holders.iter().map(ToString::to_string).collect();
@@ -1210,7 +1210,7 @@ impl VolumeService {
             });
         }
         if let Some(mut mountpoint) = rec.mountpoint.clone() {
-            let backend = self.backend(rec.spec.backend)?.clone();
+            let backend = self.backend(rec.spec.kind())?.clone();
             // Attached for other containers, but what attach set up can die under them (a FUSE helper
             // killed by the OOM killer): give this container working storage instead of a dead mount.
             let table = crate::mount::MountTable::read_self()
@@ -1241,7 +1241,7 @@ impl VolumeService {
             self.settle(name, pending, None).await?;
             return Ok(mountpoint);
         }
-        let backend = self.backend(rec.spec.backend)?.clone();
+        let backend = self.backend(rec.spec.kind())?.clone();
         rec.state = VolumeState::Attaching;
         let marked = self
             .store(rec.clone(), Expect::Version(entry.version))
@@ -1343,7 +1343,7 @@ impl VolumeService {
         owing: &[String],
     ) -> Result<()> {
         let name = entry.value.name.as_str();
-        let backend = self.backend(rec.spec.backend)?.clone();
+        let backend = self.backend(rec.spec.kind())?.clone();
         rec.state = VolumeState::Detaching;
         let marked = match self
             .store(rec.clone(), Expect::Version(entry.version))
@@ -1419,7 +1419,7 @@ impl VolumeService {
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
         let rec = &entry.value;
         let mut status = Map::new();
-        status.insert("backend".into(), json!(rec.spec.backend.as_str()));
+        status.insert("backend".into(), json!(rec.spec.kind().as_str()));
         status.insert(
             "options".into(),
             json!(spec::redact(&rec.spec.to_options())),
@@ -1458,7 +1458,7 @@ impl VolumeService {
         // is usually the same conflict as seen by the last operation.
         if let Some(problem) = self
             .backends
-            .get(&rec.spec.backend)
+            .get(&rec.spec.kind())
             .and_then(|b| b.problem(&rec.name))
         {
             return ("conflict", Some(problem));
@@ -1499,7 +1499,7 @@ impl VolumeService {
         let (health, last_error) = self.health_of(rec);
         VolumeReport {
             name: rec.name.clone(),
-            backend: rec.spec.backend.as_str().into(),
+            backend: rec.spec.kind().as_str().into(),
             state: rec.state.as_str().into(),
             health: health.into(),
             last_error,
@@ -1517,7 +1517,7 @@ impl VolumeService {
     fn backend_status(&self, rec: &VolumeRecord) -> Map<String, Value> {
         let mut m = self
             .backends
-            .get(&rec.spec.backend)
+            .get(&rec.spec.kind())
             .map(|b| b.status(&rec.name, &rec.spec))
             .unwrap_or_default();
         if let Some(s) = &rec.shipped {
@@ -1621,7 +1621,7 @@ impl VolumeService {
     /// Whether reconciling the record may push or pull over the network: an attach or detach that was
     /// interrupted, or a lost attach to redo, on a backend that ships data.
     fn is_slow_to_reconcile(&self, rec: &VolumeRecord, table: &crate::mount::MountTable) -> bool {
-        let Some(backend) = self.backends.get(&rec.spec.backend) else {
+        let Some(backend) = self.backends.get(&rec.spec.kind()) else {
             return false;
         };
         if !backend.ships_data() {
@@ -1645,7 +1645,7 @@ impl VolumeService {
     ) -> Result<()> {
         let rec = &entry.value;
         let name = rec.name.as_str();
-        let backend = self.backend(rec.spec.backend)?.clone();
+        let backend = self.backend(rec.spec.kind())?.clone();
         match rec.state {
             VolumeState::Creating | VolumeState::Removing => {
                 if let Err(e) = Self::finish_leftover(&backend, name, rec).await {

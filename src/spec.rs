@@ -282,34 +282,51 @@ pub fn canonical_subdir(s: &str) -> Option<String> {
 }
 
 /// A volume's options after validation and normalisation: two specs are equal exactly when they ask for the
-/// same volume, whatever spelling the user chose (`10G` and `10GiB`, `0755` and `755`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// same volume, whatever spelling the user chose (`10G` and `10GiB`, `0755` and `755`). What each backend
+/// needs is in its own variant of [`BackendSpec`], so a spec that passed the door cannot lack it (an ebs
+/// volume always has a size; an nfs volume always names its server and export).
+///
+/// Not serialized: the catalog stores its own versioned form (`catalog::record`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeSpec {
-    pub backend: BackendKind,
-    /// Size cap in bytes; `None` means an uncapped directory.
-    pub size: Option<u64>,
-    /// Set exactly when `size` is.
-    pub fs: Option<FsType>,
+    /// Owner and mode of the volume's root directory, for every backend.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mode: Option<u32>,
-    /// nfs: the server's IP address, resolved from the configuration at create time so that a volume
-    /// keeps pointing at its data when the configured default changes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server: Option<String>,
-    /// nfs: the export path, resolved like `server`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub export: Option<String>,
-    /// nfs: an existing directory of the export to adopt instead of one named after the volume; never
-    /// deleted by Remove.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subdir: Option<String>,
-    /// ebs: seconds between checkpoints while mounted; `None` ships only when the last mount goes away.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<u64>,
-    /// local, capped: the image's whole size is allocated on the host at create (fallocate), so a full host
-    /// filesystem can never fail writes inside the volume.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backend: BackendSpec,
+}
+
+/// The options of one backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// A directory, or with `cap` a filesystem image on a loop device.
+    Local { cap: Option<Cap> },
+    Nfs {
+        /// The server's IP address, resolved from the configuration at create time so that a volume keeps
+        /// pointing at its data when the configured default changes.
+        server: String,
+        /// The export path, resolved like `server`.
+        export: String,
+        /// An existing directory of the export to adopt instead of one named after the volume; never
+        /// deleted by Remove.
+        subdir: Option<String>,
+    },
+    Ebs {
+        /// Bytes, a multiple of [`EBS_BLOCK`].
+        size: u64,
+        fs: FsType,
+        /// Seconds between checkpoints while mounted; `None` ships only when the last mount goes away.
+        checkpoint: Option<u64>,
+    },
+}
+
+/// A local volume's size cap: its own filesystem of `size` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    pub size: u64,
+    pub fs: FsType,
+    /// The image's whole size is allocated on the host at create (fallocate), so a full host filesystem
+    /// can never fail writes inside the volume.
     pub preallocate: bool,
 }
 
@@ -561,29 +578,110 @@ impl VolumeSpec {
         } else {
             (None, None, None)
         };
+        let backend = match (backend, size, fs, server, export) {
+            (BackendKind::Local, None, _, _, _) => BackendSpec::Local { cap: None },
+            (BackendKind::Local, Some(size), fs, _, _) => BackendSpec::Local {
+                cap: Some(Cap {
+                    size,
+                    fs: fs.unwrap_or(defaults.fs),
+                    preallocate,
+                }),
+            },
+            (BackendKind::Nfs, _, _, Some(server), Some(export)) => BackendSpec::Nfs {
+                server,
+                export,
+                subdir,
+            },
+            (BackendKind::Ebs, Some(size), fs, _, _) => BackendSpec::Ebs {
+                size,
+                fs: fs.unwrap_or(defaults.fs),
+                checkpoint,
+            },
+            // Each branch above filled what its backend needs: an ebs size (given or default, else
+            // EbsSizeRequired) and an nfs server and export (given or configured, else NfsNotConfigured).
+            (kind, ..) => {
+                return Err(bad(
+                    "backend",
+                    kind.as_str(),
+                    "its required options could not be resolved",
+                ))
+            }
+        };
         Ok(VolumeSpec {
-            backend,
-            size,
-            fs,
             uid,
             gid,
             mode,
-            server,
-            export,
-            subdir,
-            checkpoint,
-            preallocate,
+            backend,
         })
+    }
+
+    /// Which backend stores the volume.
+    pub fn kind(&self) -> BackendKind {
+        match self.backend {
+            BackendSpec::Local { .. } => BackendKind::Local,
+            BackendSpec::Nfs { .. } => BackendKind::Nfs,
+            BackendSpec::Ebs { .. } => BackendKind::Ebs,
+        }
+    }
+
+    /// The size and filesystem of the volume's own image: a capped local volume's or an ebs volume's.
+    pub fn image(&self) -> Option<(u64, FsType)> {
+        match &self.backend {
+            BackendSpec::Local { cap: Some(c) } => Some((c.size, c.fs)),
+            BackendSpec::Ebs { size, fs, .. } => Some((*size, *fs)),
+            _ => None,
+        }
+    }
+
+    /// The size cap in bytes; `None` for an uncapped directory.
+    pub fn size(&self) -> Option<u64> {
+        self.image().map(|(size, _)| size)
+    }
+
+    /// The filesystem inside the volume's image, if it has one.
+    pub fn fs(&self) -> Option<FsType> {
+        self.image().map(|(_, fs)| fs)
+    }
+
+    /// ebs: seconds between checkpoints while mounted.
+    pub fn checkpoint(&self) -> Option<u64> {
+        match self.backend {
+            BackendSpec::Ebs { checkpoint, .. } => checkpoint,
+            _ => None,
+        }
+    }
+
+    /// local, capped: whether the image is allocated in full at create.
+    pub fn preallocate(&self) -> bool {
+        matches!(
+            self.backend,
+            BackendSpec::Local {
+                cap: Some(Cap {
+                    preallocate: true,
+                    ..
+                })
+            }
+        )
+    }
+
+    /// nfs: server, export and subdir.
+    pub fn nfs(&self) -> Option<(&str, &str, Option<&str>)> {
+        match &self.backend {
+            BackendSpec::Nfs {
+                server,
+                export,
+                subdir,
+            } => Some((server, export, subdir.as_deref())),
+            _ => None,
+        }
     }
 
     /// The spec as canonical option strings, for display in `Status`.
     pub fn to_options(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        out.insert("backend".into(), self.backend.as_str().into());
-        if let Some(s) = self.size {
-            out.insert("size".into(), format_size(s));
-        }
-        if let Some(fs) = self.fs {
+        out.insert("backend".into(), self.kind().as_str().into());
+        if let Some((size, fs)) = self.image() {
+            out.insert("size".into(), format_size(size));
             out.insert("fs".into(), fs.as_str().into());
         }
         if let Some(u) = self.uid {
@@ -595,22 +693,20 @@ impl VolumeSpec {
         if let Some(m) = self.mode {
             out.insert("mode".into(), format!("{m:04o}"));
         }
-        if let Some(c) = self.checkpoint {
+        if let Some(c) = self.checkpoint() {
             out.insert(
                 "checkpoint".into(),
                 humantime::format_duration(std::time::Duration::from_secs(c)).to_string(),
             );
         }
-        if self.preallocate {
+        if self.preallocate() {
             out.insert("preallocate".into(), "true".into());
         }
-        for (key, value) in [
-            ("server", &self.server),
-            ("export", &self.export),
-            ("subdir", &self.subdir),
-        ] {
-            if let Some(v) = value {
-                out.insert(key.into(), v.clone());
+        if let Some((server, export, subdir)) = self.nfs() {
+            out.insert("server".into(), server.into());
+            out.insert("export".into(), export.into());
+            if let Some(subdir) = subdir {
+                out.insert("subdir".into(), subdir.into());
             }
         }
         out
@@ -618,40 +714,15 @@ impl VolumeSpec {
 
     /// The first option whose value differs between two specs, for the error on a conflicting Create.
     pub fn first_difference(&self, other: &VolumeSpec) -> Option<&'static str> {
-        if self.backend != other.backend {
+        if self.kind() != other.kind() {
             return Some("backend");
         }
-        if self.size != other.size {
-            return Some("size");
-        }
-        if self.fs != other.fs {
-            return Some("fs");
-        }
-        if self.uid != other.uid {
-            return Some("uid");
-        }
-        if self.gid != other.gid {
-            return Some("gid");
-        }
-        if self.mode != other.mode {
-            return Some("mode");
-        }
-        if self.server != other.server {
-            return Some("server");
-        }
-        if self.export != other.export {
-            return Some("export");
-        }
-        if self.subdir != other.subdir {
-            return Some("subdir");
-        }
-        if self.checkpoint != other.checkpoint {
-            return Some("checkpoint");
-        }
-        if self.preallocate != other.preallocate {
-            return Some("preallocate");
-        }
-        None
+        // The canonical options name every field of both specs, in the order error messages list keys.
+        let (mine, theirs) = (self.to_options(), other.to_options());
+        OPTION_KEYS
+            .iter()
+            .copied()
+            .find(|key| mine.get(*key) != theirs.get(*key))
     }
 }
 
@@ -761,11 +832,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.fs, Some(FsType::Ext4));
+        assert_eq!(a.fs(), Some(FsType::Ext4));
         let none = VolumeSpec::from_options(None, &SpecDefaults::default()).unwrap();
-        assert_eq!(none.backend, BackendKind::Local);
-        assert_eq!(none.size, None);
-        assert_eq!(none.fs, None);
+        assert_eq!(none.kind(), BackendKind::Local);
+        assert_eq!(none.size(), None);
+        assert_eq!(none.fs(), None);
         assert_eq!(
             spec(&[("uid", "1000"), ("gid", "0")]).unwrap().uid,
             Some(1000)
@@ -778,13 +849,13 @@ mod tests {
     #[test]
     fn preallocate_is_for_capped_local_volumes_only() {
         let v = spec(&[("size", "1G"), ("preallocate", "true")]).unwrap();
-        assert!(v.preallocate);
+        assert!(v.preallocate());
         assert_eq!(v.to_options()["preallocate"], "true");
         let back =
             VolumeSpec::from_options(Some(&v.to_options()), &SpecDefaults::default()).unwrap();
         assert_eq!(back, v);
         let plain = spec(&[("size", "1G"), ("preallocate", "false")]).unwrap();
-        assert!(!plain.preallocate && !plain.to_options().contains_key("preallocate"));
+        assert!(!plain.preallocate() && !plain.to_options().contains_key("preallocate"));
         assert_eq!(v.first_difference(&plain), Some("preallocate"));
         assert_eq!(
             spec(&[("preallocate", "true")]),
@@ -815,12 +886,6 @@ mod tests {
                 backend: BackendKind::Ebs
             })
         );
-        // Records written before the option existed read as not preallocated, and are written the same.
-        let old: VolumeSpec =
-            serde_json::from_str(r#"{"backend":"local","size":1073741824,"fs":"ext4","uid":null,"gid":null,"mode":null}"#)
-                .unwrap();
-        assert!(!old.preallocate);
-        assert!(!serde_json::to_string(&old).unwrap().contains("preallocate"));
     }
 
     #[test]
@@ -916,21 +981,19 @@ mod tests {
     #[test]
     fn nfs_options_resolve_the_configured_server() {
         let plain = nfs(&[]).unwrap();
-        assert_eq!(plain.server.as_deref(), Some("10.0.0.5"));
-        assert_eq!(plain.export.as_deref(), Some("/srv/nfs"));
-        assert_eq!(plain.subdir, None);
+        assert_eq!(plain.nfs(), Some(("10.0.0.5", "/srv/nfs", None)));
         // Spelling does not matter, so a repeated create is idempotent.
         let other = nfs(&[("server", " 10.0.0.6"), ("export", "/srv//nfs/")]).unwrap();
-        assert_eq!(other.export.as_deref(), Some("/srv/nfs"));
+        assert_eq!(other.nfs().unwrap().1, "/srv/nfs");
         assert_eq!(
             nfs(&[("server", "10.0.0.7"), ("export", "/data")])
                 .unwrap()
-                .server
-                .as_deref(),
+                .nfs()
+                .map(|n| n.0),
             Some("10.0.0.7")
         );
         let adopted = nfs(&[("subdir", "projects//a/"), ("uid", "33")]).unwrap();
-        assert_eq!(adopted.subdir.as_deref(), Some("projects/a"));
+        assert_eq!(adopted.nfs().unwrap().2, Some("projects/a"));
         let back = VolumeSpec::from_options(Some(&adopted.to_options()), &nfs_defaults()).unwrap();
         assert_eq!(back, adopted);
         assert_eq!(plain.first_difference(&other), Some("server"));
@@ -951,9 +1014,12 @@ mod tests {
     fn ebs_options() {
         let v = ebs(&[("size", "50000001"), ("checkpoint", "5m")], None).unwrap();
         // Rounded up to whole 512 KiB blocks; ext4 unless asked otherwise.
-        assert_eq!(v.size, Some(50_000_001u64.div_ceil(EBS_BLOCK) * EBS_BLOCK));
-        assert_eq!(v.fs, Some(FsType::Ext4));
-        assert_eq!(v.checkpoint, Some(300));
+        assert_eq!(
+            v.size(),
+            Some(50_000_001u64.div_ceil(EBS_BLOCK) * EBS_BLOCK)
+        );
+        assert_eq!(v.fs(), Some(FsType::Ext4));
+        assert_eq!(v.checkpoint(), Some(300));
         assert_eq!(v.to_options()["checkpoint"], "5m");
         let back = VolumeSpec::from_options(
             Some(&v.to_options()),
@@ -965,7 +1031,7 @@ mod tests {
         .unwrap();
         assert_eq!(back, v);
         assert_eq!(
-            ebs(&[], Some(1 << 30)).unwrap().size,
+            ebs(&[], Some(1 << 30)).unwrap().size(),
             Some(1 << 30),
             "default_size"
         );

@@ -116,77 +116,155 @@ pub struct SetAside {
     pub moved_to: PathBuf,
 }
 
+/// One admin request, decoded from its method, path and query before anything runs, as the plugin router
+/// does for Docker's calls.
+#[derive(Debug, PartialEq, Eq)]
+enum AdminRequest {
+    /// `GET /v1/volumes`
+    Volumes,
+    /// `GET /v1/volumes/NAME`
+    Volume(String),
+    /// `GET /v1/status`
+    Status,
+    /// `POST /v1/volumes/NAME/checkpoint`: ship a mounted volume's changes now.
+    Checkpoint(String),
+    /// `POST /v1/volumes/NAME/release[?id=ID][&force=true]`: drop mount IDs left behind.
+    Release {
+        name: String,
+        id: Option<String>,
+        force: bool,
+    },
+    /// `POST /v1/volumes/NAME/set-aside`: the way out of an ebs conflict, this host's copy moved aside.
+    SetAside(String),
+}
+
+/// Why a request was not routed: the status to answer and what to tell the operator.
+#[derive(Debug, PartialEq, Eq)]
+struct RouteError(StatusCode, String);
+
+const ACTIONS: [&str; 3] = ["checkpoint", "release", "set-aside"];
+const API: &str = "/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/release, /v1/volumes/NAME/set-aside, /v1/status";
+
+fn route(method: &Method, path: &str, query: Option<&str>) -> Result<AdminRequest, RouteError> {
+    let decode = |name: &str| {
+        percent_decode(name).ok_or_else(|| {
+            RouteError(
+                StatusCode::BAD_REQUEST,
+                "the volume name in the path is not valid percent-encoded UTF-8".into(),
+            )
+        })
+    };
+    let (resource, action) = match path.strip_prefix("/v1/volumes/") {
+        Some(rest) => match rest.rsplit_once('/') {
+            Some((name, action)) if ACTIONS.contains(&action) => (Some(name), Some(action)),
+            _ => (Some(rest), None),
+        },
+        None => (None, None),
+    };
+    let want = if action.is_some() {
+        Method::POST
+    } else {
+        Method::GET
+    };
+    let known =
+        action.is_some() || resource.is_some() || path == "/v1/volumes" || path == "/v1/status";
+    if !known {
+        return Err(RouteError(
+            StatusCode::NOT_FOUND,
+            format!("{path} is not part of the admin API ({API})"),
+        ));
+    }
+    if method != want {
+        return Err(RouteError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}; use {want}"),
+        ));
+    }
+    Ok(match (path, resource, action) {
+        ("/v1/volumes", _, _) => AdminRequest::Volumes,
+        ("/v1/status", _, _) => AdminRequest::Status,
+        (_, Some(name), Some("checkpoint")) => AdminRequest::Checkpoint(decode(name)?),
+        (_, Some(name), Some("set-aside")) => AdminRequest::SetAside(decode(name)?),
+        (_, Some(name), Some(_)) => {
+            let (id, force) = release_query(query)?;
+            AdminRequest::Release {
+                name: decode(name)?,
+                id,
+                force,
+            }
+        }
+        (_, Some(name), None) => AdminRequest::Volume(decode(name)?),
+        // `known` admitted nothing else.
+        (_, None, _) => {
+            return Err(RouteError(
+                StatusCode::NOT_FOUND,
+                format!("{path} is not part of the admin API ({API})"),
+            ))
+        }
+    })
+}
+
+/// `id=MOUNT_ID` and `force=true|false` of a release.
+fn release_query(query: Option<&str>) -> Result<(Option<String>, bool), RouteError> {
+    let (mut id, mut force) = (None, false);
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match (key, percent_decode(value)) {
+            ("id", Some(v)) => id = Some(v),
+            ("force", Some(v)) if v == "true" || v == "false" => force = v == "true",
+            _ => return Err(RouteError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "bad query parameter {pair:?}: release takes id=MOUNT_ID and force=true|false"
+                ),
+            )),
+        }
+    }
+    Ok((id, force))
+}
+
 async fn handle(
     ctx: &AdminContext,
     method: &Method,
     path: &str,
     query: Option<&str>,
 ) -> Response<Full<Bytes>> {
-    // The operator's actions: POST /v1/volumes/NAME/ACTION. Everything else only reads.
-    if let Some((name, action)) = path
-        .strip_prefix("/v1/volumes/")
-        .and_then(|rest| rest.rsplit_once('/'))
-        .filter(|(_, a)| ["release", "set-aside", "checkpoint"].contains(a))
-    {
-        if method != Method::POST {
-            return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}; use POST"),
-            );
-        }
-        let Some(name) = percent_decode(name) else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "the volume name in the path is not valid percent-encoded UTF-8".into(),
-            );
-        };
-        let answer = match action {
-            "release" => return release(ctx, name, query).await,
-            // The operator's way out of an ebs conflict: move this host's copy aside.
-            "set-aside" => ctx.service.set_aside(&name).await.map(|moved_to| {
-                json(
-                    StatusCode::OK,
-                    &SetAside {
-                        volume: name,
-                        moved_to,
-                    },
-                )
-            }),
-            // Shipping a mounted volume's changes now.
-            _ => ctx
-                .service
-                .checkpoint(&name)
-                .await
-                .map(|shipped| json(StatusCode::OK, &shipped)),
-        };
-        return answer.unwrap_or_else(service_error);
-    }
-    if method != Method::GET {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed: the admin API only reads, except POST /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/release and /v1/volumes/NAME/set-aside"),
-        );
-    }
-    match path {
-        "/v1/volumes" => json(StatusCode::OK, &ctx.service.reports()),
-        "/v1/status" => json(StatusCode::OK, &status(ctx).await),
-        _ => match path.strip_prefix("/v1/volumes/") {
-            Some(name) => match percent_decode(name) {
-                Some(name) => match ctx.service.report(&name) {
-                    Ok(report) => json(StatusCode::OK, &report),
-                    Err(e) => service_error(e),
+    let request = match route(method, path, query) {
+        Ok(request) => request,
+        Err(RouteError(status, message)) => return error(status, message),
+    };
+    let answer = match request {
+        AdminRequest::Volumes => Ok(json(StatusCode::OK, &ctx.service.reports())),
+        AdminRequest::Status => Ok(json(StatusCode::OK, &status(ctx).await)),
+        AdminRequest::Volume(name) => ctx
+            .service
+            .report(&name)
+            .map(|report| json(StatusCode::OK, &report)),
+        AdminRequest::Checkpoint(name) => ctx
+            .service
+            .checkpoint(&name)
+            .await
+            .map(|shipped| json(StatusCode::OK, &shipped)),
+        AdminRequest::Release { name, id, force } => ctx
+            .service
+            .release(&name, id.as_deref(), force)
+            .await
+            .map(|report| json(StatusCode::OK, &report)),
+        AdminRequest::SetAside(name) => ctx.service.set_aside(&name).await.map(|moved_to| {
+            json(
+                StatusCode::OK,
+                &SetAside {
+                    volume: name,
+                    moved_to,
                 },
-                None => error(
-                    StatusCode::BAD_REQUEST,
-                    "the volume name in the path is not valid percent-encoded UTF-8".into(),
-                ),
-            },
-            None => error(
-                StatusCode::NOT_FOUND,
-                format!("{path} is not part of the admin API (/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/release, /v1/volumes/NAME/set-aside, /v1/status)"),
-            ),
-        },
-    }
+            )
+        }),
+    };
+    answer.unwrap_or_else(service_error)
 }
 
 /// A service error as the admin API answers it: the status says whose problem it is.
@@ -198,35 +276,6 @@ fn service_error(e: ServiceError) -> Response<Full<Bytes>> {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
-}
-
-/// `POST /v1/volumes/NAME/release[?id=ID][&force=true]`: drops mount IDs left behind, on the operator's
-/// word (`ferry release`).
-async fn release(ctx: &AdminContext, name: String, query: Option<&str>) -> Response<Full<Bytes>> {
-    let (mut id, mut force) = (None, false);
-    for pair in query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match (key, percent_decode(value)) {
-            ("id", Some(v)) => id = Some(v),
-            ("force", Some(v)) if v == "true" || v == "false" => force = v == "true",
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                    "bad query parameter {pair:?}: release takes id=MOUNT_ID and force=true|false"
-                ),
-                )
-            }
-        }
-    }
-    match ctx.service.release(&name, id.as_deref(), force).await {
-        Ok(report) => json(StatusCode::OK, &report),
-        Err(e) => service_error(e),
-    }
 }
 
 async fn status(ctx: &AdminContext) -> DaemonStatus {
@@ -292,7 +341,68 @@ fn error(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
+    use super::{percent_decode, route, AdminRequest, RouteError};
+    use hyper::{Method, StatusCode};
+
+    #[test]
+    fn routing() {
+        let get = |p: &str| route(&Method::GET, p, None);
+        let post = |p: &str, q: Option<&str>| route(&Method::POST, p, q);
+        assert_eq!(get("/v1/volumes"), Ok(AdminRequest::Volumes));
+        assert_eq!(get("/v1/status"), Ok(AdminRequest::Status));
+        assert_eq!(
+            get("/v1/volumes/a%2Eb"),
+            Ok(AdminRequest::Volume("a.b".into()))
+        );
+        assert_eq!(
+            post("/v1/volumes/v/checkpoint", None),
+            Ok(AdminRequest::Checkpoint("v".into()))
+        );
+        assert_eq!(
+            post("/v1/volumes/v/set-aside", None),
+            Ok(AdminRequest::SetAside("v".into()))
+        );
+        assert_eq!(
+            post("/v1/volumes/v/release", Some("id=m%201&force=true")),
+            Ok(AdminRequest::Release {
+                name: "v".into(),
+                id: Some("m 1".into()),
+                force: true
+            })
+        );
+        assert_eq!(
+            post("/v1/volumes/v/release", None),
+            Ok(AdminRequest::Release {
+                name: "v".into(),
+                id: None,
+                force: false
+            })
+        );
+        // A name that ends like no action is a volume name.
+        assert_eq!(
+            get("/v1/volumes/a/b"),
+            Ok(AdminRequest::Volume("a/b".into()))
+        );
+        let status = |r: Result<AdminRequest, RouteError>| r.unwrap_err().0;
+        assert_eq!(
+            status(post("/v1/volumes", None)),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            status(get("/v1/volumes/v/checkpoint")),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(status(get("/v2/volumes")), StatusCode::NOT_FOUND);
+        assert_eq!(status(get("/v1/volumes/bad%zz")), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status(post("/v1/volumes/v/release", Some("force=yes"))),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(post("/v1/volumes/v/release", Some("who=me"))),
+            StatusCode::BAD_REQUEST
+        );
+    }
 
     #[test]
     fn percent_decoding() {

@@ -122,7 +122,7 @@ fn reserve(image: &Path) -> Result<(), BackendError> {
 }
 
 fn sized(spec: &VolumeSpec) -> Option<(u64, FsType)> {
-    Some((spec.size?, spec.fs.unwrap_or(FsType::Ext4)))
+    spec.image()
 }
 
 /// Applies the requested owner and mode to a volume's root directory.
@@ -403,7 +403,7 @@ impl LocalBackend {
             .map_err(BackendError::io("create", &p.image))?;
         drop(image);
         self.make_filesystem(&p, size, fs, spec)?;
-        if spec.preallocate {
+        if spec.preallocate() {
             reserve(&p.image)?;
         }
         // Status warns at once, not at the next health pass, when this create overcommitted.
@@ -525,7 +525,7 @@ impl LocalBackend {
                 // shared as it is.
                 if self.mounter.bound_loops(&p.image)?.is_empty() {
                     self.check_before_mount(name, &p, fs)?;
-                    if spec.preallocate {
+                    if spec.preallocate() {
                         // Something may have punched holes in it (fstrim through the loop device): allocate
                         // them again. The volume works without, so a failure only warns.
                         if let Err(e) = reserve(&p.image) {
@@ -714,7 +714,7 @@ impl Backend for LocalBackend {
                 m.insert("size_bytes".into(), json!(size));
                 m.insert("fs".into(), json!(fs.as_str()));
                 m.insert("image".into(), json!(self.paths(name).image));
-                if !spec.preallocate {
+                if !spec.preallocate() {
                     if let Some(w) = lock(&self.overcommitted).as_ref() {
                         m.insert("warning".into(), json!(w));
                     }

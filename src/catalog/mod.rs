@@ -4,6 +4,7 @@
 //! ownership and fencing can be built on versions. This module owns the record format; it must not know
 //! about HTTP, backends' data paths or mounts.
 
+pub mod record;
 mod redb_store;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,8 +48,8 @@ impl VolumeState {
     }
 }
 
-/// Everything the catalog keeps about one volume.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Everything the catalog keeps about one volume (stored as `record`'s versioned form).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeRecord {
     pub name: String,
     pub spec: VolumeSpec,
@@ -62,12 +63,10 @@ pub struct VolumeRecord {
     pub mountpoint: Option<PathBuf>,
     /// For backends that ship data away (ebs): the newest snapshot this host knows of. Advanced only by a
     /// compare-and-swap on the record, after the snapshot is complete, so it never names a partial one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shipped: Option<Shipped>,
     /// Mount IDs whose containers still hold storage that died and was attached again for later
     /// containers (an nfs FUSE mount whose helper exited): they get ENOTCONN until restarted. Only IDs
     /// still in `mounts` count; an ID leaves with its last Unmount.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub dead_mounts: BTreeSet<String>,
 }
 

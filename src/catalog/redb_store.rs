@@ -209,7 +209,7 @@ fn decode(name: &str, bytes: &[u8]) -> Result<Versioned<VolumeRecord>, CatalogEr
     }
     let (ver, json) = bytes.split_at(8);
     let version = u64::from_le_bytes(ver.try_into().map_err(|_| corrupt("bad version".into()))?);
-    let value: VolumeRecord = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
+    let value = super::record::decode(json).map_err(corrupt)?;
     Ok(Versioned { value, version })
 }
 
@@ -364,7 +364,7 @@ fn apply_batch(
             match w {
                 Write::Put { record, .. } => {
                     let mut bytes = version.to_le_bytes().to_vec();
-                    serde_json::to_writer(&mut bytes, record).map_err(storage)?;
+                    bytes.extend(super::record::encode(record).map_err(storage)?);
                     volumes.insert(name, bytes.as_slice()).map_err(db)?;
                 }
                 Write::Delete { .. } => {

@@ -33,7 +33,7 @@ use self::blockmap::BlockMap;
 pub use self::client::{ClientSettings, EbsError, SnapState, SnapshotClient, SnapshotInfo};
 use super::{Attached, Backend, BackendError, Shipped, TransferTotals};
 use crate::mount::{Holder, MountTable, Mounter, Storage};
-use crate::spec::{format_size, BackendKind, FsType, VolumeSpec};
+use crate::spec::{format_size, BackendKind, BackendSpec, FsType, VolumeSpec};
 use crate::sync::Recover;
 
 /// Blocks in flight per push or pull unless configured.
@@ -1011,9 +1011,9 @@ fn copy_aside(image: &Path, spool: &Path, changed: &[u64]) -> Result<(), Backend
 }
 
 fn sized(spec: &VolumeSpec) -> Result<(u64, FsType), BackendError> {
-    match spec.size {
-        Some(s) => Ok((s, spec.fs.unwrap_or(FsType::Ext4))),
-        None => Err(internal("an ebs volume without a size")),
+    match spec.backend {
+        BackendSpec::Ebs { size, fs, .. } => Ok((size, fs)),
+        _ => Err(internal("a volume of another backend was routed to ebs")),
     }
 }
 
@@ -1030,7 +1030,7 @@ impl Backend for EbsBackend {
         }
         // The local copy is one file of the volume's size, made at the first Mount: refuse now what
         // that filesystem could never hold.
-        match spec.size {
+        match spec.size() {
             Some(size) => super::check_image_fits(&self.inner.root, size, |s| s),
             None => Ok(()),
         }

@@ -173,14 +173,11 @@ impl NfsBackend {
     }
 
     fn target(spec: &VolumeSpec, settings: &NfsSettings) -> (String, String) {
-        (
-            spec.server
-                .clone()
-                .unwrap_or_else(|| settings.server.to_string()),
-            spec.export
-                .clone()
-                .unwrap_or_else(|| settings.export.clone()),
-        )
+        match spec.nfs() {
+            Some((server, export, _)) => (server.to_string(), export.to_string()),
+            // Only nfs specs are routed here; the configured export is the one answer that cannot harm.
+            None => (settings.server.to_string(), settings.export.clone()),
+        }
     }
 
     fn client_for(&self, server: &str, export: &str) -> Result<NfsClient, BackendError> {
@@ -211,7 +208,10 @@ impl NfsBackend {
 
     /// The volume's directory inside the export.
     fn dir(name: &str, spec: &VolumeSpec) -> String {
-        spec.subdir.clone().unwrap_or_else(|| name.to_string())
+        spec.nfs()
+            .and_then(|(_, _, subdir)| subdir)
+            .unwrap_or(name)
+            .to_string()
     }
 
     fn volume_root(&self, name: &str) -> PathBuf {
@@ -417,7 +417,10 @@ impl Backend for NfsBackend {
                         .map_err(nfs_err)?;
                 }
             }
-            Err(e) if e.is_not_found() && spec.subdir.is_some() => {
+            Err(e)
+                if e.is_not_found()
+                    && spec.nfs().is_some_and(|(_, _, subdir)| subdir.is_some()) =>
+            {
                 return Err(BackendError::NoSuchSubdir {
                     subdir: dir,
                     reason: e.to_string(),
@@ -474,7 +477,7 @@ impl Backend for NfsBackend {
                 stale_secs: marker::STALE_AFTER.as_secs(),
             });
         }
-        if spec.subdir.is_none() {
+        if spec.nfs().is_none_or(|(_, _, subdir)| subdir.is_none()) {
             client.remove_tree(&dir).await.map_err(nfs_err)?;
         }
         marker::forget(&client, &dir).await.map_err(nfs_err)?;
