@@ -165,6 +165,14 @@ impl StrictEbs {
         ids
     }
 
+    /// Sets one tag of a snapshot as EC2's CreateTags would, for tests that stand in for time passing.
+    pub fn set_tag(&self, snapshot: &str, key: &str, value: &str) {
+        let mut state = self.inner.state.lock().unwrap();
+        let s = state.snapshots.get_mut(snapshot).expect("no such snapshot");
+        s.tags.retain(|(k, _)| k != key);
+        s.tags.push((key.to_string(), value.to_string()));
+    }
+
     pub fn tags(&self, snapshot: &str) -> Vec<(String, String)> {
         let state = self.inner.state.lock().unwrap();
         state
