@@ -98,6 +98,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             config.mount_root.clone(),
             host.clone(),
             binary,
+            mounter.clone(),
         )?));
     }
     if let Some(settings) = &config.ebs {

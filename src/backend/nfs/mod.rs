@@ -3,7 +3,8 @@
 //! go through `NfsClient`, each call under the configured deadline. The data path is a kernel NFS mount
 //! where the kernel has an NFS client, otherwise a FUSE filesystem served by a helper process per mount.
 //! While a volume is mounted, the host keeps a marker in the export so that Remove on another host is
-//! refused. Status is answered from memory: free space is what the last check saw.
+//! refused. Status is answered from memory: free space is what the last check saw. Kernel mounts, unmounts
+//! and mount-table reads go through the backend's `Mounter`; FUSE mounts are made by the helper process.
 
 pub mod helper;
 pub mod kernel;
@@ -14,17 +15,15 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use nix::errno::Errno;
-use nix::mount::{umount2, MntFlags};
 use serde_json::{json, Map, Value};
 
-use super::{Attached, Backend, BackendError, Shipped};
+use super::{release_mount, Attached, Backend, BackendError, Shipped, WhenBusy};
 use crate::host::HostId;
-use crate::mount::MountTable;
+use crate::mount::{MountError, MountTable, Mounter};
 use crate::nfs::{FileKind, FsStat, NfsClient, NfsClientConfig, NfsError};
 use crate::spec::{AllowedServer, BackendKind, VolumeSpec};
 use crate::sync::Recover;
@@ -122,6 +121,7 @@ pub struct NfsBackend {
     /// The `ferry` binary, run as `ferry nfs-mount` for each FUSE mount.
     helper_binary: PathBuf,
     kernel: bool,
+    mounter: Arc<dyn Mounter>,
     clients: Mutex<HashMap<(String, String), NfsClient>>,
     /// What the last successful FSSTAT of each export said, and when; Status shows it without waiting.
     free_space: Mutex<HashMap<(String, String), (FsStat, SystemTime)>>,
@@ -140,6 +140,7 @@ impl NfsBackend {
         mount_root: Option<PathBuf>,
         host: HostId,
         helper_binary: PathBuf,
+        mounter: Arc<dyn Mounter>,
     ) -> Result<Self, BackendError> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -167,6 +168,7 @@ impl NfsBackend {
             host,
             helper_binary,
             kernel,
+            mounter,
             clients: Mutex::new(HashMap::new()),
             free_space: Mutex::new(HashMap::new()),
         })
@@ -268,23 +270,12 @@ impl NfsBackend {
     }
 
     /// Unmounts whatever is at the mountpoint, lazily if it is busy: Unmount must always succeed.
-    fn unmount_blocking(target: &Path) -> Result<(), BackendError> {
-        match umount2(target, MntFlags::empty()) {
-            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
-            Err(Errno::EBUSY) => {
-                tracing::warn!(target = %target.display(), "mount busy; detaching it lazily");
-                umount2(target, MntFlags::MNT_DETACH).map_err(|errno| {
-                    BackendError::Mount(crate::mount::MountError::Unmount {
-                        target: target.to_path_buf(),
-                        errno,
-                    })
-                })
-            }
-            Err(errno) => Err(BackendError::Mount(crate::mount::MountError::Unmount {
-                target: target.to_path_buf(),
-                errno,
-            })),
-        }
+    async fn unmount(&self, target: &Path) -> Result<(), BackendError> {
+        let (mounter, target) = (self.mounter.clone(), target.to_path_buf());
+        super::blocking(BackendKind::Nfs, move || {
+            release_mount(mounter.as_ref(), &target, WhenBusy::Detach)
+        })
+        .await
     }
 
     /// Whether the mount at `target` answers: a FUSE mount whose helper died answers ENOTCONN.
@@ -300,8 +291,7 @@ impl NfsBackend {
 
     async fn attach_fuse(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
         let target = self.mountpoint(name);
-        let table = crate::mount::MountTable::read_self().map_err(BackendError::Mount)?;
-        if table.is_mounted(&target) {
+        if self.mounter.mount_table()?.is_mounted(&target) {
             let helper_alive = helper::running(&self.pid_file(name), name).is_some();
             if helper_alive && Self::mount_alive(&target).await {
                 return Ok(target);
@@ -310,8 +300,7 @@ impl NfsBackend {
                 volume = name,
                 "the FUSE mount lost its helper; mounting it again"
             );
-            let t = target.clone();
-            super::blocking(BackendKind::Nfs, move || Self::unmount_blocking(&t)).await?;
+            self.unmount(&target).await?;
             helper::stop(&self.pid_file(name), name, Duration::ZERO).await;
         }
         std::fs::DirBuilder::new()
@@ -342,8 +331,7 @@ impl NfsBackend {
 
     async fn attach_kernel(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
         let target = self.mountpoint(name);
-        let table = crate::mount::MountTable::read_self().map_err(BackendError::Mount)?;
-        if table.is_mounted(&target) {
+        if self.mounter.mount_table()?.is_mounted(&target) {
             return Ok(target);
         }
         std::fs::DirBuilder::new()
@@ -361,17 +349,20 @@ impl NfsBackend {
             self.settings.mount_port,
             self.settings.timeout,
         );
-        let t = target.clone();
-        tokio::task::spawn_blocking(move || kernel::mount(&args, &t))
-            .await
-            .map_err(|e| BackendError::Internal(BackendKind::Nfs, e.to_string()))?
-            .map_err(|errno| {
-                BackendError::Mount(crate::mount::MountError::Mount {
+        let (mounter, t) = (self.mounter.clone(), target.clone());
+        super::blocking(BackendKind::Nfs, move || {
+            mounter.mount_fs(&args, &t).map_err(|e| match e {
+                // Named by server and export, as users wrote them, not by the directory inside.
+                MountError::Mount { target, errno, .. } => MountError::Mount {
                     device: format!("{server}:{export}"),
-                    target: target.clone(),
+                    target,
                     errno,
-                })
+                },
+                other => other,
             })?;
+            Ok(())
+        })
+        .await?;
         let client = self.client(spec)?;
         let body = marker::content(&self.host, name);
         marker::write(&client, &Self::dir(name, spec), &self.host.id, &body)
@@ -507,9 +498,7 @@ impl Backend for NfsBackend {
         spec: &VolumeSpec,
         _shipped: Option<&Shipped>,
     ) -> Result<Option<Shipped>, BackendError> {
-        let target = self.mountpoint(name);
-        let t = target.clone();
-        super::blocking(BackendKind::Nfs, move || Self::unmount_blocking(&t)).await?;
+        self.unmount(&self.mountpoint(name)).await?;
         if !self.kernel {
             // The helper exits once its mount is gone and removes its marker on the way out.
             let signalled = helper::stop(&self.pid_file(name), name, HELPER_GRACE).await;
@@ -584,5 +573,123 @@ impl Backend for NfsBackend {
             json!(if self.kernel { "kernel" } else { "fuse" }),
         );
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount::{Call, RecordingMounter};
+
+    /// A backend on the kernel data path whose server is unreachable (a closed port on this host), with
+    /// the recording mounter.
+    fn kernel_backend(dir: &Path, mounter: Arc<RecordingMounter>) -> NfsBackend {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let settings = NfsSettings {
+            server: "127.0.0.1".parse().unwrap(),
+            export: "/srv".into(),
+            nfs_port: Some(closed),
+            mount_port: Some(closed),
+            uid: 0,
+            gid: 0,
+            allowed_servers: Vec::new(),
+            data_path: DataPath::Kernel,
+            timeout: Duration::from_millis(200),
+            attr_cache: Duration::from_secs(1),
+            connections: 1,
+            locks: LockMode::Local,
+            nlm_port: None,
+        };
+        let host = HostId {
+            name: "test".into(),
+            id: "h1".into(),
+        };
+        NfsBackend::new(
+            settings,
+            dir.join("nfs"),
+            Some(dir.join("mnt")),
+            host,
+            PathBuf::from("/nonexistent/ferry"),
+            mounter,
+        )
+        .unwrap()
+    }
+
+    /// A volume on the configured server and export.
+    fn spec() -> VolumeSpec {
+        VolumeSpec {
+            backend: BackendKind::Nfs,
+            size: None,
+            fs: None,
+            uid: None,
+            gid: None,
+            mode: None,
+            server: None,
+            export: None,
+            subdir: None,
+            checkpoint: None,
+            preallocate: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn kernel_mounts_go_through_the_mounter() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mnt")).unwrap();
+        let m = Arc::new(RecordingMounter::default());
+        let b = kernel_backend(dir.path(), m.clone());
+        let target = dir.path().join("mnt/v");
+        // The mount is made; the marker cannot be written to an unreachable server, so attach fails.
+        assert!(b.attach("v", &spec(), None).await.is_err());
+        let expected = kernel::mount_args(
+            "127.0.0.1",
+            "/srv",
+            "v",
+            b.settings.nfs_port,
+            b.settings.mount_port,
+            b.settings.timeout,
+        );
+        assert_eq!(
+            m.calls(),
+            [Call::MountFs {
+                source: expected.source,
+                fstype: "nfs",
+                data: expected.data,
+                target: target.clone(),
+            }]
+        );
+        // A mount already in the table is adopted, not stacked.
+        b.attach("v", &spec(), None).await.unwrap();
+        assert_eq!(m.calls().len(), 1);
+        assert_eq!(
+            b.is_attached("v", &spec(), &m.mount_table().unwrap()),
+            Some(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_busy_mount_is_detached_lazily() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(RecordingMounter::default());
+        let b = kernel_backend(dir.path(), m.clone());
+        let target = dir.path().join("mnt/v");
+        m.mount_elsewhere(&target, "nfs");
+        m.busy_unmounts(1);
+        // The marker cannot be removed from an unreachable server; Unmount succeeds all the same.
+        b.detach("v", &spec(), None).await.unwrap();
+        assert_eq!(
+            m.calls(),
+            [Call::Detach {
+                target: target.clone()
+            }]
+        );
+        assert!(!m.mount_table().unwrap().is_mounted(&target));
+        // Nothing mounted: nothing to do.
+        b.detach("v", &spec(), None).await.unwrap();
+        assert_eq!(m.calls().len(), 1);
     }
 }

@@ -12,6 +12,7 @@ use super::marker;
 use super::LockMode;
 use crate::fuse::locks::{LocalLocks, Locking};
 use crate::fuse::{self, MountOptions};
+use crate::mount::{Mounter, SystemMounter};
 use crate::nfs::{NfsClient, NfsClientConfig, NfsLocks, NfsStore};
 
 /// Runs a helper to the end. Errors before "ready" are reported on standard output, where the daemon
@@ -119,7 +120,10 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
             if let Err(e) = mount.unmount().await {
                 // Busy: detach it lazily, so the helper can still exit; users see the data until they close it.
                 tracing::warn!(error = %e, "unmount failed; detaching lazily");
-                let _ = nix::mount::umount2(&spec.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                // This process has no mounter of its own; the real one is the only one a FUSE mount has.
+                if let Err(e) = SystemMounter.detach(&spec.mountpoint) {
+                    tracing::warn!(error = %e, "cannot detach the mount");
+                }
                 let _ = mount.wait().await;
             }
         }
