@@ -7,6 +7,8 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use super::helper::{HelperSpec, READY};
 use super::marker;
 use super::LockMode;
@@ -78,14 +80,22 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
     report(READY);
     tracing::info!(volume = %spec.volume, mountpoint = %spec.mountpoint.display(), "serving");
 
+    // Stopped before the marker is removed; a refresh under way finishes first, so none can write the
+    // marker again after its removal.
+    let stop_refresh = CancellationToken::new();
     let refresher = {
         let client = client.clone();
         let spec = spec.clone();
+        let stop = stop_refresh.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(marker::REFRESH_EVERY);
             tick.tick().await;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
                 if let Err(e) = marker::write(&client, &spec.dir, &spec.host_id, &spec.marker).await
                 {
                     tracing::warn!(error = %e, "cannot refresh this host's marker");
@@ -128,7 +138,16 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
             }
         }
     }
-    refresher.abort();
+    stop_refresh.cancel();
+    // Against a working server a refresh takes milliseconds; against an unreachable one each of its calls
+    // waits the client's timeout, and the removal below fails just as well. A refresh still running after
+    // one timeout is cut off, so it cannot write the marker again after the removal.
+    let mut refresher = refresher;
+    let grace = Duration::from_millis(spec.timeout_ms);
+    if tokio::time::timeout(grace, &mut refresher).await.is_err() {
+        tracing::warn!("the marker refresh did not finish in time; cut off");
+        refresher.abort();
+    }
     if let Err(e) = marker::remove(&client, &spec.dir, &spec.host_id).await {
         tracing::warn!(error = %e, "cannot remove this host's marker; it goes stale");
     }
