@@ -87,21 +87,15 @@ impl LockMode {
 /// The `[nfs]` section of the configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NfsSettings {
-    pub server: IpAddr,
-    pub export: String,
-    pub nfs_port: Option<u16>,
-    pub mount_port: Option<u16>,
-    /// AUTH_UNIX identity of every call.
-    pub uid: u32,
-    pub gid: u32,
+    /// The default server and export, and how every client talks to its server: ports, the AUTH_UNIX
+    /// identity of every call, how long any operation may wait on the server, and the connections per
+    /// server and export (in the daemon, and in each FUSE helper). A volume on another allowed server or
+    /// export keeps all but those two.
+    pub client: NfsClientConfig,
     pub allowed_servers: Vec<AllowedServer>,
     pub data_path: DataPath,
-    /// How long any operation may wait on the server.
-    pub timeout: Duration,
     /// How long FUSE may cache attributes and names.
     pub attr_cache: Duration,
-    /// Connections per server and export (in the daemon, and in each FUSE helper).
-    pub connections: usize,
     /// Where `fcntl` locks on FUSE mounts are kept.
     pub locks: LockMode,
     /// The lock manager's TCP port; None asks the portmapper.
@@ -156,8 +150,8 @@ impl NfsBackend {
             }
         };
         tracing::info!(
-            server = %settings.server,
-            export = %settings.export,
+            server = %settings.client.server,
+            export = %settings.client.export,
             data_path = if kernel { "kernel" } else { "fuse" },
             "nfs backend configured"
         );
@@ -178,10 +172,10 @@ impl NfsBackend {
         (
             spec.server
                 .clone()
-                .unwrap_or_else(|| settings.server.to_string()),
+                .unwrap_or_else(|| settings.client.server.to_string()),
             spec.export
                 .clone()
-                .unwrap_or_else(|| settings.export.clone()),
+                .unwrap_or_else(|| settings.client.export.clone()),
         )
     }
 
@@ -191,19 +185,22 @@ impl NfsBackend {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        let ip: IpAddr = server.parse().map_err(|_| {
-            BackendError::Internal(BackendKind::Nfs, format!("{server} is not an IP address"))
-        })?;
-        let mut config = NfsClientConfig::new(ip, export);
-        config.nfs_port = self.settings.nfs_port;
-        config.mount_port = self.settings.mount_port;
-        config.uid = self.settings.uid;
-        config.gid = self.settings.gid;
-        config.timeout = self.settings.timeout;
-        config.connections = self.settings.connections.max(1);
-        let client = NfsClient::new(config);
+        let client = NfsClient::new(self.client_config(server, export)?);
         clients.insert(key, client.clone());
         Ok(client)
+    }
+
+    /// The configured way of talking to a server, for `server` (an IP address, as specs hold it) and
+    /// `export`.
+    fn client_config(&self, server: &str, export: &str) -> Result<NfsClientConfig, BackendError> {
+        let server: IpAddr = server.parse().map_err(|_| {
+            BackendError::Internal(BackendKind::Nfs, format!("{server} is not an IP address"))
+        })?;
+        Ok(NfsClientConfig {
+            server,
+            export: export.to_string(),
+            ..self.settings.client.clone()
+        })
     }
 
     fn client(&self, spec: &VolumeSpec) -> Result<NfsClient, BackendError> {
@@ -240,20 +237,17 @@ impl NfsBackend {
         }
     }
 
-    fn helper_spec(&self, name: &str, spec: &VolumeSpec) -> helper::HelperSpec {
+    fn helper_spec(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+    ) -> Result<helper::HelperSpec, BackendError> {
         let (server, export) = Self::target(spec, &self.settings);
         let instance = crate::nfs::NfsLocks::instance_id();
-        helper::HelperSpec {
+        Ok(helper::HelperSpec {
             volume: name.to_string(),
-            server,
-            export,
-            nfs_port: self.settings.nfs_port,
-            mount_port: self.settings.mount_port,
-            uid: self.settings.uid,
-            gid: self.settings.gid,
-            timeout_ms: self.settings.timeout.as_millis() as u64,
+            client: self.client_config(&server, &export)?,
             attr_cache_ms: self.settings.attr_cache.as_millis() as u64,
-            connections: self.settings.connections.max(1),
             dir: Self::dir(name, spec),
             mountpoint: self.mountpoint(name),
             pid_file: self.pid_file(name),
@@ -266,7 +260,7 @@ impl NfsBackend {
             lock_journal: self
                 .volume_root(name)
                 .join(helper::lock_journal_name(&instance)),
-        }
+        })
     }
 
     /// Unmounts whatever is at the mountpoint, lazily if it is busy: Unmount must always succeed.
@@ -316,8 +310,8 @@ impl NfsBackend {
         // An existing mountpoint that is a link would have the FUSE filesystem mounted over its target.
         super::refuse_links(self.mount_root.as_ref().unwrap_or(&self.root), &target)?;
         // Connecting, looking the directory up and mounting each wait on the server at most `timeout`.
-        let deadline = self.settings.timeout * 2 + Duration::from_secs(5);
-        let helper_spec = self.helper_spec(name, spec);
+        let deadline = self.settings.client.timeout * 2 + Duration::from_secs(5);
+        let helper_spec = self.helper_spec(name, spec)?;
         // No helper of this volume runs now: locks left by one that died go before new ones are taken.
         helper::release_leftover_locks(&self.volume_root(name), helper_spec.nlm_config()).await;
         helper::start(&self.helper_binary, &helper_spec, deadline)
@@ -345,9 +339,9 @@ impl NfsBackend {
             &server,
             &export,
             &Self::dir(name, spec),
-            self.settings.nfs_port,
-            self.settings.mount_port,
-            self.settings.timeout,
+            self.settings.client.nfs_port,
+            self.settings.client.mount_port,
+            self.settings.client.timeout,
         );
         let (mounter, t) = (self.mounter.clone(), target.clone());
         super::blocking(BackendKind::Nfs, move || {
@@ -505,7 +499,9 @@ impl Backend for NfsBackend {
             // A helper that was not this daemon's child (the daemon restarted) is released here.
             helper::release_leftover_locks(
                 &self.volume_root(name),
-                self.helper_spec(name, spec).nlm_config(),
+                self.helper_spec(name, spec)
+                    .ok()
+                    .and_then(|h| h.nlm_config()),
             )
             .await;
             if !signalled {
@@ -555,8 +551,8 @@ impl Backend for NfsBackend {
     }
 
     async fn check(&self) -> Result<Map<String, Value>, BackendError> {
-        let server = self.settings.server.to_string();
-        let export = self.settings.export.clone();
+        let server = self.settings.client.server.to_string();
+        let export = self.settings.client.export.clone();
         let client = self.client_for(&server, &export)?;
         let stat = client.fsstat().await.map_err(nfs_err)?;
         self.free_space
@@ -590,17 +586,16 @@ mod tests {
             .unwrap()
             .port();
         let settings = NfsSettings {
-            server: "127.0.0.1".parse().unwrap(),
-            export: "/srv".into(),
-            nfs_port: Some(closed),
-            mount_port: Some(closed),
-            uid: 0,
-            gid: 0,
+            client: NfsClientConfig {
+                nfs_port: Some(closed),
+                mount_port: Some(closed),
+                timeout: Duration::from_millis(200),
+                connections: 1,
+                ..NfsClientConfig::new("127.0.0.1".parse().unwrap(), "/srv")
+            },
             allowed_servers: Vec::new(),
             data_path: DataPath::Kernel,
-            timeout: Duration::from_millis(200),
             attr_cache: Duration::from_secs(1),
-            connections: 1,
             locks: LockMode::Local,
             nlm_port: None,
         };
@@ -649,9 +644,9 @@ mod tests {
             "127.0.0.1",
             "/srv",
             "v",
-            b.settings.nfs_port,
-            b.settings.mount_port,
-            b.settings.timeout,
+            b.settings.client.nfs_port,
+            b.settings.client.mount_port,
+            b.settings.client.timeout,
         );
         assert_eq!(
             m.calls(),

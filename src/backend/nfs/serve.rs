@@ -11,33 +11,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::helper::{HelperSpec, READY};
 use super::marker;
-use super::LockMode;
 use crate::fuse::locks::{LocalLocks, Locking};
 use crate::fuse::{self, MountOptions};
 use crate::mount::{Mounter, SystemMounter};
-use crate::nfs::{NfsClient, NfsClientConfig, NfsLocks, NfsStore};
+use crate::nfs::{NfsClient, NfsLocks, NfsStore};
 
 /// Runs a helper to the end. Errors before "ready" are reported on standard output, where the daemon
 /// reads them; later ones go to the log.
 pub async fn run(spec: HelperSpec) -> Result<(), String> {
-    let server = spec
-        .server
-        .parse()
-        .map_err(|_| format!("{} is not an IP address", spec.server))?;
-    let mut config = NfsClientConfig::new(server, spec.export.clone());
-    config.nfs_port = spec.nfs_port;
-    config.mount_port = spec.mount_port;
-    config.uid = spec.uid;
-    config.gid = spec.gid;
-    config.timeout = Duration::from_millis(spec.timeout_ms);
-    config.connections = spec.connections.max(1);
-    let client = NfsClient::new(config);
+    let client = NfsClient::new(spec.client.clone());
 
     let store = NfsStore::open(&client, &spec.dir)
         .await
         .map_err(|e| e.to_string())?;
     let locks = match spec.nlm_config() {
-        Some(nlm) if spec.locks == LockMode::Nlm => {
+        Some(nlm) => {
             let locks = NfsLocks::new(nlm, spec.lock_caller.clone(), spec.lock_journal.clone())
                 .map_err(|e| {
                     format!(
@@ -48,8 +36,7 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
             Locking::Store(Arc::new(locks))
         }
         // `locks = "local"`: kept in this helper, so they hold between this host's containers only.
-        _ if spec.locks == LockMode::Local => Locking::Store(Arc::new(LocalLocks::default())),
-        _ => return Err(format!("{} is not an IP address", spec.server)),
+        None => Locking::Store(Arc::new(LocalLocks::default())),
     };
     let mut mount = fuse::mount(
         Arc::new(store),
@@ -143,7 +130,7 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
     // waits the client's timeout, and the removal below fails just as well. A refresh still running after
     // one timeout is cut off, so it cannot write the marker again after the removal.
     let mut refresher = refresher;
-    let grace = Duration::from_millis(spec.timeout_ms);
+    let grace = spec.client.timeout;
     if tokio::time::timeout(grace, &mut refresher).await.is_err() {
         tracing::warn!("the marker refresh did not finish in time; cut off");
         refresher.abort();
