@@ -936,3 +936,105 @@ impl NfsClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const MOUNT_PROGRAM: u32 = 100_005;
+    const MOUNT_MNT: u32 = 1;
+    const NFS_FSSTAT: u32 = 18;
+
+    /// A server on one port for MOUNT and NFS that answers the first `busy` FSSTATs with JUKEBOX and the
+    /// rest with fixed figures. Returns its port and how many FSSTATs it was asked.
+    async fn busy_server(busy: usize) -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut header = [0u8; 4];
+                    while stream.read_exact(&mut header).await.is_ok() {
+                        let len = (u32::from_be_bytes(header) & 0x7fff_ffff) as usize;
+                        let mut call = vec![0u8; len];
+                        stream.read_exact(&mut call).await.unwrap();
+                        let word = |i: usize| {
+                            u32::from_be_bytes(call[i * 4..i * 4 + 4].try_into().unwrap())
+                        };
+                        let (xid, program, procedure) = (word(0), word(3), word(5));
+                        // REPLY, MSG_ACCEPTED, a null verifier, SUCCESS.
+                        let mut reply: Vec<u32> = vec![xid, 1, 0, 0, 0, 0];
+                        if program == MOUNT_PROGRAM && procedure == MOUNT_MNT {
+                            // MNT3_OK, a 4-byte root handle, AUTH_UNIX.
+                            reply.extend([0, 4, 0x0102_0304, 1, 1]);
+                        } else if procedure == NFS_FSSTAT {
+                            if counter.fetch_add(1, Ordering::SeqCst) < busy {
+                                // NFS3ERR_JUKEBOX, no attributes.
+                                reply.extend([10008, 0]);
+                            } else {
+                                // NFS3_OK, no attributes, six u64 figures, invarsec.
+                                reply.extend([0, 0]);
+                                for figure in 1..=6u32 {
+                                    reply.extend([0, figure]);
+                                }
+                                reply.push(0);
+                            }
+                        }
+                        let bytes: Vec<u8> = reply.iter().flat_map(|w| w.to_be_bytes()).collect();
+                        let marker = 0x8000_0000 | bytes.len() as u32;
+                        let mut out = marker.to_be_bytes().to_vec();
+                        out.extend(bytes);
+                        if stream.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, asked)
+    }
+
+    fn client(port: u16, timeout: Duration) -> NfsClient {
+        NfsClient::new(NfsClientConfig {
+            nfs_port: Some(port),
+            mount_port: Some(port),
+            timeout,
+            ..NfsClientConfig::new("127.0.0.1".parse().unwrap(), "/export")
+        })
+    }
+
+    /// Path operations take the same call path as `HandleOps`: a busy server is asked again.
+    #[tokio::test]
+    async fn a_busy_server_is_asked_again_until_it_answers() {
+        let (port, asked) = busy_server(2).await;
+        let stat = client(port, Duration::from_secs(5)).fsstat().await.unwrap();
+        assert_eq!((stat.total_bytes, stat.avail_files), (1, 6));
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+    }
+
+    /// A server busy for the whole deadline: its JUKEBOX reaches the caller, in time.
+    #[tokio::test]
+    async fn a_server_busy_until_the_deadline_fails_the_call() {
+        let (port, asked) = busy_server(usize::MAX).await;
+        let timeout = Duration::from_millis(450);
+        let started = std::time::Instant::now();
+        let err = client(port, timeout).fsstat().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NfsError::Status {
+                    status: nfsstat3::NFS3ERR_JUKEBOX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(started.elapsed() < timeout + Duration::from_secs(1));
+        assert!(asked.load(Ordering::SeqCst) >= 2);
+    }
+}
