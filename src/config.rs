@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::backend::ebs::EbsSettings;
 use crate::backend::nfs::{DataPath, LockMode, NfsSettings};
 use crate::listener::ListenerSettings;
+use crate::nfs::NfsClientConfig;
 use crate::spec::{
     canonical_export, parse_size, AllowedServer, BackendKind, EbsDefaults, FsType, NfsDefaults,
     SpecDefaults, MAX_SIZE, MIN_SIZE,
@@ -203,8 +204,8 @@ impl ServeConfig {
         };
         if let Some(n) = &nfs {
             defaults.nfs = Some(NfsDefaults {
-                server: n.server.to_string(),
-                export: n.export.clone(),
+                server: n.client.server.to_string(),
+                export: n.client.export.clone(),
                 allowed: n.allowed_servers.clone(),
             });
         }
@@ -507,17 +508,18 @@ fn nfs_settings(n: NfsSection, path: &Path) -> Result<NfsSettings, ConfigError> 
     Ok(NfsSettings {
         locks,
         nlm_port: n.nlm_port,
-        server,
-        export,
-        nfs_port: n.nfs_port,
-        mount_port: n.mount_port,
-        uid: n.uid.unwrap_or(0),
-        gid: n.gid.unwrap_or(0),
+        client: NfsClientConfig {
+            nfs_port: n.nfs_port,
+            mount_port: n.mount_port,
+            uid: n.uid.unwrap_or(0),
+            gid: n.gid.unwrap_or(0),
+            timeout,
+            connections,
+            ..NfsClientConfig::new(server, export)
+        },
         allowed_servers,
         data_path,
-        timeout,
         attr_cache,
-        connections,
     })
 }
 
@@ -1073,19 +1075,19 @@ mod tests {
                     "none (required with `[nfs]`)".into()
                 }
                 "nfs.nfs_port" | "nfs.mount_port" => {
-                    assert_eq!(nfs.nfs_port.or(nfs.mount_port), None);
+                    assert_eq!(nfs.client.nfs_port.or(nfs.client.mount_port), None);
                     "none (ask the portmapper)".into()
                 }
-                "nfs.uid" => code(&nfs.uid.to_string()),
-                "nfs.gid" => code(&nfs.gid.to_string()),
+                "nfs.uid" => code(&nfs.client.uid.to_string()),
+                "nfs.gid" => code(&nfs.client.gid.to_string()),
                 "nfs.allowed_servers" => {
                     assert!(nfs.allowed_servers.is_empty());
                     "`[]`".into()
                 }
                 "nfs.data_path" => code(nfs.data_path.as_str()),
-                "nfs.timeout" => code(&humantime::format_duration(nfs.timeout).to_string()),
+                "nfs.timeout" => code(&humantime::format_duration(nfs.client.timeout).to_string()),
                 "nfs.attr_cache" => code(&humantime::format_duration(nfs.attr_cache).to_string()),
-                "nfs.connections" => code(&nfs.connections.to_string()),
+                "nfs.connections" => code(&nfs.client.connections.to_string()),
                 "nfs.locks" => code(nfs.locks.as_str()),
                 "nfs.nlm_port" => {
                     assert_eq!(nfs.nlm_port, None);
@@ -1171,8 +1173,8 @@ mod tests {
         );
         let c = ServeConfig::load(&over).unwrap();
         let n = c.nfs.unwrap();
-        assert_eq!(n.export, "/export");
-        assert_eq!(n.timeout, std::time::Duration::from_secs(2));
+        assert_eq!(n.client.export, "/export");
+        assert_eq!(n.client.timeout, std::time::Duration::from_secs(2));
         assert_eq!(n.attr_cache, std::time::Duration::ZERO);
         assert_eq!(c.defaults.backend, BackendKind::Nfs);
         let d = c.defaults.nfs.unwrap();

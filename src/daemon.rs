@@ -98,6 +98,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             config.mount_root.clone(),
             host.clone(),
             binary,
+            mounter.clone(),
         )?));
     }
     if let Some(settings) = &config.ebs {
@@ -170,8 +171,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         limits.limits(caps.admin),
         stop.clone(),
     ));
-    let watcher = tokio::spawn(watch_attachments(service.clone()));
-    let checkpointer = tokio::spawn(run_checkpoints(service.clone()));
+    // Stopped with everything else; each finishes the pass it is in.
+    let watcher = tokio::spawn(watch_attachments(service.clone(), stop.clone()));
+    let checkpointer = tokio::spawn(run_checkpoints(service.clone(), stop.clone()));
     let listener = crate::listener::bind_unix_socket(&config.socket)?;
     let bound = identity(&config.socket);
     tracing::info!(socket = %config.socket.display(), state_dir = %state.display(), "ferry is serving");
@@ -198,8 +200,20 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }
-    watcher.abort();
-    checkpointer.abort();
+    // They were told to stop with the plugin socket and had its drain to finish their pass. A pass that
+    // takes longer still (a checkpoint shipping to a slow remote) is dropped when the process exits, as
+    // `abort()` dropped it before: every operation is made to survive being cut off by a crash.
+    for (task, what) in [(watcher, "health checks"), (checkpointer, "checkpoints")] {
+        if tokio::time::timeout(BACKGROUND_STOP_GRACE, task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                task = what,
+                "a background pass did not finish in time; abandoned"
+            );
+        }
+    }
     remove_if_ours(&config.socket, bound);
     remove_if_ours(&config.admin_socket, admin_bound);
     tracing::info!("stopped; mounts in use were left in place");
@@ -243,12 +257,26 @@ fn plugin_peers(docker_uids: &[u32]) -> Peers {
 /// for damage, and what failed catalog writes left behind.
 const ATTACHMENT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Runs `heal`, `check_attachments` and `check_storage` for as long as the daemon serves.
-async fn watch_attachments(service: Arc<VolumeService>) {
+/// How long shutdown waits, after the plugin socket has drained, for a background pass to finish. The
+/// drain (at most `LONG_DEADLINE` and a little) and this fit inside the service manager's stop timeout
+/// (`TimeoutStopSec=130s` in packaging/ferry.service).
+const BACKGROUND_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for the next tick of `tick`, or returns false once `stop` is cancelled. A pass under way is never
+/// cut short: the token is looked at only between passes.
+async fn next_pass(tick: &mut tokio::time::Interval, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        () = stop.cancelled() => false,
+        _ = tick.tick() => true,
+    }
+}
+
+/// Runs `heal`, `check_attachments` and `check_storage` until `stop` is cancelled.
+async fn watch_attachments(service: Arc<VolumeService>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(ATTACHMENT_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
+    while next_pass(&mut tick, &stop).await {
         service.heal().await;
         service.check_attachments().await;
         service.check_storage().await;
@@ -258,12 +286,11 @@ async fn watch_attachments(service: Arc<VolumeService>) {
 /// How often volumes with a `checkpoint` interval are looked at; intervals are at least a minute.
 const CHECKPOINT_TICK: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs `run_due_checkpoints` for as long as the daemon serves.
-async fn run_checkpoints(service: Arc<VolumeService>) {
+/// Runs `run_due_checkpoints` until `stop` is cancelled.
+async fn run_checkpoints(service: Arc<VolumeService>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(CHECKPOINT_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
+    while next_pass(&mut tick, &stop).await {
         service.run_due_checkpoints().await;
     }
 }
@@ -312,5 +339,21 @@ async fn shutdown_signal(
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn background_loops_stop_between_passes_once_cancelled() {
+        let stop = CancellationToken::new();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(1));
+        assert!(next_pass(&mut tick, &stop).await);
+        stop.cancel();
+        // Cancellation wins even over a tick that is already due.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert!(!next_pass(&mut tick, &stop).await);
     }
 }

@@ -136,15 +136,11 @@ pub fn host_checks(config: &ServeConfig) -> Vec<Check> {
 pub async fn server_checks(config: &ServeConfig) -> Vec<Check> {
     let mut out = Vec::new();
     if let Some(nfs) = &config.nfs {
-        let name = format!("nfs server {}:{}", nfs.server, nfs.export);
-        let mut c = crate::nfs::NfsClientConfig::new(nfs.server, nfs.export.clone());
-        c.nfs_port = nfs.nfs_port;
-        c.mount_port = nfs.mount_port;
-        c.uid = nfs.uid;
-        c.gid = nfs.gid;
-        c.timeout = nfs.timeout;
-        c.connections = 1;
-        let client = crate::nfs::NfsClient::new(c);
+        let name = format!("nfs server {}:{}", nfs.client.server, nfs.client.export);
+        let client = crate::nfs::NfsClient::new(crate::nfs::NfsClientConfig {
+            connections: 1,
+            ..nfs.client.clone()
+        });
         out.push(match client.fsstat().await {
             Ok(stat) => Check::ok(
                 &name,

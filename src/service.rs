@@ -851,7 +851,7 @@ impl VolumeService {
                 continue;
             };
             // Read under the lock: a table read before it could predate an attach that just finished.
-            let table = match crate::mount::MountTable::read_self() {
+            let table = match self.mounter.mount_table() {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the mount table to check attached volumes");
@@ -1213,7 +1213,9 @@ impl VolumeService {
             let backend = self.backend(rec.spec.kind())?.clone();
             // Attached for other containers, but what attach set up can die under them (a FUSE helper
             // killed by the OOM killer): give this container working storage instead of a dead mount.
-            let table = crate::mount::MountTable::read_self()
+            let table = self
+                .mounter
+                .mount_table()
                 .map_err(|e| self.failed(name, BackendError::Mount(e)))?;
             if backend.is_attached(name, &rec.spec, &table) == Some(false) {
                 tracing::warn!(
@@ -1366,7 +1368,7 @@ impl VolumeService {
                 // releases it. Keeping the ID would leave the volume "in use" forever. A backend may have
                 // released its storage before it failed (ebs unmounts, then fails to ship): then nothing
                 // is attached, and saying otherwise would read as storage lost under containers.
-                if let Ok(table) = crate::mount::MountTable::read_self() {
+                if let Ok(table) = self.mounter.mount_table() {
                     if backend.is_attached(name, &rec.spec, &table) == Some(false) {
                         rec.mountpoint = None;
                     }
@@ -1798,7 +1800,7 @@ mod tests {
     use super::*;
     use crate::backend::LocalBackend;
     use crate::catalog::RedbCatalog;
-    use crate::mount::RecordingMounter;
+    use crate::mount::{Call, RecordingMounter};
 
     /// Note for counting calls: creating a capped volume mounts and unmounts its image once, to measure the
     /// new filesystem's free space.
@@ -1854,7 +1856,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("\"size\""), "{err}");
-        assert_eq!(f.mounter.count("format"), 1);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Format { .. })), 1);
         assert!(matches!(
             svc.create("../x", None).await,
             Err(ServiceError::InvalidSpec(_))
@@ -1882,13 +1884,13 @@ mod tests {
         svc.unmount("v", "unknown").await.unwrap();
         svc.unmount("v", "a").await.unwrap();
         assert_eq!(
-            f.mounter.count("unmount"),
+            f.mounter.count(|c| matches!(c, Call::Unmount { .. })),
             1,
             "docker cp's unmount must not release"
         );
         svc.unmount("v", "a").await.unwrap();
-        assert_eq!(f.mounter.count("mount "), 2);
-        assert_eq!(f.mounter.count("unmount"), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Mount { .. })), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Unmount { .. })), 2);
         assert_eq!(svc.path("v").unwrap(), None);
         svc.remove("v").await.unwrap();
         assert!(matches!(svc.get("v"), Err(ServiceError::NotFound(_))));
@@ -1920,8 +1922,8 @@ mod tests {
         for u in unmounts {
             u.await.unwrap().unwrap();
         }
-        assert_eq!(f.mounter.count("mount "), 2);
-        assert_eq!(f.mounter.count("unmount"), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Mount { .. })), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Unmount { .. })), 2);
         assert_eq!(svc.get("v").unwrap().status["active_mounts"], 0);
     }
 
@@ -2081,6 +2083,76 @@ mod tests {
         svc.remove("v").await.unwrap();
     }
 
+    /// The health pass judges from the mounter's table, not the host's: a capped volume's mount that
+    /// vanished is found lost, once per loss, and a plain volume (nothing to attach) never is.
+    #[tokio::test]
+    async fn check_attachments_finds_storage_lost_under_containers() {
+        let f = Fixture::new();
+        let (svc, _) = f.start().await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        svc.create("plain", None).await.unwrap();
+        svc.create("idle", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        let mp = svc.mount("v", "a").await.unwrap();
+        svc.mount("plain", "a").await.unwrap();
+        assert_eq!(svc.check_attachments().await, 0);
+        assert_eq!(svc.get("v").unwrap().status["health"], "ok");
+
+        // Someone unmounted the data path by hand while a container used it.
+        f.mounter.lazy_unmount(&mp);
+        assert_eq!(svc.check_attachments().await, 1);
+        let status = svc.get("v").unwrap().status;
+        assert_eq!(status["health"], "error");
+        let error = status["last_error"].as_str().unwrap().to_string();
+        assert!(error.contains(LOST_MARK), "{error}");
+        // Still lost at the next pass, and still the same failure.
+        assert_eq!(svc.check_attachments().await, 1);
+        assert_eq!(svc.get("v").unwrap().status["last_error"], error.as_str());
+        for other in ["plain", "idle"] {
+            assert_eq!(svc.get(other).unwrap().status["health"], "ok", "{other}");
+        }
+    }
+
+    /// A Mount of a volume whose storage was lost under its other containers attaches it again (a new loop
+    /// mount of the image), rather than handing out the dead mountpoint; the health pass then finds it
+    /// whole, and the last Unmount releases the new mount.
+    #[tokio::test]
+    async fn mount_attaches_lost_storage_again() {
+        let f = Fixture::new();
+        let (svc, _) = f.start().await;
+        svc.create("v", Some(&opts(&[("size", "64M")])))
+            .await
+            .unwrap();
+        let mounts = |f: &Fixture| f.mounter.count(|c| matches!(c, Call::Mount { .. }));
+        let mp = svc.mount("v", "a").await.unwrap();
+        let before = mounts(&f);
+        // Mounted again for a second container while attached: nothing new is mounted.
+        assert_eq!(svc.mount("v", "b").await.unwrap(), mp);
+        assert_eq!(mounts(&f), before);
+        svc.unmount("v", "b").await.unwrap();
+
+        f.mounter.lazy_unmount(&mp);
+        assert_eq!(svc.check_attachments().await, 1);
+        assert_eq!(svc.mount("v", "b").await.unwrap(), mp);
+        assert_eq!(mounts(&f), before + 1, "{:?}", f.mounter.calls());
+        assert!(f.mounter.mount_table().unwrap().is_mounted(&mp));
+        let status = svc.get("v").unwrap().status;
+        assert_eq!(status["health"], "ok", "{status:?}");
+        assert_eq!(status["active_mounts"], 2);
+        assert_eq!(svc.check_attachments().await, 0);
+
+        svc.unmount("v", "a").await.unwrap();
+        svc.unmount("v", "b").await.unwrap();
+        assert!(!f.mounter.mount_table().unwrap().is_mounted(&mp));
+        assert_eq!(
+            f.mounter.calls().last().cloned(),
+            Some(Call::Unmount { target: mp })
+        );
+    }
+
     #[tokio::test]
     async fn an_image_still_in_use_elsewhere_is_shared_never_attached_twice() {
         let f = Fixture::new();
@@ -2090,25 +2162,35 @@ mod tests {
             .await
             .unwrap();
         let mp = svc.mount("v", "a").await.unwrap();
-        assert_eq!(f.mounter.count("mount-device"), 0);
+        assert_eq!(
+            f.mounter.count(|c| matches!(c, Call::MountDevice { .. })),
+            0
+        );
         // Someone ran `umount -l` on the data path while a container keeps the filesystem.
         f.mounter.hold_elsewhere(&image);
         f.mounter.lazy_unmount(&mp);
         assert_eq!(svc.mount("v", "b").await.unwrap(), mp);
         assert_eq!(
-            f.mounter.count("mount-device"),
+            f.mounter.count(|c| matches!(c, Call::MountDevice { .. })),
             1,
             "{:?}",
             f.mounter.calls()
         );
-        let attached = f.mounter.count("mount ");
+        let attached = f.mounter.count(|c| matches!(c, Call::Mount { .. }));
         // The same at start-up.
         drop(svc);
         f.mounter.lazy_unmount(&mp);
         let (svc, report) = f.start().await;
         assert_eq!(report.remounted, 1, "{report:?}");
-        assert_eq!(f.mounter.count("mount-device"), 2);
-        assert_eq!(f.mounter.count("mount "), attached, "no new loop device");
+        assert_eq!(
+            f.mounter.count(|c| matches!(c, Call::MountDevice { .. })),
+            2
+        );
+        assert_eq!(
+            f.mounter.count(|c| matches!(c, Call::Mount { .. })),
+            attached,
+            "no new loop device"
+        );
         svc.unmount("v", "a").await.unwrap();
         svc.unmount("v", "b").await.unwrap();
     }
@@ -2122,13 +2204,13 @@ mod tests {
         svc.create("small", Some(&opts(&[("size", "64MiB")])))
             .await
             .unwrap();
-        assert_eq!(f.mounter.count("format"), 1);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Format { .. })), 1);
         // An overhead beyond the guess: measured, and the image made larger.
         f.mounter.set_overhead(100 << 20);
         svc.create("big", Some(&opts(&[("size", "64MiB")])))
             .await
             .unwrap();
-        assert_eq!(f.mounter.count("format"), 4);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Format { .. })), 4);
         let len = std::fs::metadata(f.dir.path().join("local/big/disk.img"))
             .unwrap()
             .len();
@@ -2255,7 +2337,7 @@ mod tests {
         assert_eq!(svc.get("v").unwrap().status["active_mounts"], 2);
         svc.unmount("v", "a").await.unwrap();
         svc.unmount("v", "c").await.unwrap();
-        assert_eq!(f.mounter.count("unmount"), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Unmount { .. })), 2);
     }
 
     /// Docker never repeats an Unmount, so one whose write failed is recorded once the catalog works: by
@@ -2274,14 +2356,18 @@ mod tests {
         let err = svc.unmount("v", "a").await.unwrap_err();
         assert!(err.to_string().contains("disk on fire"), "{err}");
         assert_eq!(svc.get("v").unwrap().status["active_mounts"], 1);
-        assert_eq!(f.mounter.count("unmount"), 1, "only create's measuring");
+        assert_eq!(
+            f.mounter.count(|c| matches!(c, Call::Unmount { .. })),
+            1,
+            "only create's measuring"
+        );
         assert_eq!(svc.heal().await, 1);
         let v = svc.get("v").unwrap();
         assert_eq!(v.status["active_mounts"], 0);
         assert_eq!(v.status["state"], "ready");
         assert!(v.mountpoint.is_none());
         assert_eq!(
-            f.mounter.count("unmount"),
+            f.mounter.count(|c| matches!(c, Call::Unmount { .. })),
             2,
             "released by the background pass"
         );
@@ -2307,7 +2393,7 @@ mod tests {
         );
         svc.unmount("v", "c").await.unwrap();
         assert!(svc.get("v").unwrap().mountpoint.is_none());
-        assert_eq!(f.mounter.count("unmount"), 3);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Unmount { .. })), 3);
         // A restart finds nothing held.
         drop(svc);
         drop(catalog);
@@ -2404,7 +2490,7 @@ mod tests {
         svc.mount("v", "a").await.unwrap();
         svc.unmount("v", "a").await.unwrap();
         assert_eq!(
-            f.mounter.count("check"),
+            f.mounter.count(|c| matches!(c, Call::Check { .. })),
             0,
             "nothing marked, nothing checked"
         );
@@ -2433,7 +2519,7 @@ mod tests {
             "{err}"
         );
         assert_eq!(
-            f.mounter.count("mount "),
+            f.mounter.count(|c| matches!(c, Call::Mount { .. })),
             2,
             "create's measuring and the first mount only"
         );
@@ -2442,14 +2528,14 @@ mod tests {
         f.mounter
             .set_check_verdict(crate::mount::FsCheck::Repaired("fixed".into()));
         svc.mount("v", "b").await.unwrap();
-        assert_eq!(f.mounter.count("check"), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Check { .. })), 2);
         assert!(!marker.exists());
         assert_eq!(svc.get("v").unwrap().status["health"], "ok");
         assert_eq!(svc.check_storage().await, 0);
         svc.unmount("v", "b").await.unwrap();
         svc.mount("v", "c").await.unwrap();
         assert_eq!(
-            f.mounter.count("check"),
+            f.mounter.count(|c| matches!(c, Call::Check { .. })),
             2,
             "checked once, not at every mount"
         );
@@ -2485,7 +2571,7 @@ mod tests {
         svc.unmount("v", "a").await.unwrap();
         svc.unmount("v", "c").await.unwrap();
         assert!(svc.get("v").unwrap().mountpoint.is_none());
-        assert_eq!(f.mounter.count("unmount"), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Unmount { .. })), 2);
     }
 
     #[tokio::test]
@@ -2507,8 +2593,8 @@ mod tests {
         let info = svc.get("v").unwrap();
         assert_eq!(info.status["active_mounts"], 0);
         assert!(info.mountpoint.is_none());
-        assert_eq!(f.mounter.count("mount "), 2);
-        assert_eq!(f.mounter.count("unmount"), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Mount { .. })), 2);
+        assert_eq!(f.mounter.count(|c| matches!(c, Call::Unmount { .. })), 2);
     }
 
     /// An ebs-kind backend that "ships" a new generation on every checkpoint and detach.

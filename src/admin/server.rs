@@ -216,12 +216,14 @@ fn release_query(query: Option<&str>) -> Result<(Option<String>, bool), RouteErr
         match (key, percent_decode(value)) {
             ("id", Some(v)) => id = Some(v),
             ("force", Some(v)) if v == "true" || v == "false" => force = v == "true",
-            _ => return Err(RouteError(
-                StatusCode::BAD_REQUEST,
-                format!(
+            _ => {
+                return Err(RouteError(
+                    StatusCode::BAD_REQUEST,
+                    format!(
                     "bad query parameter {pair:?}: release takes id=MOUNT_ID and force=true|false"
                 ),
-            )),
+                ))
+            }
         }
     }
     Ok((id, force))

@@ -458,13 +458,8 @@ impl LocalBackend {
     fn remove_blocking(&self, name: &str) -> Result<(), BackendError> {
         let p = self.paths(name);
         for target in [self.exposed(name), p.data.clone()] {
-            if self.mounter.mount_table()?.is_mounted(&target) {
-                self.mounter.unmount(&target)?;
-                // Never recurse into a filesystem that is still mounted: that would delete its contents.
-                if self.mounter.mount_table()?.is_mounted(&target) {
-                    return Err(BackendError::StillMounted { path: target });
-                }
-            }
+            // Never recurse into a filesystem that is still mounted: that would delete its contents.
+            super::release_mount(self.mounter.as_ref(), &target, super::WhenBusy::Refuse)?;
         }
         if self.mount_root.is_some() {
             remove_empty_dir(&self.exposed(name))?;

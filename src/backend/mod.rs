@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 pub use crate::catalog::Shipped;
 use crate::doctor::human_bytes;
-use crate::mount::{Holder, MountError, MountTable};
+use crate::mount::{Holder, MountError, MountTable, Mounter};
 use crate::spec::{BackendKind, VolumeSpec};
 
 pub use ebs::EbsBackend;
@@ -213,6 +213,46 @@ pub(crate) fn refuse_links(root: &Path, path: &Path) -> Result<(), BackendError>
     Ok(())
 }
 
+/// What `release_mount` does with a mount that a process still uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WhenBusy {
+    /// Fail: what lies below must not be deleted or shipped while anything can still write to it.
+    Refuse,
+    /// Detach it lazily (`umount -l`), so the unmount succeeds; processes that use it keep it until they
+    /// let go. For storage that stays intact after the unmount, such as an NFS export.
+    Detach,
+}
+
+/// Unmounts whatever is mounted at `target` and reads the table again: a mount still there (another one
+/// stacked under it) is `StillMounted`, so no caller goes on to delete or ship storage that is in use.
+/// Succeeds at once if nothing is mounted there.
+pub(crate) fn release_mount(
+    mounter: &dyn Mounter,
+    target: &Path,
+    busy: WhenBusy,
+) -> Result<(), BackendError> {
+    if !mounter.mount_table()?.is_mounted(target) {
+        return Ok(());
+    }
+    match mounter.unmount(target) {
+        Ok(()) => {}
+        Err(MountError::Unmount {
+            errno: nix::errno::Errno::EBUSY,
+            ..
+        }) if busy == WhenBusy::Detach => {
+            tracing::warn!(target = %target.display(), "mount busy; detaching it lazily");
+            mounter.detach(target)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if mounter.mount_table()?.is_mounted(target) {
+        return Err(BackendError::StillMounted {
+            path: target.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// What `attach` made reachable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attached {
@@ -348,4 +388,63 @@ pub struct TransferTotals {
     pub bytes_shipped: u64,
     pub blocks_pulled: u64,
     pub bytes_pulled: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount::{Call, RecordingMounter};
+
+    #[test]
+    fn release_mount_unmounts_and_checks_again() {
+        let m = RecordingMounter::default();
+        let target = Path::new("/mnt/v");
+        // Nothing mounted: nothing to do.
+        release_mount(&m, target, WhenBusy::Refuse).unwrap();
+        assert!(m.calls().is_empty());
+
+        m.mount_elsewhere(target, "ext4");
+        release_mount(&m, target, WhenBusy::Refuse).unwrap();
+        assert_eq!(
+            m.calls(),
+            [Call::Unmount {
+                target: target.into()
+            }]
+        );
+        assert!(!m.mount_table().unwrap().is_mounted(target));
+
+        // Two mounts stacked on one path: the one below is still there, and must not be deleted through.
+        m.mount_elsewhere(target, "ext4");
+        m.mount_elsewhere(target, "ext4");
+        assert!(matches!(
+            release_mount(&m, target, WhenBusy::Detach),
+            Err(BackendError::StillMounted { path }) if path == target
+        ));
+    }
+
+    #[test]
+    fn a_busy_mount_is_refused_or_detached() {
+        let m = RecordingMounter::default();
+        let target = Path::new("/mnt/v");
+        m.mount_elsewhere(target, "nfs");
+        m.busy_unmounts(1);
+        assert!(matches!(
+            release_mount(&m, target, WhenBusy::Refuse),
+            Err(BackendError::Mount(MountError::Unmount {
+                errno: nix::errno::Errno::EBUSY,
+                ..
+            }))
+        ));
+        assert!(m.mount_table().unwrap().is_mounted(target));
+
+        m.busy_unmounts(1);
+        release_mount(&m, target, WhenBusy::Detach).unwrap();
+        assert_eq!(
+            m.calls(),
+            [Call::Detach {
+                target: target.into()
+            }]
+        );
+        assert!(!m.mount_table().unwrap().is_mounted(target));
+    }
 }

@@ -14,6 +14,9 @@
 //! `store::as_request`, which tells the store when the system call began), and the kernel owns the page
 //! cache and permission checks (`default_permissions`).
 //!
+//! Mounting is the `fuse3` session's; unmounting goes through the real `SystemMounter`, as every umount2(2)
+//! does (a FUSE mount has no recording double: there is no session without the kernel).
+//!
 //! Every request runs in its own task (the `fuse3` session spawns one per request) and holds no lock across
 //! a store call, so a request stuck on an unreachable server never delays the others.
 
@@ -49,6 +52,7 @@ pub use store::{
     NewAttr, ReadReply, SetAttr, SetTime, StoreError, StoreErrorKind, StoreResult,
 };
 
+use crate::mount::{MountError, Mounter, SystemMounter};
 use crate::sync::Recover;
 use inode::{Hidden, Version};
 use write_behind::WriteBehind;
@@ -158,17 +162,21 @@ impl MountHandle {
             return Ok(());
         }
         let path = self.mountpoint.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            nix::mount::umount2(&path, nix::mount::MntFlags::empty())
-        })
-        .await;
+        // A FUSE mount is always the kernel's, so the real mounter; it succeeds if someone unmounted it
+        // already.
+        let result = tokio::task::spawn_blocking(move || SystemMounter.unmount(&path)).await;
         match result {
-            // EINVAL: not a mount point any more, someone unmounted it already.
-            Ok(Ok(())) | Ok(Err(nix::errno::Errno::EINVAL)) => {}
-            Ok(Err(errno)) => {
+            Ok(Ok(())) => {}
+            Ok(Err(MountError::Unmount { errno, .. })) => {
                 return Err(FuseError::Unmount {
                     path: self.mountpoint.clone(),
                     errno,
+                })
+            }
+            Ok(Err(other)) => {
+                return Err(FuseError::Session {
+                    path: self.mountpoint.clone(),
+                    source: std::io::Error::other(other.to_string()),
                 })
             }
             Err(join) => {

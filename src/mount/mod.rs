@@ -1,8 +1,10 @@
 //! Mounting: mount(2)/umount2(2), loop devices, making filesystems, and reading `/proc/self/mountinfo`.
 //!
 //! Backends decide what to mount; this module performs it, through the `Mounter` trait so that the logic
-//! above it can be unit-tested with `RecordingMounter` without root. Everything here blocks: call it from
-//! `spawn_blocking`. No shell is ever involved: external tools run with argument vectors.
+//! above it can be unit-tested with `RecordingMounter` without root. Nothing outside this module calls
+//! mount(2) or umount2(2) or reads the mount table itself: the service and every backend hold a mounter,
+//! and the FUSE helper process, which has none, uses `SystemMounter` directly. Everything here blocks: call
+//! it from `spawn_blocking`. No shell is ever involved: external tools run with argument vectors.
 
 mod fsck;
 mod holders;
@@ -22,7 +24,17 @@ pub use fsck::{ext4_errors_logged, ext4_needs_check, xfs_needs_repair, FsCheck};
 pub use holders::{Holder, Storage};
 pub use loopdev::probe_free as probe_free_loop_device;
 pub use mountinfo::{MountEntry, MountTable};
-pub use recording::RecordingMounter;
+pub use recording::{Call, RecordingMounter};
+
+/// What mount(2) gets for a filesystem that is neither an image nor a bind mount, such as kernel NFS: every
+/// option spelled out by the caller, nothing left to a mount helper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountArgs {
+    pub source: String,
+    pub fstype: &'static str,
+    pub flags: MsFlags,
+    pub data: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -162,8 +174,14 @@ pub trait Mounter: Send + Sync {
     fn holders(&self, storage: Storage<'_>) -> Result<Vec<Holder>, MountError>;
     /// Bind-mounts the directory `source` on `target`.
     fn bind(&self, source: &Path, target: &Path) -> Result<(), MountError>;
-    /// Unmounts `target`; succeeds if nothing is mounted there.
+    /// Mounts the filesystem `args` describes (kernel NFS) on `target`.
+    fn mount_fs(&self, args: &MountArgs, target: &Path) -> Result<(), MountError>;
+    /// Unmounts `target`; succeeds if nothing is mounted there. Fails with `Unmount` and EBUSY while a
+    /// process uses it.
     fn unmount(&self, target: &Path) -> Result<(), MountError>;
+    /// Detaches the mount at `target` from this namespace at once, even while it is busy (`umount -l`):
+    /// processes that use it keep it until they let go. Succeeds if nothing is mounted there.
+    fn detach(&self, target: &Path) -> Result<(), MountError>;
     /// Checks the filesystem in an unmounted image before it is mounted, repairing what is safe to repair
     /// unattended: `e2fsck -p -f` for ext4; `xfs_repair -n`, which repairs nothing, for xfs.
     fn check_filesystem(&self, image: &Path, fs: FsType) -> Result<FsCheck, MountError>;
@@ -174,6 +192,18 @@ pub trait Mounter: Send + Sync {
 /// The real kernel.
 #[derive(Debug, Default)]
 pub struct SystemMounter;
+
+/// umount2(2) of `target`, never following a link at the mountpoint: what is mounted there is the link's
+/// business. Nothing mounted there (EINVAL) or no such path (ENOENT) is success.
+fn umount(target: &Path, flags: MntFlags) -> Result<(), MountError> {
+    match umount2(target, flags | MntFlags::UMOUNT_NOFOLLOW) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+        Err(errno) => Err(MountError::Unmount {
+            target: target.to_path_buf(),
+            errno,
+        }),
+    }
+}
 
 /// Finds an administration tool in the usual system directories, whatever PATH a service manager gave us.
 pub fn find_tool(name: &str) -> Option<PathBuf> {
@@ -314,15 +344,28 @@ impl Mounter for SystemMounter {
         })
     }
 
+    fn mount_fs(&self, args: &MountArgs, target: &Path) -> Result<(), MountError> {
+        let pinned = Pinned::open(target)?;
+        nix::mount::mount(
+            Some(args.source.as_str()),
+            &pinned.proc_path(),
+            Some(args.fstype),
+            args.flags,
+            Some(args.data.as_str()),
+        )
+        .map_err(|errno| MountError::Mount {
+            device: args.source.clone(),
+            target: target.to_path_buf(),
+            errno,
+        })
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), MountError> {
-        // A link at the mountpoint is never followed: what is mounted there is the link's business.
-        match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
-            Err(errno) => Err(MountError::Unmount {
-                target: target.to_path_buf(),
-                errno,
-            }),
-        }
+        umount(target, MntFlags::empty())
+    }
+
+    fn detach(&self, target: &Path) -> Result<(), MountError> {
+        umount(target, MntFlags::MNT_DETACH)
     }
 
     fn mount_table(&self) -> Result<MountTable, MountError> {

@@ -1,4 +1,6 @@
-//! `NfsClient`: path-level operations on one NFSv3 export, each RPC under a deadline.
+//! `NfsClient`: path-level operations on one NFSv3 export, and `NfsClient::call`, the one path every NFS
+//! procedure takes (these and `HandleOps`'): a deadline, JUKEBOX retries and the pool's reconnecting.
+//! `NfsClientConfig` is the one type of the connection settings.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -14,11 +16,12 @@ use nfs3_client::nfs3_types::nfs3::{
 };
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::RpcError;
+use tokio::time::Instant;
 
 use super::attr::{Fattr, FileHandle, FsInfo, FsStat};
-use super::error::{describe_connect, describe_rpc, Endpoint, NfsError};
+use super::error::{describe_connect, describe_rpc, Endpoint, ExportPath, NfsError};
 use super::path;
-use super::pool::{Connection, Pool, PoolFailure, PoolTarget};
+use super::pool::{Connection, Pool, PoolFailure};
 use crate::sync::Recover;
 
 /// The deadline of one RPC when the configuration names none.
@@ -39,9 +42,13 @@ const IO_CHUNK: u32 = 64 * 1024;
 const RMDIR_ATTEMPTS: usize = 5;
 /// Mode of files made by `write_file` and `create_exclusive`.
 const FILE_MODE: u32 = 0o644;
+/// How long to wait before asking a server that answered JUKEBOX again.
+const JUKEBOX_PAUSE: Duration = Duration::from_millis(100);
 
-/// Where the export is and how to talk to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the export is and how to talk to it: the one type of these settings, from the `[nfs]`
+/// configuration (`NfsSettings::client`) through the FUSE helper's spec (where it travels as JSON, the
+/// timeout as `timeout_ms`) to the connection pool.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NfsClientConfig {
     /// The server's address (an IP literal: the client does no name lookups).
     pub server: IpAddr,
@@ -56,11 +63,27 @@ pub struct NfsClientConfig {
     /// AUTH_UNIX group the calls are made as.
     pub gid: u32,
     /// Deadline of each RPC, including waiting for and making a connection.
+    #[serde(rename = "timeout_ms", with = "millis")]
     pub timeout: Duration,
     /// Most connections open at once (at least one).
     pub connections: usize,
     /// Connect from a port below 1024, for servers that demand it (Linux knfsd's `secure`); needs root.
+    #[serde(default)]
     pub privileged_port: bool,
+}
+
+/// A duration as whole milliseconds, the form the FUSE helper's spec has always carried it in.
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
 }
 
 impl NfsClientConfig {
@@ -116,20 +139,6 @@ struct Shared {
     suspect: Mutex<Option<std::time::Instant>>,
 }
 
-/// One RPC on a pooled connection: `rpc!(self, "op", path, method, args)`, where `args` is an expression
-/// that builds the (owned) arguments. It is evaluated again if the pool retries on a fresh connection.
-macro_rules! rpc {
-    ($client:expr, $op:expr, $path:expr, $method:ident, $args:expr) => {
-        $client.call($op, $path, |mut conn: Connection| {
-            let args = $args;
-            async move {
-                let reply = conn.nfs.$method(&args).await;
-                (conn, reply)
-            }
-        })
-    };
-}
-
 fn name3(name: &[u8]) -> filename3<'static> {
     filename3(Opaque::owned(name.to_vec()))
 }
@@ -148,6 +157,43 @@ fn attrs_of(attr: Nfs3Option<fattr3>) -> Option<fattr3> {
     }
 }
 
+/// What a call is about, for its error messages: a path inside the export, or (for `HandleOps`) a
+/// handle. Rendered only when a call fails.
+pub(super) trait Describe: Copy {
+    fn describe(self) -> ExportPath;
+}
+
+impl Describe for &str {
+    fn describe(self) -> ExportPath {
+        self.into()
+    }
+}
+
+impl Describe for &String {
+    fn describe(self) -> ExportPath {
+        self.as_str().into()
+    }
+}
+
+/// A reply, as far as the call path needs to know it: whether the server was too busy to act.
+pub(super) trait Reply {
+    /// NFS3ERR_JUKEBOX: nothing was done, ask again later.
+    fn busy(&self) -> bool;
+}
+
+impl<T, E> Reply for Nfs3Result<T, E> {
+    fn busy(&self) -> bool {
+        matches!(self, Nfs3Result::Err((nfsstat3::NFS3ERR_JUKEBOX, _)))
+    }
+}
+
+/// The NULL procedure's reply: nothing to be busy with.
+impl Reply for () {
+    fn busy(&self) -> bool {
+        false
+    }
+}
+
 type BoxedResult<'a> = Pin<Box<dyn Future<Output = Result<(), NfsError>> + Send + 'a>>;
 
 impl NfsClient {
@@ -157,20 +203,11 @@ impl NfsClient {
             server: config.server,
             export: config.export.as_str().into(),
         };
-        let target = PoolTarget {
-            server: config.server,
-            export: config.export,
-            nfs_port: config.nfs_port,
-            mount_port: config.mount_port,
-            uid: config.uid,
-            gid: config.gid,
-            privileged_port: config.privileged_port,
-        };
         Self {
             shared: Arc::new(Shared {
                 at,
                 timeout: config.timeout,
-                pool: Pool::new(target, config.connections),
+                pool: Pool::new(config),
                 fsinfo: tokio::sync::OnceCell::new(),
                 suspect: Mutex::new(None),
             }),
@@ -221,7 +258,7 @@ impl NfsClient {
         let (parent, _) = self.walk(&parent_path, &parent_names).await?;
         let mode = mode & 0o7777;
         let reply = rpc!(
-            self,
+            self => call,
             "mkdir",
             path,
             mkdir,
@@ -300,7 +337,7 @@ impl NfsClient {
             Err(e) => return Err(e),
         };
         let reply = rpc!(
-            self,
+            self => call,
             "remove",
             path,
             remove,
@@ -333,7 +370,7 @@ impl NfsClient {
     pub async fn fsstat(&self) -> Result<FsStat, NfsError> {
         let root = self.root().await?;
         let reply = rpc!(
-            self,
+            self => call,
             "fsstat",
             "",
             fsstat,
@@ -364,7 +401,7 @@ impl NfsClient {
         let names = self.components(dir)?;
         let (dir_fh, _) = self.walk(dir, &names).await?;
         let reply = rpc!(
-            self,
+            self => call,
             "create",
             &file_path,
             create,
@@ -409,7 +446,7 @@ impl NfsClient {
         let parent_path = parent_names.join("/");
         let (parent, _) = self.walk(&parent_path, &parent_names).await?;
         let reply = rpc!(
-            self,
+            self => call,
             "create",
             path,
             create,
@@ -434,7 +471,7 @@ impl NfsClient {
             let end = data.len().min(offset + IO_CHUNK as usize);
             let chunk = &data[offset..end];
             let reply = rpc!(
-                self,
+                self => call,
                 "write",
                 path,
                 write,
@@ -494,7 +531,7 @@ impl NfsClient {
         let mut data = Vec::with_capacity(attrs.size as usize);
         loop {
             let reply = rpc!(
-                self,
+                self => call,
                 "read",
                 path,
                 read,
@@ -523,39 +560,70 @@ impl NfsClient {
 
     // ---- building blocks ----
 
-    /// Runs one RPC under the deadline, which covers waiting for a connection and making one.
-    async fn call<T, F, Fut>(&self, op: &'static str, path: &str, f: F) -> Result<T, NfsError>
+    /// Runs one procedure on a pooled connection: the one call path of every NFS procedure, the path
+    /// operations here and `HandleOps` alike. The deadline covers waiting for a connection, making one
+    /// (reconnecting once if an idle one had been closed, see `Pool::run`) and JUKEBOX pauses: a server
+    /// that answers JUKEBOX ("busy, try later") is asked again until the deadline. It is shortened while
+    /// the server is suspected down (see `call_timeout`), and a call made for a FUSE request ends with
+    /// the request's deadline, so a system call that needs several calls still fails within the timeout.
+    /// Returns the server's reply, NFS error statuses included; the caller says what they mean.
+    pub(super) async fn call<R, F, Fut>(
+        &self,
+        op: &'static str,
+        subject: impl Describe,
+        f: F,
+    ) -> Result<R, NfsError>
     where
+        R: Reply,
         F: Fn(Connection) -> Fut,
-        Fut: Future<Output = (Connection, Result<T, RpcError>)>,
+        Fut: Future<Output = (Connection, Result<R, RpcError>)>,
     {
         let timeout = self.call_timeout();
-        // On expiry the pool's future is dropped, and with it the connection: its stream may still
-        // carry the late reply, so it must never be reused.
-        match tokio::time::timeout(timeout, self.shared.pool.run(&f)).await {
-            Ok(Ok(value)) => {
-                self.note_answer();
-                Ok(value)
+        let started = Instant::now();
+        let request = crate::fuse::store::request_started().map(|t| t + self.timeout());
+        let deadline = request.map_or(started + timeout, |r| r.min(started + timeout));
+        // A call left with less than half its time by its request proves little about the server when it
+        // times out; one that waited longer does.
+        let telling = deadline >= started + timeout / 2;
+        loop {
+            // On expiry the pool's future is dropped, and with it the connection: its stream may still
+            // carry the late reply, so it must never be reused.
+            let reply = match tokio::time::timeout_at(deadline, self.shared.pool.run(&f)).await {
+                Ok(Ok(reply)) => {
+                    self.note_answer();
+                    reply
+                }
+                Ok(Err(PoolFailure::Connect(e))) => {
+                    return Err(NfsError::Connect {
+                        at: self.at(),
+                        reason: describe_connect(&e),
+                    })
+                }
+                Ok(Err(PoolFailure::Rpc(e))) => {
+                    return Err(NfsError::Rpc {
+                        at: self.at(),
+                        op,
+                        path: subject.describe(),
+                        reason: describe_rpc(&e),
+                    })
+                }
+                Err(_elapsed) => {
+                    if telling {
+                        self.note_timeout();
+                    }
+                    return Err(NfsError::Timeout {
+                        at: self.at(),
+                        op,
+                        path: subject.describe(),
+                        timeout,
+                    });
+                }
+            };
+            if reply.busy() && Instant::now() + JUKEBOX_PAUSE < deadline {
+                tokio::time::sleep(JUKEBOX_PAUSE).await;
+                continue;
             }
-            Ok(Err(PoolFailure::Connect(e))) => Err(NfsError::Connect {
-                at: self.at(),
-                reason: describe_connect(&e),
-            }),
-            Ok(Err(PoolFailure::Rpc(e))) => Err(NfsError::Rpc {
-                at: self.at(),
-                op,
-                path: path.into(),
-                reason: describe_rpc(&e),
-            }),
-            Err(_elapsed) => {
-                self.note_timeout();
-                Err(NfsError::Timeout {
-                    at: self.at(),
-                    op,
-                    path: path.into(),
-                    timeout,
-                })
-            }
+            return Ok(reply);
         }
     }
 
@@ -611,10 +679,6 @@ impl NfsClient {
         self.shared.timeout
     }
 
-    pub(super) fn pool(&self) -> &Pool {
-        &self.shared.pool
-    }
-
     pub(super) fn fsinfo_cell(&self) -> &tokio::sync::OnceCell<FsInfo> {
         &self.shared.fsinfo
     }
@@ -658,7 +722,7 @@ impl NfsClient {
         path: &str,
     ) -> Result<(nfs_fh3, Option<fattr3>), NfsError> {
         let reply = rpc!(
-            self,
+            self => call,
             "lookup",
             path,
             lookup,
@@ -675,7 +739,7 @@ impl NfsClient {
 
     async fn getattr_fh(&self, fh: &nfs_fh3, path: &str) -> Result<fattr3, NfsError> {
         let reply = rpc!(
-            self,
+            self => call,
             "getattr",
             path,
             getattr,
@@ -690,7 +754,7 @@ impl NfsClient {
 
     async fn setattr(&self, fh: &nfs_fh3, path: &str, attrs: sattr3) -> Result<(), NfsError> {
         let reply = rpc!(
-            self,
+            self => call,
             "setattr",
             path,
             setattr,
@@ -714,7 +778,7 @@ impl NfsClient {
         let mut cookieverf = cookieverf3::default();
         loop {
             let reply = rpc!(
-                self,
+                self => call,
                 "readdir",
                 path,
                 readdir,
@@ -780,7 +844,7 @@ impl NfsClient {
             };
             if kind != ftype3::NF3DIR {
                 let reply = rpc!(
-                    self,
+                    self => call,
                     "remove",
                     &path,
                     remove,
@@ -810,7 +874,7 @@ impl NfsClient {
                     self.remove_entry(&fh, child, child_path).await?;
                 }
                 let reply = rpc!(
-                    self,
+                    self => call,
                     "rmdir",
                     &path,
                     rmdir,
@@ -870,5 +934,107 @@ impl NfsClient {
             path: path.into(),
             reason,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const MOUNT_PROGRAM: u32 = 100_005;
+    const MOUNT_MNT: u32 = 1;
+    const NFS_FSSTAT: u32 = 18;
+
+    /// A server on one port for MOUNT and NFS that answers the first `busy` FSSTATs with JUKEBOX and the
+    /// rest with fixed figures. Returns its port and how many FSSTATs it was asked.
+    async fn busy_server(busy: usize) -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut header = [0u8; 4];
+                    while stream.read_exact(&mut header).await.is_ok() {
+                        let len = (u32::from_be_bytes(header) & 0x7fff_ffff) as usize;
+                        let mut call = vec![0u8; len];
+                        stream.read_exact(&mut call).await.unwrap();
+                        let word = |i: usize| {
+                            u32::from_be_bytes(call[i * 4..i * 4 + 4].try_into().unwrap())
+                        };
+                        let (xid, program, procedure) = (word(0), word(3), word(5));
+                        // REPLY, MSG_ACCEPTED, a null verifier, SUCCESS.
+                        let mut reply: Vec<u32> = vec![xid, 1, 0, 0, 0, 0];
+                        if program == MOUNT_PROGRAM && procedure == MOUNT_MNT {
+                            // MNT3_OK, a 4-byte root handle, AUTH_UNIX.
+                            reply.extend([0, 4, 0x0102_0304, 1, 1]);
+                        } else if procedure == NFS_FSSTAT {
+                            if counter.fetch_add(1, Ordering::SeqCst) < busy {
+                                // NFS3ERR_JUKEBOX, no attributes.
+                                reply.extend([10008, 0]);
+                            } else {
+                                // NFS3_OK, no attributes, six u64 figures, invarsec.
+                                reply.extend([0, 0]);
+                                for figure in 1..=6u32 {
+                                    reply.extend([0, figure]);
+                                }
+                                reply.push(0);
+                            }
+                        }
+                        let bytes: Vec<u8> = reply.iter().flat_map(|w| w.to_be_bytes()).collect();
+                        let marker = 0x8000_0000 | bytes.len() as u32;
+                        let mut out = marker.to_be_bytes().to_vec();
+                        out.extend(bytes);
+                        if stream.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, asked)
+    }
+
+    fn client(port: u16, timeout: Duration) -> NfsClient {
+        NfsClient::new(NfsClientConfig {
+            nfs_port: Some(port),
+            mount_port: Some(port),
+            timeout,
+            ..NfsClientConfig::new("127.0.0.1".parse().unwrap(), "/export")
+        })
+    }
+
+    /// Path operations take the same call path as `HandleOps`: a busy server is asked again.
+    #[tokio::test]
+    async fn a_busy_server_is_asked_again_until_it_answers() {
+        let (port, asked) = busy_server(2).await;
+        let stat = client(port, Duration::from_secs(5)).fsstat().await.unwrap();
+        assert_eq!((stat.total_bytes, stat.avail_files), (1, 6));
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+    }
+
+    /// A server busy for the whole deadline: its JUKEBOX reaches the caller, in time.
+    #[tokio::test]
+    async fn a_server_busy_until_the_deadline_fails_the_call() {
+        let (port, asked) = busy_server(usize::MAX).await;
+        let timeout = Duration::from_millis(450);
+        let started = std::time::Instant::now();
+        let err = client(port, timeout).fsstat().await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                NfsError::Status {
+                    status: nfsstat3::NFS3ERR_JUKEBOX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(started.elapsed() < timeout + Duration::from_secs(1));
+        assert!(asked.load(Ordering::SeqCst) >= 2);
     }
 }

@@ -19,6 +19,22 @@
 //! - `path`: what a path inside the export may look like.
 //! - `error`: `NfsError` and the code-to-words tables.
 
+/// One NFS procedure on a pooled connection: `rpc!(caller => via, "op", subject, method, args)` calls
+/// `caller.via(op, subject, f)`, where `via` is `NfsClient::call` (the one call path) or `HandleOps::procedure`
+/// (the same, with error statuses turned into errors), and `f` runs `method` with the arguments `args`
+/// builds: owned, and built again if the pool retries on a fresh connection.
+macro_rules! rpc {
+    ($caller:expr => $via:ident, $op:expr, $subject:expr, $method:ident, $args:expr) => {
+        $caller.$via($op, $subject, |mut conn: $crate::nfs::pool::Connection| {
+            let args = $args;
+            async move {
+                let reply = conn.nfs.$method(&args).await;
+                (conn, reply)
+            }
+        })
+    };
+}
+
 mod attr;
 mod client;
 mod connector;

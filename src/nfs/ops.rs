@@ -2,9 +2,9 @@
 //! for control operations by path.
 //!
 //! Each method is one procedure (plus, where the server may omit a handle or attributes from its reply,
-//! the LOOKUP or GETATTR that fetches them), under the client's deadline, on the client's connection
-//! pool: as many calls run at once as the pool has connections. A server that answers JUKEBOX ("busy,
-//! try later") is asked again until the deadline. Nothing is cached here except FSINFO; in particular
+//! the LOOKUP or GETATTR that fetches them), through the client's one call path (`NfsClient::call`):
+//! under its deadline, on its connection pool (as many calls run at once as the pool has connections),
+//! and a server that answers JUKEBOX ("busy, try later") is asked again until the deadline. Nothing is cached here except FSINFO; in particular
 //! no data and no attributes, so callers always see the server's current state.
 //!
 //! Calls are not retried after a lost reply, with one exception inherited from the pool: a call that
@@ -13,29 +13,25 @@
 //! SYMLINK reports NOENT or EXIST although it worked, as with any NFSv3 client without a reply cache.
 
 use std::future::Future;
-use std::time::Duration;
 
 use bytes::Bytes;
 use nfs3_client::nfs3_types::nfs3::{
     cookieverf3, createhow3, createverf3, devicedata3, diropargs3, fattr3, filename3, mknoddata3,
-    nfspath3, nfsstat3, specdata3, symlinkdata3, COMMIT3args, CREATE3args, FSINFO3args,
-    FSSTAT3args, GETATTR3args, LINK3args, LOOKUP3args, MKDIR3args, MKNOD3args, Nfs3Option,
-    Nfs3Result, READ3args, READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args,
-    SETATTR3args, SYMLINK3args, WRITE3args,
+    nfspath3, specdata3, symlinkdata3, COMMIT3args, CREATE3args, FSINFO3args, FSSTAT3args,
+    GETATTR3args, LINK3args, LOOKUP3args, MKDIR3args, MKNOD3args, Nfs3Option, Nfs3Result,
+    READ3args, READDIRPLUS3args, READLINK3args, REMOVE3args, RENAME3args, RMDIR3args, SETATTR3args,
+    SYMLINK3args, WRITE3args,
 };
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::RpcError;
-use tokio::time::Instant;
 
 use super::attr::{
     CreateHow, Fattr, FileHandle, FsInfo, FsStat, SetAttrs, SetTime, Special, Stability,
 };
-use super::client::NfsClient;
-use super::error::{describe_connect, describe_rpc, ExportPath, NfsError};
-use super::pool::{Connection, PoolFailure};
+use super::client::{Describe, NfsClient};
+use super::error::{ExportPath, NfsError};
+use super::pool::Connection;
 
-/// How long to wait before asking a server that answered JUKEBOX again.
-const JUKEBOX_PAUSE: Duration = Duration::from_millis(100);
 /// Wire bytes budgeted per entry of a READDIRPLUS page: the fixed fields (about 120 bytes with the
 /// attributes), a handle of up to 64 bytes, and a name of average length.
 const READDIRPLUS_ENTRY_BYTES: u32 = 256;
@@ -84,7 +80,7 @@ enum Subject<'a> {
     Entry(&'a FileHandle, &'a [u8]),
 }
 
-impl Subject<'_> {
+impl Describe for Subject<'_> {
     fn describe(self) -> ExportPath {
         match self {
             Subject::Handle(fh) => ExportPath(fh.short()),
@@ -109,20 +105,6 @@ impl NfsClient {
             client: self.clone(),
         }
     }
-}
-
-/// One procedure: `call!(self, "op", subject, method, args)`, where `args` builds the arguments (again,
-/// if the pool retries on a fresh connection) and the result is the procedure's `resok` part.
-macro_rules! call {
-    ($ops:expr, $op:expr, $subject:expr, $method:ident, $args:expr) => {
-        $ops.procedure($op, $subject, |mut conn: Connection| {
-            let args = $args;
-            async move {
-                let reply = conn.nfs.$method(&args).await;
-                (conn, reply)
-            }
-        })
-    };
 }
 
 fn dirop<'a>(dir: &FileHandle, name: &'a [u8]) -> diropargs3<'a> {
@@ -160,8 +142,8 @@ impl HandleOps {
     ) -> Result<(FileHandle, Fattr), NfsError> {
         let subject = Subject::Entry(dir, name);
         self.check_name(name, subject)?;
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "lookup",
             subject,
             lookup,
@@ -176,8 +158,8 @@ impl HandleOps {
     }
 
     pub async fn getattr(&self, fh: &FileHandle) -> Result<Fattr, NfsError> {
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "getattr",
             Subject::Handle(fh),
             getattr,
@@ -192,8 +174,8 @@ impl HandleOps {
     /// Changes attributes (a `size` truncates or extends) and returns the new ones.
     pub async fn setattr(&self, fh: &FileHandle, set: &SetAttrs) -> Result<Fattr, NfsError> {
         let sattr = set.to_sattr3();
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "setattr",
             Subject::Handle(fh),
             setattr,
@@ -215,8 +197,8 @@ impl HandleOps {
         offset: u64,
         count: u32,
     ) -> Result<(Bytes, bool), NfsError> {
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "read",
             Subject::Handle(fh),
             read,
@@ -241,8 +223,8 @@ impl HandleOps {
     ) -> Result<Written, NfsError> {
         let wtmax = self.fsinfo().await?.wtmax.max(4096) as usize;
         let data = &data[..data.len().min(wtmax)];
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "write",
             Subject::Handle(fh),
             write,
@@ -273,8 +255,8 @@ impl HandleOps {
     /// Makes everything written to the file so far durable; returns the server's write verifier, to
     /// compare with the WRITE replies.
     pub async fn commit(&self, fh: &FileHandle) -> Result<WriteVerifier, NfsError> {
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "commit",
             Subject::Handle(fh),
             commit,
@@ -302,8 +284,8 @@ impl HandleOps {
     ) -> Result<(FileHandle, Fattr), NfsError> {
         let subject = Subject::Entry(dir, name);
         self.check_name(name, subject)?;
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "create",
             subject,
             create,
@@ -353,8 +335,8 @@ impl HandleOps {
     ) -> Result<(FileHandle, Fattr), NfsError> {
         let subject = Subject::Entry(dir, name);
         self.check_name(name, subject)?;
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "mkdir",
             subject,
             mkdir,
@@ -385,7 +367,7 @@ impl HandleOps {
     ) -> Result<(FileHandle, Fattr), NfsError> {
         let subject = Subject::Entry(dir, name);
         self.check_name(name, subject)?;
-        let ok = call!(self, "mknod", subject, mknod, {
+        let ok = rpc!(self => procedure, "mknod", subject, mknod, {
             let sattr = attrs.to_sattr3();
             let device = |major: u32, minor: u32| devicedata3 {
                 dev_attributes: sattr.clone(),
@@ -425,8 +407,8 @@ impl HandleOps {
     ) -> Result<(FileHandle, Fattr), NfsError> {
         let subject = Subject::Entry(dir, name);
         self.check_name(name, subject)?;
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "symlink",
             subject,
             symlink,
@@ -455,8 +437,8 @@ impl HandleOps {
 
     /// The target of a symbolic link.
     pub async fn readlink(&self, fh: &FileHandle) -> Result<Vec<u8>, NfsError> {
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "readlink",
             Subject::Handle(fh),
             readlink,
@@ -477,8 +459,8 @@ impl HandleOps {
     ) -> Result<Fattr, NfsError> {
         let subject = Subject::Entry(dir, name);
         self.check_name(name, subject)?;
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "link",
             subject,
             link,
@@ -495,8 +477,8 @@ impl HandleOps {
     pub async fn remove(&self, dir: &FileHandle, name: &[u8]) -> Result<(), NfsError> {
         let subject = Subject::Entry(dir, name);
         self.check_name(name, subject)?;
-        call!(
-            self,
+        rpc!(
+            self => procedure,
             "remove",
             subject,
             remove,
@@ -512,8 +494,8 @@ impl HandleOps {
     pub async fn rmdir(&self, dir: &FileHandle, name: &[u8]) -> Result<(), NfsError> {
         let subject = Subject::Entry(dir, name);
         self.check_name(name, subject)?;
-        call!(
-            self,
+        rpc!(
+            self => procedure,
             "rmdir",
             subject,
             rmdir,
@@ -537,8 +519,8 @@ impl HandleOps {
         let subject = Subject::Entry(from_dir, from_name);
         self.check_name(from_name, subject)?;
         self.check_name(to_name, Subject::Entry(to_dir, to_name))?;
-        call!(
-            self,
+        rpc!(
+            self => procedure,
             "rename",
             subject,
             rename,
@@ -567,8 +549,8 @@ impl HandleOps {
             .saturating_add(512)
             .min(READDIRPLUS_MAX_BYTES);
         loop {
-            let ok = call!(
-                self,
+            let ok = rpc!(
+                self => procedure,
                 "readdirplus",
                 Subject::Handle(dir),
                 readdirplus,
@@ -642,8 +624,8 @@ impl HandleOps {
 
     /// Space and inodes of the file system holding `fh`.
     pub async fn fsstat(&self, fh: &FileHandle) -> Result<FsStat, NfsError> {
-        let ok = call!(
-            self,
+        let ok = rpc!(
+            self => procedure,
             "fsstat",
             Subject::Handle(fh),
             fsstat,
@@ -662,8 +644,8 @@ impl HandleOps {
             .fsinfo_cell()
             .get_or_try_init(|| async {
                 let root = self.root().await?;
-                let ok = call!(
-                    self,
+                let ok = rpc!(
+                    self => procedure,
                     "fsinfo",
                     Subject::Handle(&root),
                     fsinfo,
@@ -680,9 +662,8 @@ impl HandleOps {
 
     // ---- building blocks ----
 
-    /// Runs one procedure under the client's deadline (which covers waiting for a connection, making
-    /// one, and JUKEBOX pauses; shortened while the server is suspected down, see
-    /// `NfsClient::call_timeout`) and turns an NFS error status into `NfsError::Status`.
+    /// Runs one procedure through the client's call path (`NfsClient::call`: deadline, JUKEBOX retries,
+    /// reconnecting) and turns an NFS error status into `NfsError::Status`.
     async fn procedure<T, E, F, Fut>(
         &self,
         op: &'static str,
@@ -693,65 +674,14 @@ impl HandleOps {
         F: Fn(Connection) -> Fut,
         Fut: Future<Output = (Connection, Result<Nfs3Result<T, E>, RpcError>)>,
     {
-        let timeout = self.client.call_timeout();
-        let started = Instant::now();
-        // A call made for a FUSE request ends with the request's deadline, so a system call that needs
-        // several calls still fails within the timeout.
-        let request = crate::fuse::store::request_started().map(|t| t + self.client.timeout());
-        let deadline = request.map_or(started + timeout, |r| r.min(started + timeout));
-        // A call left with less than half its time by its request proves little about the server when it
-        // times out; one that waited longer does.
-        let telling = deadline >= started + timeout / 2;
-        loop {
-            // On expiry the pool's future is dropped, and with it the connection, whose stream may
-            // still carry the late reply.
-            let reply = match tokio::time::timeout_at(deadline, self.client.pool().run(&f)).await {
-                Ok(Ok(reply)) => {
-                    self.client.note_answer();
-                    reply
-                }
-                Ok(Err(PoolFailure::Connect(e))) => {
-                    return Err(NfsError::Connect {
-                        at: self.client.at(),
-                        reason: describe_connect(&e),
-                    })
-                }
-                Ok(Err(PoolFailure::Rpc(e))) => {
-                    return Err(NfsError::Rpc {
-                        at: self.client.at(),
-                        op,
-                        path: subject.describe(),
-                        reason: describe_rpc(&e),
-                    })
-                }
-                Err(_elapsed) => {
-                    if telling {
-                        self.client.note_timeout();
-                    }
-                    return Err(NfsError::Timeout {
-                        at: self.client.at(),
-                        op,
-                        path: subject.describe(),
-                        timeout,
-                    });
-                }
-            };
-            match reply {
-                Nfs3Result::Ok(ok) => return Ok(ok),
-                Nfs3Result::Err((nfsstat3::NFS3ERR_JUKEBOX, _))
-                    if Instant::now() + JUKEBOX_PAUSE < deadline =>
-                {
-                    tokio::time::sleep(JUKEBOX_PAUSE).await;
-                }
-                Nfs3Result::Err((status, _)) => {
-                    return Err(NfsError::Status {
-                        at: self.client.at(),
-                        op,
-                        path: subject.describe(),
-                        status,
-                    })
-                }
-            }
+        match self.client.call(op, subject, f).await? {
+            Nfs3Result::Ok(ok) => Ok(ok),
+            Nfs3Result::Err((status, _)) => Err(NfsError::Status {
+                at: self.client.at(),
+                op,
+                path: subject.describe(),
+                status,
+            }),
         }
     }
 

@@ -6,7 +6,6 @@
 //! The pool knows nothing about deadlines; the client wraps every use of it in one.
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Mutex;
 
 use nfs3_client::nfs3_types::nfs3::nfs_fh3;
@@ -15,6 +14,7 @@ use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::{ConnectError, Nfs3Client, Nfs3ConnectionBuilder, RpcError};
 use tokio::sync::Semaphore;
 
+use super::client::NfsClientConfig;
 use super::connector::{TcpConnector, TcpStreamIo};
 use crate::sync::Recover;
 
@@ -30,19 +30,9 @@ pub enum PoolFailure {
     Rpc(RpcError),
 }
 
-/// Where and how to connect; the parts of the client configuration the pool needs.
-pub struct PoolTarget {
-    pub server: IpAddr,
-    pub export: String,
-    pub nfs_port: Option<u16>,
-    pub mount_port: Option<u16>,
-    pub uid: u32,
-    pub gid: u32,
-    pub privileged_port: bool,
-}
-
 pub struct Pool {
-    target: PoolTarget,
+    /// Where and how to connect; the pool ignores the timeout, see the module documentation.
+    target: NfsClientConfig,
     credential: opaque_auth<'static>,
     /// Bounds the connections in use (and so the number that exist) to the pool size.
     permits: Semaphore,
@@ -53,7 +43,8 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(target: PoolTarget, size: usize) -> Self {
+    /// A pool of at most `target.connections` connections (at least one).
+    pub fn new(target: NfsClientConfig) -> Self {
         let credential = opaque_auth::auth_unix(&auth_unix {
             // The stamp only has to be stable for this client; the PID will do.
             stamp: std::process::id(),
@@ -62,10 +53,11 @@ impl Pool {
             gid: target.gid,
             gids: vec![target.gid],
         });
+        let permits = Semaphore::new(target.connections.max(1));
         Self {
             target,
             credential,
-            permits: Semaphore::new(size.max(1)),
+            permits,
             idle: Mutex::new(Vec::new()),
             root: Mutex::new(None),
         }

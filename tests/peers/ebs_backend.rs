@@ -767,10 +767,16 @@ fn remove_elsewhere_goes_ahead_once_a_dead_hosts_tag_is_stale() {
     let aged = ferry::backend::ebs::MOUNTED_STALE.as_secs() + 2;
     let mut rewritten = 0;
     for id in ebs.snapshot_ids() {
-        let Some((_, value)) = ebs.tags(&id).into_iter().find(|(k, _)| k == "ferry:mounted") else {
+        let Some((_, value)) = ebs
+            .tags(&id)
+            .into_iter()
+            .find(|(k, _)| k == "ferry:mounted")
+        else {
             continue;
         };
-        let (at, rest) = value.split_once(' ').expect("a mounted tag starts with its time");
+        let (at, rest) = value
+            .split_once(' ')
+            .expect("a mounted tag starts with its time");
         let at: u64 = at.parse().expect("a mounted tag's time is a number");
         ebs.set_tag(&id, "ferry:mounted", &format!("{} {rest}", at - aged));
         rewritten += 1;

@@ -31,7 +31,7 @@ use serde_json::{json, Map, Value};
 
 use self::blockmap::BlockMap;
 pub use self::client::{ClientSettings, EbsError, SnapState, SnapshotClient, SnapshotInfo};
-use super::{Attached, Backend, BackendError, Shipped, TransferTotals};
+use super::{release_mount, Attached, Backend, BackendError, Shipped, TransferTotals, WhenBusy};
 use crate::mount::{Holder, MountTable, Mounter, Storage};
 use crate::spec::{format_size, BackendKind, BackendSpec, FsType, VolumeSpec};
 use crate::sync::Recover;
@@ -740,16 +740,7 @@ impl Inner {
         let target = self.exposed(name);
         let mounter = self.mounter.clone();
         let t = target.clone();
-        blocking(move || {
-            if mounter.mount_table()?.is_mounted(&t) {
-                mounter.unmount(&t)?;
-                if mounter.mount_table()?.is_mounted(&t) {
-                    return Err(BackendError::StillMounted { path: t });
-                }
-            }
-            Ok(())
-        })
-        .await?;
+        blocking(move || release_mount(mounter.as_ref(), &t, WhenBusy::Refuse)).await?;
         self.stop_mounted(name).await;
         if !self.paths(name).dir.is_dir() {
             return Ok(shipped.cloned());
@@ -964,12 +955,7 @@ impl Inner {
 
     fn remove_local(&self, name: &str) -> Result<(), BackendError> {
         let target = self.exposed(name);
-        if self.mounter.mount_table()?.is_mounted(&target) {
-            self.mounter.unmount(&target)?;
-            if self.mounter.mount_table()?.is_mounted(&target) {
-                return Err(BackendError::StillMounted { path: target });
-            }
-        }
+        release_mount(self.mounter.as_ref(), &target, WhenBusy::Refuse)?;
         if self.mount_root.is_some() {
             match std::fs::remove_dir(&target) {
                 Ok(()) => {}

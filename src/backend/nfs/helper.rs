@@ -14,15 +14,11 @@ use tokio::io::AsyncBufReadExt;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HelperSpec {
     pub volume: String,
-    pub server: String,
-    pub export: String,
-    pub nfs_port: Option<u16>,
-    pub mount_port: Option<u16>,
-    pub uid: u32,
-    pub gid: u32,
-    pub timeout_ms: u64,
+    /// The server, export and how to talk to them; flattened, so the JSON keeps the shape it had when
+    /// these were fields of their own (a daemon may start a newer binary as its helper after an upgrade).
+    #[serde(flatten)]
+    pub client: crate::nfs::NfsClientConfig,
     pub attr_cache_ms: u64,
-    pub connections: usize,
     /// The volume's directory inside the export.
     pub dir: String,
     pub mountpoint: PathBuf,
@@ -53,11 +49,11 @@ impl HelperSpec {
             return None;
         }
         Some(crate::nfs::NlmConfig {
-            server: self.server.parse().ok()?,
+            server: self.client.server,
             port: self.nlm_port,
-            timeout: Duration::from_millis(self.timeout_ms),
-            uid: self.uid,
-            gid: self.gid,
+            timeout: self.client.timeout,
+            uid: self.client.uid,
+            gid: self.client.gid,
         })
     }
 }
@@ -195,7 +191,7 @@ pub async fn start(
             reap(child);
             Err(HelperError::Timeout {
                 secs: deadline.as_secs(),
-                server: spec.server.clone(),
+                server: spec.client.server.to_string(),
                 log: spec.log_file.clone(),
             })
         }
@@ -257,6 +253,39 @@ fn remove_pid_file(path: &Path) {
     if let Err(e) = std::fs::remove_file(path) {
         if e.kind() != ErrorKind::NotFound {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove the helper's pid file");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spec as the daemon wrote it before the connection settings became one type: a helper started
+    /// from a newer binary after an upgrade must still read it, and the JSON keeps that shape.
+    const EARLIER_SPEC: &str = r#"{"volume":"v","server":"10.0.0.5","export":"/srv","nfs_port":2049,
+        "mount_port":null,"uid":1,"gid":2,"timeout_ms":1500,"attr_cache_ms":1000,"connections":4,
+        "dir":"v","mountpoint":"/m/v","pid_file":"/s/v/helper.pid","log_file":"/s/v/helper.log",
+        "host_id":"h1","marker":"x","locks":"nlm","nlm_port":null,"lock_caller":"c",
+        "lock_journal":"/s/v/nlm-i.journal"}"#;
+
+    #[test]
+    fn the_spec_keeps_its_json_shape() {
+        let spec: HelperSpec = serde_json::from_str(EARLIER_SPEC).unwrap();
+        let c = &spec.client;
+        assert_eq!(c.server.to_string(), "10.0.0.5");
+        assert_eq!(c.export, "/srv");
+        assert_eq!((c.nfs_port, c.mount_port), (Some(2049), None));
+        assert_eq!((c.uid, c.gid, c.connections), (1, 2, 4));
+        assert_eq!(c.timeout, Duration::from_millis(1500));
+        assert!(!c.privileged_port);
+        let nlm = spec.nlm_config().unwrap();
+        assert_eq!((nlm.uid, nlm.gid, nlm.timeout), (1, 2, c.timeout));
+
+        let written = serde_json::to_value(&spec).unwrap();
+        let earlier: serde_json::Value = serde_json::from_str(EARLIER_SPEC).unwrap();
+        for (key, value) in earlier.as_object().unwrap() {
+            assert_eq!(&written[key], value, "{key}");
         }
     }
 }

@@ -1,20 +1,13 @@
-//! The kernel data path: mount(2) of type `nfs` with every option spelled out, so nothing depends on
-//! `mount.nfs` or on the kernel's defaults. This machine's kernel has no NFS client, so the exact arguments
-//! are unit-tested and the call itself is used only where `/proc/filesystems` lists `nfs`.
+//! The kernel data path: the arguments of a mount(2) of type `nfs` with every option spelled out, so
+//! nothing depends on `mount.nfs` or on the kernel's defaults. The backend's `Mounter` performs it. This
+//! machine's kernel has no NFS client, so the exact arguments are unit-tested and the mount itself is made
+//! only where `/proc/filesystems` lists `nfs`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use nix::mount::MsFlags;
 
-/// What mount(2) gets.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelMount {
-    pub source: String,
-    pub fstype: &'static str,
-    pub flags: MsFlags,
-    pub data: String,
-}
+use crate::mount::MountArgs;
 
 /// How many retransmissions a soft mount makes before failing an operation with EIO.
 const RETRANS: u32 = 1;
@@ -28,7 +21,7 @@ pub fn mount_args(
     nfs_port: Option<u16>,
     mount_port: Option<u16>,
     timeout: Duration,
-) -> KernelMount {
+) -> MountArgs {
     let path = format!("{}/{}", export.trim_end_matches('/'), dir);
     // An IPv6 server is written in brackets in the source, never in addr=.
     let source = if server.contains(':') {
@@ -57,7 +50,7 @@ pub fn mount_args(
     if let Some(p) = mount_port {
         opts.push(format!("mountport={p}"));
     }
-    KernelMount {
+    MountArgs {
         source,
         fstype: "nfs",
         flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
@@ -70,17 +63,6 @@ pub fn available(filesystems: &str) -> bool {
     filesystems
         .lines()
         .any(|l| l.split_whitespace().last() == Some("nfs"))
-}
-
-/// Performs the mount.
-pub fn mount(args: &KernelMount, target: &Path) -> nix::Result<()> {
-    nix::mount::mount(
-        Some(args.source.as_str()),
-        target,
-        Some(args.fstype),
-        args.flags,
-        Some(args.data.as_str()),
-    )
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! go through `NfsClient`, each call under the configured deadline. The data path is a kernel NFS mount
 //! where the kernel has an NFS client, otherwise a FUSE filesystem served by a helper process per mount.
 //! While a volume is mounted, the host keeps a marker in the export so that Remove on another host is
-//! refused. Status is answered from memory: free space is what the last check saw.
+//! refused. Status is answered from memory: free space is what the last check saw. Kernel mounts, unmounts
+//! and mount-table reads go through the backend's `Mounter`; FUSE mounts are made by the helper process.
 
 pub mod helper;
 pub mod kernel;
@@ -14,17 +15,15 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use nix::errno::Errno;
-use nix::mount::{umount2, MntFlags};
 use serde_json::{json, Map, Value};
 
-use super::{Attached, Backend, BackendError, Shipped};
+use super::{release_mount, Attached, Backend, BackendError, Shipped, WhenBusy};
 use crate::host::HostId;
-use crate::mount::MountTable;
+use crate::mount::{MountError, MountTable, Mounter};
 use crate::nfs::{FileKind, FsStat, NfsClient, NfsClientConfig, NfsError};
 use crate::spec::{AllowedServer, BackendKind, VolumeSpec};
 use crate::sync::Recover;
@@ -88,21 +87,15 @@ impl LockMode {
 /// The `[nfs]` section of the configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NfsSettings {
-    pub server: IpAddr,
-    pub export: String,
-    pub nfs_port: Option<u16>,
-    pub mount_port: Option<u16>,
-    /// AUTH_UNIX identity of every call.
-    pub uid: u32,
-    pub gid: u32,
+    /// The default server and export, and how every client talks to its server: ports, the AUTH_UNIX
+    /// identity of every call, how long any operation may wait on the server, and the connections per
+    /// server and export (in the daemon, and in each FUSE helper). A volume on another allowed server or
+    /// export keeps all but those two.
+    pub client: NfsClientConfig,
     pub allowed_servers: Vec<AllowedServer>,
     pub data_path: DataPath,
-    /// How long any operation may wait on the server.
-    pub timeout: Duration,
     /// How long FUSE may cache attributes and names.
     pub attr_cache: Duration,
-    /// Connections per server and export (in the daemon, and in each FUSE helper).
-    pub connections: usize,
     /// Where `fcntl` locks on FUSE mounts are kept.
     pub locks: LockMode,
     /// The lock manager's TCP port; None asks the portmapper.
@@ -122,6 +115,7 @@ pub struct NfsBackend {
     /// The `ferry` binary, run as `ferry nfs-mount` for each FUSE mount.
     helper_binary: PathBuf,
     kernel: bool,
+    mounter: Arc<dyn Mounter>,
     clients: Mutex<HashMap<(String, String), NfsClient>>,
     /// What the last successful FSSTAT of each export said, and when; Status shows it without waiting.
     free_space: Mutex<HashMap<(String, String), (FsStat, SystemTime)>>,
@@ -140,6 +134,7 @@ impl NfsBackend {
         mount_root: Option<PathBuf>,
         host: HostId,
         helper_binary: PathBuf,
+        mounter: Arc<dyn Mounter>,
     ) -> Result<Self, BackendError> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -155,8 +150,8 @@ impl NfsBackend {
             }
         };
         tracing::info!(
-            server = %settings.server,
-            export = %settings.export,
+            server = %settings.client.server,
+            export = %settings.client.export,
             data_path = if kernel { "kernel" } else { "fuse" },
             "nfs backend configured"
         );
@@ -167,6 +162,7 @@ impl NfsBackend {
             host,
             helper_binary,
             kernel,
+            mounter,
             clients: Mutex::new(HashMap::new()),
             free_space: Mutex::new(HashMap::new()),
         })
@@ -176,7 +172,10 @@ impl NfsBackend {
         match spec.nfs() {
             Some((server, export, _)) => (server.to_string(), export.to_string()),
             // Only nfs specs are routed here; the configured export is the one answer that cannot harm.
-            None => (settings.server.to_string(), settings.export.clone()),
+            None => (
+                settings.client.server.to_string(),
+                settings.client.export.clone(),
+            ),
         }
     }
 
@@ -186,19 +185,22 @@ impl NfsBackend {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        let ip: IpAddr = server.parse().map_err(|_| {
-            BackendError::Internal(BackendKind::Nfs, format!("{server} is not an IP address"))
-        })?;
-        let mut config = NfsClientConfig::new(ip, export);
-        config.nfs_port = self.settings.nfs_port;
-        config.mount_port = self.settings.mount_port;
-        config.uid = self.settings.uid;
-        config.gid = self.settings.gid;
-        config.timeout = self.settings.timeout;
-        config.connections = self.settings.connections.max(1);
-        let client = NfsClient::new(config);
+        let client = NfsClient::new(self.client_config(server, export)?);
         clients.insert(key, client.clone());
         Ok(client)
+    }
+
+    /// The configured way of talking to a server, for `server` (an IP address, as specs hold it) and
+    /// `export`.
+    fn client_config(&self, server: &str, export: &str) -> Result<NfsClientConfig, BackendError> {
+        let server: IpAddr = server.parse().map_err(|_| {
+            BackendError::Internal(BackendKind::Nfs, format!("{server} is not an IP address"))
+        })?;
+        Ok(NfsClientConfig {
+            server,
+            export: export.to_string(),
+            ..self.settings.client.clone()
+        })
     }
 
     fn client(&self, spec: &VolumeSpec) -> Result<NfsClient, BackendError> {
@@ -238,20 +240,17 @@ impl NfsBackend {
         }
     }
 
-    fn helper_spec(&self, name: &str, spec: &VolumeSpec) -> helper::HelperSpec {
+    fn helper_spec(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+    ) -> Result<helper::HelperSpec, BackendError> {
         let (server, export) = Self::target(spec, &self.settings);
         let instance = crate::nfs::NfsLocks::instance_id();
-        helper::HelperSpec {
+        Ok(helper::HelperSpec {
             volume: name.to_string(),
-            server,
-            export,
-            nfs_port: self.settings.nfs_port,
-            mount_port: self.settings.mount_port,
-            uid: self.settings.uid,
-            gid: self.settings.gid,
-            timeout_ms: self.settings.timeout.as_millis() as u64,
+            client: self.client_config(&server, &export)?,
             attr_cache_ms: self.settings.attr_cache.as_millis() as u64,
-            connections: self.settings.connections.max(1),
             dir: Self::dir(name, spec),
             mountpoint: self.mountpoint(name),
             pid_file: self.pid_file(name),
@@ -264,27 +263,16 @@ impl NfsBackend {
             lock_journal: self
                 .volume_root(name)
                 .join(helper::lock_journal_name(&instance)),
-        }
+        })
     }
 
     /// Unmounts whatever is at the mountpoint, lazily if it is busy: Unmount must always succeed.
-    fn unmount_blocking(target: &Path) -> Result<(), BackendError> {
-        match umount2(target, MntFlags::empty()) {
-            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
-            Err(Errno::EBUSY) => {
-                tracing::warn!(target = %target.display(), "mount busy; detaching it lazily");
-                umount2(target, MntFlags::MNT_DETACH).map_err(|errno| {
-                    BackendError::Mount(crate::mount::MountError::Unmount {
-                        target: target.to_path_buf(),
-                        errno,
-                    })
-                })
-            }
-            Err(errno) => Err(BackendError::Mount(crate::mount::MountError::Unmount {
-                target: target.to_path_buf(),
-                errno,
-            })),
-        }
+    async fn unmount(&self, target: &Path) -> Result<(), BackendError> {
+        let (mounter, target) = (self.mounter.clone(), target.to_path_buf());
+        super::blocking(BackendKind::Nfs, move || {
+            release_mount(mounter.as_ref(), &target, WhenBusy::Detach)
+        })
+        .await
     }
 
     /// Whether the mount at `target` answers: a FUSE mount whose helper died answers ENOTCONN.
@@ -300,8 +288,7 @@ impl NfsBackend {
 
     async fn attach_fuse(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
         let target = self.mountpoint(name);
-        let table = crate::mount::MountTable::read_self().map_err(BackendError::Mount)?;
-        if table.is_mounted(&target) {
+        if self.mounter.mount_table()?.is_mounted(&target) {
             let helper_alive = helper::running(&self.pid_file(name), name).is_some();
             if helper_alive && Self::mount_alive(&target).await {
                 return Ok(target);
@@ -310,8 +297,7 @@ impl NfsBackend {
                 volume = name,
                 "the FUSE mount lost its helper; mounting it again"
             );
-            let t = target.clone();
-            super::blocking(BackendKind::Nfs, move || Self::unmount_blocking(&t)).await?;
+            self.unmount(&target).await?;
             helper::stop(&self.pid_file(name), name, Duration::ZERO).await;
         }
         std::fs::DirBuilder::new()
@@ -327,8 +313,8 @@ impl NfsBackend {
         // An existing mountpoint that is a link would have the FUSE filesystem mounted over its target.
         super::refuse_links(self.mount_root.as_ref().unwrap_or(&self.root), &target)?;
         // Connecting, looking the directory up and mounting each wait on the server at most `timeout`.
-        let deadline = self.settings.timeout * 2 + Duration::from_secs(5);
-        let helper_spec = self.helper_spec(name, spec);
+        let deadline = self.settings.client.timeout * 2 + Duration::from_secs(5);
+        let helper_spec = self.helper_spec(name, spec)?;
         // No helper of this volume runs now: locks left by one that died go before new ones are taken.
         helper::release_leftover_locks(&self.volume_root(name), helper_spec.nlm_config()).await;
         helper::start(&self.helper_binary, &helper_spec, deadline)
@@ -342,8 +328,7 @@ impl NfsBackend {
 
     async fn attach_kernel(&self, name: &str, spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
         let target = self.mountpoint(name);
-        let table = crate::mount::MountTable::read_self().map_err(BackendError::Mount)?;
-        if table.is_mounted(&target) {
+        if self.mounter.mount_table()?.is_mounted(&target) {
             return Ok(target);
         }
         std::fs::DirBuilder::new()
@@ -357,21 +342,24 @@ impl NfsBackend {
             &server,
             &export,
             &Self::dir(name, spec),
-            self.settings.nfs_port,
-            self.settings.mount_port,
-            self.settings.timeout,
+            self.settings.client.nfs_port,
+            self.settings.client.mount_port,
+            self.settings.client.timeout,
         );
-        let t = target.clone();
-        tokio::task::spawn_blocking(move || kernel::mount(&args, &t))
-            .await
-            .map_err(|e| BackendError::Internal(BackendKind::Nfs, e.to_string()))?
-            .map_err(|errno| {
-                BackendError::Mount(crate::mount::MountError::Mount {
+        let (mounter, t) = (self.mounter.clone(), target.clone());
+        super::blocking(BackendKind::Nfs, move || {
+            mounter.mount_fs(&args, &t).map_err(|e| match e {
+                // Named by server and export, as users wrote them, not by the directory inside.
+                MountError::Mount { target, errno, .. } => MountError::Mount {
                     device: format!("{server}:{export}"),
-                    target: target.clone(),
+                    target,
                     errno,
-                })
+                },
+                other => other,
             })?;
+            Ok(())
+        })
+        .await?;
         let client = self.client(spec)?;
         let body = marker::content(&self.host, name);
         marker::write(&client, &Self::dir(name, spec), &self.host.id, &body)
@@ -510,16 +498,16 @@ impl Backend for NfsBackend {
         spec: &VolumeSpec,
         _shipped: Option<&Shipped>,
     ) -> Result<Option<Shipped>, BackendError> {
-        let target = self.mountpoint(name);
-        let t = target.clone();
-        super::blocking(BackendKind::Nfs, move || Self::unmount_blocking(&t)).await?;
+        self.unmount(&self.mountpoint(name)).await?;
         if !self.kernel {
             // The helper exits once its mount is gone and removes its marker on the way out.
             let signalled = helper::stop(&self.pid_file(name), name, HELPER_GRACE).await;
             // A helper that was not this daemon's child (the daemon restarted) is released here.
             helper::release_leftover_locks(
                 &self.volume_root(name),
-                self.helper_spec(name, spec).nlm_config(),
+                self.helper_spec(name, spec)
+                    .ok()
+                    .and_then(|h| h.nlm_config()),
             )
             .await;
             if !signalled {
@@ -569,8 +557,8 @@ impl Backend for NfsBackend {
     }
 
     async fn check(&self) -> Result<Map<String, Value>, BackendError> {
-        let server = self.settings.server.to_string();
-        let export = self.settings.export.clone();
+        let server = self.settings.client.server.to_string();
+        let export = self.settings.client.export.clone();
         let client = self.client_for(&server, &export)?;
         let stat = client.fsstat().await.map_err(nfs_err)?;
         self.free_space
@@ -587,5 +575,119 @@ impl Backend for NfsBackend {
             json!(if self.kernel { "kernel" } else { "fuse" }),
         );
         Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount::{Call, RecordingMounter};
+
+    /// A backend on the kernel data path whose server is unreachable (a closed port on this host), with
+    /// the recording mounter.
+    fn kernel_backend(dir: &Path, mounter: Arc<RecordingMounter>) -> NfsBackend {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let settings = NfsSettings {
+            client: NfsClientConfig {
+                nfs_port: Some(closed),
+                mount_port: Some(closed),
+                timeout: Duration::from_millis(200),
+                connections: 1,
+                ..NfsClientConfig::new("127.0.0.1".parse().unwrap(), "/srv")
+            },
+            allowed_servers: Vec::new(),
+            data_path: DataPath::Kernel,
+            attr_cache: Duration::from_secs(1),
+            locks: LockMode::Local,
+            nlm_port: None,
+        };
+        let host = HostId {
+            name: "test".into(),
+            id: "h1".into(),
+        };
+        NfsBackend::new(
+            settings,
+            dir.join("nfs"),
+            Some(dir.join("mnt")),
+            host,
+            PathBuf::from("/nonexistent/ferry"),
+            mounter,
+        )
+        .unwrap()
+    }
+
+    /// A volume on the configured server and export.
+    fn spec() -> VolumeSpec {
+        VolumeSpec {
+            uid: None,
+            gid: None,
+            mode: None,
+            backend: crate::spec::BackendSpec::Nfs {
+                server: "127.0.0.1".into(),
+                export: "/srv".into(),
+                subdir: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn kernel_mounts_go_through_the_mounter() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("mnt")).unwrap();
+        let m = Arc::new(RecordingMounter::default());
+        let b = kernel_backend(dir.path(), m.clone());
+        let target = dir.path().join("mnt/v");
+        // The mount is made; the marker cannot be written to an unreachable server, so attach fails.
+        assert!(b.attach("v", &spec(), None).await.is_err());
+        let expected = kernel::mount_args(
+            "127.0.0.1",
+            "/srv",
+            "v",
+            b.settings.client.nfs_port,
+            b.settings.client.mount_port,
+            b.settings.client.timeout,
+        );
+        assert_eq!(
+            m.calls(),
+            [Call::MountFs {
+                source: expected.source,
+                fstype: "nfs",
+                data: expected.data,
+                target: target.clone(),
+            }]
+        );
+        // A mount already in the table is adopted, not stacked.
+        b.attach("v", &spec(), None).await.unwrap();
+        assert_eq!(m.calls().len(), 1);
+        assert_eq!(
+            b.is_attached("v", &spec(), &m.mount_table().unwrap()),
+            Some(true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_busy_mount_is_detached_lazily() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(RecordingMounter::default());
+        let b = kernel_backend(dir.path(), m.clone());
+        let target = dir.path().join("mnt/v");
+        m.mount_elsewhere(&target, "nfs");
+        m.busy_unmounts(1);
+        // The marker cannot be removed from an unreachable server; Unmount succeeds all the same.
+        b.detach("v", &spec(), None).await.unwrap();
+        assert_eq!(
+            m.calls(),
+            [Call::Detach {
+                target: target.clone()
+            }]
+        );
+        assert!(!m.mount_table().unwrap().is_mounted(&target));
+        // Nothing mounted: nothing to do.
+        b.detach("v", &spec(), None).await.unwrap();
+        assert_eq!(m.calls().len(), 1);
     }
 }

@@ -7,34 +7,25 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use super::helper::{HelperSpec, READY};
 use super::marker;
-use super::LockMode;
 use crate::fuse::locks::{LocalLocks, Locking};
 use crate::fuse::{self, MountOptions};
-use crate::nfs::{NfsClient, NfsClientConfig, NfsLocks, NfsStore};
+use crate::mount::{Mounter, SystemMounter};
+use crate::nfs::{NfsClient, NfsLocks, NfsStore};
 
 /// Runs a helper to the end. Errors before "ready" are reported on standard output, where the daemon
 /// reads them; later ones go to the log.
 pub async fn run(spec: HelperSpec) -> Result<(), String> {
-    let server = spec
-        .server
-        .parse()
-        .map_err(|_| format!("{} is not an IP address", spec.server))?;
-    let mut config = NfsClientConfig::new(server, spec.export.clone());
-    config.nfs_port = spec.nfs_port;
-    config.mount_port = spec.mount_port;
-    config.uid = spec.uid;
-    config.gid = spec.gid;
-    config.timeout = Duration::from_millis(spec.timeout_ms);
-    config.connections = spec.connections.max(1);
-    let client = NfsClient::new(config);
+    let client = NfsClient::new(spec.client.clone());
 
     let store = NfsStore::open(&client, &spec.dir)
         .await
         .map_err(|e| e.to_string())?;
     let locks = match spec.nlm_config() {
-        Some(nlm) if spec.locks == LockMode::Nlm => {
+        Some(nlm) => {
             let locks = NfsLocks::new(nlm, spec.lock_caller.clone(), spec.lock_journal.clone())
                 .map_err(|e| {
                     format!(
@@ -45,8 +36,7 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
             Locking::Store(Arc::new(locks))
         }
         // `locks = "local"`: kept in this helper, so they hold between this host's containers only.
-        _ if spec.locks == LockMode::Local => Locking::Store(Arc::new(LocalLocks::default())),
-        _ => return Err(format!("{} is not an IP address", spec.server)),
+        None => Locking::Store(Arc::new(LocalLocks::default())),
     };
     let mut mount = fuse::mount(
         Arc::new(store),
@@ -77,14 +67,22 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
     report(READY);
     tracing::info!(volume = %spec.volume, mountpoint = %spec.mountpoint.display(), "serving");
 
+    // Stopped before the marker is removed; a refresh under way finishes first, so none can write the
+    // marker again after its removal.
+    let stop_refresh = CancellationToken::new();
     let refresher = {
         let client = client.clone();
         let spec = spec.clone();
+        let stop = stop_refresh.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(marker::REFRESH_EVERY);
             tick.tick().await;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
                 if let Err(e) = marker::write(&client, &spec.dir, &spec.host_id, &spec.marker).await
                 {
                     tracing::warn!(error = %e, "cannot refresh this host's marker");
@@ -119,12 +117,24 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
             if let Err(e) = mount.unmount().await {
                 // Busy: detach it lazily, so the helper can still exit; users see the data until they close it.
                 tracing::warn!(error = %e, "unmount failed; detaching lazily");
-                let _ = nix::mount::umount2(&spec.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                // This process has no mounter of its own; the real one is the only one a FUSE mount has.
+                if let Err(e) = SystemMounter.detach(&spec.mountpoint) {
+                    tracing::warn!(error = %e, "cannot detach the mount");
+                }
                 let _ = mount.wait().await;
             }
         }
     }
-    refresher.abort();
+    stop_refresh.cancel();
+    // Against a working server a refresh takes milliseconds; against an unreachable one each of its calls
+    // waits the client's timeout, and the removal below fails just as well. A refresh still running after
+    // one timeout is cut off, so it cannot write the marker again after the removal.
+    let mut refresher = refresher;
+    let grace = spec.client.timeout;
+    if tokio::time::timeout(grace, &mut refresher).await.is_err() {
+        tracing::warn!("the marker refresh did not finish in time; cut off");
+        refresher.abort();
+    }
     if let Err(e) = marker::remove(&client, &spec.dir, &spec.host_id).await {
         tracing::warn!(error = %e, "cannot remove this host's marker; it goes stale");
     }
