@@ -1,7 +1,7 @@
 //! Tier "dockerd": Ferry used through the machine's real dockerd and the `docker` and `docker-compose`
 //! tools, as users use it: a legacy plugin, the managed plugin, and two Docker "hosts" (a second dockerd)
 //! sharing nfs and ebs volumes. Needs root and a dockerd answering on /var/run/docker.sock;
-//! `FERRY_SKIP_DOCKER=1` skips the tier on purpose (see tests/tier.rs).
+//! `FERRY_SKIP_DOCKER=1` skips the tier on purpose (see tests/common/tier.rs).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -13,7 +13,8 @@ mod e2e;
 #[path = "../common/moto.rs"]
 mod moto;
 #[allow(dead_code)]
-#[path = "../tier.rs"]
+#[macro_use]
+#[path = "../common/tier.rs"]
 mod tier;
 
 use common::ganesha;
@@ -24,21 +25,13 @@ mod managed_plugin;
 mod nfs_docker;
 mod second_dockerd;
 
-// Runs before libtest's main: the only place a libtest binary can judge its tier once.
-#[used]
-#[link_section = ".init_array"]
-static GATE: extern "C" fn() = gate;
-
-extern "C" fn gate() {
-    use tier::Need;
-    tier::gate(
-        "dockerd",
-        &[
-            Need::Root,
-            Need::Device("/dev/fuse"),
-            Need::Dockerd,
-            Need::Program("busybox", "busybox-static"),
-        ],
-        Some("FERRY_SKIP_DOCKER"),
-    );
-}
+tier_gate!(
+    "dockerd",
+    [
+        Need::Root,
+        Need::Device("/dev/fuse"),
+        Need::Dockerd,
+        Need::Program("busybox", "busybox-static"),
+    ],
+    Some("FERRY_SKIP_DOCKER")
+);

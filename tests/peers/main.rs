@@ -1,7 +1,7 @@
 //! Tier "peers": the nfs and ebs backends against the real peers they talk to, which the tests start
 //! themselves: NFS-Ganesha (with its lock manager), moto, and the strict EBS emulator; FUSE mounts of nfs
 //! volumes used as applications use them. Needs root, /dev/fuse and the packages scripts/deps installs (see
-//! tests/tier.rs for what happens without them).
+//! tests/common/tier.rs for what happens without them).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -13,7 +13,8 @@ mod moto;
 #[path = "../nfs_support/mod.rs"]
 mod nfs_support;
 #[allow(dead_code)]
-#[path = "../tier.rs"]
+#[macro_use]
+#[path = "../common/tier.rs"]
 mod tier;
 
 mod ebs_backend;
@@ -26,22 +27,14 @@ mod nfs_ops;
 mod nfs_posix;
 mod nfs_workloads;
 
-// Runs before libtest's main: the only place a libtest binary can judge its tier once.
-#[used]
-#[link_section = ".init_array"]
-static GATE: extern "C" fn() = gate;
-
-extern "C" fn gate() {
-    use tier::Need;
-    tier::gate(
-        "peers",
-        &[
-            Need::Root,
-            Need::Device("/dev/fuse"),
-            Need::Program("ganesha.nfsd", "nfs-ganesha"),
-            Need::Program("rpcbind", "rpcbind"),
-            Need::Program("fio", "fio"),
-        ],
-        None,
-    );
-}
+tier_gate!(
+    "peers",
+    [
+        Need::Root,
+        Need::Device("/dev/fuse"),
+        Need::Program("ganesha.nfsd", "nfs-ganesha"),
+        Need::Program("rpcbind", "rpcbind"),
+        Need::Program("fio", "fio"),
+    ],
+    None
+);

@@ -1,12 +1,13 @@
 //! Tier "root": the real daemon on a temporary socket and state directory, with real mounts, loop devices,
 //! FUSE and other users' credentials: the protocol, restarts and kill -9, the local backend, full disks,
 //! listeners under abuse, the admin CLI, metrics and the systemd installation. Needs root and /dev/fuse
-//! (see tests/tier.rs for what happens without them).
+//! (see tests/common/tier.rs for what happens without them).
 
 #[path = "../common/mod.rs"]
 mod common;
 #[allow(dead_code)]
-#[path = "../tier.rs"]
+#[macro_use]
+#[path = "../common/tier.rs"]
 mod tier;
 
 mod admin;
@@ -19,12 +20,4 @@ mod protocol;
 mod restart;
 mod systemd;
 
-// Runs before libtest's main: the only place a libtest binary can judge its tier once.
-#[used]
-#[link_section = ".init_array"]
-static GATE: extern "C" fn() = gate;
-
-extern "C" fn gate() {
-    use tier::Need;
-    tier::gate("root", &[Need::Root, Need::Device("/dev/fuse")], None);
-}
+tier_gate!("root", [Need::Root, Need::Device("/dev/fuse")], None);

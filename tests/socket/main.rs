@@ -13,3 +13,28 @@ mod ebs_emulator;
 mod listener_fd_spare;
 mod model;
 mod plugin_socket;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ferry::backend::LocalBackend;
+use ferry::catalog::RedbCatalog;
+use ferry::mount::RecordingMounter;
+use ferry::service::VolumeService;
+use ferry::spec::SpecDefaults;
+
+/// The real service, catalog and local backend on `dir`, with `mounter` standing in for mount(2); on an
+/// existing `dir` it starts as `ferry serve` does after a restart.
+async fn start_service(dir: &Path, mounter: &Arc<RecordingMounter>) -> Arc<VolumeService> {
+    let catalog = Arc::new(RedbCatalog::open(&dir.join("catalog.redb")).unwrap());
+    let local = Arc::new(LocalBackend::new(dir.join("local"), mounter.clone()).unwrap());
+    VolumeService::start(
+        catalog,
+        vec![local],
+        mounter.clone(),
+        SpecDefaults::default(),
+    )
+    .await
+    .unwrap()
+    .0
+}

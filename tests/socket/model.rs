@@ -9,11 +9,8 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use ferry::backend::LocalBackend;
-use ferry::catalog::RedbCatalog;
 use ferry::mount::{Mounter, RecordingMounter};
 use ferry::service::VolumeService;
-use ferry::spec::SpecDefaults;
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const IDS: [&str; 3] = ["m1", "m2", "m3"];
@@ -50,17 +47,7 @@ struct Model {
 }
 
 async fn start(dir: &std::path::Path, mounter: &Arc<RecordingMounter>) -> Arc<VolumeService> {
-    let catalog = Arc::new(RedbCatalog::open(&dir.join("catalog.redb")).unwrap());
-    let local = Arc::new(LocalBackend::new(dir.join("local"), mounter.clone()).unwrap());
-    VolumeService::start(
-        catalog,
-        vec![local],
-        mounter.clone(),
-        SpecDefaults::default(),
-    )
-    .await
-    .unwrap()
-    .0
+    crate::start_service(dir, mounter).await
 }
 
 /// Makes the pretend containers match the model: a volume with active mounts is held elsewhere.

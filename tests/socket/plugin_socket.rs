@@ -6,12 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::backend::LocalBackend;
-use ferry::catalog::RedbCatalog;
 use ferry::listener::{bind_unix_socket, ListenerSettings, Peers};
 use ferry::mount::RecordingMounter;
-use ferry::service::VolumeService;
-use ferry::spec::SpecDefaults;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -43,19 +39,7 @@ impl Plugin {
             let _entered = runtime.enter();
             bind_unix_socket(&socket).unwrap()
         };
-        let service = runtime.block_on(async {
-            let catalog = Arc::new(RedbCatalog::open(&dir.join("catalog.redb")).unwrap());
-            let local = Arc::new(LocalBackend::new(dir.join("local"), mounter.clone()).unwrap());
-            VolumeService::start(
-                catalog,
-                vec![local],
-                mounter.clone(),
-                SpecDefaults::default(),
-            )
-            .await
-            .unwrap()
-            .0
-        });
+        let service = runtime.block_on(crate::start_service(dir, &mounter));
         let limits = ListenerSettings::default().limits(64);
         // This process's own uid is admitted, as Ferry's own user is.
         let peers = Peers::Uids(vec![nix::unistd::geteuid().as_raw()]);

@@ -1,6 +1,7 @@
 //! The gate of a test tier that needs more than a build: root, devices, installed peers, a dockerd. Each
-//! such tier is one test binary whose `main.rs` calls [`gate`] before libtest starts (from `.init_array`,
-//! the only hook a libtest binary has), so the whole tier is judged once:
+//! such tier is one test binary whose `main.rs` declares its needs with [`tier_gate!`], which runs [`gate`]
+//! before libtest starts (from `.init_array`, the only hook a libtest binary has), so the whole tier is
+//! judged once:
 //! - everything it needs is here: the tests run;
 //! - something is missing and `FERRY_TEST_TIERS=all` (scripts/test sets it): the binary fails at once with
 //!   what is missing and how to get it, so CI can never pass on tests that did not run;
@@ -67,4 +68,22 @@ pub fn gate(tier: &str, needs: &[Need], skip_var: Option<&str>) {
         "tier {tier}: skipped, not run: {why} (scripts/test runs every tier and fails instead)"
     );
     std::process::exit(0);
+}
+
+/// Declares the tier's gate: `tier_gate!("root", [Need::Root], None)` in a tier's `main.rs`, after
+/// `mod tier;`.
+macro_rules! tier_gate {
+    ($tier:literal, [$($need:expr),* $(,)?], $skip:expr) => {
+        // Runs before libtest's main: the only place a libtest binary can judge its tier once.
+        #[used]
+        #[link_section = ".init_array"]
+        static GATE: extern "C" fn() = {
+            extern "C" fn gate() {
+                #[allow(unused_imports)]
+                use crate::tier::Need;
+                crate::tier::gate($tier, &[$($need),*], $skip);
+            }
+            gate
+        };
+    };
 }
