@@ -538,6 +538,18 @@ mod tests {
         assert_eq!(plan(LocalCopy::default(), NO_IMAGE, None, None), Fresh);
         assert_eq!(plan(copy(Some("c"), 3, false), NO_IMAGE, None, None), Fresh);
 
+        // A recorded conflict decides nothing by itself: a copy that lost a race for generation 3 stays
+        // diverged until set aside, and one whose facts changed (its rival's snapshot was deleted and
+        // its base is the newest again) mounts, which clears the record.
+        let conflicted = |record: LocalCopy| LocalCopy {
+            conflict: Some("lost a race".into()),
+            ..record
+        };
+        let record = conflicted(copy(Some("b"), 2, true));
+        assert_eq!(plan(record, IMAGE, c, None), diverged(2));
+        let record = conflicted(copy(Some("c"), 3, true));
+        assert_eq!(plan(record, IMAGE, c, None), Current);
+
         // The catalog is checked first, whatever the copy holds.
         let ahead = |generation, snapshot: &str, newest| CatalogAhead {
             generation,
@@ -627,57 +639,32 @@ mod tests {
 
     #[test]
     fn a_push_starts_only_from_the_newest_snapshot() {
+        use BaseCheck::*;
         let list = history();
         let c = Some(&list[2]);
-        let cases = [
-            ("newest", copy(Some("c"), 3, true), c, BaseCheck::Newest),
-            ("first push", copy(None, 0, true), None, BaseCheck::Newest),
-            (
-                "another host shipped",
-                copy(Some("b"), 2, true),
-                c,
-                BaseCheck::Diverged {
-                    newest: 3,
-                    snapshot: "c".into(),
-                    base: 2,
-                },
-            ),
-            (
-                "another host shipped first",
-                copy(None, 0, true),
-                c,
-                BaseCheck::Diverged {
-                    newest: 3,
-                    snapshot: "c".into(),
-                    base: 0,
-                },
-            ),
-            (
-                "same generation, other volume",
-                copy(Some("old"), 3, true),
-                c,
-                BaseCheck::Diverged {
-                    newest: 3,
-                    snapshot: "c".into(),
-                    base: 3,
-                },
-            ),
-            (
-                "base deleted elsewhere",
-                copy(Some("d"), 4, true),
-                c,
-                BaseCheck::DeletedElsewhere { base: 4, newest: 3 },
-            ),
-            (
-                "all deleted elsewhere",
-                copy(Some("c"), 3, true),
-                None,
-                BaseCheck::DeletedElsewhere { base: 3, newest: 0 },
-            ),
-        ];
-        for (what, record, newest, check) in cases {
-            assert_eq!(base(&record, newest), check, "{what}");
-        }
+        let diverged = |base| Diverged {
+            newest: 3,
+            snapshot: "c".into(),
+            base,
+        };
+        let deleted = |base, newest| DeletedElsewhere { base, newest };
+        assert_eq!(base(&copy(Some("c"), 3, true), c), Newest);
+        // The first push of a new volume.
+        assert_eq!(base(&copy(None, 0, true), None), Newest);
+        // Another host shipped since (or first): shipping now would merge two hosts' writes.
+        assert_eq!(base(&copy(Some("b"), 2, true), c), diverged(2));
+        assert_eq!(base(&copy(None, 0, true), c), diverged(0));
+        // The volume was removed and made again elsewhere: the same generation, another snapshot.
+        assert_eq!(base(&copy(Some("old"), 3, true), c), diverged(3));
+        // The base, or every snapshot, was deleted elsewhere.
+        assert_eq!(base(&copy(Some("d"), 4, true), c), deleted(4, 3));
+        assert_eq!(base(&copy(Some("c"), 3, true), None), deleted(3, 0));
+        // A recorded conflict decides nothing by itself.
+        let conflicted = LocalCopy {
+            conflict: Some("lost a race".into()),
+            ..copy(Some("c"), 3, true)
+        };
+        assert_eq!(base(&conflicted, c), Newest);
     }
 
     #[test]
