@@ -1,6 +1,7 @@
 //! The ebs backend's decisions, on plain data: which snapshot is the newest, what becomes of a snapshot an
 //! interrupted push left, whether a Mount takes the local copy as it is, pulls, makes a fresh filesystem or
-//! refuses, whether an Unmount ships, and whether a push may start from the copy's base.
+//! refuses, whether an Unmount ships, whether a push may start from the copy's base, and whether a Create
+//! may adopt a volume another host shipped.
 //!
 //! Every function here is pure: its inputs are the local copy's record (`copy.json`), what this host's
 //! catalog records as shipped, and the snapshots found in EBS by tag. `mod.rs` gathers those, asks, and
@@ -122,6 +123,7 @@ pub(super) enum MissingCopy {
     Lost,
 }
 
+/// `newest` is the newest completed snapshot, if EBS holds any.
 pub(super) fn missing_copy(newest: Option<&SnapshotInfo>) -> MissingCopy {
     match newest {
         Some(_) => MissingCopy::Pull,
@@ -267,7 +269,7 @@ pub(super) enum DetachPlan {
     Push,
 }
 
-/// `copy` is the local copy's record, `None` if its directory is gone.
+/// Decides from the local copy's record, `None` if its directory is gone.
 pub(super) fn detach(copy: Option<&LocalCopy>) -> DetachPlan {
     match copy {
         None => DetachPlan::NoCopy,
@@ -321,6 +323,7 @@ pub(super) enum PushPlan {
     Ship { generation: u64 },
 }
 
+/// `changed` are the indices of the blocks that differ from the block map of the copy's base.
 pub(super) fn push(copy: &LocalCopy, changed: &[u64]) -> PushPlan {
     if changed.is_empty() {
         PushPlan::Unchanged
