@@ -11,42 +11,48 @@
 //! it is based on the newest completed snapshot in EBS; a push only starts from the newest completed
 //! snapshot, so two hosts writing one volume are detected, never silently merged. It must not know about
 //! Docker's protocol or the catalog: the service records what `attach` and `detach` return.
+//!
+//! This module does the backend's I/O: it gathers the facts (the local copy's record, the snapshots found
+//! by tag, the mount table), asks `decide` what they mean, and acts on the answer. The local copies' files
+//! and records are `copy`'s, moving blocks is `ship`'s, the `ferry:mounted` tag's format is `mounted`'s.
 
 pub mod blockmap;
 pub mod client;
+mod copy;
+mod decide;
+mod errors;
 mod freeze;
+mod mounted;
 mod ship;
 
-use std::collections::BTreeMap;
 use std::fs::DirBuilder;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use self::blockmap::BlockMap;
 pub use self::client::{ClientSettings, EbsError, SnapState, SnapshotClient, SnapshotInfo};
+use self::copy::{sized, Copies, LocalCopy, Paths};
+use self::decide::{AttachFacts, AttachPlan, BaseCheck, DetachPlan, MissingCopy, PushPlan, Settle};
+use self::errors::{blocking, ebs_err, internal};
+pub use self::mounted::MOUNTED_STALE;
+pub use self::ship::Transfers;
 use super::{release_mount, Attached, Backend, BackendError, Shipped, TransferTotals, WhenBusy};
 use crate::mount::{Holder, MountTable, Mounter, Storage};
-use crate::spec::{format_size, BackendKind, BackendSpec, FsType, VolumeSpec};
+use crate::spec::{format_size, BackendKind, VolumeSpec};
 use crate::sync::Recover;
 
 /// Blocks in flight per push or pull unless configured.
 pub const DEFAULT_CONCURRENCY: usize = 16;
 /// The tag value that keeps unrelated installations apart unless configured.
 pub const DEFAULT_NAMESPACE: &str = "ferry";
-/// How long a push waits for EBS to report a sealed snapshot completed.
-const SEAL_WAIT: Duration = Duration::from_secs(60);
 /// How often a mounted volume's `ferry:mounted` tag is refreshed.
 const MOUNTED_REFRESH: Duration = Duration::from_secs(30);
-/// A `ferry:mounted` tag older than this no longer counts: its host stopped (crashed, or lost AWS).
-/// Four refreshes, so one or two failed CreateTags calls never make a mounted volume look idle.
-pub const MOUNTED_STALE: Duration = Duration::from_secs(120);
 /// Where `set-aside` moves local copies, under the cache directory. Volume names start with a letter or
 /// digit, so no volume's directory can be this one.
 const RESCUE_DIR: &str = ".rescue";
@@ -63,51 +69,14 @@ pub struct EbsSettings {
     pub default_size: Option<u64>,
 }
 
-/// Bytes and blocks moved, for metrics.
-#[derive(Debug, Default)]
-pub struct Transfers {
-    pub blocks_shipped: AtomicU64,
-    pub bytes_shipped: AtomicU64,
-    pub blocks_pulled: AtomicU64,
-    pub bytes_pulled: AtomicU64,
-}
-
-/// What the local copy of one volume is based on; `copy.json`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct LocalCopy {
-    /// The snapshot the image was pulled from or last shipped as; `None` before the first push.
-    snapshot: Option<String>,
-    generation: u64,
-    /// Set before the image is mounted and cleared once everything is shipped: the image may hold
-    /// changes no snapshot has.
-    dirty: bool,
-    /// A snapshot a push started and has not recorded as done; the next push or mount settles it.
-    pending: Option<String>,
-    /// Whether `pending` was sealed (CompleteSnapshot accepted): such a snapshot is waited for, never
-    /// deleted, because EBS may still be processing it.
-    #[serde(default)]
-    sealed: bool,
-    /// Why this copy cannot be shipped or mounted (changes on an old base, a lost race for a generation),
-    /// kept until the copy is set aside or ships; shown as the volume's health after any restart.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    conflict: Option<String>,
-}
-
-struct Paths {
-    dir: PathBuf,
-    image: PathBuf,
-    blocks: PathBuf,
-    copy: PathBuf,
-}
-
 pub struct EbsBackend {
     inner: Arc<Inner>,
 }
 
 struct Inner {
     settings: EbsSettings,
-    root: PathBuf,
-    mount_root: Option<PathBuf>,
+    /// The local copies, their records and the conflicts recorded against them.
+    copies: Copies,
     mounter: Arc<dyn Mounter>,
     client: SnapshotClient,
     host_id: String,
@@ -115,39 +84,10 @@ struct Inner {
     /// One per volume: a checkpoint runs outside the service's volume lock (its upload may be long), so
     /// attach, detach and checkpoint of one volume take this to never ship from the same base twice.
     ship_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// The `conflict` of every local copy, loaded at start and kept in step with `copy.json`, so Status
-    /// answers from memory.
-    conflicts: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Volumes mounted here -> the snapshot that carries this host's `ferry:mounted` tag, if any.
     mounted: std::sync::Mutex<std::collections::HashMap<String, Option<String>>>,
     /// For the `ferry:mounted` tag: host ids are unambiguous, hostnames are what people recognise.
     hostname: String,
-}
-
-fn ebs_err(e: EbsError) -> BackendError {
-    BackendError::Ebs(Box::new(e))
-}
-
-fn internal(e: impl std::fmt::Display) -> BackendError {
-    BackendError::Internal(BackendKind::Ebs, e.to_string())
-}
-
-/// Runs blocking work (image I/O, mkfs, mount) off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
-) -> Result<T, BackendError> {
-    super::blocking(BackendKind::Ebs, f).await
-}
-
-/// The options that must match for a Create on another host to adopt a volume. `checkpoint` is this
-/// host's choice of schedule, not a property of the data.
-const DATA_OPTIONS: &[&str] = &["size", "fs", "uid", "gid", "mode"];
-
-fn data_options(spec: &VolumeSpec) -> BTreeMap<String, String> {
-    spec.to_options()
-        .into_iter()
-        .filter(|(k, _)| DATA_OPTIONS.contains(&k.as_str()))
-        .collect()
 }
 
 impl EbsBackend {
@@ -171,14 +111,12 @@ impl EbsBackend {
             .unwrap_or_default();
         let inner = Arc::new(Inner {
             settings,
-            root,
-            mount_root,
+            copies: Copies::new(root, mount_root),
             mounter,
             client,
             host_id,
             transfers: Arc::new(Transfers::default()),
             ship_locks: Default::default(),
-            conflicts: Default::default(),
             mounted: Default::default(),
             hostname: if hostname.is_empty() {
                 "unknown".into()
@@ -186,7 +124,6 @@ impl EbsBackend {
                 hostname
             },
         });
-        inner.load_conflicts();
         tokio::spawn(refresh_mounted_tags(Arc::downgrade(&inner)));
         Ok(EbsBackend { inner })
     }
@@ -208,19 +145,6 @@ async fn refresh_mounted_tags(inner: std::sync::Weak<Inner>) {
     }
 }
 
-/// The value of a `ferry:mounted` tag: when, and which host (by id and by name).
-fn mounted_tag(host_id: &str, hostname: &str, at: u64) -> String {
-    format!("{at} {host_id} {hostname}")
-}
-
-/// (written at, host id, hostname) of a `ferry:mounted` tag; `None` if it is not one Ferry wrote.
-fn parse_mounted_tag(value: &str) -> Option<(u64, &str, &str)> {
-    let mut parts = value.splitn(3, ' ');
-    let at = parts.next()?.parse().ok()?;
-    let id = parts.next().filter(|s| !s.is_empty())?;
-    Some((at, id, parts.next().unwrap_or("")))
-}
-
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -238,50 +162,10 @@ impl Inner {
             .clone()
     }
 
-    /// Reads the `conflict` of every local copy into memory.
-    fn load_conflicts(&self) {
-        let Ok(dirs) = std::fs::read_dir(&self.root) else {
-            return;
-        };
-        let mut found = self.conflicts.lock().recover();
-        for dir in dirs.flatten() {
-            let name = dir.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            if let Ok(LocalCopy {
-                conflict: Some(c), ..
-            }) = self.load_copy(&name)
-            {
-                found.insert(name, c);
-            }
-        }
-    }
-
-    /// Records durably (and in memory) why this copy cannot ship, and returns the error that says so.
-    fn conflict(&self, name: &str, copy: &mut LocalCopy, err: EbsError) -> BackendError {
-        let text = err.to_string();
-        copy.conflict = Some(text.clone());
-        if let Err(e) = self.save_copy(name, copy) {
-            tracing::error!(volume = name, error = %e, "cannot record the conflict in the local copy's record");
-        }
-        self.conflicts
-            .lock()
-            .recover()
-            .insert(name.to_string(), text);
-        ebs_err(err)
-    }
-
-    /// Forgets a conflict once the copy mounted or shipped from the newest base.
-    fn settled(&self, name: &str, copy: &mut LocalCopy) {
-        copy.conflict = None;
-        self.conflicts.lock().recover().remove(name);
-    }
-
     /// Tags the snapshot the local copy is based on as mounted here (and untags the one tagged before,
     /// after a checkpoint moved the base). Failures are logged: the tag only informs other hosts' Remove.
     async fn tag_mounted(&self, name: &str) {
-        let Ok(copy) = self.load_copy(name) else {
+        let Ok(copy) = self.copies.load(name) else {
             return;
         };
         let before = match self.mounted.lock().recover().get(name) {
@@ -289,7 +173,7 @@ impl Inner {
             None => return,
         };
         if let Some(snap) = &copy.snapshot {
-            let value = mounted_tag(&self.host_id, &self.hostname, now_secs());
+            let value = mounted::tag_value(&self.host_id, &self.hostname, now_secs());
             if let Err(e) = self
                 .client
                 .set_tag(name, snap, client::tags::MOUNTED, &value)
@@ -339,23 +223,6 @@ impl Inner {
         }
     }
 
-    /// A fresh `ferry:mounted` tag of another host on any of the volume's snapshots, as the error that
-    /// refuses a Remove.
-    fn mounted_elsewhere(&self, snapshots: &[(String, SnapshotInfo)]) -> Option<BackendError> {
-        let now = now_secs();
-        snapshots
-            .iter()
-            .filter_map(|(_, s)| parse_mounted_tag(s.mounted.as_deref()?))
-            .filter(|(_, id, _)| *id != self.host_id)
-            .filter(|(at, _, _)| now.saturating_sub(*at) < MOUNTED_STALE.as_secs())
-            .max_by_key(|(at, _, _)| *at)
-            .map(|(at, id, hostname)| BackendError::MountedElsewhere {
-                host: format!("{hostname} [ferry host id {id}]"),
-                age_secs: now.saturating_sub(at),
-                stale_secs: MOUNTED_STALE.as_secs(),
-            })
-    }
-
     /// Moves the local copy to the rescue directory and leaves an empty one, so the next mount pulls the
     /// newest snapshot. Returns where the copy went.
     fn set_aside(&self, name: &str) -> Result<PathBuf, BackendError> {
@@ -373,7 +240,7 @@ impl Inner {
                 ),
             }));
         }
-        let rescue = self.root.join(RESCUE_DIR);
+        let rescue = self.copies.root().join(RESCUE_DIR);
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -391,58 +258,37 @@ impl Inner {
             .mode(0o700)
             .create(&p.dir)
             .map_err(BackendError::io("create", &p.dir))?;
-        std::fs::File::open(&self.root)
+        let root = self.copies.root();
+        std::fs::File::open(root)
             .and_then(|d| d.sync_all())
-            .map_err(BackendError::io("sync", &self.root))?;
-        self.conflicts.lock().recover().remove(name);
+            .map_err(BackendError::io("sync", root))?;
+        self.copies.forget(name);
         tracing::warn!(volume = name, to = %to.display(), "the local copy was set aside; the next mount pulls the newest snapshot");
         Ok(to)
     }
 
     fn paths(&self, name: &str) -> Paths {
-        let dir = self.root.join(name);
-        Paths {
-            image: dir.join("image"),
-            blocks: dir.join("blocks"),
-            copy: dir.join("copy.json"),
-            dir,
-        }
+        self.copies.paths(name)
     }
 
     fn exposed(&self, name: &str) -> PathBuf {
-        match &self.mount_root {
-            Some(m) => m.join(name),
-            None => self.root.join(name).join("mnt"),
-        }
+        self.copies.exposed(name)
     }
 
-    fn load_copy(&self, name: &str) -> Result<LocalCopy, BackendError> {
-        let path = self.paths(name).copy;
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                ebs_err(EbsError::Invalid {
-                    volume: name.into(),
-                    reason: format!(
-                        "{} is unreadable ({e}); run `ferry ebs set-aside {name}` to move the local copy \
-                         aside (it prints where) and pull the newest snapshot at the next mount",
-                        path.display()
-                    ),
-                })
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LocalCopy::default()),
-            Err(e) => Err(BackendError::io("read", &path)(e)),
+    /// What moving blocks needs from this backend.
+    fn shipper(&self) -> ship::Shipper<'_> {
+        ship::Shipper {
+            client: &self.client,
+            namespace: &self.settings.namespace,
+            concurrency: self.settings.concurrency,
+            host_id: &self.host_id,
+            transfers: &self.transfers,
+            copies: &self.copies,
         }
-    }
-
-    /// Writes `copy.json` atomically and durably.
-    fn save_copy(&self, name: &str, copy: &LocalCopy) -> Result<(), BackendError> {
-        let bytes = serde_json::to_vec_pretty(copy).map_err(internal)?;
-        crate::durable::write_atomic(&self.paths(name).copy, &bytes)
-            .map_err(|e| BackendError::io(e.op, &e.path)(e.source))
     }
 
     /// The volume's snapshots, with the newest completed one; refuses while another host's push of a
-    /// newer generation is in flight, and when two snapshots claim the newest generation.
+    /// newer generation is in flight (see `decide::newest`).
     async fn history(
         &self,
         name: &str,
@@ -456,35 +302,7 @@ impl Inner {
             .into_iter()
             .map(|(_, s)| s)
             .collect();
-        // Two completed snapshots of one generation are two hosts' pushes racing: the one with the smaller
-        // id wins (see `ship::resolve_twin`), and its loser deletes itself; until then, read the winner.
-        let top = list
-            .iter()
-            .filter(|s| s.state == SnapState::Completed)
-            .map(|s| s.generation)
-            .max();
-        let newest = list
-            .iter()
-            .filter(|s| s.state == SnapState::Completed && Some(s.generation) == top)
-            .min_by(|a, b| a.id.cmp(&b.id))
-            .cloned();
-        let top = top.unwrap_or(0);
-        if let Some(p) = list.iter().find(|s| {
-            s.state == SnapState::Pending
-                && s.generation > top
-                && Some(s.id.as_str()) != own_pending
-        }) {
-            return Err(ebs_err(EbsError::Pending {
-                volume: name.into(),
-                snapshot: p.id.clone(),
-                generation: p.generation,
-                host: if p.host.is_empty() {
-                    "unknown".into()
-                } else {
-                    p.host.clone()
-                },
-            }));
-        }
+        let newest = decide::newest(name, &list, own_pending).map_err(ebs_err)?;
         Ok((list, newest))
     }
 
@@ -505,49 +323,34 @@ impl Inner {
             Some(s) => Some(s.state),
             None => self.client.state(name, &id).await.map_err(ebs_err)?,
         };
-        let state = if copy.sealed && state == Some(SnapState::Pending) {
-            self.wait_completed(name, &id).await?
+        let state = if decide::wait_for_seal(copy.sealed, state) {
+            ship::wait_completed(&self.client, name, &id).await?
         } else {
             state
         };
-        match (state, found) {
-            (Some(SnapState::Completed), Some(s)) => {
+        match decide::settle(state, found) {
+            Settle::Adopt { generation } => {
                 copy.pending = None;
                 copy.sealed = false;
                 // It may have raced another host's push of the same generation, like any push.
-                ship::resolve_twin(self, name, copy, &id, s.generation).await?;
-                tracing::warn!(volume = name, snapshot = %id, generation = s.generation,
+                ship::resolve_twin(&self.shipper(), name, copy, &id, generation).await?;
+                tracing::warn!(volume = name, snapshot = %id, generation,
                     "a push interrupted after its snapshot completed is taken as shipped");
                 copy.snapshot = Some(id);
-                copy.generation = s.generation;
+                copy.generation = generation;
             }
-            _ => {
+            Settle::Delete => {
                 tracing::warn!(volume = name, snapshot = %id, "deleting a snapshot an interrupted push left unfinished");
                 self.client.delete(name, &id).await.map_err(ebs_err)?;
             }
         }
         copy.pending = None;
         copy.sealed = false;
-        self.save_copy(name, copy)
+        self.copies.save(name, copy)
     }
 
-    async fn wait_completed(
-        &self,
-        name: &str,
-        id: &str,
-    ) -> Result<Option<SnapState>, BackendError> {
-        let deadline = tokio::time::Instant::now() + SEAL_WAIT;
-        let mut pause = Duration::from_millis(200);
-        loop {
-            let state = self.client.state(name, id).await.map_err(ebs_err)?;
-            if state != Some(SnapState::Pending) || tokio::time::Instant::now() >= deadline {
-                return Ok(state);
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
-        }
-    }
-
+    /// Mounts the volume's local copy, first pulling the newest snapshot or making a fresh filesystem
+    /// when `decide::attach` says so.
     async fn attach(
         &self,
         name: &str,
@@ -557,21 +360,22 @@ impl Inner {
         let p = self.paths(name);
         let target = self.exposed(name);
         for path in [&p.image, &p.copy, &p.blocks] {
-            super::refuse_links(&self.root, path)?;
+            super::refuse_links(self.copies.root(), path)?;
         }
         if !p.dir.is_dir() {
-            // The local copy is a cache of what EBS holds: gone (deleted by hand), it is pulled again.
-            // Gone with nothing ever shipped, the data lived only there and nothing can bring it back.
             let (_, newest) = self.history(name, None).await?;
-            if newest.is_none() {
-                return Err(ebs_err(EbsError::Invalid {
-                    volume: name.into(),
-                    reason: format!(
-                        "the local copy {} is missing and EBS holds no snapshot of this volume: it was never \
-                         shipped, so its data existed only there; restore that directory from a backup",
-                        p.dir.display()
-                    ),
-                }));
+            match decide::missing_copy(newest.as_ref()) {
+                MissingCopy::Lost => {
+                    return Err(ebs_err(EbsError::Invalid {
+                        volume: name.into(),
+                        reason: format!(
+                            "the local copy {} is missing and EBS holds no snapshot of this volume: it was never \
+                             shipped, so its data existed only there; restore that directory from a backup",
+                            p.dir.display()
+                        ),
+                    }));
+                }
+                MissingCopy::Pull => {}
             }
             tracing::warn!(volume = name, dir = %p.dir.display(), "the local copy is missing; pulling the newest snapshot");
             DirBuilder::new()
@@ -579,7 +383,7 @@ impl Inner {
                 .create(&p.dir)
                 .map_err(BackendError::io("create", &p.dir))?;
         }
-        let mut copy = self.load_copy(name)?;
+        let mut copy = self.copies.load(name)?;
         let from_copy = |c: &LocalCopy| {
             c.snapshot.clone().map(|snapshot| Shipped {
                 snapshot,
@@ -597,96 +401,108 @@ impl Inner {
         }
         let (list, newest) = self.history(name, copy.pending.as_deref()).await?;
         self.settle_pending(name, &mut copy, &list).await?;
-        let newest_gen = newest.as_ref().map_or(0, |n| n.generation);
-        if let Some(s) = shipped {
-            if s.generation > newest_gen {
+        let plan = decide::attach(
+            name,
+            &AttachFacts {
+                copy: &copy,
+                have_image: p.image.is_file(),
+                list: &list,
+                newest: newest.as_ref(),
+                shipped,
+            },
+        )
+        .map_err(ebs_err)?;
+        let fresh_fs = match plan {
+            AttachPlan::Current => {
+                tracing::info!(
+                    volume = name,
+                    generation = copy.generation,
+                    dirty = copy.dirty,
+                    "the local copy is current"
+                );
+                false
+            }
+            AttachPlan::CatalogAhead {
+                generation,
+                snapshot,
+                newest,
+            } => {
                 return Err(ebs_err(EbsError::Invalid {
                     volume: name.into(),
                     reason: format!(
-                        "this host's catalog records generation {} (snapshot {}) but EBS holds only up to \
-                         generation {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
+                        "this host's catalog records generation {generation} (snapshot {snapshot}) but EBS holds only up to \
+                         generation {newest}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
                          Run `ferry ebs set-aside {name}` to move this host's copy aside (it prints where) and take what EBS holds now",
-                        s.generation, s.snapshot
                     ),
                 }));
             }
-        }
-        let have_image = p.image.is_file();
-        // The same generation is not enough: a volume removed and made again elsewhere starts its
-        // generations anew, and an old copy must not pass for the new volume's data.
-        let current = have_image
-            && copy.generation == newest_gen
-            && copy.snapshot.as_deref() == newest.as_ref().map(|n| n.id.as_str());
-        let fresh_fs = if current {
-            tracing::info!(
-                volume = name,
-                generation = newest_gen,
-                dirty = copy.dirty,
-                "the local copy is current"
-            );
-            false
-        } else if have_image && copy.dirty && copy.generation <= newest_gen {
-            let n = newest.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-            let err = EbsError::Diverged {
-                volume: name.into(),
-                newest: newest_gen,
-                snapshot: n,
-                base: copy.generation,
-                image: p.image.display().to_string(),
-            };
-            return Err(self.conflict(name, &mut copy, err));
-        } else if have_image && copy.generation > newest_gen {
-            let err = EbsError::Invalid {
-                volume: name.into(),
-                reason: format!(
-                    "the local copy is based on generation {} but EBS holds only up to generation \
-                     {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
-                     Run `ferry ebs set-aside {name}` to move this copy aside (it prints where) and start from EBS's data",
-                    copy.generation,
-                ),
-            };
-            return Err(self.conflict(name, &mut copy, err));
-        } else if let Some(n) = &newest {
-            let chain = ship::chain(name, &list, n)?;
-            let map = ship::pull(self, name, spec, &chain, &p).await?;
-            let m = p.blocks.clone();
-            blocking(move || map.save(&m).map_err(internal)).await?;
-            copy = LocalCopy {
-                snapshot: Some(n.id.clone()),
-                generation: n.generation,
-                ..LocalCopy::default()
-            };
-            self.save_copy(name, &copy)?;
-            false
-        } else {
-            // A new volume: nothing shipped yet, so an empty filesystem it is.
-            let (size, fs) = sized(spec)?;
-            let image = p.image.clone();
-            let mounter = self.mounter.clone();
-            blocking(move || {
-                let tmp = image.with_extension("new");
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&tmp)
-                    .map_err(BackendError::io("create", &tmp))?;
-                f.set_len(size).map_err(BackendError::io("size", &tmp))?;
-                drop(f);
-                mounter.format(&tmp, fs)?;
-                std::fs::rename(&tmp, &image).map_err(BackendError::io("rename", &tmp))
-            })
-            .await?;
-            copy = LocalCopy::default();
-            true
+            AttachPlan::Diverged {
+                newest,
+                snapshot,
+                base,
+            } => {
+                let err = EbsError::Diverged {
+                    volume: name.into(),
+                    newest,
+                    snapshot,
+                    base,
+                    image: p.image.display().to_string(),
+                };
+                return Err(self.copies.conflict(name, &mut copy, err));
+            }
+            AttachPlan::DeletedElsewhere { base, newest } => {
+                let err = EbsError::Invalid {
+                    volume: name.into(),
+                    reason: format!(
+                        "the local copy is based on generation {base} but EBS holds only up to generation \
+                         {newest}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
+                         Run `ferry ebs set-aside {name}` to move this copy aside (it prints where) and start from EBS's data",
+                    ),
+                };
+                return Err(self.copies.conflict(name, &mut copy, err));
+            }
+            AttachPlan::Pull { newest, chain } => {
+                let map = ship::pull(&self.shipper(), name, spec, &chain, &p).await?;
+                let m = p.blocks.clone();
+                blocking(move || map.save(&m).map_err(internal)).await?;
+                copy = LocalCopy {
+                    snapshot: Some(newest.snapshot),
+                    generation: newest.generation,
+                    ..LocalCopy::default()
+                };
+                self.copies.save(name, &copy)?;
+                false
+            }
+            AttachPlan::Fresh => {
+                // A new volume: nothing shipped yet, so an empty filesystem it is.
+                let (size, fs) = sized(spec)?;
+                let image = p.image.clone();
+                let mounter = self.mounter.clone();
+                blocking(move || {
+                    let tmp = image.with_extension("new");
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&tmp)
+                        .map_err(BackendError::io("create", &tmp))?;
+                    f.set_len(size).map_err(BackendError::io("size", &tmp))?;
+                    drop(f);
+                    mounter.format(&tmp, fs)?;
+                    std::fs::rename(&tmp, &image).map_err(BackendError::io("rename", &tmp))
+                })
+                .await?;
+                copy = LocalCopy::default();
+                true
+            }
         };
         // Dirty before the mount, so a crash while mounted never hides changes; a mount that fails
         // changed nothing, and puts the flag back.
         let was_dirty = copy.dirty;
         copy.dirty = true;
-        self.save_copy(name, &copy)?;
+        self.copies.save(name, &copy)?;
         let (_, fs) = sized(spec)?;
         let (image, t, mounter, spec2) = (
             p.image.clone(),
@@ -694,7 +510,11 @@ impl Inner {
             self.mounter.clone(),
             spec.clone(),
         );
-        let exposed_root = self.mount_root.clone().unwrap_or_else(|| self.root.clone());
+        let exposed_root = self
+            .copies
+            .mount_root()
+            .unwrap_or(self.copies.root())
+            .to_path_buf();
         let mounted = blocking(move || {
             DirBuilder::new()
                 .recursive(true)
@@ -715,14 +535,14 @@ impl Inner {
         .await;
         if let Err(e) = mounted {
             copy.dirty = was_dirty;
-            if let Err(s) = self.save_copy(name, &copy) {
+            if let Err(s) = self.copies.save(name, &copy) {
                 tracing::error!(volume = name, error = %s, "cannot clear the changed flag after a failed mount");
             }
             return Err(e);
         }
         if copy.conflict.is_some() {
-            self.settled(name, &mut copy);
-            self.save_copy(name, &copy)?;
+            self.copies.settled(name, &mut copy);
+            self.copies.save(name, &copy)?;
         }
         self.start_mounted(name).await;
         Ok(Attached {
@@ -731,6 +551,7 @@ impl Inner {
         })
     }
 
+    /// Unmounts the volume and ships what its local copy may hold unshipped (see `decide::detach`).
     async fn detach(
         &self,
         name: &str,
@@ -742,13 +563,20 @@ impl Inner {
         let t = target.clone();
         blocking(move || release_mount(mounter.as_ref(), &t, WhenBusy::Refuse)).await?;
         self.stop_mounted(name).await;
-        if !self.paths(name).dir.is_dir() {
-            return Ok(shipped.cloned());
-        }
-        let mut copy = self.load_copy(name)?;
-        if copy.dirty || copy.pending.is_some() {
-            self.push(name, spec, &mut copy).await?;
-        }
+        let found = if self.paths(name).dir.is_dir() {
+            Some(self.copies.load(name)?)
+        } else {
+            None
+        };
+        let copy = match (decide::detach(found.as_ref()), found) {
+            (DetachPlan::Push, Some(mut copy)) => {
+                self.push(name, spec, &mut copy).await?;
+                copy
+            }
+            (DetachPlan::Clean, Some(copy)) => copy,
+            // No local copy here: the catalog's record stands.
+            _ => return Ok(shipped.cloned()),
+        };
         Ok(copy
             .snapshot
             .clone()
@@ -778,16 +606,18 @@ impl Inner {
         })
         .await?;
         let changed = old.changed(&now);
-        if changed.is_empty() {
-            tracing::info!(
-                volume = name,
-                generation = copy.generation,
-                "nothing changed; no snapshot"
-            );
-            copy.dirty = false;
-            return self.save_copy(name, copy);
-        }
-        let generation = copy.generation + 1;
+        let generation = match decide::push(copy, &changed) {
+            PushPlan::Unchanged => {
+                tracing::info!(
+                    volume = name,
+                    generation = copy.generation,
+                    "nothing changed; no snapshot"
+                );
+                copy.dirty = false;
+                return self.copies.save(name, copy);
+            }
+            PushPlan::Ship { generation } => generation,
+        };
         let offsets: Vec<u64> = changed.iter().map(|i| i * blockmap::BLOCK_SIZE).collect();
         let src = ship::BlockSource {
             path: &p.image,
@@ -795,7 +625,7 @@ impl Inner {
             offsets: &offsets,
             now: &now,
         };
-        let id = ship::push(self, name, spec, copy, generation, src).await?;
+        let id = ship::push(&self.shipper(), name, spec, copy, generation, src).await?;
         // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
         // the block map is saved only makes the next push repeat blocks.
         *copy = LocalCopy {
@@ -804,12 +634,12 @@ impl Inner {
             dirty: true,
             ..LocalCopy::default()
         };
-        self.save_copy(name, copy)?;
+        self.copies.save(name, copy)?;
         let blocks = p.blocks.clone();
         blocking(move || now.save(&blocks).map_err(internal)).await?;
         copy.dirty = false;
-        self.settled(name, copy);
-        self.save_copy(name, copy)
+        self.copies.settled(name, copy);
+        self.copies.save(name, copy)
     }
 
     /// Ships what changed in a mounted volume: the filesystem is frozen only while the changed blocks
@@ -822,7 +652,7 @@ impl Inner {
     ) -> Result<Option<Shipped>, BackendError> {
         let p = self.paths(name);
         let target = self.exposed(name);
-        let mut copy = self.load_copy(name)?;
+        let mut copy = self.copies.load(name)?;
         let current = |c: &LocalCopy| {
             c.snapshot
                 .clone()
@@ -862,10 +692,10 @@ impl Inner {
             frozen_ms = frozen_for.as_millis() as u64,
             "checkpoint: changed blocks copied aside"
         );
-        if changed.is_empty() {
-            return Ok(current(&copy));
-        }
-        let generation = copy.generation + 1;
+        let generation = match decide::push(&copy, &changed) {
+            PushPlan::Unchanged => return Ok(current(&copy)),
+            PushPlan::Ship { generation } => generation,
+        };
         let offsets: Vec<u64> = (0..changed.len() as u64)
             .map(|k| k * blockmap::BLOCK_SIZE)
             .collect();
@@ -875,7 +705,7 @@ impl Inner {
             offsets: &offsets,
             now: &now,
         };
-        let id = ship::push(self, name, spec, &mut copy, generation, src).await?;
+        let id = ship::push(&self.shipper(), name, spec, &mut copy, generation, src).await?;
         // Still mounted, so still dirty: what changed after the freeze ships next time.
         copy = LocalCopy {
             snapshot: Some(id),
@@ -883,7 +713,7 @@ impl Inner {
             dirty: true,
             ..LocalCopy::default()
         };
-        self.save_copy(name, &copy)?;
+        self.copies.save(name, &copy)?;
         let blocks = p.blocks.clone();
         blocking(move || {
             now.save(&blocks).map_err(internal)?;
@@ -899,48 +729,35 @@ impl Inner {
         let p = self.paths(name);
         let (list, newest) = self.history(name, copy.pending.as_deref()).await?;
         self.settle_pending(name, copy, &list).await?;
-        let newest_gen = newest.as_ref().map_or(0, |n| n.generation);
-        if newest_gen != copy.generation || newest.as_ref().map(|n| &n.id) != copy.snapshot.as_ref()
-        {
-            if newest_gen < copy.generation {
-                let err = EbsError::Invalid {
-                    volume: name.into(),
-                    reason: format!(
-                        "the local copy is based on generation {} but EBS holds only up to generation \
-                         {newest_gen}: its snapshots were deleted (by a Remove on another host, or outside Ferry); \
-                         nothing was shipped. Run `ferry ebs set-aside {name}` to move this copy aside (it prints where)",
-                        copy.generation
-                    ),
-                };
-                return Err(self.conflict(name, copy, err));
-            }
-            let err = EbsError::Diverged {
+        let err = match decide::base(copy, newest.as_ref()) {
+            BaseCheck::Newest => return Ok(()),
+            BaseCheck::DeletedElsewhere { base, newest } => EbsError::Invalid {
                 volume: name.into(),
-                newest: newest_gen,
-                snapshot: newest.map(|n| n.id).unwrap_or_default(),
-                base: copy.generation,
+                reason: format!(
+                    "the local copy is based on generation {base} but EBS holds only up to generation \
+                     {newest}: its snapshots were deleted (by a Remove on another host, or outside Ferry); \
+                     nothing was shipped. Run `ferry ebs set-aside {name}` to move this copy aside (it prints where)",
+                ),
+            },
+            BaseCheck::Diverged {
+                newest,
+                snapshot,
+                base,
+            } => EbsError::Diverged {
+                volume: name.into(),
+                newest,
+                snapshot,
+                base,
                 image: p.image.display().to_string(),
-            };
-            return Err(self.conflict(name, copy, err));
-        }
-        Ok(())
+            },
+        };
+        Err(self.copies.conflict(name, copy, err))
     }
 
     async fn create(&self, name: &str, spec: &VolumeSpec) -> Result<Option<Shipped>, BackendError> {
         let (_, newest) = self.history(name, None).await?;
         if let Some(n) = &newest {
-            let ours = data_options(spec);
-            for key in DATA_OPTIONS {
-                let (theirs, mine) = (n.options.get(*key), ours.get(*key));
-                if theirs != mine {
-                    return Err(ebs_err(EbsError::Contradicts {
-                        volume: name.into(),
-                        option: (*key).into(),
-                        theirs: theirs.cloned().unwrap_or_else(|| "unset".into()),
-                        ours: mine.cloned().unwrap_or_else(|| "unset".into()),
-                    }));
-                }
-            }
+            decide::contradiction(name, n, spec).map_err(ebs_err)?;
         }
         let dir = self.paths(name).dir;
         DirBuilder::new()
@@ -956,7 +773,7 @@ impl Inner {
     fn remove_local(&self, name: &str) -> Result<(), BackendError> {
         let target = self.exposed(name);
         release_mount(self.mounter.as_ref(), &target, WhenBusy::Refuse)?;
-        if self.mount_root.is_some() {
+        if self.copies.mount_root().is_some() {
             match std::fs::remove_dir(&target) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -965,7 +782,7 @@ impl Inner {
         }
         let dir = self.paths(name).dir;
         self.mounted.lock().recover().remove(name);
-        self.conflicts.lock().recover().remove(name);
+        self.copies.forget(name);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -996,13 +813,6 @@ fn copy_aside(image: &Path, spool: &Path, changed: &[u64]) -> Result<(), Backend
     Ok(())
 }
 
-fn sized(spec: &VolumeSpec) -> Result<(u64, FsType), BackendError> {
-    match spec.backend {
-        BackendSpec::Ebs { size, fs, .. } => Ok((size, fs)),
-        _ => Err(internal("a volume of another backend was routed to ebs")),
-    }
-}
-
 #[async_trait]
 impl Backend for EbsBackend {
     fn kind(&self) -> BackendKind {
@@ -1017,7 +827,7 @@ impl Backend for EbsBackend {
         // The local copy is one file of the volume's size, made at the first Mount: refuse now what
         // that filesystem could never hold.
         match spec.size() {
-            Some(size) => super::check_image_fits(&self.inner.root, size, |s| s),
+            Some(size) => super::check_image_fits(self.inner.copies.root(), size, |s| s),
             None => Ok(()),
         }
     }
@@ -1042,7 +852,7 @@ impl Backend for EbsBackend {
             .map_err(ebs_err)?;
         // Without a shared catalog, the tag is how this host learns that another one still uses the data
         // it is about to delete.
-        if let Some(e) = inner.mounted_elsewhere(&snapshots) {
+        if let Some(e) = mounted::elsewhere(&snapshots, &inner.host_id, now_secs()) {
             return Err(e);
         }
         // Unmount first: snapshots are deleted only once nothing here can ship more of them.
@@ -1147,7 +957,7 @@ impl Backend for EbsBackend {
     }
 
     fn problem(&self, name: &str) -> Option<String> {
-        self.inner.conflicts.lock().recover().get(name).cloned()
+        self.inner.copies.problem(name)
     }
 
     async fn set_aside(&self, name: &str, _spec: &VolumeSpec) -> Result<PathBuf, BackendError> {
@@ -1170,30 +980,5 @@ impl Backend for EbsBackend {
             blocks_pulled: t.blocks_pulled.load(Ordering::Relaxed),
             bytes_pulled: t.bytes_pulled.load(Ordering::Relaxed),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mounted_tags_round_trip_and_refuse_garbage() {
-        let tag = mounted_tag("0123abcd", "node 1", 1_700_000_000);
-        assert_eq!(
-            parse_mounted_tag(&tag),
-            Some((1_700_000_000, "0123abcd", "node 1"))
-        );
-        assert_eq!(parse_mounted_tag("soon 0123abcd node"), None);
-        assert_eq!(parse_mounted_tag("12"), None);
-        assert_eq!(parse_mounted_tag(""), None);
-    }
-
-    #[test]
-    fn a_copy_record_without_a_conflict_reads_as_before() {
-        let old = r#"{"snapshot":"snap-1","generation":3,"dirty":false,"pending":null}"#;
-        let copy: LocalCopy = serde_json::from_str(old).unwrap();
-        assert_eq!(copy.conflict, None);
-        assert!(!serde_json::to_string(&copy).unwrap().contains("conflict"));
     }
 }

@@ -1,12 +1,14 @@
 //! Moving blocks: pushing the changed blocks of an image as a new snapshot, and pulling a snapshot chain
-//! into a fresh image. Both keep `concurrency` blocks in flight and count what they move.
+//! into a fresh image. Both keep `concurrency` blocks in flight and count what they move (`Transfers`). A
+//! push also waits for EBS to complete its sealed snapshot and settles a race for its generation with
+//! another host. What it needs from the backend comes in a `Shipper`; which chain to pull and which
+//! generation to push is decided before (see `decide`).
 //!
 //! A pull writes a new file beside the image and renames it into place only when every block arrived and
 //! passed its checksum, so a crash or an error mid-pull never leaves a half-pulled image that looks whole.
 
-use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,55 +17,43 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::blockmap::{zero_block_digest, BlockHash, BlockMap, BLOCK_SIZE};
-use super::client::{tags, EbsError, SnapState, SnapshotInfo};
-use super::{blocking, data_options, ebs_err, internal, sized, Inner, LocalCopy, Paths};
+use super::client::{tags, EbsError, SnapState, SnapshotClient, SnapshotInfo};
+use super::copy::{sized, Copies, LocalCopy, Paths};
+use super::decide::data_options;
+use super::errors::{blocking, ebs_err, internal};
 use crate::backend::BackendError;
 use crate::spec::VolumeSpec;
 
 /// How often a long pull or push reports its progress in the log.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How long a push waits for EBS to report a sealed snapshot completed.
+const SEAL_WAIT: Duration = Duration::from_secs(60);
 
-/// The snapshots whose blocks make up `newest`, newest first, following each one's parent tag.
-pub(super) fn chain(
-    name: &str,
-    list: &[SnapshotInfo],
-    newest: &SnapshotInfo,
-) -> Result<Vec<SnapshotInfo>, BackendError> {
-    let by_id: HashMap<&str, &SnapshotInfo> = list
-        .iter()
-        .filter(|s| s.state == SnapState::Completed)
-        .map(|s| (s.id.as_str(), s))
-        .collect();
-    let mut out = vec![newest.clone()];
-    let mut at = newest;
-    while let Some(parent) = &at.parent {
-        let Some(p) = by_id.get(parent.as_str()) else {
-            return Err(ebs_err(EbsError::Invalid {
-                volume: name.into(),
-                reason: format!(
-                    "snapshot {} (generation {}) builds on {parent}, which is missing or not completed; \
-                     the volume's history was deleted in part outside Ferry",
-                    at.id, at.generation
-                ),
-            }));
-        };
-        // Generations strictly decrease along the chain, so a tag loop cannot spin forever.
-        if p.generation >= at.generation {
-            return Err(ebs_err(EbsError::Invalid {
-                volume: name.into(),
-                reason: format!("snapshot {parent} is tagged as its own descendant"),
-            }));
-        }
-        out.push((*p).clone());
-        at = p;
-    }
-    Ok(out)
+/// Bytes and blocks moved, for metrics.
+#[derive(Debug, Default)]
+pub struct Transfers {
+    pub blocks_shipped: AtomicU64,
+    pub bytes_shipped: AtomicU64,
+    pub blocks_pulled: AtomicU64,
+    pub bytes_pulled: AtomicU64,
+}
+
+/// What moving blocks needs from the backend: the AWS client, the settings that shape a transfer, the
+/// counters, and the local copies whose records a push keeps up to date.
+pub(super) struct Shipper<'a> {
+    pub client: &'a SnapshotClient,
+    pub namespace: &'a str,
+    /// Blocks in flight per push or pull.
+    pub concurrency: usize,
+    pub host_id: &'a str,
+    pub transfers: &'a Transfers,
+    pub copies: &'a Copies,
 }
 
 /// Pulls the chain into `image.pull`, verifying every block, then renames it over the image. Returns the
 /// hash of every block as pulled.
 pub(super) async fn pull(
-    inner: &Inner,
+    shipper: &Shipper<'_>,
     name: &str,
     spec: &VolumeSpec,
     chain: &[SnapshotInfo],
@@ -94,7 +84,7 @@ pub(super) async fn pull(
     let mut map = BlockMap::zeros(count);
     let mut pulled = 0u64;
     let mut last_report = Instant::now();
-    let concurrency = inner.settings.concurrency.max(1);
+    let concurrency = shipper.concurrency.max(1);
     // `net` bounds the requests in flight (the configured concurrency); `held` bounds the blocks
     // requested or received but not yet written, so checking and writing a block happens after its
     // request's slot went to the next block, and memory stays at 2 x concurrency blocks.
@@ -103,7 +93,7 @@ pub(super) async fn pull(
     // Newest first: a block the newest snapshot lists is the one to keep, and older snapshots fill only
     // the blocks no newer one listed (real EBS lists inherited blocks too; moto lists only a snapshot's own).
     for snap in chain {
-        let blocks = inner
+        let blocks = shipper
             .client
             .list_blocks(name, &snap.id)
             .await
@@ -119,7 +109,7 @@ pub(super) async fn pull(
             *slot = true;
             let hold = held.clone().acquire_owned().await.map_err(internal)?;
             let (client, volume, id, net) = (
-                inner.client.clone(),
+                shipper.client.clone(),
                 name.to_string(),
                 snap.id.clone(),
                 net.clone(),
@@ -157,11 +147,11 @@ pub(super) async fn pull(
             pulled += 1;
         }
     }
-    inner
+    shipper
         .transfers
         .blocks_pulled
         .fetch_add(pulled, Ordering::Relaxed);
-    inner
+    shipper
         .transfers
         .bytes_pulled
         .fetch_add(pulled * BLOCK_SIZE, Ordering::Relaxed);
@@ -227,7 +217,7 @@ pub(super) struct BlockSource<'a> {
 /// Ships the changed blocks as a snapshot of `generation` on top of the copy's base, and returns its id
 /// once EBS reports it completed.
 pub(super) async fn push(
-    inner: &Inner,
+    shipper: &Shipper<'_>,
     name: &str,
     spec: &VolumeSpec,
     copy: &mut LocalCopy,
@@ -240,24 +230,24 @@ pub(super) async fn push(
     let (size, _) = sized(spec)?;
     let options = serde_json::to_string(&data_options(spec)).map_err(internal)?;
     let tag_list = [
-        (tags::NAMESPACE, inner.settings.namespace.clone()),
+        (tags::NAMESPACE, shipper.namespace.to_string()),
         (tags::VOLUME, name.to_string()),
         (tags::GENERATION, generation.to_string()),
         (tags::PARENT, copy.snapshot.clone().unwrap_or_default()),
-        (tags::HOST, inner.host_id.clone()),
+        (tags::HOST, shipper.host_id.to_string()),
         (tags::OPTIONS, options),
     ];
-    let token = client_token(&inner.host_id, name, generation);
-    let id = inner
+    let token = client_token(shipper.host_id, name, generation);
+    let id = shipper
         .client
         .start_snapshot(name, size, copy.snapshot.as_deref(), &tag_list, &token)
         .await
         .map_err(ebs_err)?;
     copy.pending = Some(id.clone());
     copy.sealed = false;
-    inner.save_copy(name, copy)?;
+    shipper.copies.save(name, copy)?;
     let started = Instant::now();
-    let concurrency = inner.settings.concurrency.max(1);
+    let concurrency = shipper.concurrency.max(1);
     let image = std::fs::File::open(source).map_err(BackendError::io("open", source))?;
     // One thread reads the blocks ahead, in order, into a queue as deep as the concurrency, so a request
     // slot that frees finds its block already in memory.
@@ -288,7 +278,7 @@ pub(super) async fn push(
         let (index, data) = read?;
         let permit = sem.clone().acquire_owned().await.map_err(internal)?;
         let digest = src.now.get(index).unwrap_or(zero);
-        let (client, volume, snap) = (inner.client.clone(), name.to_string(), id.clone());
+        let (client, volume, snap) = (shipper.client.clone(), name.to_string(), id.clone());
         set.spawn(async move {
             let _permit = permit;
             client
@@ -322,30 +312,30 @@ pub(super) async fn push(
             source.display()
         )));
     }
-    inner
+    shipper
         .transfers
         .blocks_shipped
         .fetch_add(shipped, Ordering::Relaxed);
-    inner
+    shipper
         .transfers
         .bytes_shipped
         .fetch_add(shipped * BLOCK_SIZE, Ordering::Relaxed);
-    let done = inner
+    let done = shipper
         .client
         .complete(name, &id, changed.len() as u64)
         .await
         .map_err(ebs_err)?;
     copy.sealed = true;
-    inner.save_copy(name, copy)?;
+    shipper.copies.save(name, copy)?;
     if !done {
-        match inner.wait_completed(name, &id).await? {
+        match wait_completed(shipper.client, name, &id).await? {
             Some(SnapState::Completed) => {}
             Some(SnapState::Pending) => {
                 return Err(ebs_err(EbsError::Pending {
                     volume: name.into(),
                     snapshot: id,
                     generation,
-                    host: inner.host_id.clone(),
+                    host: shipper.host_id.to_string(),
                 }))
             }
             _ => {
@@ -358,7 +348,7 @@ pub(super) async fn push(
             }
         }
     }
-    resolve_twin(inner, name, copy, &id, generation).await?;
+    resolve_twin(shipper, name, copy, &id, generation).await?;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         volume = name,
@@ -371,23 +361,41 @@ pub(super) async fn push(
     Ok(id)
 }
 
+/// Waits, up to `SEAL_WAIT`, for EBS to finish processing a sealed snapshot, and returns its state then.
+pub(super) async fn wait_completed(
+    client: &SnapshotClient,
+    name: &str,
+    id: &str,
+) -> Result<Option<SnapState>, BackendError> {
+    let deadline = tokio::time::Instant::now() + SEAL_WAIT;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let state = client.state(name, id).await.map_err(ebs_err)?;
+        if state != Some(SnapState::Pending) || tokio::time::Instant::now() >= deadline {
+            return Ok(state);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Settles a race for one generation between hosts that share no catalog: two pushes may start from the
 /// same base at once, and both complete. The snapshot with the lexically smaller id wins; every host applies
 /// the same rule to the same listing, so exactly one survives. The loser deletes its own snapshot and keeps
 /// its data locally as a recorded conflict. A smaller rival still pending is waited for (up to `SEAL_WAIT`),
 /// since it may complete; one that never does makes this push lose, which keeps data, never two histories.
 pub(super) async fn resolve_twin(
-    inner: &Inner,
+    shipper: &Shipper<'_>,
     name: &str,
     copy: &mut LocalCopy,
     id: &str,
     generation: u64,
 ) -> Result<(), BackendError> {
-    let deadline = Instant::now() + super::SEAL_WAIT;
+    let deadline = Instant::now() + SEAL_WAIT;
     loop {
-        let list = inner
+        let list = shipper
             .client
-            .find(&inner.settings.namespace, Some(name))
+            .find(shipper.namespace, Some(name))
             .await
             .map_err(ebs_err)?;
         let rival = list
@@ -406,7 +414,7 @@ pub(super) async fn resolve_twin(
         }
         tracing::warn!(volume = name, ours = id, theirs = %rival.id, generation,
             "another host shipped the same generation at once and won; deleting this host's snapshot");
-        inner.client.delete(name, id).await.map_err(ebs_err)?;
+        shipper.client.delete(name, id).await.map_err(ebs_err)?;
         copy.pending = None;
         copy.sealed = false;
         let host = if rival.host.is_empty() {
@@ -418,9 +426,9 @@ pub(super) async fn resolve_twin(
             volume: name.into(),
             generation,
             winner: format!("host {host} (snapshot {})", rival.id),
-            image: inner.paths(name).image.display().to_string(),
+            image: shipper.copies.paths(name).image.display().to_string(),
         };
-        return Err(inner.conflict(name, copy, err));
+        return Err(shipper.copies.conflict(name, copy, err));
     }
 }
 
@@ -433,62 +441,4 @@ fn client_token(host: &str, name: &str, generation: u64) -> String {
         .unwrap_or_default();
     let digest = Sha256::digest(format!("{host}/{name}/{generation}/{nanos}"));
     digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snap(id: &str, generation: u64, parent: Option<&str>, state: SnapState) -> SnapshotInfo {
-        SnapshotInfo {
-            id: id.into(),
-            state,
-            generation,
-            parent: parent.map(str::to_string),
-            host: "h".into(),
-            options: Default::default(),
-            mounted: None,
-        }
-    }
-
-    #[test]
-    fn the_chain_follows_parents_and_refuses_holes_and_loops() {
-        let list = vec![
-            snap("a", 1, None, SnapState::Completed),
-            snap("b", 2, Some("a"), SnapState::Completed),
-            snap("c", 3, Some("b"), SnapState::Completed),
-            // Another host's rejected branch and a crashed push: never part of c's chain.
-            snap("x", 3, Some("b"), SnapState::Failed),
-            snap("p", 4, Some("c"), SnapState::Pending),
-        ];
-        let ids: Vec<String> = chain("v", &list, &list[2])
-            .unwrap()
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
-        assert_eq!(ids, ["c", "b", "a"]);
-
-        let holed = vec![
-            snap("a", 1, None, SnapState::Completed),
-            snap("c", 3, Some("b"), SnapState::Completed),
-        ];
-        let err = chain("v", &holed, &holed[1]).unwrap_err().to_string();
-        assert!(
-            err.contains("builds on b") && err.contains("missing"),
-            "{err}"
-        );
-        // A parent that is not completed is a hole too.
-        let pending_parent = vec![
-            snap("a", 1, None, SnapState::Pending),
-            snap("b", 2, Some("a"), SnapState::Completed),
-        ];
-        assert!(chain("v", &pending_parent, &pending_parent[1]).is_err());
-
-        let looped = vec![
-            snap("a", 2, Some("b"), SnapState::Completed),
-            snap("b", 3, Some("a"), SnapState::Completed),
-        ];
-        let err = chain("v", &looped, &looped[1]).unwrap_err().to_string();
-        assert!(err.contains("its own descendant"), "{err}");
-    }
 }
