@@ -857,14 +857,8 @@ impl Backend for EbsBackend {
         }
         // Unmount first: snapshots are deleted only once nothing here can ship more of them.
         let (i, n) = (inner.clone(), name.to_string());
-        blocking(move || {
-            let target = i.exposed(&n);
-            if i.mounter.mount_table()?.is_mounted(&target) {
-                i.mounter.unmount(&target)?;
-            }
-            Ok(())
-        })
-        .await?;
+        blocking(move || release_mount(i.mounter.as_ref(), &i.exposed(&n), WhenBusy::Refuse))
+            .await?;
         for (_, s) in &snapshots {
             inner.client.delete(name, &s.id).await.map_err(ebs_err)?;
         }
