@@ -2,8 +2,7 @@
 //! loopback ports in its own temporary directory, stopped (even when frozen) when dropped. The one
 //! harness every NFS test uses, from the client tests to the dockerd tests.
 //!
-//! Ganesha and rpcbind must be installed (`scripts/deps`); without them tests fail, unless FERRY_SKIP_NFS=1
-//! says to skip them.
+//! Ganesha and rpcbind must be installed (`scripts/deps`); without them tests fail.
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -78,24 +77,19 @@ fn run_script(
 }
 
 impl Ganesha {
-    /// Starts a server with a lock manager (NLM 4 on a port of its own), or returns None when
-    /// FERRY_SKIP_NFS=1 and ganesha is not installed.
-    pub fn start() -> Option<Ganesha> {
+    /// Starts a server with a lock manager (NLM 4 on a port of its own).
+    pub fn start() -> Ganesha {
         Self::start_with(true)
     }
 
     /// Starts a server without a lock manager.
-    pub fn start_without_nlm() -> Option<Ganesha> {
+    pub fn start_without_nlm() -> Ganesha {
         Self::start_with(false)
     }
 
-    fn start_with(nlm: bool) -> Option<Ganesha> {
+    fn start_with(nlm: bool) -> Ganesha {
         if !installed("ganesha.nfsd") || !installed("rpcbind") {
-            if std::env::var("FERRY_SKIP_NFS").as_deref() == Ok("1") {
-                eprintln!("skipped: ganesha.nfsd or rpcbind is missing and FERRY_SKIP_NFS=1");
-                return None;
-            }
-            panic!("ganesha.nfsd or rpcbind is missing: run scripts/deps as root (or set FERRY_SKIP_NFS=1 to skip the NFS tests)");
+            panic!("ganesha.nfsd or rpcbind is missing: run scripts/deps as root");
         }
         let dir = tempfile::Builder::new()
             .prefix("ferry-nfs")
@@ -105,12 +99,12 @@ impl Ganesha {
             let (nfs_port, mount_port, nlm_port) = free_ports();
             let nlm_port = nlm.then_some(nlm_port);
             if run_script(dir.path(), nfs_port, mount_port, nlm_port, "start") {
-                return Some(Ganesha {
+                return Ganesha {
                     dir,
                     nfs_port,
                     mount_port,
                     nlm_port,
-                });
+                };
             }
         }
         panic!("scripts/nfs-server start failed three times; see the output above");

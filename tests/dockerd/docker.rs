@@ -2,7 +2,7 @@
 //! volume plugin (`/run/docker/plugins/<name>.sock`, a symlink to the daemon's own socket: see
 //! `Plugin::link`) and driven through the `docker` and `docker-compose` command-line tools, as users would.
 //!
-//! These tests fail when dockerd is unreachable; set `FERRY_SKIP_DOCKER=1` to skip them instead.
+//! These tests fail when dockerd is unreachable (`FERRY_SKIP_DOCKER=1` skips the whole tier, see tests/common/tier.rs).
 //! With `FERRY_E2E_SHOW_LOG=1` each scenario prints Ferry's debug log (every call dockerd made) at the end.
 //! Images cannot be pulled here, so the test image is built `FROM scratch` with the static busybox.
 //!
@@ -213,9 +213,7 @@ fn build_image(tag: &str, dockerfile: &str, files: &[(&str, &Path)]) -> Result<(
 }
 
 fn setup() -> Result<(), String> {
-    run_ok("docker", &["info"], None).map_err(|e| {
-        format!("dockerd is unreachable (set FERRY_SKIP_DOCKER=1 to skip these tests):\n{e}")
-    })?;
+    run_ok("docker", &["info"], None).map_err(|e| format!("dockerd is unreachable:\n{e}"))?;
     build_image(
         BASE_IMAGE,
         "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCMD [\"/bin/sh\"]\n",
@@ -230,17 +228,12 @@ fn setup() -> Result<(), String> {
     )
 }
 
-/// `false` (after saying why) when FERRY_SKIP_DOCKER=1; panics when Docker is unusable.
-fn docker_ready() -> bool {
-    if std::env::var("FERRY_SKIP_DOCKER").as_deref() == Ok("1") {
-        eprintln!("skipping the Docker end-to-end test: FERRY_SKIP_DOCKER=1");
-        return false;
-    }
+/// Builds the test images once; panics when Docker is unusable.
+fn docker_ready() {
     static SETUP: OnceLock<Result<(), String>> = OnceLock::new();
     if let Err(e) = SETUP.get_or_init(setup) {
         panic!("Docker end-to-end setup failed: {e}");
     }
-    true
 }
 
 /// Legacy volume plugins dockerd remembers (it lists every driver it knows in `docker info`) that no
@@ -293,9 +286,7 @@ struct Plugin {
 impl Plugin {
     /// `None` when the Docker tests are skipped.
     fn start(scenario: &str) -> Option<Plugin> {
-        if !docker_ready() {
-            return None;
-        }
+        docker_ready();
         let lock = lock_docker_tests();
         let tmp = tempfile::Builder::new()
             .prefix(&format!("ferry-e2e-{scenario}"))

@@ -17,7 +17,7 @@
 //!  4. `docker volume rm` on host 2 deletes the snapshots from moto, and on host 1 its record and copy;
 //!     nothing is left mounted and no secret reached a log.
 //!
-//! It fails when the machine's dockerd is unreachable (set `FERRY_SKIP_DOCKER=1` to skip it) and when moto
+//! It fails when the machine's dockerd is unreachable and when moto
 //! cannot be installed. It holds the lock of tests/dockerd/docker.rs while it runs. A failure prints both Ferry logs
 //! and the end of both dockerd logs.
 
@@ -98,12 +98,8 @@ impl Drop for Hosts {
 
 #[test]
 fn ebs_volume_moves_between_two_dockerds() {
-    if std::env::var("FERRY_SKIP_DOCKER").as_deref() == Ok("1") {
-        eprintln!("skipping the ebs Docker test: FERRY_SKIP_DOCKER=1");
-        return;
-    }
     if let Err(e) = DockerCli::machine().ok(&["info"]) {
-        panic!("dockerd is unreachable (set FERRY_SKIP_DOCKER=1 to skip this test):\n{e}");
+        panic!("dockerd is unreachable:\n{e}");
     }
     let lock = lock_docker_tests();
     let moto = moto::Moto::start();

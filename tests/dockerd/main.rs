@@ -32,6 +32,8 @@ tier_gate!(
         Need::Device("/dev/fuse"),
         Need::Dockerd,
         Need::Program("busybox", "busybox-static"),
+        Need::Program("ganesha.nfsd", "nfs-ganesha"),
+        Need::Program("docker-compose", "docker-compose"),
     ],
     Some("FERRY_SKIP_DOCKER")
 );

@@ -2,7 +2,7 @@
 //! binary cargo built for this test into a plugin, dockerd runs it in its own namespaces (rootfs, state bind
 //! mount, propagated mount, host /dev), and volumes are driven through the `docker` command-line tool.
 //!
-//! Like `tests/dockerd/docker.rs` this fails when dockerd is unreachable; set `FERRY_SKIP_DOCKER=1` to skip it. It
+//! Like `tests/dockerd/docker.rs` this fails when dockerd is unreachable. It
 //! takes the same lock file, so it never runs alongside the other dockerd tests. Each run registers its own
 //! plugin, `ferry-mp-<pid>-<random>:latest`, with a state directory in a temporary directory, and removes
 //! the plugin, its volumes and its containers on every path. A plugin left by a run that was killed is
@@ -162,19 +162,14 @@ fn run_ok(program: &str, args: &[&str]) -> Result<String, String> {
 // ---------------------------------------------------------------------------------------------------------
 // Setup shared with nothing else in this process: dockerd must answer, and the test image is built.
 
-/// `false` (after saying why) when FERRY_SKIP_DOCKER=1; panics when Docker is unusable.
-fn docker_ready() -> bool {
-    if std::env::var("FERRY_SKIP_DOCKER").as_deref() == Ok("1") {
-        eprintln!("skipping the managed-plugin test: FERRY_SKIP_DOCKER=1");
-        return false;
-    }
+/// Builds the test image; panics when Docker is unusable.
+fn docker_ready() {
     if let Err(e) = run_ok("docker", &["info"]) {
-        panic!("dockerd is unreachable (set FERRY_SKIP_DOCKER=1 to skip this test):\n{e}");
+        panic!("dockerd is unreachable:\n{e}");
     }
     if let Err(e) = build_base_image() {
         panic!("cannot build the test image: {e}");
     }
-    true
 }
 
 fn build_base_image() -> Result<(), String> {
@@ -442,9 +437,7 @@ fn status_str<'a>(p: &ManagedPlugin, status: &'a Value, key: &str) -> &'a str {
 /// the state directory and the loop device were released.
 #[test]
 fn managed_plugin_through_dockerd() {
-    if !docker_ready() {
-        return;
-    }
+    docker_ready();
     let started = Instant::now();
     let mut p = ManagedPlugin::new();
     let plain = p.volume_name("plain");

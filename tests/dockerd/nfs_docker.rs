@@ -23,8 +23,8 @@
 //! At the end no FUSE helper of either Ferry runs, nothing is mounted under their state directories and the
 //! export holds nothing but Ferry's own marker area.
 //!
-//! It fails when the machine's dockerd is unreachable (set `FERRY_SKIP_DOCKER=1` to skip it) or when
-//! ganesha or rpcbind is missing (set `FERRY_SKIP_NFS=1` to skip it then, as the other NFS tests do). It
+//! It fails when the machine's dockerd is unreachable or ganesha or rpcbind is missing (the dockerd tier's
+//! gate, tests/common/tier.rs, says so first; `FERRY_SKIP_DOCKER=1` skips the whole tier). It
 //! holds the lock of tests/dockerd/docker.rs (`/tmp/ferry-e2e-docker.lock`) while it runs. A failure prints both
 //! Ferry logs, every FUSE helper's log and the end of both dockerd logs; `FERRY_E2E_SHOW_LOG=1` prints the
 //! Ferry logs at the end of a passing run too.
@@ -252,20 +252,14 @@ impl Drop for Hosts {
 
 #[test]
 fn nfs_volumes_through_two_dockerds_and_compose() {
-    if std::env::var("FERRY_SKIP_DOCKER").as_deref() == Ok("1") {
-        eprintln!("skipping the nfs Docker test: FERRY_SKIP_DOCKER=1");
-        return;
-    }
     let began = Instant::now();
     if let Err(e) = DockerCli::machine().ok(&["info"]) {
-        panic!("dockerd is unreachable (set FERRY_SKIP_DOCKER=1 to skip this test):\n{e}");
+        panic!("dockerd is unreachable:\n{e}");
     }
     let lock = lock_docker_tests();
     eprintln!("lock taken after {:?}", began.elapsed());
     let t = Instant::now();
-    let Some(nfs) = Ganesha::start() else {
-        return;
-    };
+    let nfs = Ganesha::start();
     let run = run_id();
     let tmp = tempfile::Builder::new()
         .prefix("ferry-nfs-docker")

@@ -3,7 +3,7 @@
 //! (NFS, EBS) use for "a container on another host": each host creates and uses volumes through its own
 //! driver, sees only its own volumes and containers, and each Ferry is only ever asked about its own volumes.
 //!
-//! It fails when the machine's dockerd is unreachable; set `FERRY_SKIP_DOCKER=1` to skip it instead. It holds
+//! It fails when the machine's dockerd is unreachable. It holds
 //! the lock of tests/dockerd/docker.rs (`/tmp/ferry-e2e-docker.lock`) while it runs. With `FERRY_E2E_SHOW_LOG=1` it
 //! prints both Ferry logs at the end.
 //!
@@ -109,14 +109,10 @@ fn lines(text: &str) -> Vec<&str> {
 
 #[test]
 fn two_dockerds_each_with_its_own_ferry() {
-    if std::env::var("FERRY_SKIP_DOCKER").as_deref() == Ok("1") {
-        eprintln!("skipping the two-host Docker test: FERRY_SKIP_DOCKER=1");
-        return;
-    }
     let began = Instant::now();
     let machine = DockerCli::machine();
     if let Err(e) = machine.ok(&["info"]) {
-        panic!("dockerd is unreachable (set FERRY_SKIP_DOCKER=1 to skip this test):\n{e}");
+        panic!("dockerd is unreachable:\n{e}");
     }
     let on_machine = std::env::var("FERRY_E2E_2H_MACHINE").as_deref() == Ok("1");
     let lock = lock_docker_tests();

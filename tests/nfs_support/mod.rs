@@ -5,13 +5,9 @@
 
 pub use crate::common::ganesha::Ganesha as Server;
 
-macro_rules! server_or_skip {
-    () => {
-        match nfs_support::Server::start() {
-            Some(server) => server,
-            None => return,
-        }
-    };
+/// A fresh server of these tests' own.
+pub fn server() -> Server {
+    Server::start()
 }
 
 /// Deterministic, position-dependent bytes (xorshift per 8-byte word, seeded by the word's offset), so

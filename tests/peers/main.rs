@@ -35,6 +35,8 @@ tier_gate!(
         Need::Program("ganesha.nfsd", "nfs-ganesha"),
         Need::Program("rpcbind", "rpcbind"),
         Need::Program("fio", "fio"),
+        Need::Program("stress-ng", "stress-ng"),
+        Need::Program("sqlite3", "sqlite3"),
     ],
     None
 );

@@ -12,15 +12,6 @@ use std::time::{Duration, Instant};
 use common::ganesha::Ganesha;
 use common::Daemon;
 
-macro_rules! ganesha_or_skip {
-    () => {
-        match Ganesha::start() {
-            Some(g) => g,
-            None => return,
-        }
-    };
-}
-
 /// A daemon whose configuration points the nfs backend at `g`.
 fn daemon(g: &Ganesha, name: &str, timeout: &str) -> (tempfile::TempDir, Daemon) {
     let tmp = tempfile::Builder::new()
@@ -61,7 +52,7 @@ fn alive(pid: i32) -> bool {
 
 #[test]
 fn volume_is_a_directory_of_the_export() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_t, d) = daemon(&g, "life", "5s");
     nfs_create(&d, "v1", r#""uid":"1000","gid":"1001","mode":"0750""#);
     let dir = g.export().join("v1");
@@ -113,7 +104,7 @@ fn volume_is_a_directory_of_the_export() {
 
 #[test]
 fn subdir_adopts_existing_data_and_is_never_deleted() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_t, d) = daemon(&g, "subdir", "5s");
     let data = g.export().join("projects/app");
     std::fs::create_dir_all(&data).unwrap();
@@ -150,7 +141,7 @@ fn subdir_adopts_existing_data_and_is_never_deleted() {
 
 #[test]
 fn two_hosts_share_data_and_remove_waits_for_both() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_ta, a) = daemon(&g, "host-a", "5s");
     let (_tb, b) = daemon(&g, "host-b", "5s");
     nfs_create(&a, "shared", "");
@@ -194,7 +185,7 @@ fn two_hosts_share_data_and_remove_waits_for_both() {
 
 #[test]
 fn an_unreachable_server_fails_fast_and_recovers() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_t, d) = daemon(&g, "outage", "2s");
     nfs_create(&d, "v", "");
     nfs_create(&d, "idle", "");
@@ -251,7 +242,7 @@ fn an_unreachable_server_fails_fast_and_recovers() {
 
 #[test]
 fn plugin_crash_leaves_the_mount_working_and_restart_adopts_it() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_t, mut d) = daemon(&g, "crash", "5s");
     nfs_create(&d, "v", "");
     let mnt = d.mount("v", "c1");
@@ -279,7 +270,7 @@ fn plugin_crash_leaves_the_mount_working_and_restart_adopts_it() {
 
 #[test]
 fn a_killed_helper_is_replaced_by_the_next_mount_and_by_a_restart() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_t, mut d) = daemon(&g, "helper", "5s");
     nfs_create(&d, "v", "");
     let mnt = d.mount("v", "c1");
@@ -399,7 +390,7 @@ impl Drop for Container {
 
 #[test]
 fn containers_left_on_a_dead_helper_keep_health_broken_until_they_unmount() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_t, d) = daemon(&g, "stranded", "5s");
     nfs_create(&d, "v", "");
     let mnt = d.mount("v", "old");
@@ -444,7 +435,7 @@ fn containers_left_on_a_dead_helper_keep_health_broken_until_they_unmount() {
 
 #[test]
 fn unmount_succeeds_while_a_process_holds_the_mount() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_t, d) = daemon(&g, "busy", "5s");
     nfs_create(&d, "v", "");
     let mnt = d.mount("v", "c1");
@@ -459,7 +450,7 @@ fn unmount_succeeds_while_a_process_holds_the_mount() {
 
 #[test]
 fn a_server_restart_mid_use_fails_operations_then_resumes() {
-    let g = ganesha_or_skip!();
+    let g = Ganesha::start();
     let (_t, d) = daemon(&g, "restart", "3s");
     nfs_create(&d, "v", "");
     let mnt = d.mount("v", "c1");

@@ -1,8 +1,7 @@
 //! `NfsClient` against a real NFS-Ganesha, one server per test (started by `scripts/nfs-server` on free
 //! loopback ports in its own temporary directory), checked through the export directory on disk.
 //!
-//! Ganesha and rpcbind must be installed (`scripts/deps`); without them these tests fail, unless
-//! FERRY_SKIP_NFS=1 says to skip them.
+//! Ganesha and rpcbind must be installed (`scripts/deps`); without them these tests fail.
 
 use crate::nfs_support;
 
@@ -18,7 +17,7 @@ fn mode_of(path: &Path) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensure_dir_is_idempotent_and_applies_owner_and_mode() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let client = server.client();
     let on_disk = server.export().join("vol1");
 
@@ -71,7 +70,7 @@ async fn ensure_dir_is_idempotent_and_applies_owner_and_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_hosts_racing_to_create_one_directory_all_succeed() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     // Separate clients, like separate hosts, plus one shared client whose pool is smaller than the race.
     let shared = server.client();
     let mut tasks = Vec::new();
@@ -96,7 +95,7 @@ async fn sixteen_hosts_racing_to_create_one_directory_all_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_tree_removes_a_nested_tree_made_on_disk() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let client = server.client();
     let root = server.export().join("vol");
     let outside = server.dir.path().join("outside");
@@ -171,7 +170,7 @@ async fn remove_tree_removes_a_nested_tree_made_on_disk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsstat_reports_the_exported_file_system() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let stat = server.client().fsstat().await.unwrap();
     let local = nix::sys::statvfs::statvfs(&server.export()).unwrap();
     let total = local.blocks() * local.fragment_size();
@@ -185,7 +184,7 @@ async fn fsstat_reports_the_exported_file_system() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_of_sixteen_exclusive_creates_wins() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let client = server.client();
     client.ensure_dir(".ferry", 0, 0, 0o755).await.unwrap();
     let mut tasks = Vec::new();
@@ -240,7 +239,7 @@ async fn exactly_one_of_sixteen_exclusive_creates_wins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_files_round_trip() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let client = server.client();
     client.ensure_dir(".ferry", 0, 0, 0o755).await.unwrap();
 
@@ -293,7 +292,7 @@ async fn small_files_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_export_path_is_reported_in_words() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let mut config = server.config();
     config.export = "/not-exported".into();
     let err = NfsClient::new(config).fsstat().await.unwrap_err();
@@ -309,7 +308,7 @@ async fn a_wrong_export_path_is_reported_in_words() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_fail_within_the_deadline_and_recover_when_the_server_returns() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let timeout = Duration::from_secs(1);
     let margin = Duration::from_millis(500);
     let mut config = server.config();

@@ -1,6 +1,6 @@
 //! The FUSE adapter over `NfsStore` over a real NFS-Ganesha: a volume directory on the export, mounted
 //! with FUSE and used only through std::fs and libc calls, as a container would, and checked in the
-//! export directory on disk. Needs root, /dev/fuse and ganesha (FERRY_SKIP_NFS=1 skips without ganesha).
+//! export directory on disk. Needs root, /dev/fuse and ganesha.
 
 use crate::nfs_support;
 
@@ -94,7 +94,7 @@ impl Drop for Mounted {
 
 macro_rules! mounted_or_skip {
     ($timeout:expr, $stability:expr) => {
-        Mounted::new(server_or_skip!(), $timeout, $stability)
+        Mounted::new(nfs_support::server(), $timeout, $stability)
     };
     () => {
         mounted_or_skip!(Duration::from_secs(5), Stability::Unstable)

@@ -1,8 +1,7 @@
 //! One nfs volume used from two hosts: two FUSE mounts of one volume directory on a real NFS-Ganesha, each
 //! with its own NFS client, as two Ferry daemons on two machines have. Checks what crosses from one host
 //! to the other: data after close-to-open, special files, the group of setgid directories; and that a
-//! system call against a hung server fails within the deadline. Needs root, /dev/fuse and ganesha
-//! (FERRY_SKIP_NFS=1 skips without ganesha).
+//! system call against a hung server fails within the deadline. Needs root, /dev/fuse and ganesha.
 
 use crate::nfs_support;
 
@@ -19,7 +18,7 @@ const ATTR_CACHE: Duration = Duration::from_secs(1);
 
 #[test]
 fn a_longer_rewrite_on_one_host_is_read_whole_on_the_other_every_time() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let a = Host::mount(&server, "vol", Duration::from_secs(10), ATTR_CACHE);
     let b = Host::mount(&server, "vol", Duration::from_secs(10), ATTR_CACHE);
     let mut torn = Vec::new();
@@ -46,7 +45,7 @@ fn a_longer_rewrite_on_one_host_is_read_whole_on_the_other_every_time() {
 
 #[test]
 fn a_rewrite_of_the_same_length_is_seen_by_an_open_that_follows_the_close() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let a = Host::mount(&server, "vol", Duration::from_secs(10), ATTR_CACHE);
     let b = Host::mount(&server, "vol", Duration::from_secs(10), ATTR_CACHE);
     for round in 0..50u32 {
@@ -62,7 +61,7 @@ fn a_rewrite_of_the_same_length_is_seen_by_an_open_that_follows_the_close() {
 
 #[test]
 fn fifos_devices_and_sockets_made_on_one_host_have_their_type_on_the_other() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let a = Host::mount(&server, "vol", Duration::from_secs(10), ATTR_CACHE);
     let b = Host::mount(&server, "vol", Duration::from_secs(10), ATTR_CACHE);
     use nix::sys::stat::{makedev, mknod, Mode, SFlag};
@@ -155,7 +154,7 @@ fn fifos_devices_and_sockets_made_on_one_host_have_their_type_on_the_other() {
 
 #[test]
 fn a_setgid_directory_passes_its_group_and_the_bit_on_seen_from_both_hosts() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let a = Host::mount(&server, "vol", Duration::from_secs(10), ATTR_CACHE);
     let b = Host::mount(&server, "vol", Duration::from_secs(10), ATTR_CACHE);
     fs::create_dir(a.path("team")).unwrap();
@@ -235,7 +234,7 @@ fn touch(path: &std::path::Path) -> (bool, Duration) {
 
 #[test]
 fn touch_against_a_hung_server_fails_within_the_timeout_and_a_half_second() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let timeout = Duration::from_secs(3);
     let a = Host::mount(&server, "vol", timeout, ATTR_CACHE);
     fs::write(a.path("existing"), b"old").unwrap();

@@ -2,7 +2,7 @@
 //! real NFS-Ganesha with its lock manager (NLM 4) through FUSE, and `fcntl` locks taken on one refuse the
 //! other, wait for it, go with a close or a killed helper; two SQLite writers lose nothing. Without a lock
 //! manager, locks fail with ENOLCK, or stay on one host with `locks = "local"`.
-//! Needs root, /dev/fuse and ganesha (FERRY_SKIP_NFS=1 skips without ganesha).
+//! Needs root, /dev/fuse and ganesha.
 
 use crate::common;
 
@@ -73,7 +73,7 @@ impl Host {
     }
 }
 
-fn ganesha() -> Option<Ganesha> {
+fn ganesha() -> Ganesha {
     assert!(
         Path::new("/dev/fuse").exists() && nix::unistd::geteuid().is_root(),
         "these tests mount FUSE filesystems: they need /dev/fuse and root"
@@ -121,7 +121,7 @@ fn lock_in_thread(f: File) -> mpsc::Receiver<(Result<(), Errno>, File)> {
 
 #[test]
 fn a_lock_on_one_host_refuses_the_other_and_a_blocked_lock_waits_for_the_close() {
-    let Some(g) = ganesha() else { return };
+    let g = ganesha();
     let a = Host::start(&g, "a", "");
     let b = Host::start(&g, "b", "");
     let fa = a.open("db");
@@ -168,7 +168,7 @@ fn a_lock_on_one_host_refuses_the_other_and_a_blocked_lock_waits_for_the_close()
 
 #[test]
 fn locks_of_a_killed_helper_are_released() {
-    let Some(g) = ganesha() else { return };
+    let g = ganesha();
     let a = Host::start(&g, "a", "");
     let b = Host::start(&g, "b", "");
     let fa = a.open("f");
@@ -236,7 +236,7 @@ fn two_sqlite_writers_on_two_hosts_lose_nothing() {
     if Command::new("sqlite3").arg("-version").output().is_err() {
         panic!("sqlite3 is not installed: run scripts/deps as root");
     }
-    let Some(g) = ganesha() else { return };
+    let g = ganesha();
     // The default attribute cache: SQLite deletes and recreates its journal on every transaction, so a
     // host often opens the journal through a name it cached while the other host replaced the file;
     // open's revalidation answers ESTALE and the kernel looks the name up again.
@@ -286,9 +286,7 @@ fn two_sqlite_writers_on_two_hosts_lose_nothing() {
 #[test]
 fn without_a_lock_manager_locks_fail_with_enolck_unless_local_is_chosen() {
     assert!(Path::new("/dev/fuse").exists() && nix::unistd::geteuid().is_root());
-    let Some(g) = Ganesha::start_without_nlm() else {
-        return;
-    };
+    let g = Ganesha::start_without_nlm();
     let a = Host::start(&g, "a", "");
     let f = a.open("f");
     assert_eq!(setlk(&f, libc::F_WRLCK, 0, 0, false), Err(Errno::ENOLCK));
@@ -333,7 +331,7 @@ fn without_a_lock_manager_locks_fail_with_enolck_unless_local_is_chosen() {
 
 #[test]
 fn a_signal_interrupts_a_blocked_lock() {
-    let Some(g) = ganesha() else { return };
+    let g = ganesha();
     let a = Host::start(&g, "a", "");
     let b = Host::start(&g, "b", "");
     let fa = a.open("f");

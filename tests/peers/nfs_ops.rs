@@ -121,7 +121,7 @@ fn mib_per_s(bytes: usize, took: Duration) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fsinfo_allows_one_mib_transfers() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let ops = ops(&server, 2);
     let info = ops.fsinfo().await.unwrap();
     eprintln!("fsinfo: {info:?}");
@@ -152,7 +152,7 @@ async fn fsinfo_allows_one_mib_transfers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_mib_round_trip_with_one_and_eight_calls_in_flight() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let total = 64 * MIB;
     for (in_flight, stable, seed) in [
         (1, Stability::Unstable, 11),
@@ -189,7 +189,7 @@ async fn sixty_four_mib_round_trip_with_one_and_eight_calls_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_lookup_getattr_and_setattr() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let ops = ops(&server, 4);
     let root = ops.root().await.unwrap();
     let (fh, attr) = ops
@@ -336,7 +336,7 @@ async fn create_lookup_getattr_and_setattr() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directories_symlinks_removal_and_their_errors() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let ops = ops(&server, 4);
     let root = ops.root().await.unwrap();
     let (dir, attr) = ops
@@ -396,7 +396,7 @@ async fn directories_symlinks_removal_and_their_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rename_replaces_an_existing_file_and_links_count() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let ops = ops(&server, 4);
     let root = ops.root().await.unwrap();
     let (sub, _) = ops.mkdir(&root, b"sub", &owner(0o755, 0, 0)).await.unwrap();
@@ -458,7 +458,7 @@ async fn rename_replaces_an_existing_file_and_links_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readdirplus_pages_through_three_thousand_entries() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let ops = ops(&server, 4);
     let many = server.export().join("many");
     std::fs::create_dir(&many).unwrap();
@@ -520,7 +520,7 @@ async fn readdirplus_pages_through_three_thousand_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_of_sixteen_exclusive_creates_wins() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let shared = ops(&server, 4);
     let root = shared.root().await.unwrap();
     let before = SystemTime::now() - Duration::from_secs(2);
@@ -561,7 +561,7 @@ async fn exactly_one_of_sixteen_exclusive_creates_wins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_server_fails_reads_within_the_deadline_and_recovers() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let timeout = Duration::from_secs(1);
     let margin = Duration::from_millis(500);
     let mut config = server.config();

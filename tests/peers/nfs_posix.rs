@@ -2,8 +2,7 @@
 //! local temporary directory (ext4 here) and once on a FUSE mount of a volume on a real NFS-Ganesha, and
 //! records what it saw (a mode, an owner, an errno) under a key. The two records must agree except for the
 //! keys in `KNOWN_DIFFERENCES`, each of which docs/nfs.md explains with its NFSv3 or server cause; a new
-//! difference, or a known one that went away, fails the test. Needs root, /dev/fuse and ganesha
-//! (FERRY_SKIP_NFS=1 skips without ganesha).
+//! difference, or a known one that went away, fails the test. Needs root, /dev/fuse and ganesha.
 
 use crate::nfs_support;
 
@@ -701,7 +700,7 @@ fn run_checks(root: &Path) -> Outcomes {
 
 #[test]
 fn an_nfs_volume_behaves_like_a_local_filesystem_except_for_the_documented_differences() {
-    let server = server_or_skip!();
+    let server = nfs_support::server();
     let host = Host::mount(
         &server,
         "posix",

@@ -8,7 +8,7 @@
 //! Throughput figures are printed for information only (`--nocapture`); nothing is timed.
 //!
 //! The external programs (fio, stress-ng, sqlite3, tar, diff, cp) come from `scripts/deps`: a missing one
-//! fails the test, unless FERRY_SKIP_NFS=1 says to skip the NFS tests.
+//! fails the test.
 
 use crate::common;
 
@@ -30,9 +30,8 @@ const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sb
 const BLOCK: usize = 1 << 20;
 const MIB: f64 = (1 << 20) as f64;
 
-/// True when every tool is installed. A missing tool fails the test (the message says how to install it),
-/// unless FERRY_SKIP_NFS=1, when it is skipped like the other NFS tests.
-fn tools_present(tools: &[&str]) -> bool {
+/// Fails the test, saying how to install them, when any of `tools` is missing.
+fn require_tools(tools: &[&str]) {
     let path = format!(
         "{}:{SYSTEM_PATH}",
         std::env::var("PATH").unwrap_or_default()
@@ -42,18 +41,9 @@ fn tools_present(tools: &[&str]) -> bool {
         .copied()
         .filter(|t| !std::env::split_paths(&path).any(|dir| dir.join(t).is_file()))
         .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("FERRY_SKIP_NFS").as_deref() == Ok("1") {
-        eprintln!(
-            "skipped: {} missing and FERRY_SKIP_NFS=1",
-            missing.join(", ")
-        );
-        return false;
-    }
-    panic!(
-        "{} not installed: run scripts/deps as root (or set FERRY_SKIP_NFS=1 to skip the NFS tests)",
+    assert!(
+        missing.is_empty(),
+        "{} not installed: run scripts/deps as root",
         missing.join(", ")
     );
 }
@@ -72,12 +62,10 @@ struct Mounted {
 }
 
 impl Mounted {
-    /// Starts Ganesha and a daemon, creates the volume `name` and mounts it; None when the test is skipped.
-    fn start(name: &str, tools: &[&str]) -> Option<Mounted> {
-        if !tools_present(tools) {
-            return None;
-        }
-        let g = Ganesha::start()?;
+    /// Starts Ganesha and a daemon, creates the volume `name` and mounts it.
+    fn start(name: &str, tools: &[&str]) -> Mounted {
+        require_tools(tools);
+        let g = Ganesha::start();
         let dir = tempfile::Builder::new()
             .prefix(&format!("ferry-wl-{name}"))
             .tempdir()
@@ -93,7 +81,7 @@ impl Mounted {
         d.create(name, r#"{"backend":"nfs"}"#);
         let mnt = d.mount(name, "c1");
         assert!(common::is_mounted(&mnt), "{} is not mounted", mnt.display());
-        Some(Mounted {
+        Mounted {
             d,
             _dir: dir,
             g,
@@ -101,7 +89,7 @@ impl Mounted {
             id: "c1".into(),
             mnt,
             mounts: 1,
-        })
+        }
     }
 
     /// The FUSE helper's log (`STATE/nfs/VOLUME/helper.log`), for failure messages: it names every
@@ -273,9 +261,7 @@ impl Pattern {
 
 #[test]
 fn a_1_gib_file_written_sequentially_reads_back_through_a_new_mount_and_on_the_server() {
-    let Some(mut v) = Mounted::start("big", &[]) else {
-        return;
-    };
+    let mut v = Mounted::start("big", &[]);
     const BLOCKS: u64 = 1024;
     let pattern = Pattern::new(1);
     let took = pattern.write_file(&v.mnt.join("big.bin"), BLOCKS, BLOCK);
@@ -340,9 +326,7 @@ fn check_log(data: &[u8], writers: usize, per_writer: usize, what: &str) {
 
 #[test]
 fn concurrent_writers_and_appenders_lose_nothing() {
-    let Some(v) = Mounted::start("conc", &[]) else {
-        return;
-    };
+    let v = Mounted::start("conc", &[]);
     const WRITERS: usize = 8;
     const FILE_BLOCKS: u64 = 32;
     const APPENDERS: usize = 8;
@@ -449,9 +433,7 @@ fn fio(dir: &Path, out: &Path, args: &[&str], jobs: usize) {
 
 #[test]
 fn fio_with_verification_finds_no_errors() {
-    let Some(v) = Mounted::start("fio", &["fio"]) else {
-        return;
-    };
+    let v = Mounted::start("fio", &["fio"]);
     let out = tempfile::tempdir().unwrap();
     let seq = v.mnt.join("seq");
     std::fs::create_dir(&seq).unwrap();
@@ -496,9 +478,7 @@ fn fio_with_verification_finds_no_errors() {
 /// writes that overlap it, and for all of them when it meets the server's end of file).
 #[test]
 fn random_4k_io_from_four_jobs_verifies_on_separate_files_and_in_one_file() {
-    let Some(v) = Mounted::start("rand4k", &["fio"]) else {
-        return;
-    };
+    let v = Mounted::start("rand4k", &["fio"]);
     let out = tempfile::tempdir().unwrap();
     let own = v.mnt.join("own");
     std::fs::create_dir(&own).unwrap();
@@ -570,9 +550,7 @@ const STRESSORS: &[(&str, &str, &[&str])] = &[
 
 #[test]
 fn stress_ng_filesystem_stressors_pass() {
-    let Some(v) = Mounted::start("stress", &["stress-ng"]) else {
-        return;
-    };
+    let v = Mounted::start("stress", &["stress-ng"]);
     let work = v.mnt.join("stress");
     std::fs::create_dir(&work).unwrap();
     // Stressors that exercise what an NFS volume offers: names (dir, dentry, dirmany, rename,
@@ -824,9 +802,7 @@ fn build_tree(root: &Path) {
 
 #[test]
 fn a_source_tree_extracted_with_tar_matches_a_local_extraction() {
-    let Some(v) = Mounted::start("tar", &["tar", "diff", "cp"]) else {
-        return;
-    };
+    let v = Mounted::start("tar", &["tar", "diff", "cp"]);
     let work = tempfile::Builder::new()
         .prefix("ferry-wl-tree")
         .tempdir()
@@ -885,9 +861,7 @@ fn reply(lines: &mut impl BufRead, what: &str) -> String {
 
 #[test]
 fn sqlite_database_stays_consistent_with_a_concurrent_reader() {
-    let Some(v) = Mounted::start("sqlite", &["sqlite3"]) else {
-        return;
-    };
+    let v = Mounted::start("sqlite", &["sqlite3"]);
     const TRANSACTIONS: usize = 50;
     const PER_TRANSACTION: usize = 100;
     const ROWS: usize = TRANSACTIONS * PER_TRANSACTION;
