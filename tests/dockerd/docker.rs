@@ -284,8 +284,8 @@ struct Plugin {
 }
 
 impl Plugin {
-    /// `None` when the Docker tests are skipped.
-    fn start(scenario: &str) -> Option<Plugin> {
+    /// Registers a plugin of its own for `scenario`, under the Docker tests' lock.
+    fn start(scenario: &str) -> Plugin {
         docker_ready();
         let lock = lock_docker_tests();
         let tmp = tempfile::Builder::new()
@@ -307,7 +307,7 @@ impl Plugin {
         // Containers and volumes a crashed run left behind under this driver; the plugin answers now, so
         // Docker does not wait on it.
         p.sweep();
-        Some(p)
+        p
     }
 
     /// Where dockerd looks for the plugin.
@@ -527,9 +527,7 @@ fn status_of<'a>(p: &Plugin, volume: &'a Value) -> &'a serde_json::Map<String, V
 /// `volume ls`, `volume inspect` (Status from Ferry, active mounts while a container runs) and `volume rm`.
 #[test]
 fn named_volumes_through_the_docker_cli() {
-    let Some(p) = Plugin::start("named") else {
-        return;
-    };
+    let p = Plugin::start("named");
     let plain = p.volume_name("plain");
     let sized = p.volume_name("sized");
 
@@ -649,9 +647,7 @@ fn named_volumes_through_the_docker_cli() {
 /// Ferry, copies the image's `/data` into it, and `--rm` removes it again.
 #[test]
 fn anonymous_image_volume_with_volume_driver() {
-    let Some(p) = Plugin::start("anon") else {
-        return;
-    };
+    let p = Plugin::start("anon");
     assert!(p.ferry_list().is_empty());
 
     let label = p.label();
@@ -737,9 +733,7 @@ fn anonymous_image_volume_with_volume_driver() {
 /// option, and inside the container it is a 64 MiB filesystem that fills up.
 #[test]
 fn mount_flag_creates_a_size_capped_volume() {
-    let Some(p) = Plugin::start("mount") else {
-        return;
-    };
+    let p = Plugin::start("mount");
     let vol = p.volume_name("capped");
     let mount = format!(
         "type=volume,src={vol},dst=/data,volume-driver={},volume-opt=size=64M",
@@ -785,9 +779,7 @@ fn mount_flag_creates_a_size_capped_volume() {
 /// uses keeps its mount and stays refused.
 #[test]
 fn volumes_of_containers_stopped_while_the_plugin_was_down_can_be_removed() {
-    let Some(mut p) = Plugin::start("stuck") else {
-        return;
-    };
+    let mut p = Plugin::start("stuck");
     let capped = p.volume_name("capped");
     let plain = p.volume_name("plain");
     let kept = p.volume_name("kept");
@@ -858,9 +850,7 @@ fn volumes_of_containers_stopped_while_the_plugin_was_down_can_be_removed() {
 /// A compose project (file version 3.7) whose top-level volume uses the plugin with `driver_opts`.
 #[test]
 fn compose_project_volume() {
-    let Some(mut p) = Plugin::start("compose") else {
-        return;
-    };
+    let mut p = Plugin::start("compose");
     // Letters and digits only: compose 1.29 first looks for a "legacy" volume named after the project with
     // `-` and `_` removed, and with such a project name that is the same name, so `down` finds it at once.
     let project = format!("ferrye2e{}", p.run_id.replace('-', ""));

@@ -92,12 +92,12 @@ impl Drop for Mounted {
     }
 }
 
-macro_rules! mounted_or_skip {
+macro_rules! mounted {
     ($timeout:expr, $stability:expr) => {
         Mounted::new(nfs_support::server(), $timeout, $stability)
     };
     () => {
-        mounted_or_skip!(Duration::from_secs(5), Stability::Unstable)
+        mounted!(Duration::from_secs(5), Stability::Unstable)
     };
 }
 
@@ -147,7 +147,7 @@ fn mib_per_s(bytes: usize, took: Duration) -> f64 {
 fn a_256_mib_file_round_trips_and_lands_on_the_export() {
     let len = 256 * MIB;
     for stability in [Stability::Unstable, Stability::FileSync] {
-        let m = mounted_or_skip!(Duration::from_secs(10), stability);
+        let m = mounted!(Duration::from_secs(10), stability);
         let wrote = write_pattern(&m.path("big"), len, 5);
         // Through the mount, and byte for byte on the server's disk.
         let read = check_pattern(&m.path("big"), len, 5);
@@ -162,7 +162,7 @@ fn a_256_mib_file_round_trips_and_lands_on_the_export() {
 
 #[test]
 fn namespace_operations_show_on_the_export() {
-    let m = mounted_or_skip!();
+    let m = mounted!();
     // mkdir, and a file in it.
     fs::create_dir(m.path("d")).unwrap();
     fs::write(m.path("d/f"), b"hello nfs").unwrap();
@@ -246,7 +246,7 @@ fn namespace_operations_show_on_the_export() {
 
 #[test]
 fn new_objects_belong_to_the_caller_on_the_export() {
-    let m = mounted_or_skip!();
+    let m = mounted!();
     let (file, dir, link, exclusive) = std::thread::scope(|s| {
         s.spawn(|| {
             // setfsuid and setfsgid change only this thread's filesystem identity, which is what FUSE
@@ -301,7 +301,7 @@ fn new_objects_belong_to_the_caller_on_the_export() {
 
 #[test]
 fn a_directory_of_2000_entries_lists_completely() {
-    let m = mounted_or_skip!();
+    let m = mounted!();
     fs::create_dir(m.path("many")).unwrap();
     let started = Instant::now();
     for i in 0..2000 {
@@ -325,7 +325,7 @@ fn a_directory_of_2000_entries_lists_completely() {
 #[test]
 fn a_frozen_server_makes_reads_fail_with_eio_within_the_deadline_then_recover() {
     let timeout = Duration::from_secs(2);
-    let m = mounted_or_skip!(timeout, Stability::Unstable);
+    let m = mounted!(timeout, Stability::Unstable);
     // Written on the server's disk, never read through the mount: no page of it is cached.
     fs::write(m.on_disk("cold"), b"cold data").unwrap();
     let mut f = File::open(m.path("cold")).unwrap();
