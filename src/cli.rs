@@ -28,6 +28,8 @@ pub enum Command {
     Checkpoint(String),
     /// Move this host's copy of an ebs volume to a rescue directory (`ferry ebs set-aside`).
     EbsSetAside(String),
+    /// Cluster mode's hosts.
+    Hosts,
     /// Drop mount IDs Docker will never unmount.
     Release {
         name: String,
@@ -133,6 +135,17 @@ pub async fn run(
                 exit_code: 0,
             })
         }
+        Command::Hosts => {
+            let hosts: crate::cluster::HostsReport = client.get("/v1/hosts").await?;
+            Ok(Outcome {
+                text: if json {
+                    to_json(&hosts)
+                } else {
+                    render_hosts(&hosts)
+                },
+                exit_code: 0,
+            })
+        }
         Command::Status => {
             let status: DaemonStatus = client.get("/v1/status").await?;
             let all_reachable = status.backends.iter().all(|b| b.reachable);
@@ -224,7 +237,45 @@ fn percent_encode(name: &str) -> String {
     out
 }
 
+fn render_hosts(h: &crate::cluster::HostsReport) -> String {
+    let mut out = format!(
+        "this host      {}\nlease          {}\ncatalog        {}\n\n",
+        h.this_node,
+        h.lease,
+        if h.in_sync {
+            "in sync"
+        } else {
+            "STALE (etcd out of reach)"
+        }
+    );
+    let _ = writeln!(out, "{:<20} {:<9} {:<20} ATTACHED", "NODE", "STATE", "OWNS");
+    for host in &h.hosts {
+        let owns = if host.owns.is_empty() {
+            "-".to_string()
+        } else {
+            host.owns.join(",")
+        };
+        let attached = if host.attached.is_empty() {
+            "-".to_string()
+        } else {
+            host.attached.join(",")
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:<9} {:<20} {}",
+            host.node, host.state, owns, attached
+        );
+    }
+    out
+}
+
 fn render_release(r: &ReleaseReport) -> String {
+    if let Some(from) = &r.taken_from {
+        return format!(
+            "{}: taken from host {from}; it can no longer publish its changes, and any host can mount the volume now\n",
+            r.name
+        );
+    }
     if r.released.is_empty() {
         return format!("{}: no mount IDs to release\n", r.name);
     }
@@ -501,6 +552,7 @@ mod tests {
             options: BTreeMap::from([("backend".to_string(), "local".to_string())]),
             catalog_version: 1,
             backend_status: serde_json::Map::new(),
+            cluster: None,
         }
     }
 

@@ -64,7 +64,27 @@ pub struct ServeConfig {
     pub listeners: ListenerSettings,
     /// Whether the caps of capped local volumes may add up to more than the state filesystem has free.
     pub local_overcommit: bool,
+    /// Present only in cluster mode.
+    pub cluster: Option<ClusterConfig>,
 }
+
+/// The `[cluster]` section. Files (TLS, password) are read when the daemon starts, not here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub etcd: Vec<String>,
+    pub node: String,
+    pub prefix: String,
+    pub lease_ttl: std::time::Duration,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+/// Defaults of the `[cluster]` section.
+pub const CLUSTER_DEFAULT_PREFIX: &str = "/ferry";
+pub const CLUSTER_DEFAULT_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The TOML file. Unknown keys are errors, so a typo never silently falls back to a default.
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +108,22 @@ struct FileConfig {
     nfs: Option<NfsSection>,
     /// Present only where the ebs backend is wanted.
     ebs: Option<EbsSection>,
+    /// Present only in cluster mode.
+    cluster: Option<ClusterSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    etcd: Option<Vec<String>>,
+    node: Option<String>,
+    prefix: Option<String>,
+    lease_ttl: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +271,10 @@ impl ServeConfig {
             });
         }
         let listeners = listener_settings(file.listeners, &path)?;
+        let cluster = match file.cluster {
+            None => None,
+            Some(section) => Some(cluster_settings(section, &path)?),
+        };
         let state_dir = over
             .state_dir
             .clone()
@@ -259,6 +299,7 @@ impl ServeConfig {
             ebs,
             listeners,
             local_overcommit: file.local.overcommit.unwrap_or(false),
+            cluster,
         })
     }
 }
@@ -531,6 +572,85 @@ pub fn default_admin_socket(state_dir: &Path) -> PathBuf {
 
 /// The admin socket's file name inside the state directory.
 pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
+
+fn cluster_settings(c: ClusterSection, path: &Path) -> Result<ClusterConfig, ConfigError> {
+    let bad = |key: &'static str, value: String, hint: &str| ConfigError::Value {
+        path: path.to_path_buf(),
+        key,
+        value,
+        hint: hint.to_string(),
+    };
+    let etcd = c.etcd.unwrap_or_default();
+    crate::cluster::etcd::check_endpoints(&etcd)
+        .map_err(|e| bad("cluster.etcd", format!("{etcd:?}"), &e))?;
+    let node = match c.node {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+    };
+    let node_ok = !node.is_empty()
+        && node.len() <= 63
+        && node
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'));
+    if !node_ok {
+        return Err(bad(
+            "cluster.node",
+            node,
+            "expected 1 to 63 letters, digits or - _ . (unique per host; the default is the host name)",
+        ));
+    }
+    let prefix = c
+        .prefix
+        .unwrap_or_else(|| CLUSTER_DEFAULT_PREFIX.to_string());
+    let trimmed = prefix.trim_end_matches('/').to_string();
+    if !trimmed.starts_with('/') || trimmed.len() < 2 || trimmed.chars().any(|ch| ch.is_control()) {
+        return Err(bad(
+            "cluster.prefix",
+            prefix,
+            "expected a key prefix starting with / such as /ferry",
+        ));
+    }
+    let lease_ttl = match c.lease_ttl {
+        None => CLUSTER_DEFAULT_LEASE_TTL,
+        Some(t) => humantime::parse_duration(&t)
+            .ok()
+            .filter(|d| d.as_secs() >= 2 && d.as_secs() <= 600 && d.subsec_nanos() == 0)
+            .ok_or_else(|| {
+                bad(
+                    "cluster.lease_ttl",
+                    t.clone(),
+                    "expected whole seconds from 2s to 10m, such as \"10s\"",
+                )
+            })?,
+    };
+    if c.cert.is_some() != c.key.is_some() {
+        return Err(bad(
+            "cluster.cert",
+            format!("{:?}", c.cert),
+            "cluster.cert and cluster.key go together (a client certificate and its key)",
+        ));
+    }
+    if c.user.is_some() != c.password_file.is_some() {
+        return Err(bad(
+            "cluster.user",
+            c.user.clone().unwrap_or_default(),
+            "cluster.user and cluster.password_file go together",
+        ));
+    }
+    Ok(ClusterConfig {
+        etcd,
+        node,
+        prefix: trimmed,
+        lease_ttl,
+        ca: c.ca,
+        cert: c.cert,
+        key: c.key,
+        user: c.user,
+        password_file: c.password_file,
+    })
+}
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -805,6 +925,66 @@ pub const REFERENCE: &[ConfigKey] = &[
         default: "none (`-o size=` required)",
         meaning: "size of ebs volumes created without `-o size=`, such as `20GiB`",
         example: "\"20GiB\"",
+    },
+    ConfigKey {
+        key: "cluster.etcd",
+        default: "none (required with `[cluster]`)",
+        meaning: "cluster mode: the client URLs of the etcd members (`http://` or `https://`); every host of \
+                  the cluster lists the same etcd cluster. Without `[cluster]` the embedded catalog serves \
+                  this host alone (docs/cluster.md)",
+        example: "[\"https://10.0.0.1:2379\", \"https://10.0.0.2:2379\", \"https://10.0.0.3:2379\"]",
+    },
+    ConfigKey {
+        key: "cluster.node",
+        default: "the host name",
+        meaning: "this host's name in the cluster, unique per host: errors name the host that owns a volume \
+                  by it, and `ferry hosts` lists it",
+        example: "\"host-a\"",
+    },
+    ConfigKey {
+        key: "cluster.prefix",
+        default: "`/ferry`",
+        meaning: "the etcd key prefix of this cluster's catalog; clusters sharing one etcd use different \
+                  prefixes",
+        example: "\"/ferry-prod\"",
+    },
+    ConfigKey {
+        key: "cluster.lease_ttl",
+        default: "`10s`",
+        meaning: "how long a host's claims outlive it: a dead host's volumes can be mounted elsewhere after \
+                  this; a host that cannot renew its lease stops writes to its volumes a quarter of it before",
+        example: "\"10s\"",
+    },
+    ConfigKey {
+        key: "cluster.ca",
+        default: "none",
+        meaning: "PEM file of the CA that signed etcd's server certificates, for `https://` endpoints",
+        example: "\"/etc/ferry/etcd-ca.pem\"",
+    },
+    ConfigKey {
+        key: "cluster.cert",
+        default: "none",
+        meaning: "PEM client certificate for etcd (with `cluster.key`), when etcd checks clients",
+        example: "\"/etc/ferry/etcd-client.pem\"",
+    },
+    ConfigKey {
+        key: "cluster.key",
+        default: "none",
+        meaning: "PEM private key of `cluster.cert`; keep it readable by root only",
+        example: "\"/etc/ferry/etcd-client-key.pem\"",
+    },
+    ConfigKey {
+        key: "cluster.user",
+        default: "none",
+        meaning: "etcd user name (etcd's own authentication), with `cluster.password_file`",
+        example: "\"ferry\"",
+    },
+    ConfigKey {
+        key: "cluster.password_file",
+        default: "none",
+        meaning: "file holding the etcd user's password (one line); never logged or shown. Keep it readable \
+                  by root only",
+        example: "\"/etc/ferry/etcd-password\"",
     },
 ];
 
@@ -1111,6 +1291,20 @@ mod tests {
                     assert!(ebs.default_size.is_none());
                     "none (`-o size=` required)".into()
                 }
+                "cluster.etcd" => {
+                    assert!(c.cluster.is_none());
+                    "none (required with `[cluster]`)".into()
+                }
+                "cluster.node" => "the host name".into(),
+                "cluster.prefix" => code(CLUSTER_DEFAULT_PREFIX),
+                "cluster.lease_ttl" => {
+                    code(&humantime::format_duration(CLUSTER_DEFAULT_LEASE_TTL).to_string())
+                }
+                "cluster.ca"
+                | "cluster.cert"
+                | "cluster.key"
+                | "cluster.user"
+                | "cluster.password_file" => "none".into(),
                 other => panic!("add a check of the documented default of {other:?} here"),
             };
             assert_eq!(k.default, expected, "documented default of {}", k.key);

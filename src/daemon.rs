@@ -101,20 +101,36 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             mounter.clone(),
         )?));
     }
+    // Cluster mode: the shared catalog's cache and this host's lease run from before start-up
+    // reconciliation, which imports this host's volumes and claims the ones attached here.
+    let cluster_stop = CancellationToken::new();
+    let cluster = match &config.cluster {
+        Some(c) => {
+            let cluster = crate::cluster::Cluster::new(cluster_settings(c)?, state)
+                .map_err(|e| anyhow::anyhow!("invalid [cluster] configuration: {e}"))?;
+            tokio::spawn(cluster.clone().run_watch(cluster_stop.clone()));
+            tokio::spawn(cluster.clone().run_lease(cluster_stop.clone()));
+            tracing::info!(node = %c.node, etcd = ?c.etcd, prefix = %c.prefix, "cluster mode");
+            Some(cluster)
+        }
+        None => None,
+    };
     if let Some(settings) = &config.ebs {
-        backends.push(Arc::new(
-            crate::backend::EbsBackend::new(
-                settings.clone(),
-                state.join("ebs"),
-                config.mount_root.clone(),
-                mounter.clone(),
-                host.id.clone(),
-            )
-            .await?,
-        ));
+        let ebs = crate::backend::EbsBackend::new(
+            settings.clone(),
+            state.join("ebs"),
+            config.mount_root.clone(),
+            mounter.clone(),
+            host.id.clone(),
+        )
+        .await?;
+        if let Some(c) = &cluster {
+            ebs.set_publisher(Arc::new(crate::cluster::ClusterPublisher(c.clone())));
+        }
+        backends.push(Arc::new(ebs));
     }
     let (service, report) =
-        VolumeService::start(catalog, backends, mounter, config.defaults.clone())
+        VolumeService::start_in(catalog, backends, mounter, config.defaults.clone(), cluster)
             .await
             .context("start-up reconciliation failed")?;
     tracing::info!(
@@ -214,10 +230,92 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             );
         }
     }
+    // The lease is not revoked: a restart within its TTL keeps the volumes attached here owned.
+    cluster_stop.cancel();
     remove_if_ours(&config.socket, bound);
     remove_if_ours(&config.admin_socket, admin_bound);
     tracing::info!("stopped; mounts in use were left in place");
     Ok(())
+}
+
+/// Reads what `[cluster]` names (TLS files, the password) into the client's settings; every failure names
+/// the file and the key.
+fn cluster_settings(
+    c: &crate::config::ClusterConfig,
+) -> anyhow::Result<crate::cluster::ClusterSettings> {
+    let tls = if c.ca.is_some() || c.cert.is_some() {
+        Some(Arc::new(tls_config(c)?))
+    } else {
+        None
+    };
+    let auth = match (&c.user, &c.password_file) {
+        (Some(user), Some(file)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read cluster.password_file {}", file.display()))?;
+            let password = text.lines().next().unwrap_or("").to_string();
+            if password.is_empty() {
+                anyhow::bail!("cluster.password_file {} is empty", file.display());
+            }
+            Some((user.clone(), password))
+        }
+        _ => None,
+    };
+    Ok(crate::cluster::ClusterSettings {
+        etcd: crate::cluster::etcd::EtcdSettings {
+            endpoints: c.etcd.clone(),
+            tls,
+            auth,
+            attempt_timeout: std::time::Duration::from_millis(1500),
+        },
+        node: c.node.clone(),
+        prefix: c.prefix.clone(),
+        lease_ttl: c.lease_ttl,
+    })
+}
+
+fn tls_config(c: &crate::config::ClusterConfig) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS set-up for etcd")?;
+    let mut roots = rustls::RootCertStore::empty();
+    let Some(ca) = &c.ca else {
+        anyhow::bail!(
+            "cluster.cert needs cluster.ca: the CA that signed etcd's server certificate"
+        );
+    };
+    for cert in CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("cannot read cluster.ca {}", ca.display()))?
+    {
+        let cert =
+            cert.with_context(|| format!("cluster.ca {} holds a bad certificate", ca.display()))?;
+        roots.add(cert).with_context(|| {
+            format!("cluster.ca {} holds an unusable certificate", ca.display())
+        })?;
+    }
+    let builder = builder.with_root_certificates(roots);
+    Ok(match (&c.cert, &c.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("cannot read cluster.cert {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| {
+                    format!("cluster.cert {} holds a bad certificate", cert.display())
+                })?;
+            let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+                format!(
+                    "cannot read a private key from cluster.key {}",
+                    key.display()
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .context("cluster.cert and cluster.key do not go together")?
+        }
+        _ => builder.with_no_client_auth(),
+    })
 }
 
 /// Raises the open-file limit as far as allowed and fits the configured connection caps into it, so the

@@ -33,6 +33,7 @@ pub mod admin;
 pub mod backend;
 pub mod catalog;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

@@ -74,7 +74,9 @@ enum Command {
     },
     /// Drop a volume's mount IDs that Docker will never unmount (containers that stopped while the plugin
     /// was down), so `docker volume rm` works again; the last one gone releases the storage. Refused while
-    /// a container's mount namespace still has the volume mounted, unless --force.
+    /// a container's mount namespace still has the volume mounted, unless --force. In a cluster, a volume
+    /// this host does not have mounted is taken from the host that owns it (one alive but cut off from
+    /// etcd): that host can then never publish its changes (see docs/cluster.md for the risk).
     Release {
         /// The volume's name.
         name: String,
@@ -85,6 +87,13 @@ enum Command {
         /// its own mount, but Ferry stops counting it, and `docker volume rm` then deletes the data under it.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
+    },
+    /// Cluster mode: every host with its lease state and the volumes it owns or has attached.
+    Hosts {
         #[command(flatten)]
         target: Target,
         #[command(flatten)]
@@ -195,6 +204,7 @@ fn main() -> ExitCode {
             format,
         } => operator(ferry::cli::Command::Inspect(name), target, format),
         Command::Status { target, format } => operator(ferry::cli::Command::Status, target, format),
+        Command::Hosts { target, format } => operator(ferry::cli::Command::Hosts, target, format),
         Command::Checkpoint {
             name,
             target,

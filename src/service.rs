@@ -17,6 +17,7 @@ use crate::backend::{Backend, BackendError};
 use crate::catalog::{
     Catalog, CatalogError, Expect, PendingWrite, Versioned, VolumeRecord, VolumeState,
 };
+use crate::cluster::Cluster;
 use crate::mount::{MountError, Mounter};
 use crate::spec::{self, BackendKind, SpecDefaults, SpecError, VolumeSpec};
 use crate::sync::Recover;
@@ -57,6 +58,8 @@ pub enum ServiceError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl ServiceError {
@@ -73,11 +76,20 @@ impl ServiceError {
                 | ServiceError::Held { .. }
                 | ServiceError::Busy { .. }
                 | ServiceError::BackendUnavailable(_)
+                | ServiceError::Cluster(
+                    crate::cluster::ClusterError::OwnedElsewhere { .. }
+                        | crate::cluster::ClusterError::LocalElsewhere { .. }
+                        | crate::cluster::ClusterError::InUse { .. }
+                        | crate::cluster::ClusterError::Busy { .. }
+                        | crate::cluster::ClusterError::Conflict { .. }
+                )
         )
     }
 }
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+mod cluster;
 
 /// What Get returns about a volume.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,6 +131,9 @@ pub struct VolumeReport {
     pub catalog_version: u64,
     /// What the backend reports (size, image, and in time generation or snapshot), as in Get's Status.
     pub backend_status: Map<String, Value>,
+    /// Cluster mode: creator, owner, fencing token, published generation and where it is attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::VolumeClusterInfo>,
 }
 
 /// Whether one configured backend can be used right now.
@@ -164,6 +179,9 @@ pub struct ReleaseReport {
     /// Mounts of the storage in other namespaces that were overridden with `force`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forced_past: Vec<String>,
+    /// Cluster mode: the host whose claim on the volume the operator took away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_from: Option<String>,
 }
 
 /// Holds a volume's lock; on drop, forgets the lock entry if nobody else wants it, so churn of anonymous
@@ -215,6 +233,14 @@ pub struct VolumeService {
     /// Problems of volumes' storage found by `check_storage` (a filesystem that logged errors, a full
     /// filesystem under an image), shown as health until a later check no longer finds them.
     storage_problems: Mutex<HashMap<String, String>>,
+    /// Cluster mode: the shared catalog (see `crate::cluster`); `None` on the embedded catalog alone.
+    cluster: Option<Arc<Cluster>>,
+    /// Cluster mode: volumes of this host's embedded catalog that the cluster has under the same name with
+    /// other options, with the report; they cannot be mounted until renamed or removed here.
+    import_conflicts: Mutex<HashMap<String, String>>,
+    /// Cluster mode: volumes whose claim could not be given back after their storage was released here
+    /// (etcd out of reach); `heal` retries.
+    owed_releases: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A phrase of `BackendError::Lost`'s message, to tell that failure apart in `failures`.
@@ -251,6 +277,18 @@ impl VolumeService {
         mounter: Arc<dyn Mounter>,
         defaults: SpecDefaults,
     ) -> Result<(Arc<Self>, ReconcileReport)> {
+        Self::start_in(catalog, backends, mounter, defaults, None).await
+    }
+
+    /// `start`, in a cluster when `cluster` is given: after reconciliation, this host's volumes are
+    /// imported into the cluster catalog and the ones attached here are claimed again.
+    pub async fn start_in(
+        catalog: Arc<dyn Catalog>,
+        backends: Vec<Arc<dyn Backend>>,
+        mounter: Arc<dyn Mounter>,
+        defaults: SpecDefaults,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<(Arc<Self>, ReconcileReport)> {
         let records = catalog
             .load()
             .await
@@ -278,9 +316,13 @@ impl VolumeService {
             recovering: Mutex::new(std::collections::HashSet::new()),
             owed_unmounts: Mutex::new(HashMap::new()),
             storage_problems: Mutex::new(HashMap::new()),
+            cluster,
+            import_conflicts: Mutex::new(HashMap::new()),
+            owed_releases: Mutex::new(std::collections::HashSet::new()),
         });
         let report = service.reconcile().await?;
         service.finish_deferred();
+        service.join_cluster().await;
         Ok((service, report))
     }
 
@@ -503,7 +545,7 @@ impl VolumeService {
                 })
                 .map(|e| e.value.name.clone()),
         );
-        let mut healed = 0;
+        let mut healed = self.retry_cluster_releases().await;
         for name in names {
             let recovering = self.recovering.lock().recover().contains(&name);
             if recovering {
@@ -960,6 +1002,14 @@ impl VolumeService {
         spec::validate_name(name)?;
         let spec = VolumeSpec::from_options(opts, &self.defaults)?;
         let _guard = self.lock_synced(name).await?;
+        if let Some(c) = self.cluster.clone() {
+            return self.create_in_cluster(&c, name, spec).await;
+        }
+        self.create_locked(name, spec).await
+    }
+
+    /// Creates a volume on this host; the caller holds its lock.
+    async fn create_locked(&self, name: &str, spec: VolumeSpec) -> Result<()> {
         if let Some(existing) = self.lookup(name) {
             let rec = &existing.value;
             match rec.state {
@@ -1040,6 +1090,14 @@ impl VolumeService {
         spec::validate_name(name)?;
         self.refuse_while_recovering(name)?;
         let _guard = self.lock_synced(name).await?;
+        if let Some(c) = self.cluster.clone() {
+            return self.remove_in_cluster(&c, name).await;
+        }
+        self.remove_locked(name).await
+    }
+
+    /// Removes a volume of this host's catalog; the caller holds its lock.
+    async fn remove_locked(&self, name: &str) -> Result<()> {
         let entry = self
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
@@ -1197,6 +1255,9 @@ impl VolumeService {
         validate_mount_id(id)?;
         self.refuse_while_recovering(name)?;
         let guard = self.lock_synced(name).await?;
+        if let Some(c) = &self.cluster {
+            self.prepare_cluster_mount(c, name).await?;
+        }
         let entry = self
             .lookup(name)
             .ok_or_else(|| ServiceError::NotFound(name.into()))?;
@@ -1210,6 +1271,14 @@ impl VolumeService {
             });
         }
         if let Some(mut mountpoint) = rec.mountpoint.clone() {
+            if let Some(c) = &self.cluster {
+                if c.is_fenced(name) {
+                    return Err(crate::cluster::ClusterError::Refused(format!(
+                        "volume {name} is fenced on this host (it lost its lease): writes to it fail; stop its containers here, then mount it again"
+                    ))
+                    .into());
+                }
+            }
             let backend = self.backend(rec.spec.kind())?.clone();
             // Attached for other containers, but what attach set up can die under them (a FUSE helper
             // killed by the OOM killer): give this container working storage instead of a dead mount.
@@ -1244,10 +1313,23 @@ impl VolumeService {
             return Ok(mountpoint);
         }
         let backend = self.backend(rec.spec.kind())?.clone();
+        // Cluster mode: this host's use of the volume is recorded, and a single writer's ownership taken,
+        // before anything is attached; the newest published generation is what attach starts from.
+        let claimed = match &self.cluster {
+            Some(c) => Some(self.claim_for_mount(c, &mut rec).await?),
+            None => None,
+        };
         rec.state = VolumeState::Attaching;
-        let marked = self
+        let marked = match self
             .store(rec.clone(), Expect::Version(entry.version))
-            .await?;
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                self.unclaim(claimed.as_ref(), name).await;
+                return Err(e);
+            }
+        };
         let attached = backend.attach(name, &rec.spec, rec.shipped.as_ref()).await;
         rec.state = VolumeState::Ready;
         let path = match attached {
@@ -1256,6 +1338,7 @@ impl VolumeService {
                 a.path
             }
             Err(e) => {
+                self.unclaim(claimed.as_ref(), name).await;
                 self.store(rec, Expect::Version(marked.version)).await?;
                 return Err(self.failed(name, e));
             }
@@ -1269,6 +1352,8 @@ impl VolumeService {
             // Docker sends no Unmount for a failed Mount, so undo the attach now.
             if let Err(d) = backend.detach(name, &rec.spec, rec.shipped.as_ref()).await {
                 tracing::warn!(volume = name, error = %d, "detach after a failed mount failed");
+            } else {
+                self.unclaim(claimed.as_ref(), name).await;
             }
             return Err(e);
         }
@@ -1373,12 +1458,18 @@ impl VolumeService {
                         rec.mountpoint = None;
                     }
                 }
+                let released = rec.mountpoint.is_none();
                 self.store(rec, Expect::Version(marked.version)).await?;
+                // A fenced host's storage is released with its changes kept: its claim is over either way.
+                if released && matches!(e, BackendError::Fenced { .. }) {
+                    self.give_back(name).await;
+                }
                 return Err(self.failed(name, e));
             }
         }
         rec.mountpoint = None;
         self.store(rec, Expect::Version(marked.version)).await?;
+        self.give_back(name).await;
         self.healthy(name);
         tracing::info!(volume = name, "storage released");
         Ok(())
@@ -1405,20 +1496,21 @@ impl VolumeService {
     /// The current mountpoint, or `None` when the volume is not mounted. Answered from memory.
     pub fn path(&self, name: &str) -> Result<Option<PathBuf>> {
         spec::validate_name(name)?;
-        let entry = self
-            .lookup(name)
-            .filter(|e| Self::visible(&e.value))
-            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let Some(entry) = self.lookup(name).filter(|e| Self::visible(&e.value)) else {
+            // Defined by another host and never mounted here.
+            self.cluster_only(name)?;
+            return Ok(None);
+        };
         Ok(entry.value.mountpoint.clone())
     }
 
     /// Everything Docker shows in `docker volume inspect`. Answered from memory.
     pub fn get(&self, name: &str) -> Result<VolumeInfo> {
         spec::validate_name(name)?;
-        let entry = self
-            .lookup(name)
-            .filter(|e| Self::visible(&e.value))
-            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let Some(entry) = self.lookup(name).filter(|e| Self::visible(&e.value)) else {
+            let def = self.cluster_only(name)?;
+            return Ok(self.cluster_info(&def));
+        };
         let rec = &entry.value;
         let mut status = Map::new();
         status.insert("backend".into(), json!(rec.spec.kind().as_str()));
@@ -1435,6 +1527,7 @@ impl VolumeService {
             status.insert("last_error".into(), json!(f));
         }
         status.extend(self.backend_status(rec));
+        self.add_cluster_status(name, &mut status);
         Ok(VolumeInfo {
             name: rec.name.clone(),
             mountpoint: rec.mountpoint.clone(),
@@ -1447,9 +1540,10 @@ impl VolumeService {
     /// volumes in every state (a stuck create or remove is exactly what an operator looks for).
     pub fn report(&self, name: &str) -> Result<VolumeReport> {
         spec::validate_name(name)?;
-        let entry = self
-            .lookup(name)
-            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let Some(entry) = self.lookup(name) else {
+            let def = self.cluster_only(name)?;
+            return Ok(self.cluster_report(&def));
+        };
         Ok(self.report_of(&entry))
     }
 
@@ -1464,6 +1558,19 @@ impl VolumeService {
             .and_then(|b| b.problem(&rec.name))
         {
             return ("conflict", Some(problem));
+        }
+        if let Some(why) = self.import_conflicts.lock().recover().get(&rec.name) {
+            return ("conflict", Some(why.clone()));
+        }
+        if self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.is_fenced(&rec.name))
+        {
+            return (
+                "fenced",
+                Some("this host lost its claim on the volume (its lease could not be renewed in time): writes fail, and what was written here is kept, never published; stop its containers here".into()),
+            );
         }
         let failure = self.failures.lock().recover().get(&rec.name).cloned();
         let failure = failure.or_else(|| {
@@ -1493,7 +1600,14 @@ impl VolumeService {
     /// `report` for every volume, in name order.
     pub fn reports(&self) -> Vec<VolumeReport> {
         let entries: Vec<_> = self.view.read().recover().values().cloned().collect();
-        entries.iter().map(|e| self.report_of(e)).collect()
+        let mut out: Vec<VolumeReport> = entries.iter().map(|e| self.report_of(e)).collect();
+        out.extend(
+            self.cluster_only_definitions()
+                .iter()
+                .map(|d| self.cluster_report(d)),
+        );
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     fn report_of(&self, entry: &Versioned<VolumeRecord>) -> VolumeReport {
@@ -1512,6 +1626,7 @@ impl VolumeService {
             options: spec::redact(&rec.spec.to_options()),
             catalog_version: entry.version,
             backend_status: self.backend_status(rec),
+            cluster: self.cluster.as_ref().and_then(|c| c.info(&rec.name)),
         }
     }
 
@@ -1576,7 +1691,8 @@ impl VolumeService {
 
     /// Every volume, in name order. Answered from memory.
     pub fn list(&self) -> Vec<VolumeSummary> {
-        self.view
+        let mut out: Vec<VolumeSummary> = self
+            .view
             .read()
             .recover()
             .values()
@@ -1585,7 +1701,19 @@ impl VolumeService {
                 name: e.value.name.clone(),
                 mountpoint: e.value.mountpoint.clone(),
             })
-            .collect()
+            .collect();
+        if self.cluster.is_some() {
+            out.extend(
+                self.cluster_only_definitions()
+                    .into_iter()
+                    .map(|d| VolumeSummary {
+                        name: d.record.name,
+                        mountpoint: None,
+                    }),
+            );
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        out
     }
 
     /// Brings the catalog and the mount table into agreement: interrupted creates are rolled back,

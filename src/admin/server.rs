@@ -136,6 +136,8 @@ enum AdminRequest {
     },
     /// `POST /v1/volumes/NAME/set-aside`: the way out of an ebs conflict, this host's copy moved aside.
     SetAside(String),
+    /// `GET /v1/hosts`: cluster mode's hosts, leases and owned volumes.
+    Hosts,
 }
 
 /// Why a request was not routed: the status to answer and what to tell the operator.
@@ -143,7 +145,7 @@ enum AdminRequest {
 struct RouteError(StatusCode, String);
 
 const ACTIONS: [&str; 3] = ["checkpoint", "release", "set-aside"];
-const API: &str = "/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/release, /v1/volumes/NAME/set-aside, /v1/status";
+const API: &str = "/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/release, /v1/volumes/NAME/set-aside, /v1/status, /v1/hosts";
 
 fn route(method: &Method, path: &str, query: Option<&str>) -> Result<AdminRequest, RouteError> {
     let decode = |name: &str| {
@@ -166,8 +168,11 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<AdminReques
     } else {
         Method::GET
     };
-    let known =
-        action.is_some() || resource.is_some() || path == "/v1/volumes" || path == "/v1/status";
+    let known = action.is_some()
+        || resource.is_some()
+        || path == "/v1/volumes"
+        || path == "/v1/status"
+        || path == "/v1/hosts";
     if !known {
         return Err(RouteError(
             StatusCode::NOT_FOUND,
@@ -183,6 +188,7 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<AdminReques
     Ok(match (path, resource, action) {
         ("/v1/volumes", _, _) => AdminRequest::Volumes,
         ("/v1/status", _, _) => AdminRequest::Status,
+        ("/v1/hosts", _, _) => AdminRequest::Hosts,
         (_, Some(name), Some("checkpoint")) => AdminRequest::Checkpoint(decode(name)?),
         (_, Some(name), Some("set-aside")) => AdminRequest::SetAside(decode(name)?),
         (_, Some(name), Some(_)) => {
@@ -251,11 +257,16 @@ async fn handle(
             .checkpoint(&name)
             .await
             .map(|shipped| json(StatusCode::OK, &shipped)),
-        AdminRequest::Release { name, id, force } => ctx
-            .service
-            .release(&name, id.as_deref(), force)
+        AdminRequest::Release { name, id, force } => release(ctx, &name, id.as_deref(), force)
             .await
             .map(|report| json(StatusCode::OK, &report)),
+        AdminRequest::Hosts => match ctx.service.cluster() {
+            Some(c) => Ok(json(StatusCode::OK, &c.hosts())),
+            None => Ok(error(
+                StatusCode::NOT_FOUND,
+                "this daemon is not in a cluster: there is no [cluster] section in its configuration".into(),
+            )),
+        },
         AdminRequest::SetAside(name) => ctx.service.set_aside(&name).await.map(|moved_to| {
             json(
                 StatusCode::OK,
@@ -267,6 +278,31 @@ async fn handle(
         }),
     };
     answer.unwrap_or_else(service_error)
+}
+
+/// `ferry release`: drops this host's mount IDs; in a cluster, a volume with none here that another host
+/// owns is taken from that host (an operator's word that it is cut off).
+async fn release(
+    ctx: &AdminContext,
+    name: &str,
+    id: Option<&str>,
+    force: bool,
+) -> Result<crate::service::ReleaseReport, ServiceError> {
+    let clustered = ctx.service.cluster().is_some();
+    let mut report = match ctx.service.release(name, id, force).await {
+        Ok(r) => r,
+        Err(ServiceError::NotFound(_)) if clustered && id.is_none() => {
+            crate::service::ReleaseReport {
+                name: name.to_string(),
+                ..Default::default()
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    if clustered && id.is_none() && report.released.is_empty() {
+        report.taken_from = ctx.service.release_elsewhere(name).await?;
+    }
+    Ok(report)
 }
 
 /// A service error as the admin API answers it: the status says whose problem it is.

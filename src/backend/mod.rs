@@ -81,6 +81,10 @@ pub enum BackendError {
     Damaged(Box<DamagedImage>),
     #[error("the filesystem of {path} is full ({what}): volumes and Ferry's catalog cannot be written; free space on it")]
     Full { path: PathBuf, what: String },
+    /// Cluster mode: this host no longer owns the volume (its lease lapsed, or an operator released it),
+    /// so what it made cannot be published.
+    #[error("this host may no longer publish volume {volume}: {reason}. Its changes are kept here, not published; see `ferry inspect {volume}`")]
+    Fenced { volume: String, reason: String },
     #[error("the attached storage was lost while {mounts} container mount(s) used it (for nfs: its FUSE helper exited); those containers get I/O errors until restarted, and the next mount attaches the volume again")]
     Lost { mounts: u64 },
 }
@@ -119,6 +123,7 @@ impl BackendError {
             BackendError::Overcommit { .. } => "overcommit",
             BackendError::Damaged(_) => "damaged",
             BackendError::Full { .. } => "full",
+            BackendError::Fenced { .. } => "fenced",
         }
     }
 
@@ -273,6 +278,19 @@ impl Attached {
     }
 }
 
+/// Cluster mode's say over what a backend that ships data may publish (see `crate::cluster`). Without a
+/// cluster there is none, and the backend's own records (snapshot tags) decide.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// The generation the cluster catalog names as the volume's newest, which is the only one a Mount may
+    /// start from: `None` when the cluster does not know the volume, `Some(None)` when nothing was
+    /// published yet.
+    fn published(&self, name: &str) -> Option<Option<Shipped>>;
+    /// Makes a complete snapshot the volume's newest, if this host still owns the volume; the error says
+    /// why not, and the caller must then delete the snapshot.
+    async fn publish(&self, name: &str, shipped: &Shipped) -> Result<(), String>;
+}
+
 /// Storage for volumes. Every method is idempotent, because a crash can interrupt any of them and start-up
 /// reconciliation runs them again.
 #[async_trait]
@@ -289,6 +307,16 @@ pub trait Backend: Send + Sync {
     /// hosts may share (an adopted ebs volume's snapshots).
     async fn abandon(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
         self.remove(name, spec).await
+    }
+    /// Forgets what this host keeps of a volume that another host removed (ebs: the local copy), never
+    /// shared data, which the removing host deleted and which a new volume of the same name may own now.
+    async fn forget_local(&self, _name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Cluster mode: stops writes to the attached volume at once, because this host may have lost its
+    /// ownership. Backends whose volumes have one writer per cluster implement it.
+    fn fence(&self, _name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        Ok(())
     }
     /// Makes the data reachable and returns where; called by the first active mount. `shipped` is the
     /// newest snapshot the catalog knows of; a backend that ships data must not attach anything older.

@@ -194,7 +194,9 @@ async fn dispatch(
         Request::Capabilities => json_response(
             ok,
             &wire::CapabilitiesResponse {
-                capabilities: wire::Scope { scope: "local" },
+                capabilities: wire::Scope {
+                    scope: service.scope(),
+                },
             },
         ),
         Request::Create(r) => {

@@ -88,6 +88,8 @@ struct Inner {
     mounted: std::sync::Mutex<std::collections::HashMap<String, Option<String>>>,
     /// For the `ferry:mounted` tag: host ids are unambiguous, hostnames are what people recognise.
     hostname: String,
+    /// Cluster mode: the catalog that says which snapshot is the newest and who may publish one.
+    publisher: std::sync::OnceLock<Arc<dyn super::Publisher>>,
 }
 
 impl EbsBackend {
@@ -123,9 +125,16 @@ impl EbsBackend {
             } else {
                 hostname
             },
+            publisher: std::sync::OnceLock::new(),
         });
         tokio::spawn(refresh_mounted_tags(Arc::downgrade(&inner)));
         Ok(EbsBackend { inner })
+    }
+
+    /// Cluster mode: from now on the cluster catalog names each volume's newest snapshot, and a push is
+    /// kept only if the catalog takes it (see `Publisher`).
+    pub fn set_publisher(&self, publisher: Arc<dyn super::Publisher>) {
+        let _ = self.inner.publisher.set(publisher);
     }
 }
 
@@ -302,6 +311,16 @@ impl Inner {
             .into_iter()
             .map(|(_, s)| s)
             .collect();
+        // In a cluster, the catalog's word is the newest: a completed snapshot it does not name is a push
+        // in flight or one a fenced host could not publish, and must never be read.
+        if let Some(published) = self.publisher.get().and_then(|p| p.published(name)) {
+            let newest = published.and_then(|s| {
+                list.iter()
+                    .find(|x| x.id == s.snapshot && x.state == SnapState::Completed)
+                    .cloned()
+            });
+            return Ok((list, newest));
+        }
         let newest = decide::newest(name, &list, own_pending).map_err(ebs_err)?;
         Ok((list, newest))
     }
@@ -626,6 +645,7 @@ impl Inner {
             now: &now,
         };
         let id = ship::push(&self.shipper(), name, spec, copy, generation, src).await?;
+        self.publish(name, &id, generation).await?;
         // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
         // the block map is saved only makes the next push repeat blocks.
         *copy = LocalCopy {
@@ -706,6 +726,7 @@ impl Inner {
             now: &now,
         };
         let id = ship::push(&self.shipper(), name, spec, &mut copy, generation, src).await?;
+        self.publish(name, &id, generation).await?;
         // Still mounted, so still dirty: what changed after the freeze ships next time.
         copy = LocalCopy {
             snapshot: Some(id),
@@ -721,6 +742,30 @@ impl Inner {
         })
         .await?;
         Ok(current(&copy))
+    }
+
+    /// Cluster mode: a complete snapshot becomes the newest only if the catalog takes it from this host;
+    /// if not, it is deleted, and the local copy keeps its changes on its old base (reported as diverged
+    /// by the next Mount, kept for the operator), so nothing a fenced host made is ever read.
+    async fn publish(&self, name: &str, id: &str, generation: u64) -> Result<(), BackendError> {
+        let Some(p) = self.publisher.get() else {
+            return Ok(());
+        };
+        let shipped = Shipped {
+            snapshot: id.to_string(),
+            generation,
+        };
+        let Err(reason) = p.publish(name, &shipped).await else {
+            return Ok(());
+        };
+        tracing::error!(volume = name, snapshot = id, generation, reason = %reason, "the cluster refused this host's snapshot; deleting it and keeping the local changes");
+        if let Err(e) = self.client.delete(name, id).await {
+            tracing::error!(volume = name, snapshot = id, error = %e, "cannot delete the refused snapshot; it is never read, since the catalog does not name it");
+        }
+        Err(BackendError::Fenced {
+            volume: name.to_string(),
+            reason,
+        })
     }
 
     /// Refuses to ship unless the copy's base is still the newest completed snapshot in EBS, after
@@ -841,6 +886,20 @@ impl Backend for EbsBackend {
         let inner = self.inner.clone();
         let name = name.to_string();
         blocking(move || inner.remove_local(&name)).await
+    }
+
+    async fn forget_local(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        let inner = self.inner.clone();
+        let name = name.to_string();
+        blocking(move || inner.remove_local(&name)).await
+    }
+
+    fn fence(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+        let target = self.inner.exposed(name);
+        if !self.inner.mounter.mount_table()?.is_mounted(&target) {
+            return Ok(());
+        }
+        freeze::shut_down(&target)
     }
 
     async fn remove(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
