@@ -320,6 +320,7 @@ impl VolumeService {
             import_conflicts: Mutex::new(HashMap::new()),
             owed_releases: Mutex::new(std::collections::HashSet::new()),
         });
+        service.claim_attached().await;
         let report = service.reconcile().await?;
         service.finish_deferred();
         service.join_cluster().await;
@@ -1461,7 +1462,7 @@ impl VolumeService {
                 let released = rec.mountpoint.is_none();
                 self.store(rec, Expect::Version(marked.version)).await?;
                 // A fenced host's storage is released with its changes kept: its claim is over either way.
-                if released && matches!(e, BackendError::Fenced { .. }) {
+                if released && e.kind() == "fenced" {
                     self.give_back(name).await;
                 }
                 return Err(self.failed(name, e));

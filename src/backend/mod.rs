@@ -81,10 +81,6 @@ pub enum BackendError {
     Damaged(Box<DamagedImage>),
     #[error("the filesystem of {path} is full ({what}): volumes and Ferry's catalog cannot be written; free space on it")]
     Full { path: PathBuf, what: String },
-    /// Cluster mode: this host no longer owns the volume (its lease lapsed, or an operator released it),
-    /// so what it made cannot be published.
-    #[error("this host may no longer publish volume {volume}: {reason}. Its changes are kept here, not published; see `ferry inspect {volume}`")]
-    Fenced { volume: String, reason: String },
     #[error("the attached storage was lost while {mounts} container mount(s) used it (for nfs: its FUSE helper exited); those containers get I/O errors until restarted, and the next mount attaches the volume again")]
     Lost { mounts: u64 },
 }
@@ -123,7 +119,6 @@ impl BackendError {
             BackendError::Overcommit { .. } => "overcommit",
             BackendError::Damaged(_) => "damaged",
             BackendError::Full { .. } => "full",
-            BackendError::Fenced { .. } => "fenced",
         }
     }
 

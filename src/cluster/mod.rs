@@ -270,8 +270,17 @@ impl Cluster {
         format!("{}/a/{name}/{node}", self.settings.prefix)
     }
 
+    /// Whether the cache can be trusted as current: the watch runs, and etcd answered this host's lease
+    /// keep-alives lately (a watch over a connection to a hung member would not notice it is stale).
     pub fn in_sync(&self) -> bool {
-        self.in_sync.load(Ordering::Relaxed)
+        if !self.in_sync.load(Ordering::Relaxed) {
+            return false;
+        }
+        let limit = (self.settings.lease_ttl / 2).max(Duration::from_secs(2));
+        match *self.lease.lock().recover() {
+            Some(l) => l.renewed_at.elapsed() < limit,
+            None => false,
+        }
     }
 
     // ---- cache ----
@@ -964,8 +973,11 @@ impl Cluster {
         if self.is_fenced(name) {
             return Err("this host was fenced (its lease could not be renewed in time)".into());
         }
-        let Some(token) = self.token(name) else {
-            return Err("this host does not own the volume".into());
+        // A volume attached before this daemon could claim it (etcd out of reach at start-up) is claimed
+        // now; the generation check below makes sure nobody published in between.
+        let token = match self.token(name) {
+            Some(t) => t,
+            None => self.claim(name, true).await.map_err(|e| e.to_string())?,
         };
         let outcome = bounded(async {
             for _ in 0..4 {
@@ -976,6 +988,12 @@ impl Cluster {
                         .await?
                         .ok_or_else(|| ClusterError::Refused("the volume was removed".into()))?,
                 };
+                let published = def.record.shipped.as_ref().map_or(0, |s| s.generation);
+                if published + 1 != shipped.generation {
+                    return Err(ClusterError::Refused(format!(
+                        "the cluster's newest generation is {published}, and this host's copy is not based on it"
+                    )));
+                }
                 let mut record = def.record.clone();
                 record.shipped = Some(shipped.clone());
                 let vkey = self.key("v", name);

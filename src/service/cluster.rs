@@ -417,10 +417,11 @@ impl VolumeService {
         }
     }
 
-    /// After start-up reconciliation in a cluster: hooks for fencing and for volumes removed elsewhere,
-    /// this host's volumes imported, and the ones still attached here claimed again (a volume another host
-    /// took meanwhile is fenced here at once).
-    pub(super) async fn join_cluster(self: &Arc<Self>) {
+    /// Before start-up reconciliation in a cluster: hooks for fencing and for volumes removed elsewhere,
+    /// and every volume the catalog records as attached here claimed again, so that reconciliation (which
+    /// may ship a volume whose containers went away) publishes as the owner. A volume another host took
+    /// meanwhile is fenced here at once.
+    pub(super) async fn claim_attached(self: &Arc<Self>) {
         let Some(c) = self.cluster.clone() else {
             return;
         };
@@ -441,8 +442,39 @@ impl VolumeService {
             }),
         );
         if !c.wait_in_sync(Duration::from_secs(5)).await {
-            tracing::warn!("the cluster catalog is not reachable at start-up; this host's volumes are imported once it is");
+            tracing::warn!("the cluster catalog is not reachable at start-up; this host's volumes are imported and claimed once it is");
         }
+        let attached: Vec<VolumeRecord> = self
+            .view
+            .read()
+            .recover()
+            .values()
+            .filter(|e| e.value.mountpoint.is_some() && e.value.spec.kind() != BackendKind::Local)
+            .map(|e| e.value.clone())
+            .collect();
+        for rec in attached {
+            if c.definition(&rec.name).is_none() {
+                continue; // imported (and claimed) after reconciliation
+            }
+            match c.claim(&rec.name, single_writer(&rec.spec)).await {
+                Ok(_) => tracing::info!(volume = %rec.name, "claimed again a volume attached here"),
+                Err(ClusterError::OwnedElsewhere { owner, .. }) => {
+                    tracing::error!(volume = %rec.name, owner = %owner, "another host took the volume while this host was down; fencing it here");
+                    c.mark_fenced(&rec.name);
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %rec.name, error = %e, "cannot claim a volume attached here yet; it is claimed when it next publishes")
+                }
+            }
+        }
+    }
+
+    /// After start-up reconciliation in a cluster: this host's volumes are imported, claims of volumes no
+    /// longer attached are given back, and fenced volumes still attached are fenced.
+    pub(super) async fn join_cluster(self: &Arc<Self>) {
+        let Some(c) = self.cluster.clone() else {
+            return;
+        };
         let records: Vec<VolumeRecord> = self
             .view
             .read()
@@ -456,28 +488,29 @@ impl VolumeService {
             }
             self.import_conflicts.lock().recover().insert(name, why);
         }
-        for rec in records.iter().filter(|r| r.mountpoint.is_some()) {
-            if rec.spec.kind() == BackendKind::Local
-                || self
+        for rec in &records {
+            if rec.mountpoint.is_none() && c.token(&rec.name).is_some() {
+                self.give_back(&rec.name).await;
+            }
+            if rec.mountpoint.is_some()
+                && rec.spec.kind() != BackendKind::Local
+                && c.token(&rec.name).is_none()
+                && !c.is_fenced(&rec.name)
+                && !self
                     .import_conflicts
                     .lock()
                     .recover()
                     .contains_key(&rec.name)
             {
-                continue;
-            }
-            match c.claim(&rec.name, single_writer(&rec.spec)).await {
-                Ok(_) => tracing::info!(volume = %rec.name, "claimed again a volume attached here"),
-                Err(ClusterError::OwnedElsewhere { owner, .. }) => {
-                    tracing::error!(volume = %rec.name, owner = %owner, "another host took the volume while this host was down; fencing it here");
-                    c.mark_fenced(&rec.name);
-                    self.fence_attached("another host owns the volume");
-                }
-                Err(e) => {
-                    tracing::warn!(volume = %rec.name, error = %e, "cannot claim a volume attached here yet; it cannot publish until it is claimed")
+                if let Err(e) = c.claim(&rec.name, single_writer(&rec.spec)).await {
+                    tracing::warn!(volume = %rec.name, error = %e, "cannot claim a volume attached here");
+                    if matches!(e, ClusterError::OwnedElsewhere { .. }) {
+                        c.mark_fenced(&rec.name);
+                    }
                 }
             }
         }
+        self.fence_attached("another host owns the volume");
     }
 
     /// Stops writes to every fenced volume attached here.

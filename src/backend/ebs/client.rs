@@ -79,6 +79,12 @@ pub enum EbsError {
     },
     #[error("volume {volume}: {reason}")]
     Invalid { volume: String, reason: String },
+    #[error("volume {volume}: this host may no longer publish it ({reason}), so its snapshot was deleted. This host's changes were not published and are kept in {image}; run `ferry ebs set-aside {volume}` to move them to a rescue directory (it prints where) and take the newest data at the next mount")]
+    Fenced {
+        volume: String,
+        reason: String,
+        image: String,
+    },
     #[error("volume {volume} was changed elsewhere: EBS holds generation {newest} (snapshot {snapshot}) but this host's copy is based on generation {base}. Its local changes were kept in {image}, not shipped; run `ferry ebs set-aside {volume}` to move this copy to a rescue directory (it prints where, so you can copy out what you need) and take the newest data at the next mount")]
     Diverged {
         volume: String,
@@ -129,6 +135,7 @@ impl EbsError {
             EbsError::Checksum { .. } => "ebs_checksum",
             EbsError::Invalid { .. } => "ebs_invalid",
             EbsError::Diverged { .. } => "ebs_diverged",
+            EbsError::Fenced { .. } => "fenced",
             EbsError::Raced { .. } => "ebs_raced",
             EbsError::Pending { .. } => "ebs_pending",
             EbsError::Contradicts { .. } => "ebs_contradicts",

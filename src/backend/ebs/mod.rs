@@ -645,7 +645,7 @@ impl Inner {
             now: &now,
         };
         let id = ship::push(&self.shipper(), name, spec, copy, generation, src).await?;
-        self.publish(name, &id, generation).await?;
+        self.publish(name, copy, &id, generation).await?;
         // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
         // the block map is saved only makes the next push repeat blocks.
         *copy = LocalCopy {
@@ -726,7 +726,7 @@ impl Inner {
             now: &now,
         };
         let id = ship::push(&self.shipper(), name, spec, &mut copy, generation, src).await?;
-        self.publish(name, &id, generation).await?;
+        self.publish(name, &mut copy, &id, generation).await?;
         // Still mounted, so still dirty: what changed after the freeze ships next time.
         copy = LocalCopy {
             snapshot: Some(id),
@@ -747,7 +747,13 @@ impl Inner {
     /// Cluster mode: a complete snapshot becomes the newest only if the catalog takes it from this host;
     /// if not, it is deleted, and the local copy keeps its changes on its old base (reported as diverged
     /// by the next Mount, kept for the operator), so nothing a fenced host made is ever read.
-    async fn publish(&self, name: &str, id: &str, generation: u64) -> Result<(), BackendError> {
+    async fn publish(
+        &self,
+        name: &str,
+        copy: &mut LocalCopy,
+        id: &str,
+        generation: u64,
+    ) -> Result<(), BackendError> {
         let Some(p) = self.publisher.get() else {
             return Ok(());
         };
@@ -762,10 +768,19 @@ impl Inner {
         if let Err(e) = self.client.delete(name, id).await {
             tracing::error!(volume = name, snapshot = id, error = %e, "cannot delete the refused snapshot; it is never read, since the catalog does not name it");
         }
-        Err(BackendError::Fenced {
-            volume: name.to_string(),
-            reason,
-        })
+        // The copy stays dirty on its old base: the conflict recorded against it is what `ferry ls` and
+        // `ferry inspect` show until the operator sets it aside.
+        copy.dirty = true;
+        let image = self.paths(name).image.display().to_string();
+        Err(self.copies.conflict(
+            name,
+            copy,
+            EbsError::Fenced {
+                volume: name.to_string(),
+                reason,
+                image,
+            },
+        ))
     }
 
     /// Refuses to ship unless the copy's base is still the newest completed snapshot in EBS, after
