@@ -1566,7 +1566,7 @@ impl VolumeService {
         if self
             .cluster
             .as_ref()
-            .is_some_and(|c| c.is_fenced(&rec.name))
+            .is_some_and(|c| rec.mountpoint.is_some() && c.is_fenced(&rec.name))
         {
             return (
                 "fenced",
