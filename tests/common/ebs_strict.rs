@@ -97,7 +97,13 @@ impl StrictEbs {
     /// Starts on a free loopback port inside the current Tokio runtime. Listings answer at most
     /// `page_size` blocks per page, whatever the client asks for (the real service may also answer fewer).
     pub async fn start(page_size: usize) -> StrictEbs {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        StrictEbs::start_on([127, 0, 0, 1].into(), page_size).await
+    }
+
+    /// As `start`, listening on `ip` (such as a test network's gateway, which other network namespaces
+    /// reach) instead of loopback.
+    pub async fn start_on(ip: std::net::IpAddr, page_size: usize) -> StrictEbs {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),

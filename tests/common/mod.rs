@@ -25,12 +25,15 @@ pub struct Daemon {
 }
 
 /// The process environment of a daemon beyond its variables.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SpawnOptions {
     /// RLIMIT_NOFILE, soft and hard, as a service manager's `LimitNOFILE=` sets it.
     pub nofile: Option<u64>,
     /// The umask it starts under.
     pub umask: Option<u32>,
+    /// A network namespace to run in (such as /run/netns/NAME), and only that: unlike `ip netns exec`, the
+    /// mount namespace stays the test's, so the mounts the daemon makes are the ones the test sees.
+    pub netns: Option<PathBuf>,
 }
 
 pub fn ferry_bin() -> &'static str {
@@ -110,13 +113,26 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let SpawnOptions { nofile, umask } = self.spawn_options;
-        if nofile.is_some() || umask.is_some() {
+        let SpawnOptions {
+            nofile,
+            umask,
+            ref netns,
+        } = self.spawn_options;
+        // Opened here: between fork and exec nothing may allocate, and opening a path would.
+        let netns = netns.as_ref().map(|p| open_netns(p));
+        if nofile.is_some() || umask.is_some() || netns.is_some() {
+            use std::os::fd::AsRawFd;
             use std::os::unix::process::CommandExt;
-            // SAFETY: between fork and exec the closure only makes two system calls (setrlimit, umask),
-            // both async-signal-safe, and allocates nothing.
+            // SAFETY: between fork and exec the closure only makes system calls (setns on an fd the parent
+            // opened and keeps open until the Command is dropped, setrlimit, umask), all async-signal-safe,
+            // and allocates nothing (an OS error is a plain errno).
             unsafe {
                 cmd.pre_exec(move || {
+                    if let Some(fd) = &netns {
+                        if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                     if let Some(n) = nofile {
                         nix::sys::resource::setrlimit(
                             nix::sys::resource::Resource::RLIMIT_NOFILE,
@@ -263,6 +279,32 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
         unmount_under(&self.state);
+    }
+}
+
+/// Opens a network namespace file (/run/netns/NAME, /proc/PID/ns/net) for `setns`.
+pub fn open_netns(path: &Path) -> std::os::fd::OwnedFd {
+    std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("open network namespace {}: {e}", path.display()))
+        .into()
+}
+
+/// Makes `cmd` run in the network namespace at `netns`, and in no other namespace of it.
+pub fn in_netns<'a>(cmd: &'a mut Command, netns: &Path) -> &'a mut Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // Opened before the fork, as nothing between fork and exec may allocate; O_CLOEXEC (std's default)
+    // keeps it out of the program.
+    let fd = open_netns(netns);
+    // SAFETY: between fork and exec the closure makes one system call, setns, on an fd that the closure
+    // owns (so it stays open until the Command is dropped), and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
     }
 }
 

@@ -24,6 +24,8 @@ pub const TEST_AWS_ENV: [(&str, &str); 5] = [
 
 pub struct Moto {
     pub port: u16,
+    /// The address it listens on.
+    pub host: String,
     dir: tempfile::TempDir,
 }
 
@@ -31,8 +33,8 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/moto-server")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port(host: &str) -> u16 {
+    std::net::TcpListener::bind((host, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -41,20 +43,31 @@ fn free_port() -> u16 {
 
 impl Moto {
     pub fn start() -> Moto {
+        Moto::start_on("127.0.0.1")
+    }
+
+    /// Starts on `host` instead of loopback, such as a test network's gateway (tests/common/cluster.rs),
+    /// which daemons in other network namespaces can reach.
+    pub fn start_on(host: &str) -> Moto {
         let dir = tempfile::Builder::new()
             .prefix("ferry-moto")
             .tempdir()
             .unwrap();
         // A port another test takes between our probe and moto's bind makes start fail; try a few.
         for _ in 0..5 {
-            let port = free_port();
+            let port = free_port(host);
             let out = Command::new(script())
                 .args(["start", &port.to_string()])
                 .arg(dir.path())
+                .arg(host)
                 .output()
                 .expect("run scripts/moto-server");
             if out.status.success() {
-                return Moto { port, dir };
+                return Moto {
+                    port,
+                    host: host.to_string(),
+                    dir,
+                };
             }
             eprintln!(
                 "scripts/moto-server start failed: {}",
@@ -68,7 +81,12 @@ impl Moto {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
+    }
+
+    /// Where its pid and log are.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn log(&self) -> String {

@@ -1,8 +1,10 @@
 //! Tier "peers": the nfs and ebs backends against the real peers they talk to, which the tests start
-//! themselves: NFS-Ganesha (with its lock manager), moto, and the strict EBS emulator; FUSE mounts of nfs
-//! volumes used as applications use them. Needs root, /dev/fuse and the packages scripts/deps installs (see
+//! themselves: NFS-Ganesha (with its lock manager), moto, the strict EBS emulator, and etcd clusters with
+//! hosts in network namespaces for cluster mode; FUSE mounts of nfs volumes used as applications use them. Needs root, /dev/fuse and the packages scripts/deps installs (see
 //! tests/common/tier.rs for what happens without them).
 
+#[path = "../common/cluster.rs"]
+mod cluster;
 #[path = "../common/mod.rs"]
 mod common;
 #[path = "../common/ebs_strict.rs"]
@@ -17,6 +19,7 @@ mod nfs_support;
 #[path = "../common/tier.rs"]
 mod tier;
 
+mod cluster_infra;
 mod ebs_backend;
 mod nfs_backend;
 mod nfs_client;
@@ -37,6 +40,9 @@ tier_gate!(
         Need::Program("fio", "fio"),
         Need::Program("stress-ng", "stress-ng"),
         Need::Program("sqlite3", "sqlite3"),
+        Need::Program("etcd", "etcd-server"),
+        Need::Program("etcdctl", "etcd-client"),
+        Need::Program("ip", "iproute2"),
     ],
     None
 );
