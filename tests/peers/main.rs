@@ -19,6 +19,7 @@ mod nfs_support;
 #[path = "../common/tier.rs"]
 mod tier;
 
+mod cluster_mode;
 mod cluster_infra;
 mod ebs_backend;
 mod nfs_backend;
