@@ -64,7 +64,14 @@ impl World {
 
     fn add_host(&mut self, n: u8) {
         let extra = self.extra();
-        let h = Host::start(&mut self.net, n, &self.etcd, &self.prefix, &extra, &TEST_AWS_ENV);
+        let h = Host::start(
+            &mut self.net,
+            n,
+            &self.etcd,
+            &self.prefix,
+            &extra,
+            &TEST_AWS_ENV,
+        );
         self.hosts.push(h);
     }
 
@@ -204,13 +211,23 @@ fn cluster_create_storm_from_three_hosts_makes_each_volume_once() {
         let creators: BTreeSet<String> = w
             .hosts
             .iter()
-            .map(|h| cluster_status(&h.daemon, name)["created_by"].as_str().unwrap().to_string())
+            .map(|h| {
+                cluster_status(&h.daemon, name)["created_by"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         assert_eq!(creators.len(), 1, "{name}: every host names one creator");
         let creator = creators.into_iter().next().unwrap();
         for h in &w.hosts {
             let local = h.dir().join("state/local").join(name);
-            assert_eq!(local.exists(), h.node == creator, "{name} storage on {}", h.node);
+            assert_eq!(
+                local.exists(),
+                h.node == creator,
+                "{name} storage on {}",
+                h.node
+            );
             made += usize::from(local.exists());
         }
     }
@@ -230,7 +247,10 @@ fn cluster_create_storm_from_three_hosts_makes_each_volume_once() {
         .to_string();
     let other = w.hosts.iter().find(|h| h.node != creator).unwrap();
     let err = mount_err(&other.daemon, "storm-00", "m1");
-    assert!(err.contains(&creator) && err.contains("local volume"), "{err}");
+    assert!(
+        err.contains(&creator) && err.contains("local volume"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -296,11 +316,19 @@ fn cluster_racing_mounts_and_unmounts_never_make_two_generations() {
         .filter(|g| !w.snapshots("race", *g).is_empty())
         .collect();
     for g in &gens {
-        assert_eq!(w.snapshots("race", *g).len(), 1, "generation {g} has one snapshot");
+        assert_eq!(
+            w.snapshots("race", *g).len(),
+            1,
+            "generation {g} has one snapshot"
+        );
     }
     let newest = cluster_status(a, "race")["generation"].as_u64().unwrap();
     assert_eq!(gens.last().copied(), Some(newest));
-    assert_eq!(gens, (1..=newest).collect::<Vec<_>>(), "an unbroken line of generations");
+    assert_eq!(
+        gens,
+        (1..=newest).collect::<Vec<_>>(),
+        "an unbroken line of generations"
+    );
 }
 
 #[test]
@@ -335,7 +363,10 @@ fn cluster_remove_is_refused_while_another_host_has_the_volume() {
 #[test]
 fn cluster_host_death_fails_over_within_the_lease_ttl() {
     let mut w = World::new("death", 2, true);
-    w.d(0).create("dies", r#"{"backend":"ebs","size":"64MiB","checkpoint":"1m"}"#);
+    w.d(0).create(
+        "dies",
+        r#"{"backend":"ebs","size":"64MiB","checkpoint":"1m"}"#,
+    );
     let mp = w.d(0).mount("dies", "ma");
     let digest = write_data(&mp, 3, 2 << 20);
     // The checkpoint is what a dead host leaves: run it now instead of waiting a minute.
@@ -344,19 +375,30 @@ fn cluster_host_death_fails_over_within_the_lease_ttl() {
         .arg(w.hosts[0].dir().join("state/admin.sock"))
         .output()
         .unwrap();
-    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
     std::fs::write(mp.join("after-checkpoint"), b"lost with the host").unwrap();
     w.hosts[0].daemon.kill9();
     let killed = Instant::now();
     let took = loop {
         match try_mount(w.d(1), "dies", "mb") {
             Ok(mp) => {
-                assert_eq!(sha(&mp.join("data.bin")), digest, "data as new as the checkpoint");
+                assert_eq!(
+                    sha(&mp.join("data.bin")),
+                    digest,
+                    "data as new as the checkpoint"
+                );
                 break killed.elapsed();
             }
             Err(e) => {
                 assert!(e.contains("host-1"), "{e}");
-                assert!(killed.elapsed() < Duration::from_secs(20), "no failover: {e}");
+                assert!(
+                    killed.elapsed() < Duration::from_secs(20),
+                    "no failover: {e}"
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -367,7 +409,9 @@ fn cluster_host_death_fails_over_within_the_lease_ttl() {
     // The dead host comes back: its copy holds changes never published; it must not publish them.
     common::unmount_under(&w.hosts[0].dir().join("state"));
     w.hosts[0].respawn();
-    let gen = cluster_status(w.d(1), "dies")["generation"].as_u64().unwrap();
+    let gen = cluster_status(w.d(1), "dies")["generation"]
+        .as_u64()
+        .unwrap();
     assert!(eventually(Duration::from_secs(10), || {
         cluster_status(w.d(0), "dies")["generation"].as_u64() == Some(gen)
     }));
@@ -416,7 +460,10 @@ fn cluster_partitioned_owner_fences_itself_before_another_host_takes_over() {
     w.net.heal(1);
     // A's link is back: its Unmount publishes nothing and reports what it kept.
     let err = try_unmount(a, "part", "ma").unwrap_err();
-    assert!(err.contains("kept") || err.contains("not published"), "{err}");
+    assert!(
+        err.contains("kept") || err.contains("not published"),
+        "{err}"
+    );
     assert!(eventually(Duration::from_secs(10), || {
         cluster_status(a, "part")["generation"].as_u64() == Some(gen)
     }));
@@ -427,7 +474,10 @@ fn cluster_partitioned_owner_fences_itself_before_another_host_takes_over() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&ls.stdout);
-    assert!(text.contains("conflict") && text.contains("set-aside"), "{text}");
+    assert!(
+        text.contains("conflict") && text.contains("set-aside"),
+        "{text}"
+    );
     // B's data stands.
     let mp = b.mount("part", "mb3");
     assert_eq!(sha(&mp.join("data.bin")), digest_b);
@@ -471,7 +521,11 @@ fn cluster_paused_owner_cannot_publish_a_push_in_flight() {
         let r = unmount.join().unwrap();
         assert!(r.is_err(), "A's push must be refused: {r:?}");
     });
-    assert_eq!(w.snapshots("pause", 2).len(), 0, "the refused snapshot was deleted");
+    assert_eq!(
+        w.snapshots("pause", 2).len(),
+        0,
+        "the refused snapshot was deleted"
+    );
     assert_eq!(cluster_status(b, "pause")["generation"].as_u64(), Some(1));
     b.unmount("pause", "mb");
 }
@@ -494,24 +548,47 @@ fn cluster_survives_a_lost_etcd_member_and_a_whole_etcd_outage() {
     }
     w.etcd.restart(1);
     let mp = a.mount("e0", "held");
+    // A writer on the mounted volume: it keeps working while etcd is away, until the fence deadline (a
+    // quarter of the 4 s TTL before the lease could expire), and no longer.
+    let stopped = Instant::now();
+    let writer = std::thread::spawn(move || loop {
+        if std::fs::write(mp.join("during-outage"), b"ok").is_err() {
+            return stopped.elapsed();
+        }
+        if stopped.elapsed() > Duration::from_secs(30) {
+            return stopped.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    });
     // All of etcd down: Get and List answer from memory, fast; Mount fails fast and clearly.
     w.etcd.stop_all();
-    std::thread::sleep(Duration::from_secs(1));
     for d in [a, b] {
         let t = Instant::now();
         let _ = d.ok("/VolumeDriver.List", "{}");
         let _ = d.get("m3");
-        assert!(t.elapsed() < Duration::from_millis(100), "Get+List took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "Get+List took {:?}",
+            t.elapsed()
+        );
     }
     let t = Instant::now();
     let err = mount_err(b, "m4", "y");
-    assert!(t.elapsed() < Duration::from_secs(5), "Mount took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "Mount took {:?}",
+        t.elapsed()
+    );
     assert!(err.contains("etcd"), "{err}");
     assert!(eventually(Duration::from_secs(6), || {
         cluster_status(b, "m3")["catalog_in_sync"] == false
     }));
-    // The mounted volume keeps working until the fence deadline at least.
-    std::fs::write(mp.join("during-outage"), b"ok").unwrap();
+    let fenced_after = writer.join().unwrap();
+    assert!(
+        fenced_after > Duration::from_millis(1500) && fenced_after < Duration::from_secs(4),
+        "writes stopped {fenced_after:?} after etcd went away"
+    );
+    assert_eq!(a.get("e0")["Status"]["health"], "fenced");
     w.etcd.start_all();
     assert!(eventually(Duration::from_secs(30), || {
         cluster_status(b, "m3")["catalog_in_sync"] == true && try_mount(b, "m4", "y").is_ok()

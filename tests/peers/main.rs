@@ -19,8 +19,8 @@ mod nfs_support;
 #[path = "../common/tier.rs"]
 mod tier;
 
-mod cluster_mode;
 mod cluster_infra;
+mod cluster_mode;
 mod ebs_backend;
 mod nfs_backend;
 mod nfs_client;
