@@ -89,18 +89,6 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // One identity for every backend that tells other hosts who holds a volume.
     let host = crate::host::HostId::load(state)
         .context("cannot read or make this host's id (STATE_DIR/host-id)")?;
-    if let Some(settings) = &config.nfs {
-        let binary = std::env::current_exe()
-            .context("cannot find the ferry binary to run FUSE helpers from")?;
-        backends.push(Arc::new(crate::backend::NfsBackend::new(
-            settings.clone(),
-            state.join("nfs"),
-            config.mount_root.clone(),
-            host.clone(),
-            binary,
-            mounter.clone(),
-        )?));
-    }
     // Cluster mode: the shared catalog's cache and this host's lease run from before start-up
     // reconciliation, which imports this host's volumes and claims the ones attached here.
     let cluster_stop = CancellationToken::new();
@@ -115,6 +103,22 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if let Some(settings) = &config.nfs {
+        let binary = std::env::current_exe()
+            .context("cannot find the ferry binary to run FUSE helpers from")?;
+        let nfs = crate::backend::NfsBackend::new(
+            settings.clone(),
+            state.join("nfs"),
+            config.mount_root.clone(),
+            host.clone(),
+            binary,
+            mounter.clone(),
+        )?;
+        if let Some(c) = &cluster {
+            nfs.set_fence_file(c.fence_file().to_path_buf());
+        }
+        backends.push(Arc::new(nfs));
+    }
     if let Some(settings) = &config.ebs {
         let ebs = crate::backend::EbsBackend::new(
             settings.clone(),

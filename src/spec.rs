@@ -25,11 +25,12 @@ pub const OPTION_KEYS: &[&str] = &[
     "subdir",
     "checkpoint",
     "preallocate",
+    "access",
 ];
 
 /// The options each backend accepts besides `backend`; the rest are refused with a message naming them.
 const LOCAL_KEYS: &[&str] = &["size", "fs", "uid", "gid", "mode", "preallocate"];
-const NFS_KEYS: &[&str] = &["uid", "gid", "mode", "server", "export", "subdir"];
+const NFS_KEYS: &[&str] = &["uid", "gid", "mode", "server", "export", "subdir", "access"];
 const EBS_KEYS: &[&str] = &["size", "fs", "uid", "gid", "mode", "checkpoint"];
 
 /// ebs images are shipped in blocks of this many bytes, so their sizes are rounded up to a multiple of it.
@@ -310,6 +311,8 @@ pub enum BackendSpec {
         /// An existing directory of the export to adopt instead of one named after the volume; never
         /// deleted by Remove.
         subdir: Option<String>,
+        /// `access=single`: in cluster mode, one host at a time may mount it, fenced like an ebs volume.
+        single: bool,
     },
     Ebs {
         /// Bytes, a multiple of [`EBS_BLOCK`].
@@ -578,6 +581,15 @@ impl VolumeSpec {
         } else {
             (None, None, None)
         };
+        let single = match opts.get("access").map(String::as_str) {
+            None | Some("shared") => false,
+            Some("single") => true,
+            Some(v) => return Err(bad(
+                "access",
+                v,
+                "expected shared (every host may mount it at once) or single (one host at a time)",
+            )),
+        };
         let backend = match (backend, size, fs, server, export) {
             (BackendKind::Local, None, _, _, _) => BackendSpec::Local { cap: None },
             (BackendKind::Local, Some(size), fs, _, _) => BackendSpec::Local {
@@ -591,6 +603,7 @@ impl VolumeSpec {
                 server,
                 export,
                 subdir,
+                single,
             },
             (BackendKind::Ebs, Some(size), fs, _, _) => BackendSpec::Ebs {
                 size,
@@ -664,6 +677,11 @@ impl VolumeSpec {
         )
     }
 
+    /// nfs with `access=single`.
+    pub fn single_writer_nfs(&self) -> bool {
+        matches!(self.backend, BackendSpec::Nfs { single: true, .. })
+    }
+
     /// nfs: server, export and subdir.
     pub fn nfs(&self) -> Option<(&str, &str, Option<&str>)> {
         match &self.backend {
@@ -671,6 +689,7 @@ impl VolumeSpec {
                 server,
                 export,
                 subdir,
+                ..
             } => Some((server, export, subdir.as_deref())),
             _ => None,
         }
@@ -707,6 +726,9 @@ impl VolumeSpec {
             out.insert("export".into(), export.into());
             if let Some(subdir) = subdir {
                 out.insert("subdir".into(), subdir.into());
+            }
+            if self.single_writer_nfs() {
+                out.insert("access".into(), "single".into());
             }
         }
         out

@@ -59,6 +59,9 @@ struct StoredSpec {
     checkpoint: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     preallocate: bool,
+    /// nfs `access=single`; absent for shared volumes, so their records keep the earlier bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -116,6 +119,7 @@ impl From<&VolumeRecord> for StoredRecord {
                 subdir,
                 checkpoint: spec.checkpoint(),
                 preallocate: spec.preallocate(),
+                access: spec.single_writer_nfs().then(|| "single".to_string()),
             },
             created_at: r.created_at,
             state: r.state,
@@ -148,6 +152,7 @@ impl TryFrom<StoredRecord> for VolumeRecord {
                 server,
                 export,
                 subdir: s.subdir,
+                single: s.access.as_deref() == Some("single"),
             },
             (BackendKind::Nfs, ..) => {
                 return Err("an nfs volume without its server and export".into())
@@ -243,6 +248,7 @@ mod tests {
                     server: "10.0.0.5".into(),
                     export: "/srv/nfs".into(),
                     subdir: Some("projects/a".into()),
+                    single: false,
                 },
             },
             1765000002,

@@ -198,9 +198,16 @@ pub struct Cluster {
     on_fence: Mutex<Option<FenceHook>>,
     on_removed: Mutex<Option<RemovedHook>>,
     lease_file: PathBuf,
+    /// Where the fence deadline is published for FUSE helpers (see `fuse::fence`).
+    fence_file: PathBuf,
     started_at: u64,
     /// Wakes the lease task when a lease is needed at once.
     lease_wanted: tokio::sync::Notify,
+}
+
+/// How long before the lease could expire on etcd's side this host stops writing.
+fn fence_margin(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_millis(500))
 }
 
 fn now_secs() -> u64 {
@@ -212,7 +219,7 @@ fn now_secs() -> u64 {
 
 /// Whether a volume of this spec has at most one writer in the cluster.
 pub fn single_writer(spec: &crate::spec::VolumeSpec) -> bool {
-    spec.kind() == crate::spec::BackendKind::Ebs
+    spec.kind() == crate::spec::BackendKind::Ebs || spec.single_writer_nfs()
 }
 
 async fn bounded<T>(
@@ -244,9 +251,26 @@ impl Cluster {
             on_fence: Mutex::new(None),
             on_removed: Mutex::new(None),
             lease_file: state_dir.join("cluster-lease"),
+            fence_file: state_dir.join("cluster-fence-deadline"),
             started_at: now_secs(),
             lease_wanted: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// The file holding the fence deadline, for FUSE helpers of volumes with one writer.
+    pub fn fence_file(&self) -> &std::path::Path {
+        &self.fence_file
+    }
+
+    /// Publishes the moment this host must stop writing unless the lease is renewed again: the last
+    /// renewal plus the TTL less the fencing margin, on the monotonic clock helpers read too.
+    fn publish_fence_deadline(&self, renewed_at: Instant) {
+        let ttl = self.settings.lease_ttl;
+        let left = (ttl.saturating_sub(fence_margin(ttl))).saturating_sub(renewed_at.elapsed());
+        let deadline = crate::fuse::fence::monotonic_nanos() + left.as_nanos() as u64;
+        if let Err(e) = crate::fuse::fence::write_deadline(&self.fence_file, deadline) {
+            tracing::warn!(file = %self.fence_file.display(), error = %e, "cannot publish the fence deadline; helpers of single-writer nfs volumes will fence them");
+        }
     }
 
     pub fn node(&self) -> &str {
@@ -475,7 +499,7 @@ impl Cluster {
     pub async fn run_lease(self: Arc<Self>, stop: CancellationToken) {
         let ttl = self.settings.lease_ttl;
         let interval = (ttl / 5).max(Duration::from_millis(200));
-        let margin = (ttl / 4).max(Duration::from_millis(500));
+        let margin = fence_margin(ttl);
         loop {
             let current = *self.lease.lock().recover();
             match current {
@@ -493,10 +517,15 @@ impl Cluster {
                     .await;
                     match answer {
                         Ok(Ok(t)) if t > 0 => {
-                            if let Some(l) = self.lease.lock().recover().as_mut() {
-                                if l.id == lease.id {
+                            let renewed = match self.lease.lock().recover().as_mut() {
+                                Some(l) if l.id == lease.id => {
                                     l.renewed_at = sent;
+                                    true
                                 }
+                                _ => false,
+                            };
+                            if renewed {
+                                self.publish_fence_deadline(sent);
                             }
                         }
                         Ok(Ok(_)) => {
@@ -571,6 +600,7 @@ impl Cluster {
             id,
             renewed_at: sent,
         });
+        self.publish_fence_deadline(sent);
         Ok(id)
     }
 

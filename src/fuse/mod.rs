@@ -20,6 +20,7 @@
 //! Every request runs in its own task (the `fuse3` session spawns one per request) and holds no lock across
 //! a store call, so a request stuck on an unreachable server never delays the others.
 
+pub mod fence;
 mod inode;
 pub mod locks;
 pub mod memory;

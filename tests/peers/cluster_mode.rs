@@ -307,7 +307,7 @@ fn cluster_racing_mounts_and_unmounts_never_make_two_generations() {
                 try_mount(loser, "race", "late")
             });
             t1.join().unwrap();
-            if let Ok(_) = t2.join().unwrap() {
+            if t2.join().unwrap().is_ok() {
                 loser.unmount("race", "late");
             }
         });
@@ -632,4 +632,103 @@ fn cluster_a_joining_host_imports_its_volumes_and_reports_conflicts() {
     assert!(err.contains("different"), "{err}");
     // Host 1's volume of that name is untouched.
     assert_eq!(cluster_status(a, "clash")["created_by"], "host-1");
+}
+
+/// An nfs volume with `access=single` in a cluster: one host at a time, and a host that stops renewing its
+/// lease (its daemon paused) has its FUSE helper refuse writes on its own before another host takes over.
+/// The two daemons run in the test's own network namespace (the test NFS server listens on loopback) and
+/// reach etcd on the test network's gateway.
+#[test]
+fn cluster_single_writer_nfs_volume_is_fenced_by_its_helper_when_the_daemon_stops_renewing() {
+    let net = Net::new();
+    let etcd = Etcd::start(&net);
+    let ganesha = crate::common::ganesha::Ganesha::start();
+    let prefix = unique_prefix("nfs-single");
+    let start = |node: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = crate::cluster::cluster_config(
+            tmp.path(),
+            &etcd.endpoints(),
+            node,
+            &prefix,
+            crate::cluster::LEASE_TTL,
+            &ganesha.config_section("5s"),
+        );
+        let d = Daemon::start_in(
+            tmp.path(),
+            &tmp.path().join("ferry.sock"),
+            &[("FERRY_CONFIG", config.to_str().unwrap())],
+        );
+        (tmp, d)
+    };
+    let (_ta, a) = start("host-a");
+    let (_tb, b) = start("host-b");
+    a.create("one", r#"{"backend":"nfs","access":"single"}"#);
+    b.create("one", r#"{"backend":"nfs","access":"single"}"#);
+    // The same name shared would be another volume: refused naming the option.
+    let err = b.err(
+        "/VolumeDriver.Create",
+        r#"{"Name":"one","Opts":{"backend":"nfs"}}"#,
+    );
+    assert!(err.contains("access"), "{err}");
+    let mp = a.mount("one", "ma");
+    std::fs::write(mp.join("from-a"), b"a").unwrap();
+    let err = mount_err(&b, "one", "mb");
+    assert!(err.contains("host-a"), "{err}");
+    // A's daemon stops (as a hung daemon would): its helper keeps serving, until the fence deadline.
+    let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let paused = Instant::now();
+    let mut fenced_at = None;
+    while paused.elapsed() < Duration::from_secs(10) {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(mp.join("writer"));
+        let ok = f.and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(b"x")?;
+            f.sync_all()
+        });
+        if ok.is_err() {
+            fenced_at = Some(paused.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fenced_at = fenced_at.expect("A's helper never refused writes");
+    // Not at once: the lease was renewed just before the pause, so writes go on until the deadline.
+    assert!(
+        fenced_at > Duration::from_millis(1500),
+        "fenced after {fenced_at:?}"
+    );
+    let mut taken_at = None;
+    while paused.elapsed() < Duration::from_secs(20) {
+        if try_mount(&b, "one", "mb").is_ok() {
+            taken_at = Some(paused.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let taken_at = taken_at.expect("B never took over");
+    assert!(
+        fenced_at < taken_at,
+        "fenced {fenced_at:?}, taken {taken_at:?}"
+    );
+    let mp_b = b.get("one")["Mountpoint"].as_str().unwrap().to_string();
+    let written = std::fs::read(Path::new(&mp_b).join("writer")).unwrap_or_default();
+    std::fs::write(Path::new(&mp_b).join("from-b"), b"b").unwrap();
+    // What A's containers still try to write never reaches the server.
+    let _ = std::fs::write(mp.join("writer"), b"late");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read(Path::new(&mp_b).join("writer")).unwrap_or_default(),
+        written
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let _ = try_unmount(&a, "one", "ma");
+    b.unmount("one", "mb");
+    drop(a);
+    drop(b);
+    drop(ganesha);
 }

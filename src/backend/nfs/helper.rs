@@ -40,6 +40,10 @@ pub struct HelperSpec {
     pub lock_caller: String,
     #[serde(default)]
     pub lock_journal: PathBuf,
+    /// Cluster mode, a volume with one writer (`access=single`): the daemon's fence deadline file. The
+    /// helper refuses every write once the deadline in it passes (see `fuse::fence`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_file: Option<PathBuf>,
 }
 
 impl HelperSpec {

@@ -119,6 +119,8 @@ pub struct NfsBackend {
     clients: Mutex<HashMap<(String, String), NfsClient>>,
     /// What the last successful FSSTAT of each export said, and when; Status shows it without waiting.
     free_space: Mutex<HashMap<(String, String), (FsStat, SystemTime)>>,
+    /// Cluster mode: the daemon's fence deadline file, handed to the helpers of `access=single` volumes.
+    fence_file: std::sync::OnceLock<PathBuf>,
 }
 
 fn nfs_err(e: NfsError) -> BackendError {
@@ -165,6 +167,7 @@ impl NfsBackend {
             mounter,
             clients: Mutex::new(HashMap::new()),
             free_space: Mutex::new(HashMap::new()),
+            fence_file: std::sync::OnceLock::new(),
         })
     }
 
@@ -227,6 +230,12 @@ impl NfsBackend {
         }
     }
 
+    /// Cluster mode: the helpers of volumes with one writer stop writes once the deadline in `file`
+    /// passes (see `fuse::fence`).
+    pub fn set_fence_file(&self, file: PathBuf) {
+        let _ = self.fence_file.set(file);
+    }
+
     fn pid_file(&self, name: &str) -> PathBuf {
         self.volume_root(name).join("helper.pid")
     }
@@ -263,6 +272,10 @@ impl NfsBackend {
             lock_journal: self
                 .volume_root(name)
                 .join(helper::lock_journal_name(&instance)),
+            fence_file: spec
+                .single_writer_nfs()
+                .then(|| self.fence_file.get().cloned())
+                .flatten(),
         })
     }
 
@@ -375,7 +388,31 @@ impl Backend for NfsBackend {
         BackendKind::Nfs
     }
 
-    fn preflight(&self, _name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
+    fn preflight(&self, _name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+        // A kernel mount cannot be fenced: its writes would reach the server after the claim is lost.
+        if self.kernel && spec.single_writer_nfs() {
+            return Err(BackendError::Unsupported {
+                op: "access=single (one writer per cluster)",
+                backend: BackendKind::Nfs,
+            });
+        }
+        Ok(())
+    }
+
+    fn fence(&self, name: &str, spec: &VolumeSpec) -> Result<(), BackendError> {
+        if !spec.single_writer_nfs() {
+            return Ok(());
+        }
+        if let Some(pid) = helper::running(&self.pid_file(name), name) {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGUSR1,
+            )
+            .map_err(|e| BackendError::Helper {
+                volume: name.to_string(),
+                reason: format!("cannot signal the helper to fence the volume: {e}"),
+            })?;
+        }
         Ok(())
     }
 
@@ -630,6 +667,7 @@ mod tests {
                 server: "127.0.0.1".into(),
                 export: "/srv".into(),
                 subdir: None,
+                single: false,
             },
         }
     }

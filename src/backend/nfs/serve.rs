@@ -11,10 +11,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::helper::{HelperSpec, READY};
 use super::marker;
+use crate::fuse::fence::{self, Fence};
 use crate::fuse::locks::{LocalLocks, Locking};
 use crate::fuse::{self, MountOptions};
 use crate::mount::{Mounter, SystemMounter};
 use crate::nfs::{NfsClient, NfsLocks, NfsStore};
+
+/// The daemon fences a volume at once with SIGUSR1 (its lease is lost).
+async fn fence_on_signal(fence: Fence) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return;
+    };
+    if usr1.recv().await.is_some() {
+        tracing::error!("fenced by the daemon: this volume no longer accepts writes here");
+        fence.fence();
+    }
+}
 
 /// Runs a helper to the end. Errors before "ready" are reported on standard output, where the daemon
 /// reads them; later ones go to the log.
@@ -38,8 +51,20 @@ pub async fn run(spec: HelperSpec) -> Result<(), String> {
         // `locks = "local"`: kept in this helper, so they hold between this host's containers only.
         None => Locking::Store(Arc::new(LocalLocks::default())),
     };
+    let store: Arc<dyn crate::fuse::store::FileStore> = Arc::new(store);
+    // One writer per cluster: the store refuses every change once this host may have lost its claim.
+    let store = match &spec.fence_file {
+        Some(file) => {
+            let fence = Fence::default();
+            tokio::spawn(fence::watch_deadline(fence.clone(), file.clone()));
+            tokio::spawn(fence_on_signal(fence.clone()));
+            Arc::new(fence::FencedStore::new(store, fence))
+                as Arc<dyn crate::fuse::store::FileStore>
+        }
+        None => store,
+    };
     let mut mount = fuse::mount(
-        Arc::new(store),
+        store,
         &spec.mountpoint,
         MountOptions {
             attr_ttl: Duration::from_millis(spec.attr_cache_ms),
