@@ -3,6 +3,9 @@
 //! sharing nfs and ebs volumes. Needs root and a dockerd answering on /var/run/docker.sock;
 //! `FERRY_SKIP_DOCKER=1` skips the tier on purpose (see tests/common/tier.rs).
 
+#[allow(dead_code)]
+#[path = "../common/cluster.rs"]
+mod cluster;
 #[path = "../common/mod.rs"]
 mod common;
 #[path = "../common/docker2.rs"]
@@ -24,6 +27,7 @@ mod ebs_docker;
 mod managed_plugin;
 mod nfs_docker;
 mod second_dockerd;
+mod swarm;
 
 tier_gate!(
     "dockerd",
@@ -34,6 +38,8 @@ tier_gate!(
         Need::Program("busybox", "busybox-static"),
         Need::Program("ganesha.nfsd", "nfs-ganesha"),
         Need::Program("docker-compose", "docker-compose"),
+        Need::Program("etcd", "etcd-server"),
+        Need::Program("etcdctl", "etcd-client"),
     ],
     Some("FERRY_SKIP_DOCKER")
 );
