@@ -3,7 +3,6 @@
 //! sharing nfs and ebs volumes. Needs root and a dockerd answering on /var/run/docker.sock;
 //! `FERRY_SKIP_DOCKER=1` skips the tier on purpose (see tests/common/tier.rs).
 
-#[allow(dead_code)]
 #[path = "../common/cluster.rs"]
 mod cluster;
 #[path = "../common/mod.rs"]
