@@ -419,6 +419,34 @@ pub fn render_inspect(v: &VolumeReport) -> String {
         rows.push((format!("{} {k}", v.backend), value_text(val)));
     }
     rows.push(("catalog version".into(), v.catalog_version.to_string()));
+    if let Some(c) = &v.cluster {
+        rows.push(("cluster created by".into(), c.created_by.clone()));
+        rows.push((
+            "cluster owner".into(),
+            match (&c.owner, c.token) {
+                (Some(o), Some(t)) => format!("{o} (fencing token {t})"),
+                (Some(o), None) => o.clone(),
+                _ => "- (no host owns it)".into(),
+            },
+        ));
+        if let Some(g) = c.generation {
+            rows.push(("cluster generation".into(), g.to_string()));
+        }
+        rows.push((
+            "cluster mounted on".into(),
+            if c.attached_on.is_empty() {
+                "-".into()
+            } else {
+                c.attached_on.join(", ")
+            },
+        ));
+        if !c.catalog_in_sync {
+            rows.push((
+                "cluster catalog".into(),
+                "STALE: etcd is out of reach; this is the last state seen".into(),
+            ));
+        }
+    }
     let width = rows
         .iter()
         .map(|(k, _)| k.chars().count())

@@ -42,7 +42,7 @@ pub struct ClusterSettings {
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("the cluster catalog (etcd) cannot be reached: {0}; the volume was not changed. Check that etcd runs and that this host reaches it (`ferry hosts`, `ferry doctor`); Ferry reconnects by itself")]
+    #[error("the cluster catalog (etcd) cannot be reached: {0}; the volume was not changed. Check that etcd runs and that this host reaches it (`ferry hosts` shows this host's lease); Ferry reconnects by itself")]
     Unreachable(String),
     #[error("the cluster catalog (etcd) refused: {0}")]
     Refused(String),
@@ -666,6 +666,29 @@ impl Cluster {
             .collect()
     }
 
+    /// Whether `node` holds a lease, as far as this host's copy of the catalog knows.
+    pub fn host_alive(&self, node: &str) -> bool {
+        self.cache.read().recover().hosts.contains_key(node)
+    }
+
+    /// Takes over a create that a host which no longer holds a lease left unfinished; `None` if the
+    /// definition moved meanwhile.
+    pub async fn take_over_creation(
+        &self,
+        def: &Definition,
+    ) -> Result<Option<Definition>, ClusterError> {
+        let mine = Definition {
+            node: self.settings.node.clone(),
+            ..def.clone()
+        };
+        let taken = self.update(&mine, &def.record).await?;
+        // `update` compares the revision only; the new value names this host as the creator.
+        Ok(taken.map(|d| Definition {
+            node: self.settings.node.clone(),
+            ..d
+        }))
+    }
+
     pub fn owner(&self, name: &str) -> Option<Owner> {
         self.cache.read().recover().owners.get(name).cloned()
     }
@@ -1151,7 +1174,7 @@ impl Cluster {
                     )))
                 }
             };
-            if def.record.state == VolumeState::Creating {
+            if def.record.state == VolumeState::Creating && self.host_alive(&def.node) {
                 return Err(ClusterError::Busy {
                     name: name.into(),
                     what: "created",

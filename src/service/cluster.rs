@@ -67,6 +67,20 @@ impl VolumeService {
             // Another host's create still under way: wait for it a little, as Swarm creates on every node.
             let mut waited = Duration::ZERO;
             while def.record.state == VolumeState::Creating && def.node != c.node() {
+                if c.in_sync() && !c.host_alive(&def.node) {
+                    // Its creator lost its lease mid-create: the storage may be half made; finish it here.
+                    match c.take_over_creation(&def).await? {
+                        Some(d) => {
+                            tracing::warn!(volume = name, from = %def.node, "took over a create its host left unfinished");
+                            def = d;
+                            break;
+                        }
+                        None => {
+                            def = c.definition(name).unwrap_or(def);
+                            continue;
+                        }
+                    }
+                }
                 if waited >= Duration::from_secs(10) {
                     return Err(ClusterError::Busy {
                         name: name.into(),

@@ -174,6 +174,22 @@ fn write_data(dir: &Path, seed: u8, len: usize) -> String {
     sha(&path)
 }
 
+/// Runs an operator command against a host's daemon; its standard output.
+fn operator(h: &Host, args: &[&str]) -> String {
+    let out = std::process::Command::new(common::ferry_bin())
+        .args(args)
+        .arg("--admin-socket")
+        .arg(h.dir().join("state/admin.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn ebs_opts() -> &'static str {
     r#"{"backend":"ebs","size":"64MiB"}"#
 }
@@ -266,6 +282,26 @@ fn cluster_ebs_volume_has_one_writer_and_follows_to_another_host() {
     let owner = cluster_status(b, "vol");
     assert_eq!(owner["owner"], "host-1", "{owner}");
     assert!(owner["token"].as_i64().unwrap() > 0);
+    // The operator's view from the other host: both hosts alive, host 1 owns the volume.
+    let hosts: Value = serde_json::from_str(&operator(&w.hosts[1], &["hosts", "--json"])).unwrap();
+    let row = |node: &str| {
+        hosts["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["node"] == node)
+            .cloned()
+            .unwrap_or_else(|| panic!("{node} missing from {hosts}"))
+    };
+    assert_eq!(row("host-1")["state"], "alive");
+    assert_eq!(row("host-1")["owns"], serde_json::json!(["vol"]));
+    assert_eq!(row("host-2")["owns"], serde_json::json!([]));
+    assert_eq!(hosts["this_node"], "host-2");
+    let inspect = operator(&w.hosts[1], &["inspect", "vol"]);
+    assert!(
+        inspect.contains("host-1 (fencing token"),
+        "ferry inspect shows owner and token: {inspect}"
+    );
     a.unmount("vol", "ma");
     let mp = b.mount("vol", "mb");
     assert_eq!(sha(&mp.join("data.bin")), digest, "B reads A's bytes");
@@ -731,4 +767,42 @@ fn cluster_single_writer_nfs_volume_is_fenced_by_its_helper_when_the_daemon_stop
     drop(a);
     drop(b);
     drop(ganesha);
+}
+
+#[test]
+fn cluster_release_takes_a_volume_from_a_cut_off_owner_that_then_publishes_nothing() {
+    let w = World::new("release", 2, true);
+    let (a, b) = (w.d(0), w.d(1));
+    a.create("rel", ebs_opts());
+    let mp = a.mount("rel", "ma");
+    let digest = write_data(&mp, 1, 1 << 20);
+    a.unmount("rel", "ma");
+    let mp = a.mount("rel", "ma");
+    write_data(&mp, 2, 1 << 20);
+    w.net.cut(1);
+    assert!(mount_err(b, "rel", "mb").contains("host-1"));
+    // The operator does not wait for the lease: host 1 is cut off, and its claim is taken from it.
+    let said = operator(&w.hosts[1], &["release", "rel"]);
+    assert!(said.contains("taken from host host-1"), "{said}");
+    let mp_b = b.mount("rel", "mb");
+    assert_eq!(
+        sha(&mp_b.join("data.bin")),
+        digest,
+        "the last published data"
+    );
+    let digest_b = write_data(&mp_b, 3, 1 << 20);
+    b.unmount("rel", "mb");
+    w.net.heal(1);
+    // Host 1 comes back and unmounts: its token no longer matches, so nothing it made is published.
+    assert!(eventually(Duration::from_secs(10), || {
+        cluster_status(a, "rel")["generation"].as_u64() == Some(2)
+    }));
+    // Either its base check or the token check refuses, before or after its upload; both keep its changes.
+    let err = try_unmount(a, "rel", "ma").unwrap_err();
+    assert!(err.contains("kept in"), "{err}");
+    assert_eq!(a.get("rel")["Status"]["health"], "conflict");
+    assert_eq!(w.snapshots("rel", 3).len(), 0);
+    let mp = b.mount("rel", "mb2");
+    assert_eq!(sha(&mp.join("data.bin")), digest_b);
+    b.unmount("rel", "mb2");
 }
