@@ -322,6 +322,15 @@ impl EtcdClient {
         &self.urls
     }
 
+    /// Makes the next call start with the next member: the one tried first did not answer in time (a hung
+    /// member accepts connections and then says nothing, which only the caller's deadline notices).
+    pub fn rotate(&self) {
+        let n = self.endpoints.len();
+        let _ = self
+            .preferred
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| Some((p + 1) % n));
+    }
+
     async fn connect(&self, ep: &Endpoint) -> Result<Conn, String> {
         let addr = format!("{}:{}", ep.host, ep.port);
         let tcp = tokio::net::TcpStream::connect(&addr)

@@ -30,6 +30,13 @@ use etcd::{Cmp, EtcdClient, EtcdError, Event, Kv, Op, WatchMessage};
 /// How long a Create, Mount or Remove waits on etcd before failing: well inside Docker's deadlines.
 pub const OP_DEADLINE: Duration = Duration::from_secs(4);
 
+/// How often a host rewrites its host key, so that every watch sees traffic and a watch that went silent
+/// (its member hung) is noticed.
+const HEARTBEAT: Duration = Duration::from_secs(3);
+
+/// A watch that delivered nothing for this long is presumed dead and started again.
+const WATCH_SILENCE: Duration = Duration::from_secs(10);
+
 /// The `[cluster]` section, resolved.
 #[derive(Clone, Debug)]
 pub struct ClusterSettings {
@@ -203,6 +210,8 @@ pub struct Cluster {
     started_at: u64,
     /// Wakes the lease task when a lease is needed at once.
     lease_wanted: tokio::sync::Notify,
+    /// When the watch last delivered anything.
+    watch_seen: Mutex<Instant>,
 }
 
 /// How long before the lease could expire on etcd's side this host stops writing.
@@ -254,6 +263,7 @@ impl Cluster {
             fence_file: state_dir.join("cluster-fence-deadline"),
             started_at: now_secs(),
             lease_wanted: tokio::sync::Notify::new(),
+            watch_seen: Mutex::new(Instant::now()),
         }))
     }
 
@@ -298,6 +308,9 @@ impl Cluster {
     /// keep-alives lately (a watch over a connection to a hung member would not notice it is stale).
     pub fn in_sync(&self) -> bool {
         if !self.in_sync.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.watch_seen.lock().recover().elapsed() > WATCH_SILENCE {
             return false;
         }
         let limit = (self.settings.lease_ttl / 2).max(Duration::from_secs(2));
@@ -434,12 +447,16 @@ impl Cluster {
                     let prefix = format!("{}/", self.settings.prefix);
                     tokio::spawn(async move { me.client.watch(&prefix, revision + 1, tx).await })
                 };
-                while let Some(msg) = rx.recv().await {
+                *self.watch_seen.lock().recover() = Instant::now();
+                // Every host rewrites its host key every few seconds, so silence means a dead watch.
+                while let Ok(Some(msg)) = tokio::time::timeout(WATCH_SILENCE, rx.recv()).await {
+                    *self.watch_seen.lock().recover() = Instant::now();
                     match msg {
                         WatchMessage::Compacted => break,
                         WatchMessage::Events(events) => self.apply_events(events),
                     }
                 }
+                self.client.rotate();
                 client_side.abort();
                 let end: Result<(), EtcdError> = match client_side.await {
                     Ok(Err(e)) => Err(e),
@@ -500,6 +517,7 @@ impl Cluster {
         let ttl = self.settings.lease_ttl;
         let interval = (ttl / 5).max(Duration::from_millis(200));
         let margin = fence_margin(ttl);
+        let mut last_beat = Instant::now();
         loop {
             let current = *self.lease.lock().recover();
             match current {
@@ -511,10 +529,14 @@ impl Cluster {
                 Some(lease) => {
                     let sent = Instant::now();
                     let answer = tokio::time::timeout(
-                        interval.max(Duration::from_millis(500)),
+                        (ttl / 4).max(Duration::from_millis(500)),
                         self.client.lease_keepalive(lease.id),
                     )
                     .await;
+                    if !matches!(answer, Ok(Ok(_))) {
+                        self.client.rotate();
+                    }
+                    let alive = matches!(&answer, Ok(Ok(t)) if *t > 0);
                     match answer {
                         Ok(Ok(t)) if t > 0 => {
                             let renewed = match self.lease.lock().recover().as_mut() {
@@ -541,6 +563,12 @@ impl Cluster {
                             tracing::warn!(error = %e, "cannot renew the lease")
                         }
                         Err(_) => tracing::warn!("renewing the lease timed out"),
+                    }
+                    if last_beat.elapsed() >= HEARTBEAT && alive {
+                        last_beat = Instant::now();
+                        if let Err(e) = self.put_host_key(lease.id).await {
+                            tracing::debug!(error = %e, "cannot refresh this host's key");
+                        }
                     }
                     let renewed_at = self.lease.lock().recover().map(|l| l.renewed_at);
                     if let Some(at) = renewed_at {
@@ -583,25 +611,29 @@ impl Cluster {
                 id
             }
         };
-        let entry = HostEntry {
-            node: self.settings.node.clone(),
-            started_at: self.started_at,
-            version: env!("CARGO_PKG_VERSION").into(),
-            lease: id,
-        };
-        self.client
-            .put(
-                &self.key("h", &self.settings.node),
-                &serde_json::to_vec(&entry).unwrap_or_default(),
-                id,
-            )
-            .await?;
+        self.put_host_key(id).await?;
         *self.lease.lock().recover() = Some(Lease {
             id,
             renewed_at: sent,
         });
         self.publish_fence_deadline(sent);
         Ok(id)
+    }
+
+    async fn put_host_key(&self, lease: i64) -> Result<(), ClusterError> {
+        let entry = HostEntry {
+            node: self.settings.node.clone(),
+            started_at: self.started_at,
+            version: env!("CARGO_PKG_VERSION").into(),
+            lease,
+        };
+        let key = self.key("h", &self.settings.node);
+        let value = serde_json::to_vec(&entry).unwrap_or_default();
+        let put = self.client.put(&key, &value, lease);
+        tokio::time::timeout(Duration::from_secs(2), put)
+            .await
+            .map_err(|_| ClusterError::Unreachable("no answer within 2 s".into()))??;
+        Ok(())
     }
 
     async fn need_lease(&self, name: &str) -> Result<i64, ClusterError> {
