@@ -277,6 +277,8 @@ pub enum WatchMessage {
     Compacted,
 }
 
+const AUTHENTICATE: &str = "/v3/auth/authenticate";
+
 /// The client. Cheap to share behind an `Arc`.
 pub struct EtcdClient {
     endpoints: Vec<Endpoint>,
@@ -367,7 +369,13 @@ impl EtcdClient {
     fn request(&self, ep: &Endpoint, path: &str, body: &Value) -> hyper::Request<Full<Bytes>> {
         let mut b = hyper::Request::post(path)
             .header(hyper::header::HOST, format!("{}:{}", ep.host, ep.port))
-            .header(hyper::header::CONTENT_TYPE, "application/json");
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            // etcd 3.4 tells the gateway's requests from direct gRPC ones by this header. Without it a
+            // request without a token runs as the user named by the CommonName of the certificate the
+            // gateway presents to etcd (the server's own), which is answered "permission denied", or
+            // allowed if a user of that name exists; with it, etcd answers "user name is empty" and the
+            // client logs in.
+            .header(hyper::header::ACCEPT, "application/json");
         if let Some(t) = self.token.lock().recover().as_ref() {
             b = b.header(hyper::header::AUTHORIZATION, t.as_str());
         }
@@ -441,10 +449,17 @@ impl EtcdClient {
                     Err(Attempt::Fatal(why)) => return Err(EtcdError::Rejected(why)),
                 }
             }
-            if auth_failed && !relogged && self.settings.auth.is_some() {
+            // Logging in answers through this same loop; its own auth failure must not log in again.
+            if auth_failed && !relogged && self.settings.auth.is_some() && path != AUTHENTICATE {
                 relogged = true;
                 self.login().await?;
                 continue;
+            }
+            if auth_failed && self.settings.auth.is_none() {
+                return Err(EtcdError::Rejected(format!(
+                    "etcd wants a user ({}); set cluster.user and cluster.password_file",
+                    failures.join("; ")
+                )));
             }
             return Err(EtcdError::Unavailable(failures.join("; ")));
         }
@@ -457,7 +472,7 @@ impl EtcdClient {
         };
         *self.token.lock().recover() = None;
         let v = Box::pin(self.call(
-            "/v3/auth/authenticate",
+            AUTHENTICATE,
             json!({"name": user, "password": password}),
         ))
         .await
@@ -473,6 +488,8 @@ impl EtcdClient {
             .and_then(Value::as_str)
             .ok_or_else(|| EtcdError::BadAnswer("authenticate answered no token".into()))?;
         *self.token.lock().recover() = Some(token.to_string());
+        // Tells an operator (and the tests) how often tokens lapse: each login after the first is one.
+        tracing::debug!(user = %user, "logged in to etcd");
         Ok(())
     }
 
@@ -740,6 +757,10 @@ fn grpc_error(v: &Value) -> Option<Attempt> {
         // UNAUTHENTICATED, or an invalid token.
         16 => Attempt::Auth(message),
         _ if message.contains("invalid auth token") => Attempt::Auth(message),
+        // A request without a token once etcd's authentication is on: the client has not logged in yet
+        // (it logs in on demand) or a concurrent login cleared the token. Code INVALID_ARGUMENT, as for a
+        // malformed request, so only the message tells.
+        _ if message.contains("user name is empty") => Attempt::Auth(message),
         _ => Attempt::Fatal(message),
     })
 }
@@ -863,11 +884,35 @@ mod tests {
     }
 
     #[test]
+    fn requests_ask_for_json_so_etcd_never_takes_the_gateways_certificate_for_a_user() {
+        let c = EtcdClient::new(EtcdSettings {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            tls: None,
+            auth: None,
+            attempt_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        let r = c.request(&c.endpoints[0], "/v3/kv/range", &json!({}));
+        assert_eq!(r.headers()[hyper::header::ACCEPT], "application/json");
+    }
+
+    #[test]
     fn gateway_errors_are_classified() {
         let unavailable = json!({"error": "etcdserver: no leader", "code": 14, "message": "etcdserver: no leader"});
         assert!(matches!(grpc_error(&unavailable), Some(Attempt::Retry(_))));
         let auth = json!({"error": "x", "code": 3, "message": "etcdserver: invalid auth token"});
         assert!(matches!(grpc_error(&auth), Some(Attempt::Auth(_))));
+        // What etcd 3.4's gateway answers (HTTP 401) once a simple token's TTL has passed.
+        let expired = json!({"error": "etcdserver: invalid auth token", "code": 16, "message": "etcdserver: invalid auth token"});
+        assert!(matches!(grpc_error(&expired), Some(Attempt::Auth(_))));
+        // What it answers (HTTP 400) to a request without a token while authentication is on.
+        let no_token = json!({"error": "etcdserver: user name is empty", "code": 3, "message": "etcdserver: user name is empty"});
+        assert!(matches!(grpc_error(&no_token), Some(Attempt::Auth(_))));
+        let wrong_password = json!({"code": 3, "message": "etcdserver: authentication failed, invalid user ID or password"});
+        assert!(matches!(
+            grpc_error(&wrong_password),
+            Some(Attempt::Fatal(_))
+        ));
         let bad = json!({"code": 3, "message": "etcdserver: key is not provided"});
         assert!(matches!(grpc_error(&bad), Some(Attempt::Fatal(_))));
         assert!(grpc_error(&json!({"header": {}})).is_none());

@@ -336,7 +336,7 @@ fn script() -> PathBuf {
 }
 
 /// A number that differs between calls and processes, without a dependency for it.
-fn random() -> u64 {
+pub fn random() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -356,6 +356,8 @@ pub struct Etcd {
     pub members: usize,
     /// The cluster's directory: DIR/mI.log is member I's log.
     pub dir: PathBuf,
+    /// The certificates of an etcd that serves clients over TLS and demands client certificates.
+    pub tls: Option<Certs>,
     _tmp: tempfile::TempDir,
 }
 
@@ -367,8 +369,25 @@ impl Etcd {
         etcd
     }
 
+    /// Three members on the network's gateway that serve clients over TLS with `certs` (whose server
+    /// certificate names the gateway) and accept only clients with a certificate from its CA.
+    pub fn start_tls(net: &Net, certs: &Certs) -> Etcd {
+        Etcd::start_tls_with(net, certs, &[])
+    }
+
+    /// As [`Etcd::start_tls`], with more etcd flags for every member (such as `--auth-token-ttl 2`).
+    pub fn start_tls_with(net: &Net, certs: &Certs, flags: &[&str]) -> Etcd {
+        let etcd = Etcd::start_with(&net.gateway(), 3, Some(certs), flags);
+        net.on_crash(&[script().as_os_str(), "stop".as_ref(), etcd.dir.as_os_str()]);
+        etcd
+    }
+
     /// `members` members listening on `ip`.
     pub fn start_on(ip: &str, members: usize) -> Etcd {
+        Etcd::start_with(ip, members, None, &[])
+    }
+
+    fn start_with(ip: &str, members: usize, tls: Option<&Certs>, flags: &[&str]) -> Etcd {
         let tmp = tempfile::Builder::new()
             .prefix("ferry-etcd")
             .tempdir()
@@ -378,18 +397,23 @@ impl Etcd {
         for attempt in 0..5 {
             let base = free_base(ip, members);
             let dir = tmp.path().join(format!("c{attempt}"));
-            let out = Command::new(script())
-                .arg("start")
+            let mut cmd = Command::new(script());
+            cmd.arg("start")
                 .arg(&dir)
                 .args([ip, &base.to_string(), &members.to_string()])
-                .output()
-                .expect("run scripts/etcd-cluster");
+                .args(flags);
+            match tls {
+                Some(certs) => cmd.env("ETCD_CLUSTER_TLS", &certs.dir),
+                None => cmd.env_remove("ETCD_CLUSTER_TLS"),
+            };
+            let out = cmd.output().expect("run scripts/etcd-cluster");
             if out.status.success() {
                 return Etcd {
                     ip: ip.to_string(),
                     base,
                     members,
                     dir,
+                    tls: tls.cloned(),
                     _tmp: tmp,
                 };
             }
@@ -407,7 +431,69 @@ impl Etcd {
 
     pub fn endpoint(&self, i: usize) -> String {
         assert!((1..=self.members).contains(&i), "no member {i}");
-        format!("http://{}:{}", self.ip, self.base as usize + i)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.ip, self.base as usize + i)
+    }
+
+    /// `etcdctl` against every member from the test's namespace, with the client certificate when etcd
+    /// demands one.
+    pub fn etcdctl(&self) -> Command {
+        let mut cmd = etcdctl(&self.endpoints());
+        if let Some(c) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(c.ca())
+                .arg("--cert")
+                .arg(c.client_cert())
+                .arg("--key")
+                .arg(c.client_key());
+        }
+        cmd
+    }
+
+    /// Turns on etcd's authentication: a `root` user (etcd wants one before it enables authentication) with
+    /// a throw-away password, and `user` with `password` and a role that may read and write every key
+    /// under `prefix` and nothing else. Returns root's password, for checks made as root.
+    pub fn enable_auth(&self, user: &str, password: &str, prefix: &str) -> String {
+        let root_password = format!("root-{:x}", random());
+        let role = format!("{user}-role");
+        let range = format!("{}/", prefix.trim_end_matches('/'));
+        let steps: [Vec<String>; 6] = [
+            vec![
+                "user".into(),
+                "add".into(),
+                "root".into(),
+                "--new-user-password".into(),
+                root_password.clone(),
+            ],
+            vec![
+                "user".into(),
+                "grant-role".into(),
+                "root".into(),
+                "root".into(),
+            ],
+            vec![
+                "user".into(),
+                "add".into(),
+                user.into(),
+                "--new-user-password".into(),
+                password.into(),
+            ],
+            vec!["role".into(), "add".into(), role.clone()],
+            vec![
+                "role".into(),
+                "grant-permission".into(),
+                role.clone(),
+                "readwrite".into(),
+                range,
+                "--prefix=true".into(),
+            ],
+            vec!["user".into(), "grant-role".into(), user.into(), role],
+        ];
+        for step in steps {
+            run(self.etcdctl().args(&step));
+        }
+        run(self.etcdctl().args(["auth", "enable"]));
+        root_password
     }
 
     /// SIGKILL member `i`, as a crash.
@@ -447,6 +533,135 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = Command::new(script()).arg("stop").arg(&self.dir).output();
+    }
+}
+
+/// A throw-away PKI made with `openssl`: a CA, a server certificate for etcd and a client certificate,
+/// PEM files in one directory (the layout `ETCD_CLUSTER_TLS` of scripts/etcd-cluster reads). Clones share
+/// the directory, which goes when the last is dropped.
+#[derive(Clone)]
+pub struct Certs {
+    pub dir: PathBuf,
+    _tmp: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl Certs {
+    /// Certificates for an etcd on the network's gateway.
+    pub fn for_net(net: &Net) -> Certs {
+        Certs::generate(&net.gateway())
+    }
+
+    /// A new CA, a server certificate whose subjectAltName is `server_ip`, and a client certificate.
+    pub fn generate(server_ip: &str) -> Certs {
+        let tmp = tempfile::Builder::new()
+            .prefix("ferry-certs")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        let openssl = |args: &[&str]| {
+            run(Command::new("openssl").current_dir(&dir).args(args));
+        };
+        let new_key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &new_key,
+                &[
+                    "-keyout",
+                    "ca-key.pem",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=ferry-test-ca",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
+        );
+        // The server certificate is a client one too: etcd's JSON gateway presents it to etcd itself, and
+        // so do the health checks of scripts/etcd-cluster. Its CommonName is no etcd user, so those checks
+        // never act as one.
+        let server_ext = format!(
+            "subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
+        );
+        // etcd's gateway refuses a client certificate that has a CommonName (etcd would otherwise take it
+        // for a user name): Ferry's has an organization only.
+        let client_ext = "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n";
+        for (name, subject, ext) in [
+            ("server", "/CN=ferry-test-etcd", server_ext.as_str()),
+            ("client", "/O=ferry-test-client", client_ext),
+        ] {
+            let (key, csr, pem, extfile) = (
+                format!("{name}-key.pem"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+            );
+            std::fs::write(dir.join(&extfile), ext).unwrap();
+            openssl(
+                &[
+                    &["req"][..],
+                    &new_key,
+                    &["-keyout", &key, "-out", &csr, "-subj", subject],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ]);
+        }
+        Certs {
+            dir,
+            _tmp: std::sync::Arc::new(tmp),
+        }
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.join("client.pem")
+    }
+
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.join("client-key.pem")
+    }
+
+    /// The `[cluster]` keys `ca`, `cert` and `key` for a Ferry host that trusts this CA and presents the
+    /// client certificate.
+    pub fn cluster_toml(&self) -> String {
+        format!(
+            "[cluster]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            self.ca().to_str().unwrap(),
+            self.client_cert().to_str().unwrap(),
+            self.client_key().to_str().unwrap()
+        )
     }
 }
 

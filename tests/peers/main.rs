@@ -21,6 +21,7 @@ mod tier;
 
 mod cluster_infra;
 mod cluster_mode;
+mod cluster_security;
 mod ebs_backend;
 mod nfs_backend;
 mod nfs_client;
@@ -44,6 +45,7 @@ tier_gate!(
         Need::Program("etcd", "etcd-server"),
         Need::Program("etcdctl", "etcd-client"),
         Need::Program("ip", "iproute2"),
+        Need::Program("openssl", "openssl"),
     ],
     None
 );
