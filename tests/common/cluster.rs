@@ -797,6 +797,23 @@ impl Host {
         }
     }
 
+    /// An operator command (`ferry ARGS`) against this host's admin socket; it must succeed. Returns its
+    /// standard output.
+    pub fn operator(&self, args: &[&str]) -> String {
+        let out = Command::new(crate::common::ferry_bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(self.dir().join("state/admin.sock"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ferry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.daemon.dir
     }

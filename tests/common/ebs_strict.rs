@@ -179,6 +179,20 @@ impl StrictEbs {
         s.tags.push((key.to_string(), value.to_string()));
     }
 
+    /// The completed snapshots Ferry made for one generation of one volume (by its tags).
+    pub fn completed_snapshots(&self, volume: &str, generation: u64) -> Vec<String> {
+        self.snapshot_ids()
+            .into_iter()
+            .filter(|id| {
+                let tags = self.tags(id);
+                let has = |k: &str, v: &str| tags.iter().any(|(tk, tv)| tk == k && tv == v);
+                self.is_completed(id)
+                    && has("ferry:volume", volume)
+                    && has("ferry:generation", &generation.to_string())
+            })
+            .collect()
+    }
+
     pub fn tags(&self, snapshot: &str) -> Vec<(String, String)> {
         let state = self.inner.state.lock().unwrap();
         state

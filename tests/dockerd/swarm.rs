@@ -8,9 +8,9 @@
 //! where etcd, moto and NFS-Ganesha listen on loopback.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::cluster::Etcd;
+use crate::cluster::{eventually, Etcd};
 use crate::docker2::{FerryPlugin, SecondDockerd, BUSYBOX_IMAGE};
 use crate::e2e::{lock_docker_tests, run_id};
 use crate::ganesha::Ganesha;
@@ -57,19 +57,6 @@ fn link(a: &SecondDockerd, b: &SecondDockerd, tag: &str) {
         ip_in(pid, &["link", "set", "lo", "up"]);
         ip_in(pid, &["addr", "add", addr, "dev", dev]);
         ip_in(pid, &["link", "set", dev, "up"]);
-    }
-}
-
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

@@ -85,17 +85,7 @@ impl World {
 
     /// Completed snapshots of `volume` with generation `generation`.
     fn snapshots(&self, volume: &str, generation: u64) -> Vec<String> {
-        let ebs = self.ebs();
-        ebs.snapshot_ids()
-            .into_iter()
-            .filter(|id| {
-                let tags = ebs.tags(id);
-                let has = |k: &str, v: &str| tags.iter().any(|(tk, tv)| tk == k && tv == v);
-                ebs.is_completed(id)
-                    && has("ferry:volume", volume)
-                    && has("ferry:generation", &generation.to_string())
-            })
-            .collect()
+        self.ebs().completed_snapshots(volume, generation)
     }
 
     fn all_snapshots(&self, volume: &str) -> usize {
@@ -172,22 +162,6 @@ fn write_data(dir: &Path, seed: u8, len: usize) -> String {
     let f = std::fs::File::open(&path).unwrap();
     f.sync_all().unwrap();
     sha(&path)
-}
-
-/// Runs an operator command against a host's daemon; its standard output.
-fn operator(h: &Host, args: &[&str]) -> String {
-    let out = std::process::Command::new(common::ferry_bin())
-        .args(args)
-        .arg("--admin-socket")
-        .arg(h.dir().join("state/admin.sock"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn ebs_opts() -> &'static str {
@@ -283,7 +257,7 @@ fn cluster_ebs_volume_has_one_writer_and_follows_to_another_host() {
     assert_eq!(owner["owner"], "host-1", "{owner}");
     assert!(owner["token"].as_i64().unwrap() > 0);
     // The operator's view from the other host: both hosts alive, host 1 owns the volume.
-    let hosts: Value = serde_json::from_str(&operator(&w.hosts[1], &["hosts", "--json"])).unwrap();
+    let hosts: Value = serde_json::from_str(&w.hosts[1].operator(&["hosts", "--json"])).unwrap();
     let row = |node: &str| {
         hosts["hosts"]
             .as_array()
@@ -297,7 +271,7 @@ fn cluster_ebs_volume_has_one_writer_and_follows_to_another_host() {
     assert_eq!(row("host-1")["owns"], serde_json::json!(["vol"]));
     assert_eq!(row("host-2")["owns"], serde_json::json!([]));
     assert_eq!(hosts["this_node"], "host-2");
-    let inspect = operator(&w.hosts[1], &["inspect", "vol"]);
+    let inspect = w.hosts[1].operator(&["inspect", "vol"]);
     assert!(
         inspect.contains("host-1 (fencing token"),
         "ferry inspect shows owner and token: {inspect}"
@@ -782,7 +756,7 @@ fn cluster_release_takes_a_volume_from_a_cut_off_owner_that_then_publishes_nothi
     w.net.cut(1);
     assert!(mount_err(b, "rel", "mb").contains("host-1"));
     // The operator does not wait for the lease: host 1 is cut off, and its claim is taken from it.
-    let said = operator(&w.hosts[1], &["release", "rel"]);
+    let said = w.hosts[1].operator(&["release", "rel"]);
     assert!(said.contains("taken from host host-1"), "{said}");
     let mp_b = b.mount("rel", "mb");
     assert_eq!(

@@ -58,22 +58,6 @@ fn create_body(name: &str) -> String {
     format!(r#"{{"Name":"{name}","Opts":{{}}}}"#)
 }
 
-/// An operator command against host `h`'s admin socket; it must succeed. Returns its standard output.
-fn operator(h: &Host, args: &[&str]) -> String {
-    let out = Command::new(common::ferry_bin())
-        .args(args)
-        .arg("--admin-socket")
-        .arg(h.dir().join("state/admin.sock"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Runs `ferry serve` with `config` and waits (20 s at most) for it to exit, as it must when the
 /// configuration cannot work; returns whether it succeeded and everything it printed.
 fn serve_exits(dir: &Path, config: &Path) -> (bool, String) {
@@ -195,8 +179,8 @@ fn cluster_over_tls_with_a_password_shares_volumes_and_never_shows_the_password(
 
     for h in [&a, &b] {
         let get = serde_json::to_string(&h.daemon.get("shared")).unwrap();
-        let inspect = operator(h, &["inspect", "shared"]);
-        let hosts = operator(h, &["hosts", "--json"]);
+        let inspect = h.operator(&["inspect", "shared"]);
+        let hosts = h.operator(&["hosts", "--json"]);
         assert!(inspect.contains("shared"), "{inspect}");
         assert!(
             hosts.contains("host-1") && hosts.contains("host-2"),

@@ -598,16 +598,7 @@ fn a_crash_during_push_or_pull_is_finished_after_restart() {
 
 /// The completed snapshots the emulator holds for one generation of one volume.
 fn snapshots_of(ebs: &StrictEbs, volume: &str, generation: u64) -> Vec<String> {
-    ebs.snapshot_ids()
-        .into_iter()
-        .filter(|id| {
-            let tags = ebs.tags(id);
-            let has = |k: &str, v: &str| tags.iter().any(|(tk, tv)| tk == k && tv == v);
-            ebs.is_completed(id)
-                && has("ferry:volume", volume)
-                && has("ferry:generation", &generation.to_string())
-        })
-        .collect()
+    ebs.completed_snapshots(volume, generation)
 }
 
 #[test]
