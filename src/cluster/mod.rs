@@ -1396,6 +1396,131 @@ mod tests {
         }
     }
 
+    fn cluster(dir: &std::path::Path) -> Arc<Cluster> {
+        Cluster::new(
+            ClusterSettings {
+                etcd: etcd::EtcdSettings {
+                    endpoints: vec!["http://127.0.0.1:1".into()],
+                    tls: None,
+                    auth: None,
+                    attempt_timeout: Duration::from_millis(100),
+                },
+                node: "host-a".into(),
+                prefix: "/p".into(),
+                lease_ttl: Duration::from_secs(4),
+            },
+            dir,
+        )
+        .unwrap()
+    }
+
+    fn kv(key: &str, value: &[u8], create: i64, lease: i64) -> Kv {
+        Kv {
+            key: key.into(),
+            value: value.to_vec(),
+            create_revision: create,
+            mod_revision: create,
+            version: 1,
+            lease,
+        }
+    }
+
+    #[test]
+    fn the_cache_follows_puts_and_deletes_of_every_kind_of_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(dir.path());
+        let def = encode_definition("host-b", &record("v1")).unwrap();
+        let removed = Arc::new(Mutex::new(Vec::new()));
+        let seen = removed.clone();
+        c.set_hooks(
+            Box::new(|_| {}),
+            Box::new(move |name| seen.lock().unwrap().push(name)),
+        );
+        c.apply_events(vec![
+            Event::Put(kv("/p/v/v1", &def, 5, 0)),
+            Event::Put(kv("/p/o/v1", br#"{"node":"host-b","lease":9}"#, 7, 9)),
+            Event::Put(kv("/p/a/v1/host-b", b"{}", 7, 9)),
+            Event::Put(kv(
+                "/p/h/host-b",
+                br#"{"node":"host-b","started_at":1,"version":"x"}"#,
+                3,
+                9,
+            )),
+            // Another cluster's keys under a longer prefix are not ours.
+            Event::Put(kv("/px/v/v2", &def, 8, 0)),
+        ]);
+        assert_eq!(c.definition("v1").unwrap().node, "host-b");
+        assert!(c.definition("v2").is_none());
+        let info = c.info("v1").unwrap();
+        assert_eq!(info.owner.as_deref(), Some("host-b"));
+        assert_eq!(
+            info.token,
+            Some(7),
+            "the owner key's create revision is the token"
+        );
+        assert_eq!(info.generation, Some(3));
+        assert_eq!(info.attached_on, vec!["host-b".to_string()]);
+        assert!(c.host_alive("host-b"));
+        let hosts = c.hosts();
+        assert_eq!(hosts.hosts.len(), 1);
+        assert_eq!(hosts.hosts[0].owns, vec!["v1".to_string()]);
+        assert_eq!(c.published("v1"), Some(record("v1").shipped));
+        assert_eq!(c.published("nope"), None);
+
+        c.apply_events(vec![
+            Event::Delete {
+                key: "/p/o/v1".into(),
+                revision: 10,
+            },
+            Event::Delete {
+                key: "/p/a/v1/host-b".into(),
+                revision: 10,
+            },
+            Event::Delete {
+                key: "/p/h/host-b".into(),
+                revision: 10,
+            },
+        ]);
+        let info = c.info("v1").unwrap();
+        assert_eq!((info.owner, info.token), (None, None));
+        assert!(info.attached_on.is_empty());
+        assert!(!c.host_alive("host-b"));
+        assert!(removed.lock().unwrap().is_empty());
+        c.apply_events(vec![Event::Delete {
+            key: "/p/v/v1".into(),
+            revision: 11,
+        }]);
+        assert!(c.definition("v1").is_none());
+        assert_eq!(*removed.lock().unwrap(), vec!["v1".to_string()]);
+    }
+
+    #[test]
+    fn without_etcd_the_cache_is_not_in_sync_and_claims_fail_fast() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cluster(dir.path());
+        assert!(!c.in_sync());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let err = rt.block_on(c.claim("v1", true)).unwrap_err();
+        assert!(started.elapsed() <= OP_DEADLINE + Duration::from_millis(500));
+        assert!(matches!(err, ClusterError::Unreachable(_)), "{err}");
+        // Publishing without a claim asks for one, which fails the same way: nothing is published.
+        let shipped = Shipped {
+            snapshot: "s".into(),
+            generation: 1,
+        };
+        assert!(rt.block_on(c.publish("v1", &shipped)).is_err());
+        c.mark_fenced("v1");
+        assert!(c.is_fenced("v1"));
+        let err = rt.block_on(c.publish("v1", &shipped)).unwrap_err();
+        assert!(err.contains("fenced"), "{err}");
+        c.unfence("v1");
+        assert!(!c.is_fenced("v1"));
+    }
+
     #[test]
     fn a_definition_round_trips_through_its_stored_form() {
         let rec = record("v1");
