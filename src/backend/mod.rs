@@ -281,9 +281,13 @@ pub trait Publisher: Send + Sync {
     /// start from: `None` when the cluster does not know the volume, `Some(None)` when nothing was
     /// published yet.
     fn published(&self, name: &str) -> Option<Option<Shipped>>;
-    /// Makes a complete snapshot the volume's newest, if this host still owns the volume; the error says
-    /// why not, and the caller must then delete the snapshot.
-    async fn publish(&self, name: &str, shipped: &Shipped) -> Result<(), String>;
+    /// Makes a complete snapshot the volume's newest, if this host still owns the volume. On `Refused`
+    /// the caller must delete the snapshot; on `Unknown` (etcd did not answer whether it took it) keep it.
+    async fn publish(
+        &self,
+        name: &str,
+        shipped: &Shipped,
+    ) -> Result<(), crate::cluster::PublishError>;
 }
 
 /// Storage for volumes. Every method is idempotent, because a crash can interrupt any of them and start-up

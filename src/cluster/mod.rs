@@ -1054,16 +1054,23 @@ impl Cluster {
     }
 
     /// Records `shipped` as the volume's newest generation, only if this host still holds the token.
-    pub async fn publish(&self, name: &str, shipped: &Shipped) -> Result<(), String> {
+    pub async fn publish(&self, name: &str, shipped: &Shipped) -> Result<(), PublishError> {
         if self.is_fenced(name) {
-            return Err("this host was fenced (its lease could not be renewed in time)".into());
+            return Err(PublishError::Refused(
+                "this host was fenced (its lease could not be renewed in time)".into(),
+            ));
         }
         // A volume attached before this daemon could claim it (etcd out of reach at start-up) is claimed
         // now; the generation check below makes sure nobody published in between.
         let token = match self.token(name) {
             Some(t) => t,
-            None => self.claim(name, true).await.map_err(|e| e.to_string())?,
+            None => self
+                .claim(name, true)
+                .await
+                .map_err(|e| PublishError::Refused(e.to_string()))?,
         };
+        // Set once a publishing transaction went out without an answer: it may have been applied.
+        let sent = AtomicBool::new(false);
         let outcome = bounded(async {
             for _ in 0..4 {
                 let def = match self.definition(name) {
@@ -1098,7 +1105,8 @@ impl Cluster {
                             key: self.key("o", name),
                         }],
                     )
-                    .await?;
+                    .await
+                    .inspect_err(|_| sent.store(true, Ordering::SeqCst))?;
                 if r.succeeded {
                     self.cache.write().recover().volumes.insert(
                         name.to_string(),
@@ -1129,44 +1137,54 @@ impl Cluster {
             Ok(()) => Ok(()),
             Err(e @ ClusterError::Refused(_)) => {
                 self.held.lock().recover().remove(name);
-                Err(e.to_string())
+                Err(PublishError::Refused(e.to_string()))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) if !sent.load(Ordering::SeqCst) => Err(PublishError::Refused(e.to_string())),
+            Err(e) => {
+                // The transaction may have landed: the catalog tells, if it answers now.
+                let named =
+                    tokio::time::timeout(Duration::from_secs(2), self.fetch_definition(name))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten()
+                        .and_then(|d| d.record.shipped)
+                        .is_some_and(|s| s.snapshot == shipped.snapshot);
+                if named {
+                    return Ok(());
+                }
+                Err(PublishError::Unknown(e.to_string()))
+            }
         }
     }
 
     /// Gives up this host's use of the volume after its storage was released here.
     pub async fn release(&self, name: &str) -> Result<(), ClusterError> {
-        let token = self.held.lock().recover().remove(name);
         self.unfence(name);
+        // Kept until etcd took the release, so a retry still knows which claim is ours to delete.
+        let token = self.token(name);
         bounded(async {
-            let mut ops = vec![Op::Delete {
-                key: self.attach_key(name, &self.settings.node),
-            }];
+            let mine = self.attach_key(name, &self.settings.node);
             match token {
+                // Only our own claim is deleted, never a later owner's: one transaction, the owner key
+                // only if its token is ours, the mount key whatever.
                 Some(token) => {
-                    // Only our own claim is deleted, never a later owner's.
+                    let okey = self.key("o", name);
                     self.client
                         .txn(
-                            &[Cmp::CreateRevision(self.key("o", name), token)],
-                            &[Op::Delete {
-                                key: self.key("o", name),
-                            }],
-                            &[],
+                            &[Cmp::CreateRevision(okey.clone(), token)],
+                            &[Op::Delete { key: okey }, Op::Delete { key: mine.clone() }],
+                            &[Op::Delete { key: mine }],
                         )
                         .await?;
                 }
-                None => ops.clear(),
+                None => {
+                    self.client
+                        .txn(&[], &[Op::Delete { key: mine }], &[])
+                        .await?;
+                }
             }
-            self.client
-                .txn(
-                    &[],
-                    &[Op::Delete {
-                        key: self.attach_key(name, &self.settings.node),
-                    }],
-                    &[],
-                )
-                .await?;
+            self.held.lock().recover().remove(name);
             Ok(())
         })
         .await
@@ -1337,6 +1355,23 @@ impl Cluster {
     }
 }
 
+/// Why a snapshot was not published.
+#[derive(Clone, Debug)]
+pub enum PublishError {
+    /// It certainly was not, and never will be: the snapshot may be deleted.
+    Refused(String),
+    /// The catalog could not be asked whether it took it: the snapshot must be kept.
+    Unknown(String),
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishError::Refused(m) | PublishError::Unknown(m) => f.write_str(m),
+        }
+    }
+}
+
 /// The publisher the ebs backend asks (see `backend::Publisher`).
 pub struct ClusterPublisher(pub Arc<Cluster>);
 
@@ -1345,7 +1380,7 @@ impl crate::backend::Publisher for ClusterPublisher {
     fn published(&self, name: &str) -> Option<Option<Shipped>> {
         self.0.published(name)
     }
-    async fn publish(&self, name: &str, shipped: &Shipped) -> Result<(), String> {
+    async fn publish(&self, name: &str, shipped: &Shipped) -> Result<(), PublishError> {
         self.0.publish(name, shipped).await
     }
 }
@@ -1516,7 +1551,10 @@ mod tests {
         c.mark_fenced("v1");
         assert!(c.is_fenced("v1"));
         let err = rt.block_on(c.publish("v1", &shipped)).unwrap_err();
-        assert!(err.contains("fenced"), "{err}");
+        assert!(
+            matches!(&err, PublishError::Refused(m) if m.contains("fenced")),
+            "{err}"
+        );
         c.unfence("v1");
         assert!(!c.is_fenced("v1"));
     }

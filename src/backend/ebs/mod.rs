@@ -347,7 +347,34 @@ impl Inner {
         } else {
             state
         };
-        match decide::settle(state, found) {
+        let mut verdict = decide::settle(state, found);
+        if let (Settle::Adopt { generation }, Some(p)) = (&verdict, self.publisher.get()) {
+            // In a cluster a completed snapshot counts only once the catalog names it.
+            let shipped = Shipped {
+                snapshot: id.clone(),
+                generation: *generation,
+            };
+            let named = p
+                .published(name)
+                .flatten()
+                .is_some_and(|s| s.snapshot == id);
+            if !named {
+                match p.publish(name, &shipped).await {
+                    Ok(()) => {}
+                    Err(crate::cluster::PublishError::Refused(why)) => {
+                        tracing::warn!(volume = name, snapshot = %id, reason = %why, "the cluster refused a push an interruption left; deleting it");
+                        verdict = Settle::Delete;
+                    }
+                    Err(crate::cluster::PublishError::Unknown(why)) => {
+                        return Err(ebs_err(EbsError::Invalid {
+                            volume: name.into(),
+                            reason: format!("cannot tell whether the cluster catalog took snapshot {id} ({why}); try again once etcd answers"),
+                        }));
+                    }
+                }
+            }
+        }
+        match verdict {
             Settle::Adopt { generation } => {
                 copy.pending = None;
                 copy.sealed = false;
@@ -761,8 +788,23 @@ impl Inner {
             snapshot: id.to_string(),
             generation,
         };
-        let Err(reason) = p.publish(name, &shipped).await else {
-            return Ok(());
+        let reason = match p.publish(name, &shipped).await {
+            Ok(()) => return Ok(()),
+            Err(crate::cluster::PublishError::Unknown(why)) => {
+                // It may be the newest already: kept as this copy's pending push, settled (published,
+                // or deleted if the catalog refuses it) by the next Mount or Unmount.
+                copy.pending = Some(id.to_string());
+                copy.sealed = true;
+                copy.dirty = true;
+                self.copies.save(name, copy)?;
+                return Err(ebs_err(EbsError::Invalid {
+                    volume: name.to_string(),
+                    reason: format!(
+                        "cannot tell whether the cluster catalog took snapshot {id} as generation {generation} ({why}); it is kept, and the next mount or unmount settles it"
+                    ),
+                }));
+            }
+            Err(crate::cluster::PublishError::Refused(why)) => why,
         };
         tracing::error!(volume = name, snapshot = id, generation, reason = %reason, "the cluster refused this host's snapshot; deleting it and keeping the local changes");
         if let Err(e) = self.client.delete(name, id).await {
