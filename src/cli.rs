@@ -174,6 +174,11 @@ pub async fn run(
                         ),
                     ));
                     checks.extend(status.backends.iter().map(backend_check));
+                    if config.cluster.is_some() {
+                        checks.push(cluster_check(
+                            client.get::<crate::cluster::HostsReport>("/v1/hosts").await,
+                        ));
+                    }
                 }
                 Err(e) => checks.push(Check::bad(
                     "daemon",
@@ -235,6 +240,32 @@ fn percent_encode(name: &str) -> String {
         }
     }
     out
+}
+
+/// Whether this host is in its cluster: a lease, and a catalog copy in sync.
+fn cluster_check(hosts: Result<crate::cluster::HostsReport, ClientError>) -> Check {
+    let fix = "check that etcd runs and that this host reaches the endpoints in cluster.etcd (firewall, TLS files, user); Ferry reconnects by itself";
+    match hosts {
+        Ok(h) if h.in_sync => Check::ok(
+            "cluster",
+            format!(
+                "node {} holds lease {}; {} host(s) alive",
+                h.this_node,
+                h.lease,
+                h.hosts.iter().filter(|x| x.state == "alive").count()
+            ),
+        ),
+        Ok(h) => Check::bad(
+            "cluster",
+            Verdict::Fail,
+            format!(
+                "node {}: etcd is out of reach (lease: {}); Get and List answer from the last known state",
+                h.this_node, h.lease
+            ),
+            fix,
+        ),
+        Err(e) => Check::bad("cluster", Verdict::Fail, e.to_string(), fix),
+    }
 }
 
 fn render_hosts(h: &crate::cluster::HostsReport) -> String {
@@ -582,6 +613,20 @@ mod tests {
             backend_status: serde_json::Map::new(),
             cluster: None,
         }
+    }
+
+    #[test]
+    fn doctor_fails_the_cluster_check_while_etcd_is_out_of_reach() {
+        let report = |in_sync| crate::cluster::HostsReport {
+            this_node: "host-a".into(),
+            lease: "7".into(),
+            in_sync,
+            hosts: vec![],
+        };
+        assert_eq!(cluster_check(Ok(report(true))).verdict, Verdict::Ok);
+        let bad = cluster_check(Ok(report(false)));
+        assert_eq!(bad.verdict, Verdict::Fail);
+        assert!(bad.detail.contains("out of reach"), "{}", bad.detail);
     }
 
     #[test]
