@@ -36,6 +36,18 @@ pub struct SpawnOptions {
     pub netns: Option<PathBuf>,
 }
 
+/// The directories of this test's daemons. Tests run one per process (nextest), so these are exactly the
+/// mounts a `NamespaceHolder` of this test may keep; other tests' mounts it must not.
+static OWN_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn own_dir(dir: &Path) {
+    let mut dirs = OWN_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    dirs.push(dir.to_path_buf());
+    if let Ok(real) = dir.canonicalize() {
+        dirs.push(real);
+    }
+}
+
 pub fn ferry_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferry")
 }
@@ -65,6 +77,7 @@ impl Daemon {
         env: &[(&str, &str)],
         spawn_options: SpawnOptions,
     ) -> Daemon {
+        own_dir(dir);
         let mut d = Daemon {
             child: None,
             socket: socket.to_path_buf(),
@@ -80,6 +93,8 @@ impl Daemon {
 
     /// Like `start_in`, with the state directory at `state` (which may be a link).
     pub fn start_in_state(dir: &Path, socket: &Path, state: &Path) -> Daemon {
+        own_dir(dir);
+        own_dir(state);
         let mut d = Daemon {
             child: None,
             socket: socket.to_path_buf(),
@@ -332,6 +347,34 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|p| Path::new(p) == path)
 }
 
+/// Detaches, inside the mount namespace of `pid`, the mounts other tests running at the same time made
+/// under the temporary directory: a container of this test must not look like one holding their volumes.
+fn drop_foreign_mounts(pid: u32) {
+    let own = OWN_DIRS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let tmp = std::env::temp_dir();
+    let tmp_real = tmp.canonicalize().unwrap_or_else(|_| tmp.clone());
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+        return;
+    };
+    let mut foreign: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| {
+            (p.starts_with(&tmp) || p.starts_with(&tmp_real)) && *p != tmp && *p != tmp_real
+        })
+        .filter(|p| !own.iter().any(|d| p.starts_with(d)))
+        .collect();
+    foreign.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for p in foreign {
+        let _ = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "umount", "-l"])
+            .arg(&p)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// A process in a mount namespace of its own (`unshare -m`, private propagation), made while the volumes
 /// the test mounted existed: it keeps its copy of those mounts whatever happens to the host's, as a running
 /// container keeps its volumes. Dropping it kills it, which ends the copies.
@@ -359,6 +402,7 @@ impl NamespaceHolder {
             assert!(Instant::now() < deadline, "unshare did not start in time");
             std::thread::sleep(Duration::from_millis(10));
         }
+        drop_foreign_mounts(pid);
         NamespaceHolder { child }
     }
 

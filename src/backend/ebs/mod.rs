@@ -608,6 +608,7 @@ impl Inner {
         let mounter = self.mounter.clone();
         let t = target.clone();
         blocking(move || release_mount(mounter.as_ref(), &t, WhenBusy::Refuse)).await?;
+        self.wait_until_unheld(name).await?;
         self.stop_mounted(name).await;
         let found = if self.paths(name).dir.is_dir() {
             Some(self.copies.load(name)?)
@@ -823,6 +824,31 @@ impl Inner {
                 image,
             },
         ))
+    }
+
+    /// Waits (a few seconds at most) until no other mount namespace has the image's filesystem mounted:
+    /// while one does, the filesystem lives on and may still write to the image, so a push now could
+    /// ship blocks that change under it. The storage then stays attached but idle, for a later retry.
+    async fn wait_until_unheld(&self, name: &str) -> Result<(), BackendError> {
+        let image = self.paths(name).image;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (mounter, img) = (self.mounter.clone(), image.clone());
+            let held = blocking(move || {
+                mounter
+                    .holders(Storage::Image(&img))
+                    .map_err(BackendError::from)
+            })
+            .await?;
+            if held.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(volume = name, holders = ?held.iter().map(ToString::to_string).collect::<Vec<_>>(), "the image is still mounted in another mount namespace; not shipping it");
+                return Err(BackendError::StillMounted { path: image });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Refuses to ship unless the copy's base is still the newest completed snapshot in EBS, after
