@@ -307,7 +307,7 @@ fn cluster_racing_mounts_and_unmounts_never_make_two_generations() {
                 try_mount(loser, "race", "late")
             });
             t1.join().unwrap();
-            if let Ok(_) = t2.join().unwrap() {
+            if t2.join().unwrap().is_ok() {
                 loser.unmount("race", "late");
             }
         });
