@@ -6,7 +6,9 @@
 //!   an already-mounted volume, List (small catalog and 10,000 volumes) and the daemon's resident memory.
 //! - `docker`: times `docker run --rm -v VOL:/data IMAGE true` on a Ferry volume and on a `local` volume,
 //!   interleaved so that drift in the machine's load hits both alike.
-//! - `report`: reads the JSON the other two wrote, prints every figure against its target as PASS/MISS and
+//! - `get`: only Get, from many clients for a fixed time, on volumes that already exist; one JSON object out.
+//!   `scripts/bench-cluster` runs it against a daemon in cluster mode and one without, turn about.
+//! - `report`: reads the JSON `socket` and `docker` wrote, prints every figure against its target as PASS/MISS and
 //!   optionally writes a Markdown table.
 //!
 //! Latencies are taken from just before a request is written until its whole response has been read; the
@@ -52,8 +54,34 @@ enum Cmd {
     Socket(SocketArgs),
     /// `docker run` with a Ferry volume against one of Docker's `local` driver.
     Docker(DockerArgs),
+    /// Get latency alone against a running daemon, on volumes it already has.
+    Get(GetArgs),
     /// Prints the results against their targets and optionally writes Markdown.
     Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+struct GetArgs {
+    /// The daemon's socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The daemon's process ID, for its CPU time.
+    #[arg(long)]
+    pid: u32,
+    /// Volumes to Get, which must exist; each client starts at its own and goes round them.
+    #[arg(long, value_delimiter = ',', required = true)]
+    volumes: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds of timed Gets.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Untimed Gets per client first.
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
+    /// Where to write the result (JSON).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +169,10 @@ fn main() -> Result<()> {
             };
             rt.block_on(socket_bench(args))
         }
+        Cmd::Get(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(get_bench(args)),
         Cmd::Docker(args) => docker_bench(args),
         Cmd::Report(args) => report(args),
     }
@@ -387,8 +419,8 @@ fn verdict(pass: bool) -> &'static str {
 /// What each client does in one iteration.
 #[derive(Clone)]
 enum Work {
-    /// Get of one volume.
-    Get { volume: String },
+    /// Get of these volumes, each client starting at its own and going round them.
+    Get { volumes: Vec<String> },
     /// Mount with a fresh ID (timed) then Unmount of that ID (timed separately); each client has its own
     /// volume from the list, or all share the first. The volume is held mounted by a base ID throughout.
     MountCycle { volumes: Vec<String> },
@@ -443,7 +475,8 @@ async fn one_iteration(
     secondary: &mut Vec<u64>,
 ) -> Result<()> {
     match work {
-        Work::Get { volume } => {
+        Work::Get { volumes } => {
+            let volume = &volumes[(client + i) % volumes.len()];
             let body = name_body(volume);
             let t = Instant::now();
             let reply = conn.call("/VolumeDriver.Get", &body).await?;
@@ -521,11 +554,13 @@ async fn client_loop(
     } = run;
     let mut conn = Conn::connect(&socket).await?;
     let (mut primary, mut secondary) = (Vec::new(), Vec::new());
-    // Creates are not repeatable: they get no warm-up, and each client takes every `clients`-th name.
-    let indices: Vec<usize> = match &work {
-        Work::Create { total, .. } => (client..*total).step_by(clients).collect(),
-        _ => (0..iters).collect(),
+    // Creates are not repeatable: they get no warm-up, and each client takes every `clients`-th name. Other
+    // work may be bounded by time alone (an iteration count out of reach), so its indices are not collected.
+    let indices: Box<dyn ExactSizeIterator<Item = usize> + Send> = match &work {
+        Work::Create { total, .. } => Box::new((client..*total).step_by(clients)),
+        _ => Box::new(0..iters),
     };
+    let count = indices.len();
     if !matches!(work, Work::Create { .. }) {
         for i in 0..warmup {
             one_iteration(
@@ -542,12 +577,13 @@ async fn client_loop(
     }
     primary.clear();
     secondary.clear();
-    primary.reserve(indices.len());
-    secondary.reserve(indices.len());
+    // Enough for a time-bounded run at this machine's rates without regrowing inside the timed loop.
+    primary.reserve(count.min(1 << 18));
+    secondary.reserve(count.min(1 << 18));
     barrier.wait().await;
     let start = Instant::now();
-    for (k, &i) in indices.iter().enumerate() {
-        let check = k % CHECK_EVERY == 0 || k + 1 == indices.len();
+    for (k, i) in indices.enumerate() {
+        let check = k % CHECK_EVERY == 0 || k + 1 == count;
         one_iteration(
             &mut conn,
             &work,
@@ -713,6 +749,32 @@ impl Results {
     }
 }
 
+async fn get_bench(args: GetArgs) -> Result<()> {
+    let work = Work::Get {
+        volumes: args.volumes.clone(),
+    };
+    let run = Run {
+        clients: args.clients,
+        // The time limit ends the run; the count only has to be out of reach.
+        iters_per_client: usize::MAX,
+        warmup_per_client: args.warmup,
+        max: Duration::from_secs_f64(args.seconds),
+    };
+    let o = run_clients(&args.socket, args.pid, &work, &run).await?;
+    let s = o.primary;
+    println!(
+        "  Get  clients={} n={:<7} p50={:>7.3} ms  p99={:>7.3} ms  max={:>7.3} ms  {:>6.0} req/s  CPU/req: daemon {:.0} µs, client {:.0} µs",
+        args.clients, s.n, s.p50, s.p99, s.max, o.rate, o.daemon_cpu_us, o.client_cpu_us
+    );
+    let doc = json!({
+        "clients": args.clients, "n": s.n, "p50_ms": s.p50, "p99_ms": s.p99, "max_ms": s.max,
+        "rate": o.rate, "seconds": o.wall.as_secs_f64(),
+        "daemon_cpu_us": o.daemon_cpu_us, "client_cpu_us": o.client_cpu_us,
+    });
+    std::fs::write(&args.out, serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("cannot write {}", args.out.display()))
+}
+
 fn scaled(n: usize, scale: f64) -> usize {
     ((n as f64 * scale).round() as usize).max(1)
 }
@@ -752,7 +814,7 @@ async fn socket_bench(args: SocketArgs) -> Result<()> {
 
     println!("(a) Get latency");
     let get = Work::Get {
-        volume: get_vol.clone(),
+        volumes: vec![get_vol.clone()],
     };
     let o = run_clients(sock, args.pid, &get, &run(1, 20_000, 500)).await?;
     res.latency("get_c1", "Get", 1, o.primary, &o, None);
