@@ -925,6 +925,65 @@ fn round_trip_through_moto() {
     a.unmount("mv", "c5");
 }
 
+/// The blocks of the last "pulled the newest snapshot" line of a daemon's log, and whether it patched.
+fn last_pull(d: &Daemon) -> (u64, bool) {
+    let log = d.log_text();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("pulled the newest snapshot"))
+        .unwrap_or_else(|| panic!("no pull in the log:\n{log}"));
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+            .trim_matches('"')
+            .to_string()
+    };
+    (field("blocks").parse().unwrap(), field("patched") == "true")
+}
+
+/// A host whose copy is one generation behind fetches only what the newer snapshot holds (moto lists a
+/// snapshot's own blocks), written into its copy in place, and ends with exactly the other host's files.
+#[test]
+fn a_copy_one_generation_behind_is_patched_with_the_changed_blocks_only() {
+    let moto = moto::Moto::start();
+    let (_ta, a) = host(&moto.endpoint(), "pa", 8);
+    let (_tb, b) = host(&moto.endpoint(), "pb", 8);
+    create(&a, "pv", "64MiB");
+    let m = a.mount("pv", "c1");
+    write_file(&m.join("base"), &pattern(3, 8 * 1024 * 1024));
+    write_file(&m.join("gone"), &pattern(4, 1024 * 1024));
+    a.unmount("pv", "c1");
+    create(&b, "pv", "64MiB");
+    b.mount("pv", "b1");
+    b.unmount("pv", "b1");
+    let (full, patched) = last_pull(&b);
+    assert!(
+        !patched && full >= 18,
+        "the first pull is whole: {full} blocks"
+    );
+    // Generation 2 on host a: one file rewritten, one deleted, one added.
+    let m = a.mount("pv", "c2");
+    write_file(&m.join("base"), &pattern(5, 8 * 1024 * 1024));
+    std::fs::remove_file(m.join("gone")).unwrap();
+    write_file(&m.join("new"), b"generation two");
+    a.unmount("pv", "c2");
+    let mb = b.mount("pv", "b2");
+    let (blocks, patched) = last_pull(&b);
+    assert!(patched, "host b patched its copy");
+    assert!(
+        blocks < full,
+        "patched {blocks} blocks, a whole pull is {full}"
+    );
+    assert_eq!(
+        std::fs::read(mb.join("base")).unwrap(),
+        pattern(5, 8 * 1024 * 1024)
+    );
+    assert!(!mb.join("gone").exists());
+    assert_eq!(std::fs::read(mb.join("new")).unwrap(), b"generation two");
+    b.unmount("pv", "b2");
+}
+
 #[test]
 fn remove_elsewhere_is_refused_while_mounted_through_moto() {
     let moto = moto::Moto::start();

@@ -137,6 +137,8 @@ pub(super) struct AttachFacts<'a> {
     pub copy: &'a LocalCopy,
     /// Whether the local copy's image file exists.
     pub have_image: bool,
+    /// Whether the image's block map (the hash of every block) exists.
+    pub have_blocks: bool,
     /// The volume's snapshots, as found by tag.
     pub list: &'a [SnapshotInfo],
     /// The newest completed snapshot in `list` (see `newest`).
@@ -155,6 +157,13 @@ pub(super) enum AttachPlan {
     Pull {
         newest: Shipped,
         chain: Vec<SnapshotInfo>,
+    },
+    /// The image is a clean copy of an older generation in the newest snapshot's lineage: write into it
+    /// only the blocks that the snapshots after its base (`newer`, newest first) list, instead of
+    /// pulling everything again.
+    Patch {
+        newest: Shipped,
+        newer: Vec<SnapshotInfo>,
     },
     /// Nothing was ever shipped and there is no image: make an empty filesystem.
     Fresh,
@@ -208,13 +217,27 @@ pub(super) fn attach(name: &str, f: &AttachFacts<'_>) -> Result<AttachPlan, EbsE
             newest: newest_gen,
         }
     } else if let Some(n) = f.newest {
-        // A clean copy of an older base, or no image at all: what EBS holds replaces it.
-        AttachPlan::Pull {
-            newest: Shipped {
-                snapshot: n.id.clone(),
-                generation: n.generation,
+        // A clean copy of an older base, or no image at all: what EBS holds replaces it, patched in
+        // where the copy's base is in the newest snapshot's lineage.
+        let newest = Shipped {
+            snapshot: n.id.clone(),
+            generation: n.generation,
+        };
+        let chain = chain(name, f.list, n)?;
+        let base_at = (f.have_image && f.have_blocks && !copy.dirty)
+            .then_some(copy.snapshot.as_deref())
+            .flatten()
+            .and_then(|b| {
+                chain
+                    .iter()
+                    .position(|s| s.id == b && s.generation == copy.generation)
+            });
+        match base_at {
+            Some(k) if k > 0 => AttachPlan::Patch {
+                newest,
+                newer: chain[..k].to_vec(),
             },
-            chain: chain(name, f.list, n)?,
+            _ => AttachPlan::Pull { newest, chain },
         }
     } else {
         AttachPlan::Fresh
@@ -370,6 +393,51 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_clean_copy_of_an_older_generation_is_patched_with_the_newer_blocks_only() {
+        let list = history();
+        let facts = |record: &LocalCopy, have_blocks| {
+            attach(
+                "v",
+                &AttachFacts {
+                    copy: record,
+                    have_image: true,
+                    have_blocks,
+                    list: &list,
+                    newest: Some(&list[2]),
+                    shipped: None,
+                },
+            )
+            .unwrap()
+        };
+        let patch = |newer: Vec<SnapshotInfo>| AttachPlan::Patch {
+            newest: shipped("c", 3),
+            newer,
+        };
+        assert_eq!(
+            facts(&copy(Some("b"), 2, false), true),
+            patch(vec![list[2].clone()])
+        );
+        assert_eq!(
+            facts(&copy(Some("a"), 1, false), true),
+            patch(vec![list[2].clone(), list[1].clone()])
+        );
+        let pull = AttachPlan::Pull {
+            newest: shipped("c", 3),
+            chain: vec![list[2].clone(), list[1].clone(), list[0].clone()],
+        };
+        // Without the block map the copy's blocks are unknown; a base outside the lineage (a volume made
+        // again elsewhere) or of another generation is not this volume's history.
+        assert_eq!(facts(&copy(Some("b"), 2, false), false), pull);
+        assert_eq!(facts(&copy(Some("old"), 2, false), true), pull);
+        assert_eq!(facts(&copy(Some("b"), 1, false), true), pull);
+        // Changes on an older base are never patched over.
+        assert!(matches!(
+            facts(&copy(Some("b"), 2, true), true),
+            AttachPlan::Diverged { .. }
+        ));
+    }
+
     /// A volume shipped three times: a <- b <- c.
     fn history() -> Vec<SnapshotInfo> {
         vec![
@@ -480,6 +548,7 @@ mod tests {
             let facts = AttachFacts {
                 copy: &record,
                 have_image,
+                have_blocks: false,
                 list: &list,
                 newest,
                 shipped: catalog.as_ref(),
@@ -573,6 +642,7 @@ mod tests {
         let facts = AttachFacts {
             copy: &LocalCopy::default(),
             have_image: false,
+            have_blocks: false,
             list: &holed,
             newest: Some(&holed[1]),
             shipped: None,

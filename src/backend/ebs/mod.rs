@@ -452,6 +452,7 @@ impl Inner {
             &AttachFacts {
                 copy: &copy,
                 have_image: p.image.is_file(),
+                have_blocks: p.blocks.is_file(),
                 list: &list,
                 newest: newest.as_ref(),
                 shipped,
@@ -508,7 +509,55 @@ impl Inner {
                 return Err(self.copies.conflict(name, &mut copy, err));
             }
             AttachPlan::Pull { newest, chain } => {
-                let map = ship::pull(&self.shipper(), name, spec, &chain, &p).await?;
+                let map = ship::pull(&self.shipper(), name, spec, &chain, &p, ship::PullInto::New)
+                    .await?;
+                let m = p.blocks.clone();
+                blocking(move || map.save(&m).map_err(internal)).await?;
+                copy = LocalCopy {
+                    snapshot: Some(newest.snapshot),
+                    generation: newest.generation,
+                    ..LocalCopy::default()
+                };
+                self.copies.save(name, &copy)?;
+                false
+            }
+            AttachPlan::Patch { newest, newer } => {
+                let (b, size) = (p.blocks.clone(), sized(spec)?.0);
+                let old = blocking(move || BlockMap::load(&b).map_err(internal)).await?;
+                let old = old.filter(|m| BlockMap::count_for(size).is_ok_and(|c| c == m.len()));
+                let Some(old) = old else {
+                    return Err(BackendError::Internal(
+                        BackendKind::Ebs,
+                        "the local copy's block map is unreadable; set the copy aside (`ferry ebs set-aside`) to pull the volume whole".into(),
+                    ));
+                };
+                tracing::info!(
+                    volume = name,
+                    base = copy.generation,
+                    newest = newest.generation,
+                    snapshots = newer.len(),
+                    "the local copy is an older generation; fetching only what changed since"
+                );
+                // Until the patch completes the image is based on nothing: an interruption makes the
+                // next Mount pull it whole rather than mount a mix of two generations.
+                copy = LocalCopy::default();
+                self.copies.save(name, &copy)?;
+                let b = p.blocks.clone();
+                blocking(move || match std::fs::remove_file(&b) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(BackendError::io("delete", &b)(e)),
+                })
+                .await?;
+                let map = ship::pull(
+                    &self.shipper(),
+                    name,
+                    spec,
+                    &newer,
+                    &p,
+                    ship::PullInto::Image(old),
+                )
+                .await?;
                 let m = p.blocks.clone();
                 blocking(move || map.save(&m).map_err(internal)).await?;
                 copy = LocalCopy {

@@ -52,36 +52,56 @@ pub(super) struct Shipper<'a> {
 
 /// Pulls the chain into `image.pull`, verifying every block, then renames it over the image. Returns the
 /// hash of every block as pulled.
+/// Where a pull writes.
+pub(super) enum PullInto {
+    /// A new image, which replaces the local copy's once complete.
+    New,
+    /// The local copy's image itself, whose blocks are these (the caller has marked the copy as based on
+    /// nothing until the pull completes, so an interrupted patch is pulled whole next time).
+    Image(BlockMap),
+}
+
 pub(super) async fn pull(
     shipper: &Shipper<'_>,
     name: &str,
     spec: &VolumeSpec,
     chain: &[SnapshotInfo],
     p: &Paths,
+    into: PullInto,
 ) -> Result<BlockMap, BackendError> {
     let (size, _) = sized(spec)?;
     let count = BlockMap::count_for(size).map_err(internal)?;
-    let tmp = p.image.with_extension("pull");
+    let (in_place, start) = match into {
+        PullInto::New => (false, BlockMap::zeros(count)),
+        PullInto::Image(map) => (true, map),
+    };
+    let tmp = if in_place {
+        p.image.clone()
+    } else {
+        p.image.with_extension("pull")
+    };
     let file = {
         let tmp = tmp.clone();
         blocking(move || {
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create(!in_place)
+                .truncate(!in_place)
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&tmp)
-                .map_err(BackendError::io("create", &tmp))?;
-            f.set_len(size).map_err(BackendError::io("size", &tmp))?;
+                .map_err(BackendError::io("open", &tmp))?;
+            if !in_place {
+                f.set_len(size).map_err(BackendError::io("size", &tmp))?;
+            }
             Ok(Arc::new(f))
         })
         .await?
     };
     let started = Instant::now();
     let mut filled = vec![false; count as usize];
-    let mut map = BlockMap::zeros(count);
+    let mut map = start;
     let mut pulled = 0u64;
     let mut last_report = Instant::now();
     let concurrency = shipper.concurrency.max(1);
@@ -125,7 +145,7 @@ pub(super) async fn pull(
                         .map_err(ebs_err)?
                 };
                 let (data, digest) = fetched.verify().map_err(ebs_err)?;
-                let hash = write_block(&out, &path, b.index, &data, digest)?;
+                let hash = write_block(&out, &path, b.index, &data, digest, in_place)?;
                 Ok((b.index, hash))
             });
             while let Some(done) = set.try_join_next() {
@@ -158,6 +178,9 @@ pub(super) async fn pull(
     let (image, t) = (p.image.clone(), tmp.clone());
     blocking(move || {
         file.sync_all().map_err(BackendError::io("sync", &t))?;
+        if in_place {
+            return Ok(());
+        }
         std::fs::rename(&t, &image).map_err(BackendError::io("rename", &t))
     })
     .await?;
@@ -167,6 +190,7 @@ pub(super) async fn pull(
         snapshots = chain.len(),
         blocks = pulled,
         seconds = format!("{secs:.2}"),
+        patched = in_place,
         "pulled the newest snapshot"
     );
     Ok(map)
@@ -194,8 +218,14 @@ fn write_block(
     index: u64,
     data: &[u8],
     digest: [u8; 32],
+    in_place: bool,
 ) -> Result<BlockHash, BackendError> {
     if data.iter().all(|b| *b == 0) {
+        // In a new image a zero block is a hole already; in the copy being patched it may hold data.
+        if in_place {
+            file.write_all_at(data, index * BLOCK_SIZE)
+                .map_err(BackendError::io("write", path))?;
+        }
         return Ok(None);
     }
     // A 512 KiB pwrite into the page cache takes tens of microseconds; not worth a thread hop.
