@@ -682,6 +682,20 @@ impl Cluster {
         self.fenced.lock().recover().remove(name);
     }
 
+    /// Puts a definition this host read or wrote into the cache, unless the watch already applied a newer
+    /// one: an answer can arrive after the watch event of a later change.
+    fn cache_definition(&self, name: impl Into<String>, def: Definition) {
+        let name = name.into();
+        let mut cache = self.cache.write().recover();
+        let newer = cache
+            .volumes
+            .get(&name)
+            .is_none_or(|c| c.mod_revision <= def.mod_revision);
+        if newer {
+            cache.volumes.insert(name, def);
+        }
+    }
+
     // ---- reads ----
 
     pub fn definition(&self, name: &str) -> Option<Definition> {
@@ -801,6 +815,11 @@ impl Cluster {
             .map(|d| d.record.shipped.clone())
     }
 
+    /// Reads one definition from etcd (bounded), for a caller that cannot wait for the watch.
+    pub async fn refresh_definition(&self, name: &str) -> Result<Option<Definition>, ClusterError> {
+        bounded(self.fetch_definition(name)).await
+    }
+
     async fn fetch_definition(&self, name: &str) -> Result<Option<Definition>, ClusterError> {
         let kv = self.client.get(&self.key("v", name)).await?;
         let def = kv
@@ -860,11 +879,7 @@ impl Cluster {
                     .ok_or_else(|| ClusterError::Refused("the definition vanished".into()))?;
                 decode_definition(kv).map_err(ClusterError::Refused)?
             };
-            self.cache
-                .write()
-                .recover()
-                .volumes
-                .insert(record.name.clone(), def.clone());
+            self.cache_definition(record.name.clone(), def.clone());
             Ok((def, r.succeeded))
         })
         .await
@@ -901,11 +916,7 @@ impl Cluster {
                 mod_revision: r.revision,
                 create_revision: def.create_revision,
             };
-            self.cache
-                .write()
-                .recover()
-                .volumes
-                .insert(record.name.clone(), new.clone());
+            self.cache_definition(record.name.clone(), new.clone());
             Ok(Some(new))
         })
         .await
@@ -1011,11 +1022,7 @@ impl Cluster {
                     )));
                 };
                 let fresh = decode_definition(v).map_err(ClusterError::Refused)?;
-                self.cache
-                    .write()
-                    .recover()
-                    .volumes
-                    .insert(name.to_string(), fresh.clone());
+                self.cache_definition(name.to_string(), fresh.clone());
                 if let (true, Some(o)) = (single, o) {
                     let stored: StoredOwner = serde_json::from_slice(&o.value)
                         .map_err(|e| ClusterError::Refused(e.to_string()))?;
@@ -1108,7 +1115,7 @@ impl Cluster {
                     .await
                     .inspect_err(|_| sent.store(true, Ordering::SeqCst))?;
                 if r.succeeded {
-                    self.cache.write().recover().volumes.insert(
+                    self.cache_definition(
                         name.to_string(),
                         Definition {
                             record,
@@ -1287,11 +1294,7 @@ impl Cluster {
                     hosts: hosts.join(", "),
                 });
             }
-            self.cache
-                .write()
-                .recover()
-                .volumes
-                .insert(name.to_string(), marked.clone());
+            self.cache_definition(name.to_string(), marked.clone());
             Ok(marked)
         })
         .await

@@ -91,6 +91,12 @@ impl VolumeService {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 waited += Duration::from_millis(100);
+                // The watch normally brings the change; once a second, ask etcd itself.
+                if waited.as_millis().is_multiple_of(1000) {
+                    if let Err(e) = c.refresh_definition(name).await {
+                        tracing::debug!(volume = name, error = %e, "cannot read the definition");
+                    }
+                }
                 if let Some(d) = c.definition(name) {
                     def = d;
                 } else {
