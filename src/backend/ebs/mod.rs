@@ -511,14 +511,7 @@ impl Inner {
             AttachPlan::Pull { newest, chain } => {
                 let map = ship::pull(&self.shipper(), name, spec, &chain, &p, ship::PullInto::New)
                     .await?;
-                let m = p.blocks.clone();
-                blocking(move || map.save(&m).map_err(internal)).await?;
-                copy = LocalCopy {
-                    snapshot: Some(newest.snapshot),
-                    generation: newest.generation,
-                    ..LocalCopy::default()
-                };
-                self.copies.save(name, &copy)?;
+                copy = self.pulled(name, &p, map, newest).await?;
                 false
             }
             AttachPlan::Patch { newest, newer } => {
@@ -558,14 +551,7 @@ impl Inner {
                     ship::PullInto::Image(old),
                 )
                 .await?;
-                let m = p.blocks.clone();
-                blocking(move || map.save(&m).map_err(internal)).await?;
-                copy = LocalCopy {
-                    snapshot: Some(newest.snapshot),
-                    generation: newest.generation,
-                    ..LocalCopy::default()
-                };
-                self.copies.save(name, &copy)?;
+                copy = self.pulled(name, &p, map, newest).await?;
                 false
             }
             AttachPlan::Fresh => {
@@ -873,6 +859,25 @@ impl Inner {
                 image,
             },
         ))
+    }
+
+    /// Records a completed pull: the image's block map, then the copy as based on `newest`.
+    async fn pulled(
+        &self,
+        name: &str,
+        p: &Paths,
+        map: BlockMap,
+        newest: Shipped,
+    ) -> Result<LocalCopy, BackendError> {
+        let m = p.blocks.clone();
+        blocking(move || map.save(&m).map_err(internal)).await?;
+        let copy = LocalCopy {
+            snapshot: Some(newest.snapshot),
+            generation: newest.generation,
+            ..LocalCopy::default()
+        };
+        self.copies.save(name, &copy)?;
+        Ok(copy)
     }
 
     /// Waits (a few seconds at most) until no other mount namespace has the image's filesystem mounted:
