@@ -15,6 +15,10 @@
 //! - `storm`: three hosts create the same names at once, each in its own order.
 //! - `report`: prints every figure against its target as PASS/MISS and optionally writes Markdown.
 
+#[path = "support/mod.rs"]
+mod support;
+use support::{median, save, terminate, unmount_under, verdict, verify_data, Pattern, CHUNK};
+
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::{Read, Seek, Write};
@@ -410,7 +414,7 @@ impl Daemon {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        let status = terminate(&mut child)?;
+        let status = terminate(&mut child, Duration::from_secs(20))?;
         ensure!(
             status.success(),
             "ferry serve ({}) exited with {status} on SIGTERM; see {}",
@@ -421,48 +425,13 @@ impl Daemon {
     }
 }
 
-/// SIGTERM, then SIGKILL after 20 s.
-fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            eprintln!("ferry serve (pid {pid}) ignored SIGTERM for 20 s; killing it");
-            child.kill()?;
-            return Ok(child.wait()?);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 impl Drop for Daemon {
     /// On a failure midway, or after a SIGKILL: no daemon left running, nothing left mounted.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = terminate(&mut child);
+            let _ = terminate(&mut child, Duration::from_secs(20));
         }
         unmount_under(&self.dir);
-    }
-}
-
-/// Lazily unmounts every mount below `root`, deepest first.
-fn unmount_under(root: &Path) {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(root))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in points {
-        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -489,25 +458,6 @@ fn cluster<'a>(args: &'a EbsArgs, node: &str) -> Config<'a> {
 // ------------------------------------------------------------------------------------------------------
 // Data: incompressible, reproducible from a seed, so a pulled copy is checked without keeping a copy.
 
-struct Pattern(u64);
-
-impl Pattern {
-    fn new(seed: u64) -> Pattern {
-        Pattern(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let x = &mut self.0;
-            *x ^= *x << 13;
-            *x ^= *x >> 7;
-            *x ^= *x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-const CHUNK: usize = 4 << 20;
-
 /// Writes `bytes` of the seed's data from the start of the file, over what is there: an existing file keeps
 /// its blocks, so rewriting it changes the same blocks of the image rather than allocating new ones.
 fn write_data(path: &Path, seed: u64, bytes: u64) -> Result<()> {
@@ -530,43 +480,8 @@ fn write_data(path: &Path, seed: u64, bytes: u64) -> Result<()> {
         .with_context(|| format!("cannot sync {}", path.display()))
 }
 
-fn verify_data(path: &Path, seed: u64, bytes: u64) -> Result<()> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    ensure!(
-        f.metadata()?.len() == bytes,
-        "{} has the wrong length",
-        path.display()
-    );
-    let (mut p, mut want, mut got) = (Pattern::new(seed), vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        p.fill(&mut want[..n]);
-        f.read_exact(&mut got[..n])?;
-        ensure!(
-            want[..n] == got[..n],
-            "{} differs from what was written, {} bytes from its end",
-            path.display(),
-            left
-        );
-        left -= n as u64;
-    }
-    Ok(())
-}
-
 // ------------------------------------------------------------------------------------------------------
 // Statistics and result rows.
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
 
 fn list(v: &[f64], digits: usize) -> String {
     v.iter()
@@ -575,25 +490,12 @@ fn list(v: &[f64], digits: usize) -> String {
         .join(", ")
 }
 
-fn verdict(pass: bool) -> &'static str {
-    if pass {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
-
 /// One line of the results: the figure, and its target if any.
 fn row(what: impl Into<String>, value: String, target: Option<(String, bool)>) -> Value {
     json!({
         "what": what.into(), "value": value,
         "target": target.as_ref().map(|t| t.0.clone()), "pass": target.map(|t| t.1),
     })
-}
-
-fn save(path: &Path, doc: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_vec_pretty(doc)?)
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The warning lines of these daemons, for the notes: how many, and the first few.

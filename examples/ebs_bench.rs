@@ -24,6 +24,10 @@
 #[path = "../tests/common/ebs_strict.rs"]
 mod ebs_strict;
 
+#[path = "support/mod.rs"]
+mod support;
+use support::{median, save, terminate, unmount_under, verdict, verify_data, Pattern, CHUNK};
+
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -358,7 +362,7 @@ impl Daemon {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        let status = terminate(&mut child)?;
+        let status = terminate(&mut child, Duration::from_secs(10))?;
         ensure!(
             status.success(),
             "ferry serve (pid {}) exited with {status} on SIGTERM; see {}",
@@ -369,48 +373,13 @@ impl Daemon {
     }
 }
 
-/// SIGTERM, then SIGKILL after 10 s.
-fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            eprintln!("ferry serve (pid {pid}) ignored SIGTERM for 10 s; killing it");
-            child.kill()?;
-            return Ok(child.wait()?);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 impl Drop for Daemon {
     /// On a failure midway: stop the daemon and detach whatever it left mounted, so no loop device leaks.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = terminate(&mut child);
+            let _ = terminate(&mut child, Duration::from_secs(10));
         }
         unmount_under(&self.dir);
-    }
-}
-
-/// Lazily unmounts every mount below `root`, deepest first.
-fn unmount_under(root: &Path) {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(root))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for p in points {
-        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -494,25 +463,6 @@ fn timed<T>(
 // ------------------------------------------------------------------------------------------------------
 // Data: incompressible, reproducible from a seed, so the pulled copy is checked without keeping a copy.
 
-struct Pattern(u64);
-
-impl Pattern {
-    fn new(seed: u64) -> Pattern {
-        Pattern(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let x = &mut self.0;
-            *x ^= *x << 13;
-            *x ^= *x >> 7;
-            *x ^= *x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-const CHUNK: usize = 4 << 20;
-
 fn write_data(path: &Path, seed: u64, bytes: u64) -> Result<()> {
     let mut f =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -528,31 +478,6 @@ fn write_data(path: &Path, seed: u64, bytes: u64) -> Result<()> {
         .with_context(|| format!("cannot sync {}", path.display()))
 }
 
-fn verify_data(path: &Path, seed: u64, bytes: u64) -> Result<()> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    ensure!(
-        f.metadata()?.len() == bytes,
-        "{} has the wrong length after the pull",
-        path.display()
-    );
-    let (mut p, mut want, mut got) = (Pattern::new(seed), vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(CHUNK as u64) as usize;
-        p.fill(&mut want[..n]);
-        f.read_exact(&mut got[..n])?;
-        ensure!(
-            want[..n] == got[..n],
-            "{} differs from what was written, {} bytes from its end",
-            path.display(),
-            left
-        );
-        left -= n as u64;
-    }
-    Ok(())
-}
-
 /// A volume size that holds `data_mib` of file data with room for ext4's own blocks.
 fn volume_mib(data_mib: u64) -> u64 {
     data_mib + data_mib / 4 + 64
@@ -561,28 +486,10 @@ fn volume_mib(data_mib: u64) -> u64 {
 // ------------------------------------------------------------------------------------------------------
 // Statistics and result rows.
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
 fn range(v: &[f64], digits: usize) -> String {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     format!("{lo:.digits$}–{hi:.digits$}")
-}
-
-fn verdict(pass: bool) -> &'static str {
-    if pass {
-        "PASS"
-    } else {
-        "MISS"
-    }
 }
 
 /// One line of the results: Ferry's figure, what it is compared with, the ratio, and the target if any.
@@ -597,11 +504,6 @@ fn row(
         "what": what, "ferry": ferry, "reference": reference, "ratio": ratio,
         "target": target.as_ref().map(|t| t.0.clone()), "pass": target.map(|t| t.1),
     })
-}
-
-fn save(path: &Path, doc: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_vec_pretty(doc)?)
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 // ------------------------------------------------------------------------------------------------------
