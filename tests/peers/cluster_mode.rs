@@ -642,6 +642,12 @@ fn cluster_a_joining_host_imports_its_volumes_and_reports_conflicts() {
     assert!(err.contains("different"), "{err}");
     // Host 1's volume of that name is untouched.
     assert_eq!(cluster_status(a, "clash")["created_by"], "host-1");
+    // The way out troubleshooting gives: remove it on the joining host, which removes only its own.
+    b.remove("clash");
+    assert!(!w.hosts[1].dir().join("state/local/clash").exists());
+    assert!(names(a).contains("clash"));
+    assert!(w.hosts[0].dir().join("state/local/clash").exists());
+    assert_eq!(cluster_status(b, "clash")["created_by"], "host-1");
 }
 
 /// An nfs volume with `access=single` in a cluster: one host at a time, and a host that stops renewing its
@@ -779,4 +785,11 @@ fn cluster_release_takes_a_volume_from_a_cut_off_owner_that_then_publishes_nothi
     let mp = b.mount("rel", "mb2");
     assert_eq!(sha(&mp.join("data.bin")), digest_b);
     b.unmount("rel", "mb2");
+    // The way out troubleshooting gives: set host 1's kept changes aside, and it mounts the newest data.
+    let said = w.hosts[0].operator(&["ebs", "set-aside", "rel"]);
+    assert!(said.contains("was moved to"), "{said}");
+    let mp = a.mount("rel", "ma3");
+    assert_eq!(sha(&mp.join("data.bin")), digest_b);
+    a.unmount("rel", "ma3");
+    assert_eq!(a.get("rel")["Status"]["health"], "ok");
 }
