@@ -1,4 +1,5 @@
-//! The operator commands: `ferry ls`, `inspect`, `status`, `doctor`, `checkpoint`, `release` and `ebs set-aside`.
+//! The operator commands: `ferry ls`, `inspect`, `status`, `doctor`, `checkpoint`, `prune`, `release` and
+//! `ebs set-aside`.
 //! Each asks the daemon over the admin socket (doctor also looks at the host itself) and prints a table for
 //! people or, with `--json`, the daemon's JSON for scripts. Rendering is kept apart from fetching so it is
 //! unit-tested without a daemon.
@@ -26,6 +27,8 @@ pub enum Command {
     Doctor,
     /// Ship a mounted volume's changes now (ebs).
     Checkpoint(String),
+    /// Apply an ebs volume's snapshot retention now.
+    Prune(String),
     /// Move this host's copy of an ebs volume to a rescue directory (`ferry ebs set-aside`).
     EbsSetAside(String),
     /// Cluster mode's hosts.
@@ -96,6 +99,20 @@ pub async fn run(
                             "{name}: nothing shipped (not an ebs volume, or nothing written yet)\n"
                         ),
                     }
+                },
+                exit_code: 0,
+            })
+        }
+        Command::Prune(name) => {
+            let path = format!("/v1/volumes/{}/prune", percent_encode(name));
+            // Waits for a push of the volume that may be running.
+            let client = AdminClient::new(config.admin_socket.clone(), CHECKPOINT_TIMEOUT);
+            let done: crate::backend::ebs::Pruned = client.post(&path).await?;
+            Ok(Outcome {
+                text: if json {
+                    to_json(&done)
+                } else {
+                    render_pruned(&done)
                 },
                 exit_code: 0,
             })
@@ -410,6 +427,43 @@ fn timestamp(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
 }
 
+/// "SNAPSHOT, started TIME, SIZE changed" of one kept ebs generation.
+fn generation_text(g: &crate::backend::ebs::Generation) -> String {
+    let mut text = g.snapshot.clone();
+    if let Some(t) = g.started {
+        text.push_str(&format!(", started {}", timestamp(t)));
+    }
+    if let Some(b) = g.changed_bytes {
+        text.push_str(&format!(", {} changed", doctor::human_bytes(b)));
+    }
+    text
+}
+
+/// What `ferry prune` did.
+fn render_pruned(p: &crate::backend::ebs::Pruned) -> String {
+    let mut out = format!(
+        "{}: deleted {} snapshot(s); keeping {} generation(s) ([ebs] keep = {})\n",
+        p.volume,
+        p.deleted.len(),
+        p.kept.len(),
+        p.keep
+    );
+    if let Some(n) = &p.note {
+        out.push_str(&format!("{n}\n"));
+    }
+    for id in &p.deleted {
+        out.push_str(&format!("  deleted {id}\n"));
+    }
+    for g in &p.kept {
+        out.push_str(&format!(
+            "  kept generation {}: {}\n",
+            g.generation,
+            generation_text(g)
+        ));
+    }
+    out
+}
+
 fn uptime(secs: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
@@ -447,7 +501,22 @@ pub fn render_inspect(v: &VolumeReport) -> String {
         rows.push((format!("option {k}"), val.clone()));
     }
     for (k, val) in &v.backend_status {
+        if k == "generations" {
+            continue;
+        }
         rows.push((format!("{} {k}", v.backend), value_text(val)));
+    }
+    // The ebs generations kept, newest first: one row each.
+    let kept: Vec<crate::backend::ebs::Generation> = v
+        .backend_status
+        .get("generations")
+        .and_then(|g| serde_json::from_value(g.clone()).ok())
+        .unwrap_or_default();
+    for g in &kept {
+        rows.push((
+            format!("kept generation {}", g.generation),
+            generation_text(g),
+        ));
     }
     rows.push(("catalog version".into(), v.catalog_version.to_string()));
     if let Some(c) = &v.cluster {

@@ -135,6 +135,8 @@ struct EbsSection {
     cache_dir: Option<PathBuf>,
     namespace: Option<String>,
     default_size: Option<String>,
+    keep: Option<u64>,
+    keep_chain: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -450,6 +452,14 @@ fn ebs_settings(e: EbsSection, path: &Path) -> Result<EbsSettings, ConfigError> 
                 })?,
         ),
     };
+    let keep = e.keep.unwrap_or(crate::backend::ebs::DEFAULT_KEEP);
+    if !(1..=10_000).contains(&keep) {
+        return Err(bad(
+            "ebs.keep",
+            keep.to_string(),
+            "expected 1 to 10000 generations",
+        ));
+    }
     Ok(EbsSettings {
         region,
         endpoint_url,
@@ -457,6 +467,8 @@ fn ebs_settings(e: EbsSection, path: &Path) -> Result<EbsSettings, ConfigError> 
         cache_dir: e.cache_dir,
         namespace,
         default_size,
+        keep,
+        keep_chain: e.keep_chain.unwrap_or(false),
     })
 }
 
@@ -927,6 +939,23 @@ pub const REFERENCE: &[ConfigKey] = &[
         example: "\"20GiB\"",
     },
     ConfigKey {
+        key: "ebs.keep",
+        default: "`3`",
+        meaning: "generations (snapshots) kept per ebs volume: after a push completes, older snapshots are \
+                  deleted, never the newest, one a pull or push in progress reads or a mounted copy is based \
+                  on; a host whose copy is more than `keep` generations behind pulls the volume whole \
+                  (docs/ebs.md). Ignored with `keep_chain`",
+        example: "3",
+    },
+    ConfigKey {
+        key: "ebs.keep_chain",
+        default: "`false`",
+        meaning: "`true` for services whose snapshots hold only the blocks written to them (moto): a pull \
+                  reads the whole chain of snapshots, changed blocks are found from the chain, and no snapshot \
+                  is ever deleted by retention. Real EBS needs `false`",
+        example: "true",
+    },
+    ConfigKey {
         key: "cluster.etcd",
         default: "none (required with `[cluster]`)",
         meaning: "cluster mode: the client URLs of the etcd members (`http://` or `https://`); every host of \
@@ -1291,6 +1320,8 @@ mod tests {
                     assert!(ebs.default_size.is_none());
                     "none (`-o size=` required)".into()
                 }
+                "ebs.keep" => code(&ebs.keep.to_string()),
+                "ebs.keep_chain" => code(&ebs.keep_chain.to_string()),
                 "cluster.etcd" => {
                     assert!(c.cluster.is_none());
                     "none (required with `[cluster]`)".into()

@@ -67,6 +67,17 @@ enum Command {
         #[command(flatten)]
         format: Format,
     },
+    /// Apply an ebs volume's snapshot retention now: delete the snapshots older than the newest `[ebs]
+    /// keep` generations (never the newest, nor one a host has mounted or is pulling), and print the
+    /// generations kept. Retention also runs after every push.
+    Prune {
+        /// The volume's name.
+        name: String,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        format: Format,
+    },
     /// Operator commands for ebs volumes.
     Ebs {
         #[command(subcommand)]
@@ -210,6 +221,11 @@ fn main() -> ExitCode {
             target,
             format,
         } => operator(ferry::cli::Command::Checkpoint(name), target, format),
+        Command::Prune {
+            name,
+            target,
+            format,
+        } => operator(ferry::cli::Command::Prune(name), target, format),
         Command::Release {
             name,
             id,

@@ -803,6 +803,23 @@ impl VolumeService {
         Ok(to)
     }
 
+    /// Applies a volume's snapshot retention now (ebs) and returns what was kept and deleted. Allowed
+    /// while mounted: it deletes only old snapshots, never the data a mount uses.
+    pub async fn prune(&self, name: &str) -> Result<Value> {
+        spec::validate_name(name)?;
+        self.refuse_while_recovering(name)?;
+        let entry = self
+            .lookup(name)
+            .filter(|e| Self::visible(&e.value))
+            .ok_or_else(|| ServiceError::NotFound(name.into()))?;
+        let rec = &entry.value;
+        let backend = self.backend(rec.spec.kind())?.clone();
+        backend
+            .prune(name, &rec.spec, rec.shipped.as_ref())
+            .await
+            .map_err(Self::backend_error(name))
+    }
+
     /// Advances a volume's newest snapshot unless the catalog already records this one or a newer one
     /// (an Unmount that shipped after the checkpoint).
     async fn record_shipped(&self, name: &str, new: crate::catalog::Shipped) -> Result<()> {

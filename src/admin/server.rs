@@ -136,6 +136,8 @@ enum AdminRequest {
     },
     /// `POST /v1/volumes/NAME/set-aside`: the way out of an ebs conflict, this host's copy moved aside.
     SetAside(String),
+    /// `POST /v1/volumes/NAME/prune`: apply an ebs volume's snapshot retention now.
+    Prune(String),
     /// `GET /v1/hosts`: cluster mode's hosts, leases and owned volumes.
     Hosts,
 }
@@ -144,8 +146,8 @@ enum AdminRequest {
 #[derive(Debug, PartialEq, Eq)]
 struct RouteError(StatusCode, String);
 
-const ACTIONS: [&str; 3] = ["checkpoint", "release", "set-aside"];
-const API: &str = "/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/release, /v1/volumes/NAME/set-aside, /v1/status, /v1/hosts";
+const ACTIONS: [&str; 4] = ["checkpoint", "prune", "release", "set-aside"];
+const API: &str = "/v1/volumes, /v1/volumes/NAME, /v1/volumes/NAME/checkpoint, /v1/volumes/NAME/prune, /v1/volumes/NAME/release, /v1/volumes/NAME/set-aside, /v1/status, /v1/hosts";
 
 fn route(method: &Method, path: &str, query: Option<&str>) -> Result<AdminRequest, RouteError> {
     let decode = |name: &str| {
@@ -191,6 +193,7 @@ fn route(method: &Method, path: &str, query: Option<&str>) -> Result<AdminReques
         ("/v1/hosts", _, _) => AdminRequest::Hosts,
         (_, Some(name), Some("checkpoint")) => AdminRequest::Checkpoint(decode(name)?),
         (_, Some(name), Some("set-aside")) => AdminRequest::SetAside(decode(name)?),
+        (_, Some(name), Some("prune")) => AdminRequest::Prune(decode(name)?),
         (_, Some(name), Some(_)) => {
             let (id, force) = release_query(query)?;
             AdminRequest::Release {
@@ -267,6 +270,11 @@ async fn handle(
                 "this daemon is not in a cluster: there is no [cluster] section in its configuration".into(),
             )),
         },
+        AdminRequest::Prune(name) => ctx
+            .service
+            .prune(&name)
+            .await
+            .map(|pruned| json(StatusCode::OK, &pruned)),
         AdminRequest::SetAside(name) => ctx.service.set_aside(&name).await.map(|moved_to| {
             json(
                 StatusCode::OK,

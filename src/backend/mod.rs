@@ -401,6 +401,18 @@ pub trait Backend: Send + Sync {
             backend: self.kind(),
         })
     }
+    /// Applies the volume's snapshot retention now (ebs `[ebs] keep`) and says what it kept and deleted.
+    async fn prune(
+        &self,
+        _name: &str,
+        _spec: &VolumeSpec,
+        _shipped: Option<&Shipped>,
+    ) -> Result<Value, BackendError> {
+        Err(BackendError::Unsupported {
+            op: "prune",
+            backend: self.kind(),
+        })
+    }
     /// Whether attach and detach may move data over a network for long (ebs pulls and pushes): start-up
     /// then finishes an interrupted one in the background instead of keeping the socket closed.
     fn ships_data(&self) -> bool {

@@ -4,7 +4,9 @@
 //! Enforced: blocks of exactly 524288 bytes, the base64 SHA-256 checksum of every block, block indices inside
 //! the volume, writes only while a snapshot is pending, the exact `ChangedBlocksCount` at completion, a
 //! parent that exists and is completed, children inheriting their parent's blocks when listed and read,
-//! block tokens checked on reads, and pagination of listings with a small page size. Injected on demand:
+//! block tokens checked on reads, pagination of listings with a small page size, ListChangedBlocks between a
+//! snapshot and its ancestor, and deletion as EBS does it: a deleted snapshot is gone, and its children keep
+//! the blocks they read through it. Injected on demand:
 //! throttling (every Nth call answers `ThrottlingException`, which a client must retry) and a fixed latency
 //! per call (every answer leaves that long after its request arrived, the emulator's work included). It
 //! counts calls and blocks put so tests can assert exactly what was shipped.
@@ -70,6 +72,8 @@ pub struct Counters {
     pub list_pages: AtomicU64,
     pub ec2_calls: AtomicU64,
     pub deleted: AtomicU64,
+    /// ListChangedBlocks pages answered.
+    pub changed_lists: AtomicU64,
 }
 
 struct Inner {
@@ -163,7 +167,7 @@ impl StrictEbs {
         state.snapshots.get(snapshot).is_some_and(|s| s.completed)
     }
 
-    /// Every snapshot id the emulator holds (deleted parents with children included, their tags cleared).
+    /// Every snapshot id the emulator holds (a deleted one is gone, its children took over its blocks).
     pub fn snapshot_ids(&self) -> Vec<String> {
         let state = self.inner.state.lock().unwrap();
         let mut ids: Vec<String> = state.snapshots.keys().cloned().collect();
@@ -383,6 +387,7 @@ impl Inner {
                 let id = id.to_string();
                 self.complete(&req, &id)
             }
+            (Method::GET, ["snapshots", "changed"]) => self.list_changed_blocks(&req),
             (Method::GET, ["snapshots", id, "blocks"]) => {
                 let id = id.to_string();
                 self.list_blocks(&req, &id)
@@ -568,22 +573,28 @@ impl Inner {
             Some("DeleteSnapshot") => {
                 let id = get("SnapshotId").unwrap_or_default();
                 let mut state = self.state.lock().unwrap();
-                if state
-                    .snapshots
-                    .values()
-                    .any(|s| s.parent.as_deref() == Some(id.as_str()))
-                {
-                    // Real EBS deletes a parent and keeps its blocks for the children; here the children
-                    // read through the parent, so keep it and only hide it.
-                    if let Some(s) = state.snapshots.get_mut(&id) {
-                        s.tags.clear();
-                    }
-                } else if state.snapshots.remove(&id).is_none() {
+                let Some(gone) = state.snapshots.remove(&id) else {
                     return ec2_error(
                         StatusCode::BAD_REQUEST,
                         "InvalidSnapshot.NotFound",
                         &format!("The snapshot '{id}' does not exist."),
                     );
+                };
+                // Real EBS deletes a parent but keeps whatever its children still read through it: each
+                // child takes over the blocks it did not overwrite, and the parent's parent, so every
+                // child reads exactly what it read before, and the parent itself is gone for good.
+                for child in state
+                    .snapshots
+                    .values_mut()
+                    .filter(|s| s.parent.as_deref() == Some(id.as_str()))
+                {
+                    for (index, block) in &gone.blocks {
+                        child
+                            .blocks
+                            .entry(*index)
+                            .or_insert_with(|| block.clone());
+                    }
+                    child.parent = gone.parent.clone();
                 }
                 self.counters.deleted.fetch_add(1, Ordering::Relaxed);
                 ec2_reply(
@@ -824,6 +835,101 @@ impl Inner {
             body["NextToken"] = json!(format!("after-{}", this.last().unwrap()));
         }
         self.counters.list_pages.fetch_add(1, Ordering::Relaxed);
+        reply(StatusCode::OK, body)
+    }
+
+    /// ListChangedBlocks: the blocks written after `firstSnapshotId` in the lineage of `secondSnapshotId`
+    /// (every block of the second when there is no first), each with the tokens that read it from either
+    /// snapshot. Both must be completed, and the first an ancestor of the second, as EBS requires.
+    fn list_changed_blocks(&self, req: &Request<Incoming>) -> Reply {
+        let q = query(req);
+        let Some(second) = q.get("secondSnapshotId") else {
+            return invalid("", "secondSnapshotId is required");
+        };
+        let first = q.get("firstSnapshotId");
+        let state = self.state.lock().unwrap();
+        for id in [Some(second), first].into_iter().flatten() {
+            match state.snapshots.get(id.as_str()) {
+                None => return not_found(&format!("snapshot {id}")),
+                Some(s) if !s.completed => {
+                    return invalid(
+                        "INVALID_SNAPSHOT_STATE",
+                        &format!("snapshot {id} is not completed"),
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        // The snapshots from the second back to (not including) the first.
+        let mut path = Vec::new();
+        let mut at = Some(second.clone());
+        while let Some(cur) = at {
+            if Some(&cur) == first {
+                break;
+            }
+            let Some(s) = state.snapshots.get(&cur) else {
+                break;
+            };
+            path.push(cur);
+            at = s.parent.clone();
+        }
+        if let Some(f) = first {
+            let reached = path
+                .last()
+                .and_then(|l| state.snapshots.get(l))
+                .is_some_and(|s| s.parent.as_ref() == Some(f));
+            if !reached && second != f {
+                return invalid(
+                    "INVALID_PARAMETER_COMBINATION",
+                    &format!("snapshot {f} is not in the lineage of {second}"),
+                );
+            }
+        }
+        let changed: std::collections::BTreeSet<u64> = path
+            .iter()
+            .filter_map(|id| state.snapshots.get(id))
+            .flat_map(|s| s.blocks.keys().copied())
+            .collect();
+        let asked = q
+            .get("maxResults")
+            .and_then(|m| m.parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        let page = asked.min(self.page_size);
+        let start = match q.get("pageToken") {
+            Some(t) => match t.strip_prefix("after-").and_then(|n| n.parse::<u64>().ok()) {
+                Some(n) => n + 1,
+                None => return invalid("INVALID_PAGE_TOKEN", "the page token is not one of ours"),
+            },
+            None => q
+                .get("startingBlockIndex")
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0),
+        };
+        let visible: Vec<u64> = changed.into_iter().filter(|i| *i >= start).collect();
+        let this: Vec<u64> = visible.iter().copied().take(page).collect();
+        let first_has = |i: u64| first.is_some_and(|f| Self::owner_of(&state, f, i).is_some());
+        let blocks: Vec<Value> = this
+            .iter()
+            .map(|i| {
+                let mut b = json!({ "BlockIndex": i, "SecondBlockToken": block_token(second, *i) });
+                if first_has(*i) {
+                    b["FirstBlockToken"] = json!(block_token(first.unwrap(), *i));
+                }
+                b
+            })
+            .collect();
+        let size = state.snapshots[second.as_str()].volume_size_gib;
+        let mut body = json!({
+            "ChangedBlocks": blocks,
+            "VolumeSize": size,
+            "BlockSize": BLOCK_SIZE,
+            "ExpiryTime": 4_000_000_000u64,
+        });
+        if visible.len() > this.len() {
+            body["NextToken"] = json!(format!("after-{}", this.last().unwrap()));
+        }
+        self.counters.list_pages.fetch_add(1, Ordering::Relaxed);
+        self.counters.changed_lists.fetch_add(1, Ordering::Relaxed);
         reply(StatusCode::OK, body)
     }
 

@@ -38,6 +38,11 @@ pub mod tags {
     /// "EPOCH_SECS HOST_ID HOSTNAME" of the host that has the volume mounted, on its newest snapshot;
     /// refreshed while mounted and deleted at unmount, so a Remove elsewhere can tell the volume is in use.
     pub const MOUNTED: &str = "ferry:mounted";
+    /// Prefix of "ferry:pulling:HOST_ID" = "EPOCH_SECS", on a snapshot a host is pulling: retention leaves
+    /// it alone while the tag is fresh. One key per host, so a host clears only its own.
+    pub const PULLING: &str = "ferry:pulling:";
+    /// The number of blocks the snapshot itself holds (its changed blocks), set once it completed.
+    pub const BLOCKS: &str = "ferry:blocks";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,6 +252,12 @@ pub struct SnapshotInfo {
     pub options: BTreeMap<String, String>,
     /// The `ferry:mounted` tag, as it is.
     pub mounted: Option<String>,
+    /// When the snapshot was started, in seconds since the epoch, if EC2 said.
+    pub started: Option<u64>,
+    /// The `ferry:blocks` tag: how many blocks this generation changed.
+    pub blocks: Option<u64>,
+    /// The freshest `ferry:pulling:*` tag, in seconds since the epoch.
+    pub pulling: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -523,6 +534,58 @@ impl SnapshotClient {
         Ok(out)
     }
 
+    /// The blocks written after `older` in the lineage of `newer` (EBS ListChangedBlocks), each with the
+    /// token that reads it from `newer`, following pagination. Both must be completed snapshots of one
+    /// lineage.
+    pub async fn list_changed_blocks(
+        &self,
+        volume: &str,
+        older: &str,
+        newer: &str,
+    ) -> Result<Vec<BlockRef>, EbsError> {
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self
+                .ebs
+                .list_changed_blocks()
+                .first_snapshot_id(older)
+                .second_snapshot_id(newer)
+                .max_results(LIST_PAGE)
+                .set_next_token(next.take())
+                .send()
+                .await
+                .map_err(|e| self.fail("ListChangedBlocks", volume, e))?;
+            for b in page.changed_blocks() {
+                let Some(i) = b.block_index().filter(|i| *i >= 0) else {
+                    continue;
+                };
+                // Blocks are never taken out of a lineage, so every changed block is in the newer
+                // snapshot; one that is not means the two are not one lineage, and a patch must not guess.
+                let Some(t) = b.second_block_token() else {
+                    return Err(EbsError::Invalid {
+                        volume: volume.into(),
+                        reason: format!(
+                            "EBS listed block {i} as changed between {older} and {newer} without a token \
+                             for {newer}; the two snapshots are not of one lineage"
+                        ),
+                    });
+                };
+                out.push(BlockRef {
+                    index: i as u64,
+                    token: t.to_string(),
+                });
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() && !page.changed_blocks().is_empty() => {
+                    next = Some(t.to_string())
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads one block as EBS sends it, with the checksum EBS sends beside it. Nothing is checked yet:
     /// `Fetched::verify` does that, so a caller can free its network slot before spending CPU on the hash.
     pub async fn fetch_block(
@@ -637,6 +700,14 @@ impl SnapshotClient {
                             .and_then(|o| serde_json::from_str(&o).ok())
                             .unwrap_or_default(),
                         mounted: tag(tags::MOUNTED),
+                        started: s.start_time().map(|t| t.secs().max(0) as u64),
+                        blocks: tag(tags::BLOCKS).and_then(|b| b.parse().ok()),
+                        pulling: s
+                            .tags()
+                            .iter()
+                            .filter(|t| t.key().is_some_and(|k| k.starts_with(tags::PULLING)))
+                            .filter_map(|t| t.value()?.parse::<u64>().ok())
+                            .max(),
                     },
                 ));
             }

@@ -145,6 +145,23 @@ pub(super) struct AttachFacts<'a> {
     pub newest: Option<&'a SnapshotInfo>,
     /// What this host's catalog records as the volume's newest snapshot.
     pub shipped: Option<&'a Shipped>,
+    /// The service's snapshots hold only their own blocks (`[ebs] keep_chain`): data is read along the
+    /// chain of parents. Otherwise a snapshot lists and reads everything it inherits, as on EBS.
+    pub keep_chain: bool,
+}
+
+/// Which blocks a pull reads, and from which snapshots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Blocks {
+    /// Every block the newest snapshot lists: on EBS a snapshot lists and reads what it inherits, so
+    /// no older snapshot is needed.
+    Newest(SnapshotInfo),
+    /// The blocks written after `base` in the newest snapshot's lineage (ListChangedBlocks), read from
+    /// the newest.
+    Changed { base: String, newest: SnapshotInfo },
+    /// `[ebs] keep_chain`: the snapshots whose own blocks make up the data, newest first; a block is
+    /// read from the newest one that lists it.
+    Chain(Vec<SnapshotInfo>),
 }
 
 /// How a Mount gets the data to mount.
@@ -152,19 +169,11 @@ pub(super) struct AttachFacts<'a> {
 pub(super) enum AttachPlan {
     /// The image is based on the newest snapshot (perhaps with changes on top): mount it as it is.
     Current,
-    /// Pull the newest snapshot, made of the blocks of `chain` (its lineage, newest first), into a new
-    /// image, which is then based on it.
-    Pull {
-        newest: Shipped,
-        chain: Vec<SnapshotInfo>,
-    },
+    /// Pull the newest snapshot into a new image, which is then based on it.
+    Pull { newest: Shipped, blocks: Blocks },
     /// The image is a clean copy of an older generation in the newest snapshot's lineage: write into it
-    /// only the blocks that the snapshots after its base (`newer`, newest first) list, instead of
-    /// pulling everything again.
-    Patch {
-        newest: Shipped,
-        newer: Vec<SnapshotInfo>,
-    },
+    /// only the blocks changed since its base, instead of pulling everything again.
+    Patch { newest: Shipped, blocks: Blocks },
     /// Nothing was ever shipped and there is no image: make an empty filesystem.
     Fresh,
     /// Refused: the catalog records a newer generation than EBS holds, so snapshots were deleted elsewhere.
@@ -223,25 +232,107 @@ pub(super) fn attach(name: &str, f: &AttachFacts<'_>) -> Result<AttachPlan, EbsE
             snapshot: n.id.clone(),
             generation: n.generation,
         };
-        let chain = chain(name, f.list, n)?;
-        let base_at = (f.have_image && f.have_blocks && !copy.dirty)
+        let base = (f.have_image && f.have_blocks && !copy.dirty)
             .then_some(copy.snapshot.as_deref())
-            .flatten()
-            .and_then(|b| {
+            .flatten();
+        if f.keep_chain {
+            let chain = chain(name, f.list, n)?;
+            let base_at = base.and_then(|b| {
                 chain
                     .iter()
                     .position(|s| s.id == b && s.generation == copy.generation)
             });
-        match base_at {
-            Some(k) if k > 0 => AttachPlan::Patch {
-                newest,
-                newer: chain[..k].to_vec(),
-            },
-            _ => AttachPlan::Pull { newest, chain },
+            match base_at {
+                Some(k) if k > 0 => AttachPlan::Patch {
+                    newest,
+                    blocks: Blocks::Chain(chain[..k].to_vec()),
+                },
+                _ => AttachPlan::Pull {
+                    newest,
+                    blocks: Blocks::Chain(chain),
+                },
+            }
+        } else {
+            let base = base.and_then(|b| {
+                f.list.iter().find(|s| {
+                    s.id == b
+                        && s.state == SnapState::Completed
+                        && s.generation == copy.generation
+                        && s.generation < n.generation
+                })
+            });
+            match base.filter(|b| !outside_lineage(f.list, n, b)) {
+                Some(b) => AttachPlan::Patch {
+                    newest,
+                    blocks: Blocks::Changed {
+                        base: b.id.clone(),
+                        newest: n.clone(),
+                    },
+                },
+                None => AttachPlan::Pull {
+                    newest,
+                    blocks: Blocks::Newest(n.clone()),
+                },
+            }
         }
     } else {
         AttachPlan::Fresh
     })
+}
+
+/// Whether the parent tags prove that `base` is not in `newest`'s lineage: following them from `newest`
+/// passes below `base`'s generation without meeting it. Where the walk meets a deleted snapshot it proves
+/// nothing, and EBS itself refuses ListChangedBlocks across lineages.
+fn outside_lineage(list: &[SnapshotInfo], newest: &SnapshotInfo, base: &SnapshotInfo) -> bool {
+    let mut at = newest;
+    loop {
+        if at.id == base.id {
+            return false;
+        }
+        if at.generation <= base.generation {
+            return true;
+        }
+        let Some(parent) = &at.parent else {
+            return true;
+        };
+        match list.iter().find(|s| &s.id == parent) {
+            Some(p) if p.generation < at.generation => at = p,
+            _ => return false,
+        }
+    }
+}
+
+/// Which of the volume's snapshots retention deletes, oldest first: those of a generation at least
+/// `keep` below the newest's (so the newest `keep` generations stay), and failed ones no newer than the
+/// newest. Never the newest, never one named in `protected` (the local copy's base and pending push, the
+/// catalog's record), never one a host has mounted or is pulling (a fresh `ferry:mounted` or
+/// `ferry:pulling:*` tag), never one still being written.
+pub(super) fn retire(
+    list: &[SnapshotInfo],
+    newest: &SnapshotInfo,
+    keep: u64,
+    protected: &[&str],
+    now: u64,
+) -> Vec<SnapshotInfo> {
+    let stale = super::mounted::MOUNTED_STALE.as_secs();
+    let mut out: Vec<SnapshotInfo> = list
+        .iter()
+        .filter(|s| s.id != newest.id && !protected.contains(&s.id.as_str()))
+        .filter(|s| match s.state {
+            SnapState::Completed => s.generation.saturating_add(keep) <= newest.generation,
+            SnapState::Failed => s.generation <= newest.generation,
+            SnapState::Pending => false,
+        })
+        .filter(|s| {
+            !s.mounted
+                .as_deref()
+                .is_some_and(|m| super::mounted::fresh(m, now))
+        })
+        .filter(|s| !s.pulling.is_some_and(|at| now.saturating_sub(at) < stale))
+        .cloned()
+        .collect();
+    out.sort_by(|a, b| (a.generation, &a.id).cmp(&(b.generation, &b.id)));
+    out
 }
 
 /// The snapshots whose blocks make up `newest`, newest first, following each one's parent tag.
@@ -370,6 +461,9 @@ mod tests {
             host: "h".into(),
             options: Default::default(),
             mounted: None,
+            started: None,
+            blocks: None,
+            pulling: None,
         }
     }
 
@@ -406,13 +500,14 @@ mod tests {
                     list: &list,
                     newest: Some(&list[2]),
                     shipped: None,
+                    keep_chain: true,
                 },
             )
             .unwrap()
         };
         let patch = |newer: Vec<SnapshotInfo>| AttachPlan::Patch {
             newest: shipped("c", 3),
-            newer,
+            blocks: Blocks::Chain(newer),
         };
         assert_eq!(
             facts(&copy(Some("b"), 2, false), true),
@@ -424,7 +519,7 @@ mod tests {
         );
         let pull = AttachPlan::Pull {
             newest: shipped("c", 3),
-            chain: vec![list[2].clone(), list[1].clone(), list[0].clone()],
+            blocks: Blocks::Chain(vec![list[2].clone(), list[1].clone(), list[0].clone()]),
         };
         // Without the block map the copy's blocks are unknown; a base outside the lineage (a volume made
         // again elsewhere) or of another generation is not this volume's history.
@@ -552,12 +647,13 @@ mod tests {
                 list: &list,
                 newest,
                 shipped: catalog.as_ref(),
+                keep_chain: false,
             };
             attach("v", &facts).unwrap()
         };
         let pull_c = || Pull {
             newest: shipped("c", 3),
-            chain: vec![list[2].clone(), list[1].clone(), list[0].clone()],
+            blocks: Blocks::Newest(list[2].clone()),
         };
         let diverged = |base| Diverged {
             newest: 3,
@@ -646,6 +742,7 @@ mod tests {
             list: &holed,
             newest: Some(&holed[1]),
             shipped: None,
+            keep_chain: true,
         };
         let err = attach("v", &facts).unwrap_err().to_string();
         assert!(
@@ -660,6 +757,94 @@ mod tests {
             ..facts
         };
         assert_eq!(attach("v", &facts).unwrap(), AttachPlan::Current);
+        // On EBS the newest snapshot holds everything it inherits: deleted history is not a hole.
+        let facts = AttachFacts {
+            keep_chain: false,
+            have_image: false,
+            copy: &LocalCopy::default(),
+            ..facts
+        };
+        assert_eq!(
+            attach("v", &facts).unwrap(),
+            AttachPlan::Pull {
+                newest: shipped("c", 3),
+                blocks: Blocks::Newest(holed[1].clone()),
+            }
+        );
+    }
+
+    #[test]
+    fn on_ebs_an_older_clean_copy_fetches_the_blocks_changed_since_its_base() {
+        // a <- b <- c <- d, with b deleted by retention; x is another lineage's generation 2.
+        let list = vec![
+            done("a", 1, None),
+            done("c", 3, Some("b")),
+            done("d", 4, Some("c")),
+            done("x", 2, None),
+            done("y", 3, None),
+        ];
+        let plan = |record: &LocalCopy| {
+            attach(
+                "v",
+                &AttachFacts {
+                    copy: record,
+                    have_image: true,
+                    have_blocks: true,
+                    list: &list,
+                    newest: Some(&list[2]),
+                    shipped: None,
+                    keep_chain: false,
+                },
+            )
+            .unwrap()
+        };
+        let changed = |base: &str| AttachPlan::Patch {
+            newest: shipped("d", 4),
+            blocks: Blocks::Changed {
+                base: base.into(),
+                newest: list[2].clone(),
+            },
+        };
+        let whole = AttachPlan::Pull {
+            newest: shipped("d", 4),
+            blocks: Blocks::Newest(list[2].clone()),
+        };
+        assert_eq!(plan(&copy(Some("c"), 3, false)), changed("c"));
+        // Behind a deleted snapshot the tags prove nothing; EBS checks the lineage itself.
+        assert_eq!(plan(&copy(Some("a"), 1, false)), changed("a"));
+        assert_eq!(plan(&copy(Some("x"), 2, false)), changed("x"));
+        // A base that retention deleted, or that the tags show is of another lineage, is pulled whole.
+        assert_eq!(plan(&copy(Some("b"), 2, false)), whole);
+        assert_eq!(plan(&copy(Some("y"), 3, false)), whole);
+        assert_eq!(plan(&copy(Some("c"), 2, false)), whole);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_generations_and_whatever_is_in_use() {
+        let now = 1_000_000;
+        let mut list: Vec<SnapshotInfo> = (1..=6)
+            .map(|g| {
+                let parent = (g > 1).then(|| format!("s{}", g - 1));
+                done(&format!("s{g}"), g, parent.as_deref())
+            })
+            .collect();
+        list.push(snap("f", 2, Some("s1"), SnapState::Failed));
+        list.push(snap("p", 7, Some("s6"), SnapState::Pending));
+        let ids = |v: Vec<SnapshotInfo>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+        let newest = list[5].clone();
+        assert_eq!(ids(retire(&list, &newest, 3, &[], now)), ["s1", "f", "s2", "s3"]);
+        assert_eq!(ids(retire(&list, &newest, 6, &[], now)), ["f"]);
+        assert_eq!(
+            ids(retire(&list, &newest, 1, &[], now)),
+            ["s1", "f", "s2", "s3", "s4", "s5"]
+        );
+        // What the catalog or the local copy names, and what a host has mounted or is pulling, stays
+        // while its tag is fresh.
+        list[1].mounted = Some(super::super::mounted::tag_value("h2", "n2", now - 10));
+        list[2].pulling = Some(now - 5);
+        list[0].pulling = Some(now - 100_000);
+        assert_eq!(ids(retire(&list, &newest, 3, &["s1"], now)), ["f"]);
+        assert_eq!(ids(retire(&list, &newest, 3, &[], now)), ["s1", "f"]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod decide;
 mod errors;
 mod freeze;
 mod mounted;
+mod retain;
 mod ship;
 
 use std::fs::DirBuilder;
@@ -41,6 +42,7 @@ use self::copy::{sized, Copies, LocalCopy, Paths};
 use self::decide::{AttachFacts, AttachPlan, BaseCheck, DetachPlan, MissingCopy, PushPlan, Settle};
 use self::errors::{blocking, ebs_err, internal};
 pub use self::mounted::MOUNTED_STALE;
+pub use self::retain::{Generation, Pruned};
 pub use self::ship::Transfers;
 use super::{release_mount, Attached, Backend, BackendError, Shipped, TransferTotals, WhenBusy};
 use crate::mount::{Holder, MountTable, Mounter, Storage};
@@ -49,6 +51,8 @@ use crate::sync::Recover;
 
 /// Blocks in flight per push or pull unless configured.
 pub const DEFAULT_CONCURRENCY: usize = 16;
+/// Generations kept per volume unless configured.
+pub const DEFAULT_KEEP: u64 = 3;
 /// The tag value that keeps unrelated installations apart unless configured.
 pub const DEFAULT_NAMESPACE: &str = "ferry";
 /// How often a mounted volume's `ferry:mounted` tag is refreshed.
@@ -67,6 +71,10 @@ pub struct EbsSettings {
     pub cache_dir: Option<PathBuf>,
     pub namespace: String,
     pub default_size: Option<u64>,
+    /// Generations kept per volume (see `retain`).
+    pub keep: u64,
+    /// The service's snapshots hold only their own blocks (moto): read whole chains, delete nothing.
+    pub keep_chain: bool,
 }
 
 pub struct EbsBackend {
@@ -90,6 +98,8 @@ struct Inner {
     hostname: String,
     /// Cluster mode: the catalog that says which snapshot is the newest and who may publish one.
     publisher: std::sync::OnceLock<Arc<dyn super::Publisher>>,
+    /// The kept generations of each volume, as last listed (for Status).
+    generations: retain::Generations,
 }
 
 impl EbsBackend {
@@ -111,6 +121,7 @@ impl EbsBackend {
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
+        let generations = retain::Generations::load(&root);
         let inner = Arc::new(Inner {
             settings,
             copies: Copies::new(root, mount_root),
@@ -126,8 +137,10 @@ impl EbsBackend {
                 hostname
             },
             publisher: std::sync::OnceLock::new(),
+            generations,
         });
         tokio::spawn(refresh_mounted_tags(Arc::downgrade(&inner)));
+        retain::spawn_resume(&inner);
         Ok(EbsBackend { inner })
     }
 
@@ -447,6 +460,7 @@ impl Inner {
         }
         let (list, newest) = self.history(name, copy.pending.as_deref()).await?;
         self.settle_pending(name, &mut copy, &list).await?;
+        self.saw_history(name, &list).await;
         let plan = decide::attach(
             name,
             &AttachFacts {
@@ -456,6 +470,7 @@ impl Inner {
                 list: &list,
                 newest: newest.as_ref(),
                 shipped,
+                keep_chain: self.settings.keep_chain,
             },
         )
         .map_err(ebs_err)?;
@@ -508,50 +523,83 @@ impl Inner {
                 };
                 return Err(self.copies.conflict(name, &mut copy, err));
             }
-            AttachPlan::Pull { newest, chain } => {
-                let map = ship::pull(&self.shipper(), name, spec, &chain, &p, ship::PullInto::New)
-                    .await?;
-                copy = self.pulled(name, &p, map, newest).await?;
+            AttachPlan::Pull { newest, blocks } => {
+                let listing = self.listing(name, &blocks).await?;
+                let map = ship::pull(&self.shipper(), name, spec, listing, &p, ship::PullInto::New)
+                    .await;
+                self.pulled_from(name, &blocks);
+                copy = self.pulled(name, &p, map?, newest).await?;
                 false
             }
-            AttachPlan::Patch { newest, newer } => {
-                let (b, size) = (p.blocks.clone(), sized(spec)?.0);
-                let old = blocking(move || BlockMap::load(&b).map_err(internal)).await?;
-                let old = old.filter(|m| BlockMap::count_for(size).is_ok_and(|c| c == m.len()));
-                let Some(old) = old else {
-                    return Err(BackendError::Internal(
-                        BackendKind::Ebs,
-                        "the local copy's block map is unreadable; set the copy aside (`ferry ebs set-aside`) to pull the volume whole".into(),
-                    ));
+            AttachPlan::Patch { newest, blocks } => {
+                let listing = match self.listing(name, &blocks).await {
+                    Ok(l) => Some(l),
+                    // EBS refused to compare the two (its base was just deleted, or is of another
+                    // lineage after all): the whole volume is pulled instead.
+                    Err(BackendError::Ebs(e)) if e.kind() == "ebs_not_found" || e.kind() == "ebs_invalid_request" || e.kind() == "ebs_invalid" => {
+                        tracing::warn!(volume = name, error = %e, "cannot list the blocks changed since the local copy's base; pulling the volume whole");
+                        None
+                    }
+                    Err(e) => return Err(e),
                 };
-                tracing::info!(
-                    volume = name,
-                    base = copy.generation,
-                    newest = newest.generation,
-                    snapshots = newer.len(),
-                    "the local copy is an older generation; fetching only what changed since"
-                );
-                // Until the patch completes the image is based on nothing: an interruption makes the
-                // next Mount pull it whole rather than mount a mix of two generations.
-                copy = LocalCopy::default();
-                self.copies.save(name, &copy)?;
-                let b = p.blocks.clone();
-                blocking(move || match std::fs::remove_file(&b) {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(BackendError::io("delete", &b)(e)),
-                })
-                .await?;
-                let map = ship::pull(
-                    &self.shipper(),
-                    name,
-                    spec,
-                    &newer,
-                    &p,
-                    ship::PullInto::Image(old),
-                )
-                .await?;
-                copy = self.pulled(name, &p, map, newest).await?;
+                let (b, size) = (p.blocks.clone(), sized(spec)?.0);
+                let old = match listing {
+                    Some(_) => blocking(move || BlockMap::load(&b).map_err(internal)).await?,
+                    None => None,
+                };
+                let old = old.filter(|m| BlockMap::count_for(size).is_ok_and(|c| c == m.len()));
+                match (listing, old) {
+                    (Some(listing), Some(old)) => {
+                        tracing::info!(
+                            volume = name,
+                            base = copy.generation,
+                            newest = newest.generation,
+                            blocks = listing.iter().map(|(_, b)| b.len()).sum::<usize>(),
+                            "the local copy is an older generation; fetching only what changed since"
+                        );
+                        // Until the patch completes the image is based on nothing: an interruption makes
+                        // the next Mount pull it whole rather than mount a mix of two generations.
+                        copy = LocalCopy::default();
+                        self.copies.save(name, &copy)?;
+                        let b = p.blocks.clone();
+                        blocking(move || match std::fs::remove_file(&b) {
+                            Ok(()) => Ok(()),
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                            Err(e) => Err(BackendError::io("delete", &b)(e)),
+                        })
+                        .await?;
+                        let map = ship::pull(
+                            &self.shipper(),
+                            name,
+                            spec,
+                            listing,
+                            &p,
+                            ship::PullInto::Image(old),
+                        )
+                        .await;
+                        self.pulled_from(name, &blocks);
+                        copy = self.pulled(name, &p, map?, newest).await?;
+                    }
+                    _ => {
+                        let whole = match &blocks {
+                            decide::Blocks::Changed { newest, .. } => {
+                                decide::Blocks::Newest(newest.clone())
+                            }
+                            _ => {
+                                return Err(BackendError::Internal(
+                                    BackendKind::Ebs,
+                                    "the local copy's block map is unreadable; set the copy aside (`ferry ebs set-aside`) to pull the volume whole".into(),
+                                ))
+                            }
+                        };
+                        let listing = self.listing(name, &whole).await?;
+                        let map =
+                            ship::pull(&self.shipper(), name, spec, listing, &p, ship::PullInto::New)
+                                .await;
+                        self.pulled_from(name, &whole);
+                        copy = self.pulled(name, &p, map?, newest).await?;
+                    }
+                }
                 false
             }
             AttachPlan::Fresh => {
@@ -652,7 +700,11 @@ impl Inner {
         };
         let copy = match (decide::detach(found.as_ref()), found) {
             (DetachPlan::Push, Some(mut copy)) => {
+                let before = copy.generation;
                 self.push(name, spec, &mut copy).await?;
+                if copy.generation != before {
+                    self.retain_quietly(name, &copy, shipped).await;
+                }
                 copy
             }
             (DetachPlan::Clean, Some(copy)) => copy,
@@ -709,6 +761,7 @@ impl Inner {
         };
         let id = ship::push(&self.shipper(), name, spec, copy, generation, src).await?;
         self.publish(name, copy, &id, generation).await?;
+        self.tag_blocks(name, &id, changed.len() as u64);
         // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
         // the block map is saved only makes the next push repeat blocks.
         *copy = LocalCopy {
@@ -790,6 +843,7 @@ impl Inner {
         };
         let id = ship::push(&self.shipper(), name, spec, &mut copy, generation, src).await?;
         self.publish(name, &mut copy, &id, generation).await?;
+        self.tag_blocks(name, &id, changed.len() as u64);
         // Still mounted, so still dirty: what changed after the freeze ships next time.
         copy = LocalCopy {
             snapshot: Some(id),
@@ -804,6 +858,7 @@ impl Inner {
             std::fs::remove_file(&spool).map_err(BackendError::io("remove", &spool))
         })
         .await?;
+        self.retain_quietly(name, &copy, shipped).await;
         Ok(current(&copy))
     }
 
@@ -859,6 +914,75 @@ impl Inner {
                 image,
             },
         ))
+    }
+
+    /// Retention after a push: a failure is logged, never the push's failure (the data is shipped), and
+    /// the next push, `ferry prune` or a restart finishes it.
+    async fn retain_quietly(&self, name: &str, copy: &LocalCopy, shipped: Option<&Shipped>) {
+        if let Err(e) = self.retain(name, copy, shipped).await {
+            tracing::warn!(volume = name, error = %e, "cannot delete old snapshots now; the next push, `ferry prune` or a restart tries again");
+        }
+    }
+
+    /// Tags a completed snapshot with the number of blocks it holds, for `ferry inspect` (in the
+    /// background: it informs, and nothing waits for it).
+    fn tag_blocks(&self, name: &str, id: &str, blocks: u64) {
+        let (client, name, id) = (self.client.clone(), name.to_string(), id.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = client
+                .set_tag(&name, &id, client::tags::BLOCKS, &blocks.to_string())
+                .await
+            {
+                tracing::debug!(volume = name, error = %e, "cannot tag the snapshot's block count");
+            }
+        });
+    }
+
+    /// Lists what a pull reads. On EBS, the snapshot it reads from is first tagged as being pulled by
+    /// this host, so another host's retention leaves it alone until the pull is done.
+    async fn listing(
+        &self,
+        name: &str,
+        blocks: &decide::Blocks,
+    ) -> Result<ship::Listing, BackendError> {
+        let reading = match blocks {
+            decide::Blocks::Newest(n) | decide::Blocks::Changed { newest: n, .. } => Some(&n.id),
+            decide::Blocks::Chain(_) => None,
+        };
+        let tag = async {
+            if let Some(id) = reading {
+                let key = format!("{}{}", client::tags::PULLING, self.host_id);
+                if let Err(e) = self
+                    .client
+                    .set_tag(name, id, &key, &now_secs().to_string())
+                    .await
+                {
+                    tracing::warn!(volume = name, snapshot = %id, error = %e, "cannot tag the snapshot as being pulled");
+                }
+            }
+        };
+        let shipper = self.shipper();
+        let (_, listed) = tokio::join!(tag, ship::list(&shipper, name, blocks));
+        listed.map_err(ebs_err)
+    }
+
+    /// Clears this host's pulling tag (in the background: nothing waits for it, and a tag left behind
+    /// goes stale by itself).
+    fn pulled_from(&self, name: &str, blocks: &decide::Blocks) {
+        let id = match blocks {
+            decide::Blocks::Newest(n) | decide::Blocks::Changed { newest: n, .. } => n.id.clone(),
+            decide::Blocks::Chain(_) => return,
+        };
+        let (client, key, name) = (
+            self.client.clone(),
+            format!("{}{}", client::tags::PULLING, self.host_id),
+            name.to_string(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = client.delete_tag(&name, &id, &key).await {
+                tracing::debug!(volume = name, error = %e, "cannot clear the pulling tag");
+            }
+        });
     }
 
     /// Records a completed pull: the image's block map, then the copy as based on `newest`.
@@ -967,6 +1091,7 @@ impl Inner {
         let dir = self.paths(name).dir;
         self.mounted.lock().recover().remove(name);
         self.copies.forget(name);
+        self.generations.forget(name);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -1128,6 +1253,9 @@ impl Backend for EbsBackend {
         m.insert("image".into(), json!(self.inner.paths(name).image));
         m.insert("namespace".into(), json!(self.inner.settings.namespace));
         m.insert("region".into(), json!(self.inner.settings.region));
+        if let Some(kept) = self.inner.generations.get(name) {
+            m.insert("generations".into(), json!(kept));
+        }
         m
     }
 
@@ -1158,6 +1286,20 @@ impl Backend for EbsBackend {
         let _shipping = lock.lock().await;
         let (inner, n) = (self.inner.clone(), name.to_string());
         blocking(move || inner.set_aside(&n)).await
+    }
+
+    async fn prune(
+        &self,
+        name: &str,
+        _spec: &VolumeSpec,
+        shipped: Option<&Shipped>,
+    ) -> Result<Value, BackendError> {
+        // Under the ship lock: a push of this host's must not start from a snapshot being deleted.
+        let lock = self.inner.ship_lock(name);
+        let _shipping = lock.lock().await;
+        let copy = self.inner.copies.load(name)?;
+        let pruned = self.inner.retain(name, &copy, shipped).await?;
+        serde_json::to_value(pruned).map_err(internal)
     }
 
     fn ships_data(&self) -> bool {

@@ -27,6 +27,11 @@ fn parse(value: &str) -> Option<(u64, &str, &str)> {
     Some((at, id, parts.next().unwrap_or("")))
 }
 
+/// Whether a `ferry:mounted` tag still counts at `now`: a host has the volume mounted on that snapshot.
+pub(super) fn fresh(value: &str, now: u64) -> bool {
+    parse(value).is_some_and(|(at, _, _)| now.saturating_sub(at) < MOUNTED_STALE.as_secs())
+}
+
 /// The freshest `ferry:mounted` tag of another host than `host_id` on any of the volume's snapshots, as
 /// the error that refuses a Remove; `None` if no other host tagged it within `MOUNTED_STALE` of `now`.
 pub(super) fn elsewhere(
@@ -70,6 +75,9 @@ mod tests {
             host: "h".into(),
             options: Default::default(),
             mounted,
+            started: None,
+            blocks: None,
+            pulling: None,
         };
         (id.into(), info)
     }

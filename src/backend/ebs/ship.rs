@@ -1,5 +1,5 @@
-//! Moving blocks: pushing the changed blocks of an image as a new snapshot, and pulling a snapshot chain
-//! into a fresh image. Both keep `concurrency` blocks in flight and count what they move (`Transfers`). A
+//! Moving blocks: pushing the changed blocks of an image as a new snapshot, and pulling a snapshot (whole,
+//! or the blocks changed since an older one) into a fresh image or the local copy. Both keep `concurrency` blocks in flight and count what they move (`Transfers`). A
 //! push also waits for EBS to complete its sealed snapshot and settles a race for its generation with
 //! another host. What it needs from the backend comes in a `Shipper`; which chain to pull and which
 //! generation to push is decided before (see `decide`).
@@ -17,9 +17,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::blockmap::{zero_block_digest, BlockHash, BlockMap, BLOCK_SIZE};
-use super::client::{tags, EbsError, SnapState, SnapshotClient, SnapshotInfo};
+use super::client::{tags, BlockRef, EbsError, SnapState, SnapshotClient};
 use super::copy::{sized, Copies, LocalCopy, Paths};
-use super::decide::data_options;
+use super::decide::{data_options, Blocks};
 use super::errors::{blocking, ebs_err, internal};
 use crate::backend::BackendError;
 use crate::spec::VolumeSpec;
@@ -50,8 +50,6 @@ pub(super) struct Shipper<'a> {
     pub copies: &'a Copies,
 }
 
-/// Pulls the chain into `image.pull`, verifying every block, then renames it over the image. Returns the
-/// hash of every block as pulled.
 /// Where a pull writes.
 pub(super) enum PullInto {
     /// A new image, which replaces the local copy's once complete.
@@ -61,11 +59,47 @@ pub(super) enum PullInto {
     Image(BlockMap),
 }
 
+/// The blocks a pull reads, each with the snapshot it is read from.
+pub(super) type Listing = Vec<(String, Vec<BlockRef>)>;
+
+/// Lists what a pull reads: every block of the newest snapshot, the blocks changed since a base, or
+/// (`[ebs] keep_chain`) each block from the newest snapshot of the chain that lists it.
+pub(super) async fn list(
+    shipper: &Shipper<'_>,
+    name: &str,
+    blocks: &Blocks,
+) -> Result<Listing, EbsError> {
+    Ok(match blocks {
+        Blocks::Newest(n) => vec![(n.id.clone(), shipper.client.list_blocks(name, &n.id).await?)],
+        Blocks::Changed { base, newest } => vec![(
+            newest.id.clone(),
+            shipper
+                .client
+                .list_changed_blocks(name, base, &newest.id)
+                .await?,
+        )],
+        Blocks::Chain(chain) => {
+            // Newest first: a block the newest snapshot lists is the one to keep, and older snapshots
+            // fill only the blocks no newer one listed.
+            let mut seen = std::collections::HashSet::new();
+            let mut out = Vec::with_capacity(chain.len());
+            for snap in chain {
+                let mut own = shipper.client.list_blocks(name, &snap.id).await?;
+                own.retain(|b| seen.insert(b.index));
+                out.push((snap.id.clone(), own));
+            }
+            out
+        }
+    })
+}
+
+/// Pulls the listed blocks into `image.pull` (or into the image itself, see `PullInto`), verifying
+/// every block, then renames it over the image. Returns the hash of every block as pulled.
 pub(super) async fn pull(
     shipper: &Shipper<'_>,
     name: &str,
     spec: &VolumeSpec,
-    chain: &[SnapshotInfo],
+    listing: Listing,
     p: &Paths,
     into: PullInto,
 ) -> Result<BlockMap, BackendError> {
@@ -100,7 +134,7 @@ pub(super) async fn pull(
         .await?
     };
     let started = Instant::now();
-    let mut filled = vec![false; count as usize];
+    let snapshots = listing.len();
     let mut map = start;
     let mut pulled = 0u64;
     let mut last_report = Instant::now();
@@ -110,28 +144,17 @@ pub(super) async fn pull(
     // request's slot went to the next block, and memory stays at 2 x concurrency blocks.
     let net = Arc::new(Semaphore::new(concurrency));
     let held = Arc::new(Semaphore::new(2 * concurrency));
-    // Newest first: a block the newest snapshot lists is the one to keep, and older snapshots fill only
-    // the blocks no newer one listed (real EBS lists inherited blocks too; moto lists only a snapshot's own).
-    for snap in chain {
-        let blocks = shipper
-            .client
-            .list_blocks(name, &snap.id)
-            .await
-            .map_err(ebs_err)?;
+    for (snap_id, blocks) in listing {
         let mut set: JoinSet<Result<(u64, BlockHash), BackendError>> = JoinSet::new();
         for b in blocks {
-            let Some(slot) = filled.get_mut(b.index as usize) else {
-                continue;
-            };
-            if *slot {
+            if b.index >= count {
                 continue;
             }
-            *slot = true;
             let hold = held.clone().acquire_owned().await.map_err(internal)?;
             let (client, volume, id, net) = (
                 shipper.client.clone(),
                 name.to_string(),
-                snap.id.clone(),
+                snap_id.clone(),
                 net.clone(),
             );
             let (out, path) = (file.clone(), tmp.clone());
@@ -187,7 +210,7 @@ pub(super) async fn pull(
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         volume = name,
-        snapshots = chain.len(),
+        snapshots,
         blocks = pulled,
         seconds = format!("{secs:.2}"),
         patched = in_place,
