@@ -182,7 +182,8 @@ impl Config<'_> {
         if let Some(endpoint) = self.ebs {
             let _ = writeln!(
                 t,
-                "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\""
+                // moto's snapshots hold only their own blocks.
+                "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nkeep_chain = true"
             );
         }
         if let Some((common, node)) = &self.cluster {

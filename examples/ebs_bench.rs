@@ -189,6 +189,10 @@ impl Daemon {
         if let Some(c) = concurrency {
             writeln!(text, "concurrency = {c}")?;
         }
+        // moto's snapshots hold only their own blocks (the strict emulator's inherit, as EBS's do).
+        if label.starts_with("moto") {
+            writeln!(text, "keep_chain = true")?;
+        }
         std::fs::write(&config, text)?;
         // Empty AWS files rather than none: a missing file named by AWS_CONFIG_FILE is logged as a warning.
         let aws = dir.join("aws-empty");

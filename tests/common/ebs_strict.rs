@@ -41,6 +41,8 @@ struct Snapshot {
     parent: Option<String>,
     tags: Vec<(String, String)>,
     completed: bool,
+    /// When it was started, in seconds since the epoch.
+    started: u64,
     /// The blocks written to this snapshot itself, by index.
     /// With each block its checksum, computed once when it was written: hashing on every read while
     /// holding the state lock would serialize all reads and cap the emulator below what it emulates.
@@ -387,7 +389,10 @@ impl Inner {
                 let id = id.to_string();
                 self.complete(&req, &id)
             }
-            (Method::GET, ["snapshots", "changed"]) => self.list_changed_blocks(&req),
+            (Method::GET, ["snapshots", id, "changedblocks"]) => {
+                let id = id.to_string();
+                self.list_changed_blocks(&req, &id)
+            }
             (Method::GET, ["snapshots", id, "blocks"]) => {
                 let id = id.to_string();
                 self.list_blocks(&req, &id)
@@ -468,6 +473,10 @@ impl Inner {
             parent,
             tags,
             completed: false,
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
             blocks: BTreeMap::new(),
         };
         let described = self.describe(&id, &snap);
@@ -561,8 +570,11 @@ impl Inner {
                     items.push_str(&format!(
                         "<item><snapshotId>{id}</snapshotId><status>{status}</status>\
                          <volumeSize>{}</volumeSize><ownerId>123456789012</ownerId>\
-                         <tagSet>{tags}</tagSet></item>",
-                        snap.volume_size_gib
+                         <startTime>{}</startTime><tagSet>{tags}</tagSet></item>",
+                        snap.volume_size_gib,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_secs(snap.started)
+                        )
                     ));
                 }
                 ec2_reply(&format!(
@@ -589,10 +601,7 @@ impl Inner {
                     .filter(|s| s.parent.as_deref() == Some(id.as_str()))
                 {
                     for (index, block) in &gone.blocks {
-                        child
-                            .blocks
-                            .entry(*index)
-                            .or_insert_with(|| block.clone());
+                        child.blocks.entry(*index).or_insert_with(|| block.clone());
                     }
                     child.parent = gone.parent.clone();
                 }
@@ -675,7 +684,7 @@ impl Inner {
             "SnapshotId": id,
             "OwnerId": "123456789012",
             "Status": if s.completed { "completed" } else { "pending" },
-            "StartTime": 1_700_000_000,
+            "StartTime": s.started,
             "VolumeSize": s.volume_size_gib,
             "BlockSize": BLOCK_SIZE,
             "Tags": tags,
@@ -838,14 +847,13 @@ impl Inner {
         reply(StatusCode::OK, body)
     }
 
-    /// ListChangedBlocks: the blocks written after `firstSnapshotId` in the lineage of `secondSnapshotId`
-    /// (every block of the second when there is no first), each with the tokens that read it from either
-    /// snapshot. Both must be completed, and the first an ancestor of the second, as EBS requires.
-    fn list_changed_blocks(&self, req: &Request<Incoming>) -> Reply {
+    /// ListChangedBlocks: the blocks written after `firstSnapshotId` in the lineage of the second
+    /// snapshot, `id` (every block of the second when there is no first), each with the tokens that read
+    /// it from either snapshot. Both must be completed, and the first an ancestor of the second, as EBS
+    /// requires.
+    fn list_changed_blocks(&self, req: &Request<Incoming>, id: &str) -> Reply {
         let q = query(req);
-        let Some(second) = q.get("secondSnapshotId") else {
-            return invalid("", "secondSnapshotId is required");
-        };
+        let second = &id.to_string();
         let first = q.get("firstSnapshotId");
         let state = self.state.lock().unwrap();
         for id in [Some(second), first].into_iter().flatten() {

@@ -80,6 +80,10 @@ impl Moto {
         );
     }
 
+    /// The `[ebs]` lines a daemon on moto needs besides its endpoint: moto's snapshots hold only their own
+    /// blocks, so Ferry must read whole chains and never delete history (`keep_chain`).
+    pub const EBS_LINES: &'static str = "keep_chain = true\n";
+
     pub fn endpoint(&self) -> String {
         format!("http://{}:{}", self.host, self.port)
     }

@@ -112,8 +112,9 @@ fn ebs_volume_moves_between_two_dockerds() {
     std::fs::write(
         &config,
         format!(
-            "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n",
-            moto.endpoint()
+            "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n{}",
+            moto.endpoint(),
+            moto::Moto::EBS_LINES
         ),
     )
     .unwrap();

@@ -140,9 +140,10 @@ fn swarm_service_moves_to_another_node_with_its_ebs_and_nfs_data() {
         std::fs::write(
             &path,
             format!(
-                "{}[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n[cluster]\netcd = [{}]\nnode = \"{node}\"\nprefix = \"/ferry-swarm-{run}\"\nlease_ttl = \"4s\"\n",
+                "{}[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n{}[cluster]\netcd = [{}]\nnode = \"{node}\"\nprefix = \"/ferry-swarm-{run}\"\nlease_ttl = \"4s\"\n",
                 ganesha.config_section("10s"),
                 moto.endpoint(),
+                Moto::EBS_LINES,
                 endpoints.join(", ")
             ),
         )

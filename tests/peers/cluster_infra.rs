@@ -129,7 +129,7 @@ fn cluster_infra_etcd_stops_and_starts_on_its_data() {
     assert_eq!(value.trim(), "kept");
 }
 
-/// A daemon in `host`'s network namespace with its [ebs] section on `endpoint`.
+/// A daemon in `host`'s network namespace with its [ebs] section on moto at `endpoint`.
 fn ebs_daemon(host: &HostNet, endpoint: &str) -> (tempfile::TempDir, Daemon) {
     let tmp = tempfile::Builder::new()
         .prefix(&format!("ferry-infra-{}-", host.n))
@@ -138,7 +138,10 @@ fn ebs_daemon(host: &HostNet, endpoint: &str) -> (tempfile::TempDir, Daemon) {
     let config = tmp.path().join("ferry.toml");
     std::fs::write(
         &config,
-        format!("[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n"),
+        format!(
+            "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n{}",
+            crate::moto::Moto::EBS_LINES
+        ),
     )
     .unwrap();
     let mut env = vec![("FERRY_CONFIG", config.to_str().unwrap())];

@@ -55,7 +55,8 @@ impl World {
     fn extra(&self) -> String {
         match &self.ebs {
             Some(e) => format!(
-                "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nconcurrency = 4\n",
+                // Every generation is kept, so a test can count the snapshots of each.
+                "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nconcurrency = 4\nkeep = 100\n",
                 e.endpoint()
             ),
             None => String::new(),

@@ -19,7 +19,7 @@ use serde_json::Value;
 const BLOCK: usize = 524_288;
 
 /// A multi-threaded runtime that keeps the emulator serving while the test thread makes blocking calls.
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -28,8 +28,19 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// A daemon ("host") whose [ebs] section points at `endpoint`.
-fn host(endpoint: &str, label: &str, concurrency: usize) -> (tempfile::TempDir, Daemon) {
+pub(crate) fn host(endpoint: &str, label: &str, concurrency: usize) -> (tempfile::TempDir, Daemon) {
     host_with(endpoint, label, concurrency, "")
+}
+
+/// A daemon on moto, whose snapshots hold only their own blocks.
+fn moto_host(moto: &moto::Moto, label: &str, concurrency: usize) -> (tempfile::TempDir, Daemon) {
+    host_lines(
+        &moto.endpoint(),
+        label,
+        concurrency,
+        "",
+        moto::Moto::EBS_LINES,
+    )
 }
 
 /// Like `host`, with extra top-level configuration (before the [ebs] section).
@@ -39,6 +50,17 @@ fn host_with(
     concurrency: usize,
     top: &str,
 ) -> (tempfile::TempDir, Daemon) {
+    host_lines(endpoint, label, concurrency, top, "")
+}
+
+/// Like `host_with`, with extra lines in the [ebs] section.
+pub(crate) fn host_lines(
+    endpoint: &str,
+    label: &str,
+    concurrency: usize,
+    top: &str,
+    ebs: &str,
+) -> (tempfile::TempDir, Daemon) {
     let tmp = tempfile::Builder::new()
         .prefix(&format!("ferry-ebs-{label}"))
         .tempdir()
@@ -47,7 +69,7 @@ fn host_with(
     std::fs::write(
         &config,
         format!(
-            "{top}[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nconcurrency = {concurrency}\n"
+            "{top}[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nconcurrency = {concurrency}\n{ebs}"
         ),
     )
     .unwrap();
@@ -56,30 +78,30 @@ fn host_with(
 }
 
 /// The configuration file, and dummy AWS credentials.
-fn env(config: &Path) -> Vec<(&str, &str)> {
+pub(crate) fn env(config: &Path) -> Vec<(&str, &str)> {
     let mut env = vec![("FERRY_CONFIG", config.to_str().unwrap())];
     env.extend(moto::TEST_AWS_ENV);
     env
 }
 
-fn restart(d: &mut Daemon) {
+pub(crate) fn restart(d: &mut Daemon) {
     let config = d.dir.join("ferry.toml");
     d.spawn(&env(&config));
 }
 
-fn create(d: &Daemon, name: &str, size: &str) {
+pub(crate) fn create(d: &Daemon, name: &str, size: &str) {
     d.create(
         name,
         &format!(r#"{{"backend":"ebs","size":"{size}","uid":"1000","mode":"0750"}}"#),
     );
 }
 
-fn generation(d: &Daemon, name: &str) -> Option<u64> {
+pub(crate) fn generation(d: &Daemon, name: &str) -> Option<u64> {
     d.get(name)["Status"]["generation"].as_u64()
 }
 
 /// Deterministic bytes that differ per seed and position and compress poorly.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|_| {
@@ -91,7 +113,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn write_file(path: &Path, data: &[u8]) {
+pub(crate) fn write_file(path: &Path, data: &[u8]) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(data).unwrap();
     f.sync_all().unwrap();
@@ -104,7 +126,7 @@ fn unmount_err(d: &Daemon, name: &str, id: &str) -> String {
     )
 }
 
-fn mount_err(d: &Daemon, name: &str, id: &str) -> String {
+pub(crate) fn mount_err(d: &Daemon, name: &str, id: &str) -> String {
     d.err(
         "/VolumeDriver.Mount",
         &format!(r#"{{"Name":"{name}","ID":"{id}"}}"#),
@@ -894,8 +916,8 @@ fn remove_deletes_the_snapshots_and_refuses_while_mounted() {
 #[test]
 fn round_trip_through_moto() {
     let moto = moto::Moto::start();
-    let (_ta, a) = host(&moto.endpoint(), "ma", 8);
-    let (_tb, b) = host(&moto.endpoint(), "mb", 8);
+    let (_ta, a) = moto_host(&moto, "ma", 8);
+    let (_tb, b) = moto_host(&moto, "mb", 8);
     create(&a, "mv", "64MiB");
     let m = a.mount("mv", "c1");
     let data = pattern(7, 3 * 1024 * 1024);
@@ -926,7 +948,7 @@ fn round_trip_through_moto() {
 }
 
 /// The blocks of the last "pulled the newest snapshot" line of a daemon's log, and whether it patched.
-fn last_pull(d: &Daemon) -> (u64, bool) {
+pub(crate) fn last_pull(d: &Daemon) -> (u64, bool) {
     let log = d.log_text();
     let line = log
         .lines()
@@ -947,8 +969,8 @@ fn last_pull(d: &Daemon) -> (u64, bool) {
 #[test]
 fn a_copy_one_generation_behind_is_patched_with_the_changed_blocks_only() {
     let moto = moto::Moto::start();
-    let (_ta, a) = host(&moto.endpoint(), "pa", 8);
-    let (_tb, b) = host(&moto.endpoint(), "pb", 8);
+    let (_ta, a) = moto_host(&moto, "pa", 8);
+    let (_tb, b) = moto_host(&moto, "pb", 8);
     create(&a, "pv", "64MiB");
     let m = a.mount("pv", "c1");
     write_file(&m.join("base"), &pattern(3, 8 * 1024 * 1024));
@@ -987,8 +1009,8 @@ fn a_copy_one_generation_behind_is_patched_with_the_changed_blocks_only() {
 #[test]
 fn remove_elsewhere_is_refused_while_mounted_through_moto() {
     let moto = moto::Moto::start();
-    let (_ta, a) = host(&moto.endpoint(), "mra", 4);
-    let (_tb, b) = host(&moto.endpoint(), "mrb", 4);
+    let (_ta, a) = moto_host(&moto, "mra", 4);
+    let (_tb, b) = moto_host(&moto, "mrb", 4);
     create(&a, "mh", "32MiB");
     let m = a.mount("mh", "x");
     write_file(&m.join("f"), b"first");

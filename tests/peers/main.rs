@@ -23,6 +23,7 @@ mod cluster_infra;
 mod cluster_mode;
 mod cluster_security;
 mod ebs_backend;
+mod ebs_history;
 mod nfs_backend;
 mod nfs_client;
 mod nfs_fuse;

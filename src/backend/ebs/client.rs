@@ -41,7 +41,7 @@ pub mod tags {
     /// Prefix of "ferry:pulling:HOST_ID" = "EPOCH_SECS", on a snapshot a host is pulling: retention leaves
     /// it alone while the tag is fresh. One key per host, so a host clears only its own.
     pub const PULLING: &str = "ferry:pulling:";
-    /// The number of blocks the snapshot itself holds (its changed blocks), set once it completed.
+    /// The number of blocks the snapshot itself holds (its changed blocks).
     pub const BLOCKS: &str = "ferry:blocks";
 }
 

@@ -832,7 +832,10 @@ mod tests {
         list.push(snap("p", 7, Some("s6"), SnapState::Pending));
         let ids = |v: Vec<SnapshotInfo>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
         let newest = list[5].clone();
-        assert_eq!(ids(retire(&list, &newest, 3, &[], now)), ["s1", "f", "s2", "s3"]);
+        assert_eq!(
+            ids(retire(&list, &newest, 3, &[], now)),
+            ["s1", "f", "s2", "s3"]
+        );
         assert_eq!(ids(retire(&list, &newest, 6, &[], now)), ["f"]);
         assert_eq!(
             ids(retire(&list, &newest, 1, &[], now)),

@@ -525,8 +525,15 @@ impl Inner {
             }
             AttachPlan::Pull { newest, blocks } => {
                 let listing = self.listing(name, &blocks).await?;
-                let map = ship::pull(&self.shipper(), name, spec, listing, &p, ship::PullInto::New)
-                    .await;
+                let map = ship::pull(
+                    &self.shipper(),
+                    name,
+                    spec,
+                    listing,
+                    &p,
+                    ship::PullInto::New,
+                )
+                .await;
                 self.pulled_from(name, &blocks);
                 copy = self.pulled(name, &p, map?, newest).await?;
                 false
@@ -536,7 +543,11 @@ impl Inner {
                     Ok(l) => Some(l),
                     // EBS refused to compare the two (its base was just deleted, or is of another
                     // lineage after all): the whole volume is pulled instead.
-                    Err(BackendError::Ebs(e)) if e.kind() == "ebs_not_found" || e.kind() == "ebs_invalid_request" || e.kind() == "ebs_invalid" => {
+                    Err(BackendError::Ebs(e))
+                        if e.kind() == "ebs_not_found"
+                            || e.kind() == "ebs_invalid_request"
+                            || e.kind() == "ebs_invalid" =>
+                    {
                         tracing::warn!(volume = name, error = %e, "cannot list the blocks changed since the local copy's base; pulling the volume whole");
                         None
                     }
@@ -593,9 +604,15 @@ impl Inner {
                             }
                         };
                         let listing = self.listing(name, &whole).await?;
-                        let map =
-                            ship::pull(&self.shipper(), name, spec, listing, &p, ship::PullInto::New)
-                                .await;
+                        let map = ship::pull(
+                            &self.shipper(),
+                            name,
+                            spec,
+                            listing,
+                            &p,
+                            ship::PullInto::New,
+                        )
+                        .await;
                         self.pulled_from(name, &whole);
                         copy = self.pulled(name, &p, map?, newest).await?;
                     }
@@ -761,7 +778,6 @@ impl Inner {
         };
         let id = ship::push(&self.shipper(), name, spec, copy, generation, src).await?;
         self.publish(name, copy, &id, generation).await?;
-        self.tag_blocks(name, &id, changed.len() as u64);
         // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
         // the block map is saved only makes the next push repeat blocks.
         *copy = LocalCopy {
@@ -843,7 +859,6 @@ impl Inner {
         };
         let id = ship::push(&self.shipper(), name, spec, &mut copy, generation, src).await?;
         self.publish(name, &mut copy, &id, generation).await?;
-        self.tag_blocks(name, &id, changed.len() as u64);
         // Still mounted, so still dirty: what changed after the freeze ships next time.
         copy = LocalCopy {
             snapshot: Some(id),
@@ -922,20 +937,6 @@ impl Inner {
         if let Err(e) = self.retain(name, copy, shipped).await {
             tracing::warn!(volume = name, error = %e, "cannot delete old snapshots now; the next push, `ferry prune` or a restart tries again");
         }
-    }
-
-    /// Tags a completed snapshot with the number of blocks it holds, for `ferry inspect` (in the
-    /// background: it informs, and nothing waits for it).
-    fn tag_blocks(&self, name: &str, id: &str, blocks: u64) {
-        let (client, name, id) = (self.client.clone(), name.to_string(), id.to_string());
-        tokio::spawn(async move {
-            if let Err(e) = client
-                .set_tag(&name, &id, client::tags::BLOCKS, &blocks.to_string())
-                .await
-            {
-                tracing::debug!(volume = name, error = %e, "cannot tag the snapshot's block count");
-            }
-        });
     }
 
     /// Lists what a pull reads. On EBS, the snapshot it reads from is first tagged as being pulled by

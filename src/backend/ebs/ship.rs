@@ -289,6 +289,7 @@ pub(super) async fn push(
         (tags::PARENT, copy.snapshot.clone().unwrap_or_default()),
         (tags::HOST, shipper.host_id.to_string()),
         (tags::OPTIONS, options),
+        (tags::BLOCKS, changed.len().to_string()),
     ];
     let token = client_token(shipper.host_id, name, generation);
     let id = shipper
