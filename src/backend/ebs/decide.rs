@@ -328,7 +328,7 @@ pub(super) fn retire(
                 .as_deref()
                 .is_some_and(|m| super::mounted::fresh(m, now))
         })
-        .filter(|s| !s.pulling.is_some_and(|at| now.saturating_sub(at) < stale))
+        .filter(|s| s.pulling.is_none_or(|at| now.saturating_sub(at) >= stale))
         .cloned()
         .collect();
     out.sort_by(|a, b| (a.generation, &a.id).cmp(&(b.generation, &b.id)));
