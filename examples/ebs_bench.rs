@@ -13,6 +13,7 @@
 //!   incremental change: bytes shipped against the 512 KiB blocks that differ between the images.
 //! - `moto`: against a running moto, push and pull alternated with a bare sequential loop of `aws-sdk-ebs`
 //!   calls moving the same blocks, as a ratio per pair.
+//! - `history`: bounded history on the strict emulator (see `support/ebs_history.rs`).
 //! - `report`: prints every figure against its target as PASS/MISS and optionally writes Markdown.
 //!
 //! Two timings are kept apart throughout. The transfer phase is what Ferry logs itself ("shipped a
@@ -26,6 +27,9 @@ mod ebs_strict;
 
 #[path = "support/mod.rs"]
 mod support;
+
+#[path = "support/ebs_history.rs"]
+mod history;
 use support::{median, save, terminate, unmount_under, verdict, verify_data, Pattern, CHUNK};
 
 use std::fmt::Write as _;
@@ -73,6 +77,9 @@ enum Cmd {
     Strict(StrictArgs),
     /// Push and pull against moto, alternated with a bare loop of SDK calls.
     Moto(MotoArgs),
+    /// Bounded history on the strict emulator: bytes pulled per byte changed, Mount time against the
+    /// volume's age, a huge sparse volume's Unmount and memory.
+    History(history::HistoryArgs),
     /// Prints the results against their targets and optionally writes Markdown.
     Report(ReportArgs),
 }
@@ -158,6 +165,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Strict(args) => strict(args),
         Cmd::Moto(args) => moto(args),
+        Cmd::History(args) => history::history(args),
         Cmd::Report(args) => report(args),
     }
 }
@@ -181,6 +189,17 @@ impl Daemon {
         endpoint: &str,
         concurrency: Option<usize>,
     ) -> Result<Daemon> {
+        Daemon::start_with(common, label, endpoint, concurrency, "")
+    }
+
+    /// As `start`, with `lines` added to the `[ebs]` section.
+    fn start_with(
+        common: &Common,
+        label: &str,
+        endpoint: &str,
+        concurrency: Option<usize>,
+        lines: &str,
+    ) -> Result<Daemon> {
         let dir = common.work.join(label);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -192,6 +211,9 @@ impl Daemon {
         // moto's snapshots hold only their own blocks (the strict emulator's inherit, as EBS's do).
         if label.starts_with("moto") {
             writeln!(text, "keep_chain = true")?;
+        }
+        if !lines.is_empty() {
+            writeln!(text, "{lines}")?;
         }
         std::fs::write(&config, text)?;
         // Empty AWS files rather than none: a missing file named by AWS_CONFIG_FILE is logged as a warning.
