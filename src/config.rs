@@ -1116,9 +1116,15 @@ mod tests {
         let e = c.ebs.unwrap();
         assert_eq!((e.region.as_str(), e.concurrency), ("eu-west-1", 4));
         assert_eq!(e.namespace, "ferry");
+        assert_eq!((e.keep, e.keep_chain), (3, false));
         assert_eq!(c.defaults.ebs.unwrap().default_size, Some(2 << 30));
+        let (_d, over) =
+            with_file("[ebs]\nregion = \"eu-west-1\"\nkeep = 1\nkeep_chain = true\n");
+        let e = ServeConfig::load(&over).unwrap().ebs.unwrap();
+        assert_eq!((e.keep, e.keep_chain), (1, true));
         for (text, key) in [
             ("[ebs]\nregion = \"EU West\"\n", "ebs.region"),
+            ("[ebs]\nregion = \"eu-west-1\"\nkeep = 0\n", "ebs.keep"),
             (
                 "[ebs]\nregion = \"eu-west-1\"\nconcurrency = 0\n",
                 "ebs.concurrency",
