@@ -1,6 +1,7 @@
 //! The largest file a filesystem can hold, found by asking it: an image larger than that fails only when
 //! it is sized (ext4 with 4 KiB blocks stops at 16 TiB, with 1 KiB blocks at 16 GiB), so Create checks
-//! first and names the maximum instead of leaving the user a "File too large" at Mount.
+//! first and names the maximum instead of leaving the user a "File too large" at Mount. Likewise the
+//! largest volume an EBS snapshot holds, which is fixed by the EBS direct APIs rather than asked.
 //!
 //! The probe is an unnamed file (`O_TMPFILE`) in the directory that will hold the image, truncated to the
 //! length asked: truncation allocates nothing, and the unnamed file vanishes when closed, even if Ferry
@@ -11,6 +12,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use nix::errno::Errno;
+
+/// The largest ebs volume: StartSnapshot takes a VolumeSize of at most 65536 GiB. (Block indices, an i32
+/// in the direct APIs, would allow far more: 64 TiB is 2^27 blocks of 512 KiB.)
+pub const EBS_MAX_SIZE: u64 = 65536 << 30;
 
 /// Whether a file of `len` bytes fits, from an open probe file.
 fn fits(probe: &File, len: u64) -> std::io::Result<bool> {

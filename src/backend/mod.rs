@@ -67,6 +67,8 @@ pub enum BackendError {
         largest_file: String,
         dir: PathBuf,
     },
+    #[error("size={size} is more than an EBS snapshot can hold: EBS takes volumes of at most {max}; choose size={max} or less, or spread the data over several volumes")]
+    EbsTooLarge { size: String, max: String },
     /// Sizes in bytes.
     #[error("cannot promise {}: its image needs up to {} on the filesystem of {path}, the capped volumes already there can still grow by {}, and only {} is free. Free space there, choose a smaller size, or set overcommit = true in the [local] section of the configuration to allow caps beyond the free space (a full disk then fails writes inside capped volumes)", crate::spec::format_size(*.size), human_bytes(*.needed), human_bytes(*.others), human_bytes(*.free))]
     Overcommit {
@@ -114,7 +116,7 @@ impl BackendError {
             BackendError::NoSuchSubdir { .. } => "no_such_subdir",
             BackendError::Helper { .. } => "helper",
             BackendError::Lost { .. } => "lost",
-            BackendError::TooLarge { .. } => "too_large",
+            BackendError::TooLarge { .. } | BackendError::EbsTooLarge { .. } => "too_large",
             BackendError::Unsupported { .. } => "unsupported",
             BackendError::Overcommit { .. } => "overcommit",
             BackendError::Damaged(_) => "damaged",
@@ -189,6 +191,18 @@ pub(crate) fn check_image_fits(
             Ok(())
         }
     }
+}
+
+/// Refuses an ebs volume of `size` bytes that no EBS snapshot could hold, naming the largest one can: a
+/// create that went ahead would fail only at the first push, after the volume had been used.
+pub(crate) fn check_ebs_size(size: u64) -> Result<(), BackendError> {
+    if size <= limits::EBS_MAX_SIZE {
+        return Ok(());
+    }
+    Err(BackendError::EbsTooLarge {
+        size: crate::spec::format_size(size),
+        max: crate::spec::format_size(limits::EBS_MAX_SIZE),
+    })
 }
 
 /// Refuses `path` if it, or any directory between `root` and it, is a symbolic link. `root` itself was
@@ -459,6 +473,30 @@ mod tests {
             release_mount(&m, target, WhenBusy::Detach),
             Err(BackendError::StillMounted { path }) if path == target
         ));
+    }
+
+    #[test]
+    fn ebs_refuses_sizes_beyond_what_a_snapshot_holds() {
+        let err = check_ebs_size(65 << 40).unwrap_err();
+        assert_eq!(err.kind(), "too_large");
+        let text = err.to_string();
+        assert!(
+            text.contains("size=65TiB") && text.contains("at most 64TiB"),
+            "{text}"
+        );
+        check_ebs_size(64 << 40).unwrap();
+        check_ebs_size(16 << 20).unwrap();
+        // Whatever a volume's options may ask for, the EBS rule is the one that decides: the largest size
+        // they accept for an ebs volume must pass it, or Create would refuse what the options promise.
+        let defaults = crate::spec::SpecDefaults {
+            ebs: Some(Default::default()),
+            ..Default::default()
+        };
+        let opts = [("backend", "ebs"), ("size", "64TiB")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        let spec = VolumeSpec::from_options(Some(&opts), &defaults).unwrap();
+        check_ebs_size(spec.size().unwrap()).unwrap();
     }
 
     #[test]

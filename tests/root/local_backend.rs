@@ -515,6 +515,7 @@ fn a_linked_state_dir_is_restricted_only_when_it_is_ferrys() {
 
 /// A size the state filesystem cannot hold as one file is refused at Create, naming the largest it can
 /// hold, instead of failing with "File too large" later. ext4 with 1 KiB blocks stops at 4 TiB per file.
+/// An ebs volume's local copy is such a file too, in the same state directory here.
 #[test]
 fn a_size_beyond_the_largest_file_is_refused_at_create() {
     let tmp = tempfile::tempdir().unwrap();
@@ -548,7 +549,20 @@ fn a_size_beyond_the_largest_file_is_refused_at_create() {
             fs.as_os_str(),
         ],
     );
-    let d = Daemon::start_in(&fs, &tmp.path().join("f.sock"), &[]);
+    // Nothing answers at the EBS endpoint: the refusals below come before EBS is asked anything.
+    let config = tmp.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        "[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let env = [
+        ("FERRY_CONFIG", config.to_str().unwrap()),
+        ("AWS_ACCESS_KEY_ID", "AKIDFERRYTEST"),
+        ("AWS_SECRET_ACCESS_KEY", "not-a-secret"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let d = Daemon::start_in(&fs, &tmp.path().join("f.sock"), &env);
     let err = d.err(
         "/VolumeDriver.Create",
         r#"{"Name":"huge","Opts":{"size":"5TiB"}}"#,
@@ -565,6 +579,27 @@ fn a_size_beyond_the_largest_file_is_refused_at_create() {
     assert!(d
         .err("/VolumeDriver.Get", r#"{"Name":"huge"}"#)
         .contains("does not exist"));
+    let err = d.err(
+        "/VolumeDriver.Create",
+        r#"{"Name":"huge-ebs","Opts":{"backend":"ebs","size":"5TiB"}}"#,
+    );
+    assert!(err.contains("size=5TiB does not fit"), "{err}");
+    // The ebs image is exactly the size (no overhead on top), so its largest is at least the local one's.
+    let ebs_max = err
+        .split("the largest size it can hold is ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|max| max.strip_suffix("GiB"))
+        .and_then(|gib| gib.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!((max_gib..4 << 10).contains(&ebs_max), "{err}");
+    assert!(!d.state.join("ebs/huge-ebs").exists());
+    // Beyond what any volume may have, whatever the filesystem: the option names the largest.
+    let err = d.err(
+        "/VolumeDriver.Create",
+        r#"{"Name":"huge-ebs","Opts":{"backend":"ebs","size":"100TiB"}}"#,
+    );
+    assert!(err.contains("must be between 16MiB and 64TiB"), "{err}");
     // Sizes the filesystem can hold still work there.
     d.create("fits", r#"{"size":"32MiB"}"#);
     let mp = d.mount("fits", "a");

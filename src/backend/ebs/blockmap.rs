@@ -8,9 +8,16 @@
 //! reads a block that no snapshot in the chain wrote as zeros, so such a block never needs shipping for
 //! its own sake. A block that held data when shipped and holds zeros now (a file deleted and discarded)
 //! does change, and is shipped as a block of zeros.
+//!
+//! Only blocks that hold data are stored, in memory and on disk: volumes are sparse images of up to 64 TiB
+//! (128 Mi blocks), and a map, its scan, its comparison and its file must cost what the data costs, not
+//! what the size costs. Nothing here may allocate or loop per block of the volume (reading a version 1
+//! file, which has a record per block, loops over them once but still keeps only the data blocks).
 
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{BufReader, Read, Seek};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -25,10 +32,21 @@ pub const BLOCK_SIZE: u64 = 512 * 1024;
 /// A block's content hash; `None` stands for all zeros.
 pub type BlockHash = Option<[u8; 32]>;
 
-/// Identifies the on-disk form, so a future change of it is recognised instead of misread.
-const MAGIC: &[u8; 8] = b"FERRYBM1";
-const HEADER_LEN: usize = 8 + 8 + 8;
-const RECORD_LEN: usize = 1 + 32;
+/// Identifies the on-disk form, so a change of it is recognised instead of misread. `save` writes
+/// version 2 (only the blocks holding data); `load` also reads version 1 (a record for every block),
+/// which older Ferry left on hosts that still hold local copies.
+const MAGIC: &[u8; 8] = b"FERRYBM2";
+const MAGIC_V1: &[u8; 8] = b"FERRYBM1";
+/// Magic, block size, block count, record count.
+const HEADER_LEN: u64 = 8 + 8 + 8 + 8;
+/// Block index, hash.
+const RECORD_LEN: u64 = 8 + 32;
+/// Magic, block size, block count.
+const HEADER_LEN_V1: u64 = 8 + 8 + 8;
+/// A flag (0: zeros, 1: data), the hash (zeros when the flag is 0).
+const RECORD_LEN_V1: u64 = 1 + 32;
+/// The SHA-256 of everything before it ends every file.
+const DIGEST_LEN: u64 = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockMapError {
@@ -58,7 +76,10 @@ fn io_err<'a>(
 /// The hash of every block of an image of a fixed size.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockMap {
-    blocks: Vec<BlockHash>,
+    /// Blocks in the image, data or not.
+    count: u64,
+    /// The blocks that hold data, by index; every key is below `count`. A block missing here is zeros.
+    data: BTreeMap<u64, [u8; 32]>,
 }
 
 /// The SHA-256 of a block of zeros: the checksum EBS expects when a block that held data is shipped
@@ -81,7 +102,8 @@ impl BlockMap {
     /// A map of `count` blocks that all read as zeros: a volume nothing was ever shipped for.
     pub fn zeros(count: u64) -> Self {
         BlockMap {
-            blocks: vec![None; count as usize],
+            count,
+            data: BTreeMap::new(),
         }
     }
 
@@ -93,28 +115,39 @@ impl BlockMap {
         Ok(size / BLOCK_SIZE)
     }
 
+    /// The number of blocks of the volume, whether they hold data or not.
     pub fn len(&self) -> u64 {
-        self.blocks.len() as u64
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
+        self.count == 0
     }
 
     pub fn get(&self, index: u64) -> BlockHash {
-        self.blocks.get(index as usize).copied().flatten()
+        self.data.get(&index).copied()
     }
 
-    /// Records what block `index` holds now (after shipping or pulling it).
+    /// Records what block `index` holds now (after shipping or pulling it). An index beyond the volume
+    /// is ignored, so the map never claims data the image cannot have.
     pub fn set(&mut self, index: u64, hash: BlockHash) {
-        if let Some(slot) = self.blocks.get_mut(index as usize) {
-            *slot = hash;
+        if index >= self.count {
+            return;
         }
+        match hash {
+            Some(h) => self.data.insert(index, h),
+            None => self.data.remove(&index),
+        };
     }
 
     /// How many blocks hold data.
     pub fn data_blocks(&self) -> u64 {
-        self.blocks.iter().filter(|b| b.is_some()).count() as u64
+        self.data.len() as u64
+    }
+
+    /// The blocks that hold data and their hashes, in ascending order of index.
+    pub fn data(&self) -> impl Iterator<Item = (u64, &[u8; 32])> + '_ {
+        self.data.iter().map(|(index, hash)| (*index, hash))
     }
 
     /// Hashes every block of the image at `path`, reading only the blocks that the filesystem says hold
@@ -125,10 +158,11 @@ impl BlockMap {
         let count = Self::count_for(size)?;
         let mut map = BlockMap::zeros(count);
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        for index in data_blocks(&file, size).map_err(io_err("seek in", path))? {
+        for index in DataBlocks::new(&file, size) {
+            let index = index.map_err(io_err("seek in", path))?;
             file.read_exact_at(&mut buf, index * BLOCK_SIZE)
                 .map_err(io_err("read", path))?;
-            map.blocks[index as usize] = hash_block(&buf);
+            map.set(index, hash_block(&buf));
         }
         Ok(map)
     }
@@ -136,25 +170,58 @@ impl BlockMap {
     /// The blocks whose content differs between `self` (as shipped) and `now`, in ascending order. Maps
     /// of different lengths compare as if the shorter one ended in zeros.
     pub fn changed(&self, now: &BlockMap) -> Vec<u64> {
-        let len = self.blocks.len().max(now.blocks.len()) as u64;
-        (0..len).filter(|&i| self.get(i) != now.get(i)).collect()
+        // A merge of the two ascending lists of data blocks: a block in neither is zeros in both, so
+        // only blocks in either list can differ.
+        let mut out = Vec::new();
+        let (mut old, mut new) = (self.data().peekable(), now.data().peekable());
+        loop {
+            let index = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(&(i, _)), None) => {
+                    old.next();
+                    i
+                }
+                (None, Some(&(j, _))) => {
+                    new.next();
+                    j
+                }
+                (Some(&(i, a)), Some(&(j, b))) => match i.cmp(&j) {
+                    std::cmp::Ordering::Less => {
+                        old.next();
+                        i
+                    }
+                    std::cmp::Ordering::Greater => {
+                        new.next();
+                        j
+                    }
+                    std::cmp::Ordering::Equal => {
+                        old.next();
+                        new.next();
+                        if a == b {
+                            continue;
+                        }
+                        i
+                    }
+                },
+            };
+            out.push(index);
+        }
+        out
     }
 
     /// Writes the map to `path` atomically and durably: a temporary file, fsynced, renamed over the old
     /// one, and the directory fsynced, so a crash leaves either the old map or the new one.
     pub fn save(&self, path: &Path) -> Result<(), BlockMapError> {
-        let mut bytes = Vec::with_capacity(HEADER_LEN + self.blocks.len() * RECORD_LEN + 32);
+        let records = self.data.len() as u64;
+        let mut bytes =
+            Vec::with_capacity((HEADER_LEN + records * RECORD_LEN + DIGEST_LEN) as usize);
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&BLOCK_SIZE.to_le_bytes());
-        bytes.extend_from_slice(&(self.blocks.len() as u64).to_le_bytes());
-        for block in &self.blocks {
-            match block {
-                None => bytes.extend_from_slice(&[0u8; RECORD_LEN]),
-                Some(h) => {
-                    bytes.push(1);
-                    bytes.extend_from_slice(h);
-                }
-            }
+        bytes.extend_from_slice(&self.count.to_le_bytes());
+        bytes.extend_from_slice(&records.to_le_bytes());
+        for (index, hash) in self.data() {
+            bytes.extend_from_slice(&index.to_le_bytes());
+            bytes.extend_from_slice(hash);
         }
         let digest = Sha256::digest(&bytes);
         bytes.extend_from_slice(&digest);
@@ -162,84 +229,198 @@ impl BlockMap {
         crate::durable::write_atomic(path, &bytes).map_err(|e| io_err(e.op, &e.path)(e.source))
     }
 
-    /// Reads a map written by `save`. A missing file is `Ok(None)`; a damaged one is `Corrupt`, never a
-    /// map with wrong hashes, because a wrong hash would skip a changed block.
+    /// Reads a map written by `save` (or by an older Ferry). A missing file is `Ok(None)`; a damaged one
+    /// is `Corrupt`, never a map with wrong hashes, because a wrong hash would skip a changed block.
+    ///
+    /// The checksum is verified first, reading the file once without keeping it, and only then are the
+    /// records parsed in a second pass: memory stays proportional to the data blocks even for an old map
+    /// that has a record for every block, and no unverified byte is ever interpreted.
     pub fn load(path: &Path) -> Result<Option<BlockMap>, BlockMapError> {
-        let mut bytes = Vec::new();
-        match File::open(path) {
-            Ok(mut f) => f.read_to_end(&mut bytes).map_err(io_err("read", path))?,
+        let file = match File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("open", path)(e)),
         };
-        let corrupt = |reason: &str| BlockMapError::Corrupt {
-            path: path.to_path_buf(),
-            reason: reason.to_string(),
+        let len = file.metadata().map_err(io_err("stat", path))?.len();
+        if len < HEADER_LEN_V1 + DIGEST_LEN {
+            return Err(corrupt(path, "no block map header"));
+        }
+        let mut magic = [0u8; 8];
+        file.read_exact_at(&mut magic, 0)
+            .map_err(io_err("read", path))?;
+        let v1 = match &magic {
+            m if m == MAGIC => false,
+            m if m == MAGIC_V1 => true,
+            _ => return Err(corrupt(path, "no block map header")),
         };
-        if bytes.len() < HEADER_LEN + 32 || &bytes[..8] != MAGIC {
-            return Err(corrupt("no block map header"));
+        let body = len - DIGEST_LEN;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut (&file).take(body), &mut hasher).map_err(io_err("read", path))?;
+        let mut digest = [0u8; DIGEST_LEN as usize];
+        file.read_exact_at(&mut digest, body)
+            .map_err(io_err("read", path))?;
+        if hasher.finalize().as_slice() != digest {
+            return Err(corrupt(path, "checksum mismatch"));
         }
-        let (body, digest) = bytes.split_at(bytes.len() - 32);
-        if Sha256::digest(body).as_slice() != digest {
-            return Err(corrupt("checksum mismatch"));
-        }
-        let word = |at: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&body[at..at + 8]);
-            u64::from_le_bytes(w)
+
+        (&file).rewind().map_err(io_err("read", path))?;
+        let mut input = Records {
+            input: BufReader::with_capacity(64 << 10, (&file).take(body)),
+            path,
         };
-        if word(8) != BLOCK_SIZE {
-            return Err(corrupt("another block size"));
+        input.bytes::<8>()?; // the magic, checked above
+        if input.word()? != BLOCK_SIZE {
+            return Err(corrupt(path, "another block size"));
         }
-        let count = word(16);
-        let records = &body[HEADER_LEN..];
-        if records.len() as u64 != count.saturating_mul(RECORD_LEN as u64) {
-            return Err(corrupt("length does not match the block count"));
-        }
-        let blocks = records
-            .chunks_exact(RECORD_LEN)
-            .map(|r| match r[0] {
-                0 => Ok(None),
-                1 => {
-                    let mut h = [0u8; 32];
-                    h.copy_from_slice(&r[1..]);
-                    Ok(Some(h))
+        let count = input.word()?;
+        let mut map = BlockMap::zeros(count);
+        if v1 {
+            let expected = count
+                .checked_mul(RECORD_LEN_V1)
+                .and_then(|r| r.checked_add(HEADER_LEN_V1));
+            if expected != Some(body) {
+                return Err(corrupt(path, "length does not match the block count"));
+            }
+            for index in 0..count {
+                let record = input.bytes::<{ RECORD_LEN_V1 as usize }>()?;
+                match record[0] {
+                    0 => {}
+                    1 => {
+                        let mut hash = [0u8; 32];
+                        hash.copy_from_slice(&record[1..]);
+                        map.data.insert(index, hash);
+                    }
+                    _ => return Err(corrupt(path, "bad block record")),
                 }
-                _ => Err(corrupt("bad block record")),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(BlockMap { blocks }))
+            }
+        } else {
+            let records = input.word()?;
+            let expected = records
+                .checked_mul(RECORD_LEN)
+                .and_then(|r| r.checked_add(HEADER_LEN));
+            if expected != Some(body) {
+                return Err(corrupt(path, "length does not match the record count"));
+            }
+            let mut previous: Option<u64> = None;
+            for _ in 0..records {
+                let index = input.word()?;
+                let hash = input.bytes::<32>()?;
+                if index >= count {
+                    return Err(corrupt(path, "a record lies beyond the block count"));
+                }
+                // Strictly ascending, so no block can have two hashes to choose from.
+                if previous.is_some_and(|p| index <= p) {
+                    return Err(corrupt(path, "records out of order"));
+                }
+                previous = Some(index);
+                map.data.insert(index, hash);
+            }
+        }
+        Ok(Some(map))
     }
 }
 
-/// The indices of the blocks of `file` (of `size` bytes) that contain at least one byte of data according
-/// to SEEK_DATA/SEEK_HOLE, ascending. A filesystem without hole reporting says "all data", which is slower
-/// but still right.
-fn data_blocks(file: &File, size: u64) -> std::io::Result<Vec<u64>> {
-    let fd = file.as_raw_fd();
-    let mut out: Vec<u64> = Vec::new();
-    let mut at: i64 = 0;
-    let end = size as i64;
-    while at < end {
-        let start = match lseek(fd, at, Whence::SeekData) {
-            Ok(s) => s,
+fn corrupt(path: &Path, reason: &str) -> BlockMapError {
+    BlockMapError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The fields of a map file whose checksum was verified, read in order.
+struct Records<'a, R> {
+    input: R,
+    path: &'a Path,
+}
+
+impl<R: Read> Records<'_, R> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], BlockMapError> {
+        let mut buf = [0u8; N];
+        // The length was checked against the header, so running short means the file changed while
+        // being read: as untrustworthy as damage.
+        self.input
+            .read_exact(&mut buf)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    corrupt(self.path, "shorter than its header says")
+                }
+                _ => io_err("read", self.path)(e),
+            })?;
+        Ok(buf)
+    }
+
+    fn word(&mut self) -> Result<u64, BlockMapError> {
+        Ok(u64::from_le_bytes(self.bytes::<8>()?))
+    }
+}
+
+/// The indices of the blocks of a file that hold at least one byte of data according to
+/// SEEK_DATA/SEEK_HOLE, ascending, found one run of data at a time so that nothing is held per block. A
+/// filesystem without hole reporting says "all data", which is slower but still right.
+struct DataBlocks<'a> {
+    file: &'a File,
+    /// Where the next SEEK_DATA starts; `end` once the data is exhausted or a seek failed.
+    at: u64,
+    end: u64,
+    /// The blocks of the current run of data not yet yielded.
+    run: Range<u64>,
+}
+
+impl<'a> DataBlocks<'a> {
+    fn new(file: &'a File, size: u64) -> Self {
+        DataBlocks {
+            file,
+            at: 0,
+            end: size,
+            run: 0..0,
+        }
+    }
+
+    /// The next run of data at or after `at`, as the range of blocks it touches.
+    fn next_run(&mut self) -> std::io::Result<Option<Range<u64>>> {
+        let fd = self.file.as_raw_fd();
+        let start = match lseek(fd, self.at as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
             // ENXIO: no data at or after `at`.
-            Err(Errno::ENXIO) => break,
+            Err(Errno::ENXIO) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let stop = match lseek(fd, start, Whence::SeekHole) {
-            Ok(s) => s.min(end),
-            Err(e) => return Err(e.into()),
-        };
-        let first = start as u64 / BLOCK_SIZE;
-        let last = (stop as u64).div_ceil(BLOCK_SIZE);
-        for index in first..last {
-            if out.last() != Some(&index) {
-                out.push(index);
+        // Data past the size seen at the start (a file that grew) is not part of this image.
+        if start >= self.end {
+            return Ok(None);
+        }
+        let stop = (lseek(fd, start as i64, Whence::SeekHole)? as u64).min(self.end);
+        self.at = stop;
+        Ok(Some(start / BLOCK_SIZE..stop.div_ceil(BLOCK_SIZE)))
+    }
+}
+
+impl Iterator for DataBlocks<'_> {
+    type Item = std::io::Result<u64>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(index) = self.run.next() {
+                return Some(Ok(index));
+            }
+            if self.at >= self.end {
+                return None;
+            }
+            match self.next_run() {
+                // A run that begins in the block where the previous one ended shares that block, which
+                // was yielded already: `run.end` is one past it.
+                Ok(Some(run)) => self.run = run.start.max(self.run.end)..run.end,
+                Ok(None) => {
+                    self.at = self.end;
+                    return None;
+                }
+                Err(e) => {
+                    self.at = self.end;
+                    return Some(Err(e));
+                }
             }
         }
-        at = stop;
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -265,8 +446,64 @@ mod tests {
     /// The map computed the slow way: read every block.
     fn naive(path: &Path) -> BlockMap {
         let data = std::fs::read(path).unwrap();
-        BlockMap {
-            blocks: data.chunks(BLOCK_SIZE as usize).map(hash_block).collect(),
+        let mut map = BlockMap::zeros(data.len() as u64 / BLOCK_SIZE);
+        for (index, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+            map.set(index as u64, hash_block(block));
+        }
+        map
+    }
+
+    /// A map file with a valid checksum around `body`, as if a careful writer had made it.
+    fn sealed(mut body: Vec<u8>) -> Vec<u8> {
+        let digest = Sha256::digest(&body);
+        body.extend_from_slice(&digest);
+        body
+    }
+
+    /// A version 2 file of `count` blocks holding exactly these records, in this order.
+    fn v2_file(count: u64, records: &[(u64, [u8; 32])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(b"FERRYBM2");
+        body.extend_from_slice(&BLOCK_SIZE.to_le_bytes());
+        body.extend_from_slice(&count.to_le_bytes());
+        body.extend_from_slice(&(records.len() as u64).to_le_bytes());
+        for (index, hash) in records {
+            body.extend_from_slice(&index.to_le_bytes());
+            body.extend_from_slice(hash);
+        }
+        sealed(body)
+    }
+
+    /// A version 1 file, as Ferry wrote them before maps became sparse: a flag and a hash for every
+    /// block of the volume.
+    fn v1_file(blocks: &[BlockHash]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(b"FERRYBM1");
+        body.extend_from_slice(&BLOCK_SIZE.to_le_bytes());
+        body.extend_from_slice(&(blocks.len() as u64).to_le_bytes());
+        for block in blocks {
+            match block {
+                None => body.extend_from_slice(&[0u8; 33]),
+                Some(h) => {
+                    body.push(1);
+                    body.extend_from_slice(h);
+                }
+            }
+        }
+        sealed(body)
+    }
+
+    fn load_bytes(bytes: &[u8]) -> Result<Option<BlockMap>, BlockMapError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blocks");
+        std::fs::write(&path, bytes).unwrap();
+        BlockMap::load(&path)
+    }
+
+    fn corrupt_reason(bytes: &[u8]) -> String {
+        match load_bytes(bytes) {
+            Err(BlockMapError::Corrupt { reason, .. }) => reason,
+            other => panic!("expected Corrupt, got {other:?}"),
         }
     }
 
@@ -337,17 +574,148 @@ mod tests {
         assert!(!saved.with_extension("tmp").exists());
 
         let mut bytes = std::fs::read(&saved).unwrap();
-        let flip = HEADER_LEN + 5 * RECORD_LEN + 7;
+        // Only block 5 holds data: its record is the first, and this byte is inside its hash.
+        assert_eq!(bytes.len() as u64, HEADER_LEN + RECORD_LEN + DIGEST_LEN);
+        let flip = (HEADER_LEN + 8 + 7) as usize;
         bytes[flip] ^= 1;
         std::fs::write(&saved, &bytes).unwrap();
         let err = BlockMap::load(&saved).unwrap_err();
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
 
-        std::fs::write(&saved, b"FERRYBM1short").unwrap();
-        assert!(matches!(
-            BlockMap::load(&saved),
-            Err(BlockMapError::Corrupt { .. })
-        ));
+        for short in [&b"FERRYBM1short"[..], b"FERRYBM2short", b""] {
+            std::fs::write(&saved, short).unwrap();
+            assert!(matches!(
+                BlockMap::load(&saved),
+                Err(BlockMapError::Corrupt { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_map_of_the_largest_volume_costs_what_its_data_costs() {
+        // 64 TiB: a map with an entry per block would take gigabytes here, and this test would not end.
+        let count = (64u64 << 40) / BLOCK_SIZE;
+        let mut map = BlockMap::zeros(count);
+        for (k, index) in [0, 7, count / 2, count - 1].into_iter().enumerate() {
+            map.set(index, Some([k as u8 + 1; 32]));
+        }
+        map.set(count, Some([9; 32]));
+        assert_eq!(map.len(), count);
+        assert_eq!(
+            map.data_blocks(),
+            4,
+            "an index beyond the volume is ignored"
+        );
+        assert_eq!(
+            map.changed(&BlockMap::zeros(count)),
+            vec![0, 7, count / 2, count - 1]
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("blocks");
+        map.save(&saved).unwrap();
+        assert_eq!(
+            std::fs::metadata(&saved).unwrap().len(),
+            HEADER_LEN + 4 * RECORD_LEN + DIGEST_LEN
+        );
+        let loaded = BlockMap::load(&saved).unwrap().unwrap();
+        assert_eq!(loaded, map);
+        assert_eq!(loaded.get(count / 2), Some([3; 32]));
+
+        // Setting a block to zeros forgets it.
+        map.set(7, None);
+        assert_eq!(map.data_blocks(), 3);
+        assert_eq!(loaded.changed(&map), vec![7]);
+    }
+
+    #[test]
+    fn a_map_saved_by_an_older_ferry_loads() {
+        let blocks = [None, Some([1; 32]), None, None, Some([4; 32]), None];
+        let map = load_bytes(&v1_file(&blocks)).unwrap().unwrap();
+        assert_eq!(map.len(), 6);
+        assert_eq!(map.data_blocks(), 2);
+        for (index, block) in blocks.iter().enumerate() {
+            assert_eq!(map.get(index as u64), *block);
+        }
+        // An old map of no data blocks, and of no blocks at all.
+        assert_eq!(
+            load_bytes(&v1_file(&[None; 3])).unwrap(),
+            Some(BlockMap::zeros(3))
+        );
+        assert_eq!(load_bytes(&v1_file(&[])).unwrap(), Some(BlockMap::zeros(0)));
+
+        // Damage to an old map is refused like damage to a new one.
+        let mut bytes = v1_file(&blocks);
+        bytes[(HEADER_LEN_V1 + RECORD_LEN_V1 + 3) as usize] ^= 1;
+        assert_eq!(corrupt_reason(&bytes), "checksum mismatch");
+        let mut body = v1_file(&blocks);
+        body.truncate(body.len() - 32);
+        body[HEADER_LEN_V1 as usize] = 2;
+        assert_eq!(corrupt_reason(&sealed(body)), "bad block record");
+        let mut body = v1_file(&blocks);
+        body.truncate(body.len() - 32 - 33);
+        assert!(corrupt_reason(&sealed(body)).contains("length"));
+    }
+
+    #[test]
+    fn records_must_ascend_inside_the_volume() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        assert_eq!(
+            load_bytes(&v2_file(8, &[(3, a), (7, b)]))
+                .unwrap()
+                .unwrap()
+                .changed(&BlockMap::zeros(8)),
+            vec![3, 7]
+        );
+        assert_eq!(
+            corrupt_reason(&v2_file(8, &[(5, a), (3, b)])),
+            "records out of order"
+        );
+        assert_eq!(
+            corrupt_reason(&v2_file(8, &[(3, a), (3, b)])),
+            "records out of order"
+        );
+        assert_eq!(
+            corrupt_reason(&v2_file(8, &[(3, a), (8, b)])),
+            "a record lies beyond the block count"
+        );
+        assert_eq!(
+            corrupt_reason(&v2_file(0, &[(0, a)])),
+            "a record lies beyond the block count"
+        );
+        // A record count that disagrees with the length.
+        let mut body = v2_file(8, &[(3, a)]);
+        body.truncate(body.len() - 32);
+        body[24] = 2;
+        assert!(corrupt_reason(&sealed(body)).contains("length"));
+        // Another block size.
+        let mut body = v2_file(8, &[(3, a)]);
+        body.truncate(body.len() - 32);
+        body[8] ^= 1;
+        assert_eq!(corrupt_reason(&sealed(body)), "another block size");
+        // A magic Ferry does not know.
+        let mut bytes = v2_file(8, &[(3, a)]);
+        bytes[7] = b'9';
+        assert_eq!(corrupt_reason(&bytes), "no block map header");
+    }
+
+    #[test]
+    fn a_large_sparse_image_is_scanned_by_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        let count = (256u64 << 30) / BLOCK_SIZE;
+        File::create(&path)
+            .unwrap()
+            .set_len(count * BLOCK_SIZE)
+            .unwrap();
+        write_at(&path, 10 * BLOCK_SIZE, b"a");
+        write_at(&path, (count - 1) * BLOCK_SIZE - 1, b"bc");
+        let map = BlockMap::scan(&path).unwrap();
+        assert_eq!(map.len(), count);
+        assert_eq!(
+            map.data().map(|(i, _)| i).collect::<Vec<_>>(),
+            vec![10, count - 2, count - 1]
+        );
     }
 
     #[test]
@@ -361,8 +729,41 @@ mod tests {
         assert_eq!(long.changed(&short), vec![3]);
     }
 
+    /// A map of `count` blocks from (index, hash byte) pairs; a zero byte stands for zeros.
+    fn sparse(count: u64, blocks: &[(u64, u8)]) -> BlockMap {
+        let mut map = BlockMap::zeros(count);
+        for (index, byte) in blocks {
+            map.set(*index, (*byte != 0).then_some([*byte; 32]));
+        }
+        map
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
+        /// The merge finds exactly the blocks that differ when every block is compared.
+        #[test]
+        fn changed_agrees_with_comparing_every_block(
+            old_len in 0u64..40,
+            old in proptest::collection::vec((0u64..45, 0u8..4), 0..30),
+            now_len in 0u64..40,
+            now in proptest::collection::vec((0u64..45, 0u8..4), 0..30),
+        ) {
+            // Indices past a map's length are dropped by `set`, as they would be in real use.
+            let (old, now) = (sparse(old_len, &old), sparse(now_len, &now));
+            let every: Vec<u64> = (0..old_len.max(now_len)).filter(|&i| old.get(i) != now.get(i)).collect();
+            prop_assert_eq!(old.changed(&now), every);
+        }
+
+        /// Whatever map it is, it loads back equal.
+        #[test]
+        fn every_map_loads_back_equal(count in 0u64..40, blocks in proptest::collection::vec((0u64..45, 0u8..4), 0..30)) {
+            let map = sparse(count, &blocks);
+            let dir = tempfile::tempdir().unwrap();
+            let saved = dir.path().join("blocks");
+            map.save(&saved).unwrap();
+            prop_assert_eq!(BlockMap::load(&saved).unwrap(), Some(map));
+        }
+
         /// Whatever is written where, the hole-skipping scan agrees with reading every block.
         #[test]
         fn the_scan_agrees_with_reading_every_block(

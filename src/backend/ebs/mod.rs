@@ -1134,10 +1134,13 @@ impl Backend for EbsBackend {
         if std::fs::symlink_metadata(&dir).is_ok() {
             return Err(BackendError::Orphan { path: dir });
         }
-        // The local copy is one file of the volume's size, made at the first Mount: refuse now what
-        // that filesystem could never hold.
+        // The local copy is one file of the volume's size, made at the first Mount, and every push a
+        // snapshot of that size: refuse now what EBS or that filesystem could never hold.
         match spec.size() {
-            Some(size) => super::check_image_fits(self.inner.copies.root(), size, |s| s),
+            Some(size) => {
+                super::check_ebs_size(size)?;
+                super::check_image_fits(self.inner.copies.root(), size, |s| s)
+            }
             None => Ok(()),
         }
     }
