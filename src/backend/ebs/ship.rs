@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::blockmap::{zero_block_digest, BlockHash, BlockMap, BLOCK_SIZE};
+use super::blockmap::{zero_block_digest, BlockHash, BlockMap, Changed, BLOCK_SIZE};
 use super::client::{tags, EbsError, SnapState, SnapshotClient, SnapshotInfo};
 use super::copy::{sized, Copies, LocalCopy, Paths};
 use super::decide::data_options;
@@ -234,29 +234,143 @@ fn write_block(
     Ok(Some(digest))
 }
 
-/// Where the blocks of a push are read from: block `indices[k]` of the volume is at byte `offsets[k]` of
-/// `path` (the image itself, or a checkpoint's spool file).
-pub(super) struct BlockSource<'a> {
-    pub path: &'a std::path::Path,
-    pub indices: &'a [u64],
-    pub offsets: &'a [u64],
-    /// The scan's hashes of the blocks as they are now, so no block is hashed twice.
-    pub now: &'a BlockMap,
+/// One block to ship: its index in the volume, its bytes and their SHA-256.
+pub(super) struct Block {
+    pub index: u64,
+    pub data: Bytes,
+    pub digest: [u8; 32],
 }
 
-/// Ships the changed blocks as a snapshot of `generation` on top of the copy's base, and returns its id
-/// once EBS reports it completed.
-pub(super) async fn push(
+impl From<Changed> for Block {
+    fn from(c: Changed) -> Block {
+        Block {
+            index: c.index,
+            digest: c.hash.unwrap_or_else(zero_block_digest),
+            data: Bytes::from(c.data),
+        }
+    }
+}
+
+/// Where a producer puts the blocks of a push; it counts them, so that the push can tell EBS exactly
+/// how many blocks it wrote.
+pub(super) struct Sink {
+    tx: tokio::sync::mpsc::Sender<Block>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Sink {
+    /// Queues a block, waiting while the queue is full; false once the push has stopped taking blocks.
+    pub fn send(&self, block: Block) -> bool {
+        if self.tx.blocking_send(block).is_err() {
+            return false;
+        }
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// The blocks of a push, as a producer on the blocking pool finds them (a scan of the image, or a read
+/// of a spool file), in a queue as deep as the concurrency so a request slot that frees finds its next
+/// block already in memory. The producer's result says how the queue ended: complete, or with an error.
+pub(super) struct Feed<T> {
+    rx: tokio::sync::mpsc::Receiver<Block>,
+    first: Option<Block>,
+    sent: Arc<AtomicU64>,
+    producer: tokio::task::JoinHandle<Result<T, BackendError>>,
+}
+
+impl<T: Send + 'static> Feed<T> {
+    /// Runs `produce` on the blocking pool; it ends by itself once it returns, or once the push drops the
+    /// feed (its `send` then answers false).
+    pub fn spawn(
+        depth: usize,
+        produce: impl FnOnce(&Sink) -> Result<T, BackendError> + Send + 'static,
+    ) -> Feed<T> {
+        let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
+        let sent = Arc::new(AtomicU64::new(0));
+        let sink = Sink {
+            tx,
+            sent: sent.clone(),
+        };
+        let producer = tokio::task::spawn_blocking(move || produce(&sink));
+        Feed {
+            rx,
+            first: None,
+            sent,
+            producer,
+        }
+    }
+
+    /// Waits for the first block and returns its index: `None` means the producer found nothing to ship
+    /// (or failed: `finish` says which).
+    pub async fn first(&mut self) -> Option<u64> {
+        if self.first.is_none() {
+            self.first = self.rx.recv().await;
+        }
+        self.first.as_ref().map(|b| b.index)
+    }
+
+    async fn next(&mut self) -> Option<Block> {
+        match self.first.take() {
+            Some(b) => Some(b),
+            None => self.rx.recv().await,
+        }
+    }
+
+    /// Waits for the producer to end; returns how many blocks it queued and what it returned.
+    pub async fn finish(self) -> Result<(u64, T), BackendError> {
+        let Feed {
+            rx, sent, producer, ..
+        } = self;
+        // A producer still sending gets "stopped" instead of waiting for room forever.
+        drop(rx);
+        let out = producer.await.map_err(internal)??;
+        Ok((sent.load(Ordering::Relaxed), out))
+    }
+}
+
+/// A feed of blocks already copied aside: block `indices[k]` of the volume is at byte `k * BLOCK_SIZE` of
+/// the spool file at `path`, and `now` holds their hashes (from the scan that found them changed, so no
+/// block is hashed twice). The producer hands `now` back at the end.
+pub(super) fn spooled(
+    path: &std::path::Path,
+    indices: Vec<u64>,
+    now: BlockMap,
+    depth: usize,
+) -> Feed<BlockMap> {
+    let path = path.to_path_buf();
+    Feed::spawn(depth, move |sink| {
+        let spool = std::fs::File::open(&path).map_err(BackendError::io("open", &path))?;
+        for (k, index) in indices.into_iter().enumerate() {
+            let mut buf = vec![0u8; BLOCK_SIZE as usize];
+            spool
+                .read_exact_at(&mut buf, k as u64 * BLOCK_SIZE)
+                .map_err(BackendError::io("read", &path))?;
+            let block = Block {
+                index,
+                data: Bytes::from(buf),
+                digest: now.get(index).unwrap_or_else(zero_block_digest),
+            };
+            if !sink.send(block) {
+                return Err(internal("the push stopped taking blocks"));
+            }
+        }
+        Ok(now)
+    })
+}
+
+/// Ships the blocks of `feed` as a snapshot of `generation` on top of the copy's base, and returns its id
+/// once EBS reports it completed, with what the feed's producer returned. The snapshot is started only
+/// once the feed has a first block, which the caller has waited for to decide that there is something
+/// to ship.
+pub(super) async fn push<T: Send + 'static>(
     shipper: &Shipper<'_>,
     name: &str,
     spec: &VolumeSpec,
     copy: &mut LocalCopy,
     generation: u64,
-    src: BlockSource<'_>,
-) -> Result<String, BackendError> {
-    let (changed, source, offsets) = (src.indices, src.path, src.offsets);
-    let zero = zero_block_digest();
-    debug_assert_eq!(changed.len(), offsets.len());
+    mut feed: Feed<T>,
+) -> Result<(String, T), BackendError> {
     let (size, _) = sized(spec)?;
     let options = serde_json::to_string(&data_options(spec)).map_err(internal)?;
     let tag_list = [
@@ -278,41 +392,17 @@ pub(super) async fn push(
     shipper.copies.save(name, copy)?;
     let started = Instant::now();
     let concurrency = shipper.concurrency.max(1);
-    let image = std::fs::File::open(source).map_err(BackendError::io("open", source))?;
-    // One thread reads the blocks ahead, in order, into a queue as deep as the concurrency, so a request
-    // slot that frees finds its block already in memory.
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<Result<(u64, Bytes), BackendError>>(concurrency);
-    let (indices, offs, path) = (changed.to_vec(), offsets.to_vec(), source.to_path_buf());
-    // The reader ends by itself: at the last block, at a read error, or when the push stops and drops
-    // the queue.
-    tokio::task::spawn_blocking(move || {
-        for (index, offset) in indices.into_iter().zip(offs) {
-            let mut buf = vec![0u8; BLOCK_SIZE as usize];
-            let read = image
-                .read_exact_at(&mut buf, offset)
-                .map(|()| (index, Bytes::from(buf)))
-                .map_err(BackendError::io("read", &path));
-            let failed = read.is_err();
-            // A closed queue means the push stopped: nothing more to read.
-            if tx.blocking_send(read).is_err() || failed {
-                return;
-            }
-        }
-    });
     let sem = Arc::new(Semaphore::new(concurrency));
     let mut set: JoinSet<Result<(), BackendError>> = JoinSet::new();
     let mut shipped = 0u64;
     let mut last_report = Instant::now();
-    while let Some(read) = rx.recv().await {
-        let (index, data) = read?;
+    while let Some(block) = feed.next().await {
         let permit = sem.clone().acquire_owned().await.map_err(internal)?;
-        let digest = src.now.get(index).unwrap_or(zero);
         let (client, volume, snap) = (shipper.client.clone(), name.to_string(), id.clone());
         set.spawn(async move {
             let _permit = permit;
             client
-                .put_block(&volume, &snap, index, data, &digest)
+                .put_block(&volume, &snap, block.index, block.data, &block.digest)
                 .await
                 .map_err(ebs_err)
         });
@@ -325,7 +415,7 @@ pub(super) async fn push(
             tracing::info!(
                 volume = name,
                 blocks = shipped,
-                of = changed.len(),
+                found = feed.sent.load(Ordering::Relaxed),
                 "shipping"
             );
         }
@@ -334,12 +424,12 @@ pub(super) async fn push(
         done.map_err(internal)??;
         shipped += 1;
     }
-    if shipped != changed.len() as u64 {
-        // Only a reader that died without saying why gets here; completing would be refused anyway.
+    // The queue is closed: the producer has finished, and says whether the blocks it queued are all
+    // there are (a scan or read that failed midway must not complete a snapshot that lacks blocks).
+    let (queued, out) = feed.finish().await?;
+    if shipped != queued {
         return Err(internal(format!(
-            "read {shipped} of the {} changed blocks of {}",
-            changed.len(),
-            source.display()
+            "shipped {shipped} of the {queued} changed blocks of volume {name}"
         )));
     }
     shipper
@@ -352,7 +442,7 @@ pub(super) async fn push(
         .fetch_add(shipped * BLOCK_SIZE, Ordering::Relaxed);
     let done = shipper
         .client
-        .complete(name, &id, changed.len() as u64)
+        .complete(name, &id, shipped)
         .await
         .map_err(ebs_err)?;
     copy.sealed = true;
@@ -388,7 +478,7 @@ pub(super) async fn push(
         seconds = format!("{secs:.2}"),
         "shipped a snapshot"
     );
-    Ok(id)
+    Ok((id, out))
 }
 
 /// Waits, up to `SEAL_WAIT`, for EBS to finish processing a sealed snapshot, and returns its state then.
