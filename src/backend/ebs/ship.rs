@@ -99,6 +99,8 @@ pub(super) async fn pull(
         })
         .await?
     };
+    let direct = open_direct(&tmp).await;
+    let buffers = Buffers::default();
     let started = Instant::now();
     let mut filled = vec![false; count as usize];
     let mut map = start;
@@ -134,18 +136,26 @@ pub(super) async fn pull(
                 snap.id.clone(),
                 net.clone(),
             );
-            let (out, path) = (file.clone(), tmp.clone());
+            let (out, path) = (Target::new(&file, &direct), tmp.clone());
+            let buffers = buffers.clone();
             set.spawn(async move {
                 let _hold = hold;
+                let mut buf = buffers.take();
                 let fetched = {
                     let _slot = net.acquire_owned().await.map_err(internal)?;
                     client
-                        .fetch_block(&volume, &id, &b)
+                        .fetch_block(&volume, &id, &b, buf.block())
                         .await
                         .map_err(ebs_err)?
                 };
-                let (data, digest) = fetched.verify().map_err(ebs_err)?;
-                let hash = write_block(&out, &path, b.index, &data, digest, in_place)?;
+                let digest = fetched.verify().map_err(ebs_err)?;
+                // A write may wait for the disk (see `open_direct`): never on the runtime's workers.
+                let (buf, hash) = blocking(move || {
+                    let hash = write_block(&out, &path, b.index, &mut buf, digest, in_place)?;
+                    Ok((buf, hash))
+                })
+                .await?;
+                buffers.give(buf);
                 Ok((b.index, hash))
             });
             while let Some(done) = set.try_join_next() {
@@ -211,27 +221,117 @@ fn start_writeback(file: &Arc<std::fs::File>) {
     });
 }
 
-/// Writes one pulled block (all-zero blocks stay holes) and returns its hash for the block map.
+/// Bytes a buffer for direct I/O is aligned to: the largest logical block size of a disk.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Opens the pull's file a second time for direct I/O, or says it cannot (a filesystem without it).
+/// Pulled blocks go to the disk without passing through the page cache: filling fresh page-cache pages
+/// was most of a pull's CPU (on this project's machines, 1.3 CPU-seconds per GiB written), each write
+/// held the inode lock that the other writers spun on, and the image is read through a loop device that
+/// caches what it reads anyway.
+async fn open_direct(path: &std::path::Path) -> Option<Arc<std::fs::File>> {
+    let p = path.to_path_buf();
+    let opened = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW)
+            .open(&p)
+    })
+    .await;
+    match opened {
+        Ok(Ok(f)) => Some(Arc::new(f)),
+        Ok(Err(e)) => {
+            tracing::debug!(path = %path.display(), error = %e, "no direct I/O for the pull; writing through the page cache");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Where one block is written: the direct descriptor when there is one, the ordinary one otherwise.
+struct Target {
+    file: Arc<std::fs::File>,
+    direct: Option<Arc<std::fs::File>>,
+}
+
+impl Target {
+    fn new(file: &Arc<std::fs::File>, direct: &Option<Arc<std::fs::File>>) -> Target {
+        Target {
+            file: file.clone(),
+            direct: direct.clone(),
+        }
+    }
+}
+
+/// One block's worth of memory aligned for direct I/O (a `Vec` a little larger than a block, used from
+/// its first aligned byte on).
+struct BlockBuf {
+    mem: Vec<u8>,
+}
+
+impl BlockBuf {
+    fn new() -> BlockBuf {
+        BlockBuf {
+            mem: vec![0u8; BLOCK_SIZE as usize + DIRECT_ALIGN],
+        }
+    }
+
+    fn block(&mut self) -> &mut [u8] {
+        let skip = self.mem.as_ptr().align_offset(DIRECT_ALIGN);
+        &mut self.mem[skip..skip + BLOCK_SIZE as usize]
+    }
+}
+
+/// Block buffers handed back after their block was written, for the next blocks: at most 2 x
+/// concurrency are in use at once, and a fresh 512 KiB buffer costs zeroing it and faulting it in.
+#[derive(Clone, Default)]
+struct Buffers(Arc<std::sync::Mutex<Vec<BlockBuf>>>);
+
+impl Buffers {
+    fn take(&self) -> BlockBuf {
+        let reused = self.0.lock().ok().and_then(|mut free| free.pop());
+        reused.unwrap_or_else(BlockBuf::new)
+    }
+
+    fn give(&self, buf: BlockBuf) {
+        if let Ok(mut free) = self.0.lock() {
+            free.push(buf);
+        }
+    }
+}
+
+/// Writes one verified block (all-zero blocks stay holes in a new image) and returns its hash for the
+/// block map.
 fn write_block(
-    file: &std::fs::File,
+    to: &Target,
     path: &std::path::Path,
     index: u64,
-    data: &[u8],
+    buf: &mut BlockBuf,
     digest: [u8; 32],
     in_place: bool,
 ) -> Result<BlockHash, BackendError> {
-    if data.iter().all(|b| *b == 0) {
+    // The digest already says whether the block is all zeros: no need to look at every byte.
+    let zero = digest == zero_block_digest();
+    if zero && !in_place {
         // In a new image a zero block is a hole already; in the copy being patched it may hold data.
-        if in_place {
-            file.write_all_at(data, index * BLOCK_SIZE)
-                .map_err(BackendError::io("write", path))?;
-        }
         return Ok(None);
     }
-    // A 512 KiB pwrite into the page cache takes tens of microseconds; not worth a thread hop.
-    file.write_all_at(data, index * BLOCK_SIZE)
-        .map_err(BackendError::io("write", path))?;
-    Ok(Some(digest))
+    let data = buf.block();
+    let at = index * BLOCK_SIZE;
+    let direct = match &to.direct {
+        Some(d) => d.write_all_at(data, at),
+        None => Err(std::io::Error::from(std::io::ErrorKind::Unsupported)),
+    };
+    // EINVAL: this file or disk wants another alignment after all; the page cache takes any.
+    if let Err(e) = direct {
+        if to.direct.is_some() && e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(BackendError::io("write", path)(e));
+        }
+        to.file
+            .write_all_at(data, at)
+            .map_err(BackendError::io("write", path))?;
+    }
+    Ok((!zero).then_some(digest))
 }
 
 /// One block to ship: its index in the volume, its bytes and their SHA-256.
