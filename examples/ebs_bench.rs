@@ -55,8 +55,12 @@ use ebs_strict::StrictEbs;
 /// The EBS direct APIs move data in blocks of exactly this many bytes.
 const BLOCK: u64 = 512 * 1024;
 const MIB: f64 = (1u64 << 20) as f64;
-/// Targets from the issue.
-const TARGET_IDEAL_AT_16: f64 = 0.8;
+/// Targets from the issues, judged on the whole Unmount and Mount calls, which are what Docker waits for:
+/// the fraction of the ideal at concurrency 16, a pull with no latency against bare SDK calls moving the
+/// same blocks, and the daemon's CPU seconds per GiB pulled.
+const TARGET_WHOLE_AT_16: f64 = 0.85;
+const TARGET_PULL_BARE: f64 = 1.0;
+const TARGET_PULL_CPU_GIB: f64 = 1.0;
 const TARGET_BARE_LOOP: f64 = 0.9;
 /// The incremental change: this much of a file, rewritten in place where its data starts a 512 KiB block of
 /// the image.
@@ -661,10 +665,11 @@ fn strict(args: StrictArgs) -> Result<()> {
             let wall_rates: Vec<f64> = list.iter().map(Transfer::wall_rate).collect();
             let blocks = list[0].logged.blocks;
             let f = median(&fr);
+            let wall_f = median(&wall_fr);
             let target = (c == 16).then(|| {
                 (
-                    format!("≥ {TARGET_IDEAL_AT_16:.2}"),
-                    f >= TARGET_IDEAL_AT_16,
+                    format!("≥ {TARGET_WHOLE_AT_16:.2}"),
+                    wall_f >= TARGET_WHOLE_AT_16,
                 )
             });
             if latency_ms > 0 {
@@ -673,17 +678,22 @@ fn strict(args: StrictArgs) -> Result<()> {
                     format!("{:.0} MiB/s", median(&rates)),
                     format!("ideal {ideal:.0} MiB/s"),
                     f,
-                    target,
+                    None,
                 ));
                 rows.push(row(
                     format!("{dir} at {at}, whole {call} call (wall)"),
                     format!("{:.0} MiB/s", median(&wall_rates)),
                     format!("ideal {ideal:.0} MiB/s"),
-                    median(&wall_fr),
-                    None,
+                    wall_f,
+                    target,
                 ));
             }
             let ratios: Vec<f64> = rates.iter().zip(bare.iter()).map(|(f, b)| f / b).collect();
+            let wall_ratios: Vec<f64> = wall_rates
+                .iter()
+                .zip(bare.iter())
+                .map(|(f, b)| f / b)
+                .collect();
             let bare_text = if latency_ms > 0 {
                 format!(
                     "bare {:.0} MiB/s = {:.2} of ideal",
@@ -696,11 +706,39 @@ fn strict(args: StrictArgs) -> Result<()> {
             rows.push(row(
                 format!("{dir} at {at}, transfer phase against bare SDK calls with {c} in flight (same emulator, no Ferry)"),
                 format!("{:.0} MiB/s", median(&rates)),
-                bare_text,
+                bare_text.clone(),
                 median(&ratios),
                 None,
             ));
+            let bare_target = (latency_ms == 0 && dir == "Pull").then(|| {
+                (
+                    format!("≥ {TARGET_PULL_BARE:.2}"),
+                    median(&wall_ratios) >= TARGET_PULL_BARE,
+                )
+            });
+            rows.push(row(
+                format!(
+                    "{dir} at {at}, whole {call} call against bare SDK calls with {c} in flight"
+                ),
+                format!("{:.0} MiB/s", median(&wall_rates)),
+                bare_text,
+                median(&wall_ratios),
+                bare_target,
+            ));
             let cpu: Vec<f64> = list.iter().map(|t| t.cpu / (t.mib() / 1024.0)).collect();
+            if dir == "Pull" && c == 16 {
+                let per_gib = median(&cpu);
+                rows.push(row(
+                    format!("Pull at {at}: daemon CPU seconds per GiB over the whole Mount call"),
+                    format!("{per_gib:.2} s/GiB"),
+                    "user + system CPU of ferry serve / GiB".to_string(),
+                    per_gib,
+                    Some((
+                        format!("< {TARGET_PULL_CPU_GIB:.1} s/GiB"),
+                        per_gib < TARGET_PULL_CPU_GIB,
+                    )),
+                ));
+            }
             let peer: Vec<f64> = list
                 .iter()
                 .map(|t| t.peer_cpu / (t.mib() / 1024.0))

@@ -1118,8 +1118,7 @@ mod tests {
         assert_eq!(e.namespace, "ferry");
         assert_eq!((e.keep, e.keep_chain), (3, false));
         assert_eq!(c.defaults.ebs.unwrap().default_size, Some(2 << 30));
-        let (_d, over) =
-            with_file("[ebs]\nregion = \"eu-west-1\"\nkeep = 1\nkeep_chain = true\n");
+        let (_d, over) = with_file("[ebs]\nregion = \"eu-west-1\"\nkeep = 1\nkeep_chain = true\n");
         let e = ServeConfig::load(&over).unwrap().ebs.unwrap();
         assert_eq!((e.keep, e.keep_chain), (1, true));
         for (text, key) in [

@@ -119,7 +119,10 @@ pub(crate) fn history(args: HistoryArgs) -> Result<()> {
             rows.push(row(
                 format!("pull of a host {k} generation(s) behind: bytes pulled / bytes changed"),
                 format!("{:.1} MiB pulled", (pulled * BLOCK) as f64 / MIB),
-                format!("{:.1} MiB changed", (changed.len() as u64 * BLOCK) as f64 / MIB),
+                format!(
+                    "{:.1} MiB changed",
+                    (changed.len() as u64 * BLOCK) as f64 / MIB
+                ),
                 ratio,
                 Some((
                     format!("at most {TARGET_PULLED_PER_CHANGED}"),
@@ -224,18 +227,30 @@ pub(crate) fn history(args: HistoryArgs) -> Result<()> {
         let secs = t.elapsed().as_secs_f64();
         let rss = peak_rss_mib(a.pid())?;
         rows.push(row(
-            format!("Unmount of a {} TiB volume holding 1 MiB (1 MiB rewritten)", args.huge_tib),
+            format!(
+                "Unmount of a {} TiB volume holding 1 MiB (1 MiB rewritten)",
+                args.huge_tib
+            ),
             format!("{secs:.2} s"),
             "1 s".into(),
             secs,
-            Some((format!("under {TARGET_HUGE_SECONDS} s"), secs < TARGET_HUGE_SECONDS)),
+            Some((
+                format!("under {TARGET_HUGE_SECONDS} s"),
+                secs < TARGET_HUGE_SECONDS,
+            )),
         ));
         rows.push(row(
-            format!("daemon peak RSS over that Mount and Unmount ({} TiB volume)", args.huge_tib),
+            format!(
+                "daemon peak RSS over that Mount and Unmount ({} TiB volume)",
+                args.huge_tib
+            ),
             format!("{rss:.1} MiB"),
             "64 MiB".into(),
             rss / TARGET_HUGE_RSS_MIB,
-            Some((format!("under {TARGET_HUGE_RSS_MIB} MiB"), rss < TARGET_HUGE_RSS_MIB)),
+            Some((
+                format!("under {TARGET_HUGE_RSS_MIB} MiB"),
+                rss < TARGET_HUGE_RSS_MIB,
+            )),
         ));
         notes.push(json!(format!(
             "{} TiB volume: the first Mount (mkfs) took {first_mount:.1} s and the first Unmount (shipping what \

@@ -21,6 +21,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
@@ -60,6 +61,8 @@ pub enum BlockMapError {
     Corrupt { path: PathBuf, reason: String },
     #[error("the image size {size} is not a whole number of {BLOCK_SIZE}-byte blocks")]
     PartialBlock { size: u64 },
+    #[error("the scan was stopped: nothing takes its blocks any more")]
+    Stopped,
 }
 
 fn io_err<'a>(
@@ -153,18 +156,21 @@ impl BlockMap {
     /// Hashes every block of the image at `path`, reading only the blocks that the filesystem says hold
     /// data (SEEK_DATA/SEEK_HOLE), so a mostly empty 20 GiB image costs what its data costs.
     pub fn scan(path: &Path) -> Result<BlockMap, BlockMapError> {
-        let file = File::open(path).map_err(io_err("open", path))?;
-        let size = file.metadata().map_err(io_err("stat", path))?.len();
-        let count = Self::count_for(size)?;
-        let mut map = BlockMap::zeros(count);
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        for index in DataBlocks::new(&file, size) {
-            let index = index.map_err(io_err("seek in", path))?;
-            file.read_exact_at(&mut buf, index * BLOCK_SIZE)
-                .map_err(io_err("read", path))?;
-            map.set(index, hash_block(&buf));
-        }
-        Ok(map)
+        scan_image(path, None, hash_threads())
+    }
+
+    /// Scans the image at `path` like `scan`, and hands every block whose hash differs from `old` to
+    /// `found` as soon as it is known, so that shipping can start while the rest of the image is still
+    /// being read. `found` is called from `threads` threads at once, in no particular order; it returns
+    /// false when whoever takes the blocks has gone away, which stops the scan with `Stopped`. Blocks
+    /// that held data in `old` and are holes now come last, as zeros.
+    pub fn scan_changes(
+        path: &Path,
+        old: &BlockMap,
+        threads: usize,
+        found: &(dyn Fn(Changed) -> bool + Sync),
+    ) -> Result<BlockMap, BlockMapError> {
+        scan_image(path, Some((old, found)), threads)
     }
 
     /// The blocks whose content differs between `self` (as shipped) and `now`, in ascending order. Maps
@@ -318,6 +324,134 @@ impl BlockMap {
         }
         Ok(Some(map))
     }
+}
+
+/// A block that `scan_changes` found changed: its index, its bytes as they are now (zeros for a hole) and
+/// their hash (`None` for zeros).
+pub struct Changed {
+    pub index: u64,
+    pub data: Vec<u8>,
+    pub hash: BlockHash,
+}
+
+/// Threads a scan hashes on: SHA-256 of the blocks is most of a scan's time, so one per core, up to 4
+/// (past that, reading the image is the limit).
+pub fn hash_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// Data blocks a scanning thread takes at a time: 4 MiB, so each thread reads long runs in order.
+const RUN: usize = 8;
+
+type Report<'a> = (&'a BlockMap, &'a (dyn Fn(Changed) -> bool + Sync));
+
+fn scan_image(
+    path: &Path,
+    report: Option<Report<'_>>,
+    threads: usize,
+) -> Result<BlockMap, BlockMapError> {
+    let file = File::open(path).map_err(io_err("open", path))?;
+    let size = file.metadata().map_err(io_err("stat", path))?.len();
+    let count = BlockMap::count_for(size)?;
+    let data = data_blocks(&file, size).map_err(io_err("seek in", path))?;
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let share = || hash_share(&file, path, &data, &next, &stop, report);
+    let threads = threads.clamp(1, data.len().div_ceil(RUN).max(1));
+    let shares: Vec<_> = std::thread::scope(|s| {
+        let others: Vec<_> = (1..threads).map(|_| s.spawn(share)).collect();
+        let mine = share();
+        let mut all = vec![mine];
+        for t in others {
+            all.push(t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        all
+    });
+    let mut map = BlockMap::zeros(count);
+    for share in shares {
+        for (index, hash) in share? {
+            map.set(index, hash);
+        }
+    }
+    if let Some((old, found)) = report {
+        // A block that held data and is a hole now was never read above: it ships as zeros.
+        for index in old.changed(&map) {
+            if data.binary_search(&index).is_ok() {
+                continue;
+            }
+            if index >= count {
+                return Err(BlockMapError::Io {
+                    op: "read",
+                    path: path.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("block {index} changed but is past the end of the image"),
+                    ),
+                });
+            }
+            let zeros = Changed {
+                index,
+                data: vec![0u8; BLOCK_SIZE as usize],
+                hash: None,
+            };
+            if !found(zeros) {
+                return Err(BlockMapError::Stopped);
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// One scanning thread: takes runs of data blocks until none are left, hashes them, and reports those
+/// that differ from the old map. Returns the hash of every block it read.
+fn hash_share(
+    file: &File,
+    path: &Path,
+    data: &[u64],
+    next: &AtomicUsize,
+    stop: &AtomicBool,
+    report: Option<Report<'_>>,
+) -> Result<Vec<(u64, BlockHash)>, BlockMapError> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    loop {
+        // Another thread failed or was told to stop: the scan's result is that thread's.
+        if stop.load(Ordering::Relaxed) {
+            return Ok(out);
+        }
+        let at = next.fetch_add(RUN, Ordering::Relaxed);
+        let Some(run) = data.get(at..(at + RUN).min(data.len())) else {
+            return Ok(out);
+        };
+        for &index in run {
+            let read = file
+                .read_exact_at(&mut buf, index * BLOCK_SIZE)
+                .map_err(io_err("read", path));
+            if let Err(e) = read {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+            let hash = hash_block(&buf);
+            out.push((index, hash));
+            let Some((old, found)) = report else {
+                continue;
+            };
+            if old.get(index) == hash {
+                continue;
+            }
+            let data = std::mem::replace(&mut buf, vec![0u8; BLOCK_SIZE as usize]);
+            if !found(Changed { index, data, hash }) {
+                stop.store(true, Ordering::Relaxed);
+                return Err(BlockMapError::Stopped);
+            }
+        }
+    }
+}
+
+/// The indices of the blocks of `file` (of `size` bytes) that hold data, ascending: 8 bytes per data
+/// block, nothing per hole.
+fn data_blocks(file: &File, size: u64) -> std::io::Result<Vec<u64>> {
+    DataBlocks::new(file, size).collect()
 }
 
 fn corrupt(path: &Path, reason: &str) -> BlockMapError {
@@ -736,6 +870,80 @@ mod tests {
             map.set(*index, (*byte != 0).then_some([*byte; 32]));
         }
         map
+    }
+
+    /// Runs `scan_changes` and returns the map with what it reported, in index order.
+    fn changes(
+        path: &Path,
+        old: &BlockMap,
+        threads: usize,
+    ) -> (BlockMap, Vec<(u64, Vec<u8>, BlockHash)>) {
+        let found = std::sync::Mutex::new(Vec::new());
+        let report = |c: Changed| {
+            found.lock().unwrap().push((c.index, c.data, c.hash));
+            true
+        };
+        let map = BlockMap::scan_changes(path, old, threads, &report).unwrap();
+        let mut found = found.into_inner().unwrap();
+        found.sort_by_key(|f| f.0);
+        (map, found)
+    }
+
+    #[test]
+    fn scan_changes_reports_exactly_the_changed_blocks_with_their_bytes() {
+        let (_d, path) = image(40);
+        for i in [0u64, 3, 9, 17, 30, 39] {
+            write_at(&path, i * BLOCK_SIZE + 5, &[i as u8 + 1; 100]);
+        }
+        let old = BlockMap::scan(&path).unwrap();
+        // Changed: 3 rewritten, 9 zeroed by writes, 17 punched to a hole, 25 new; 0, 30, 39 unchanged.
+        write_at(&path, 3 * BLOCK_SIZE + 5, b"new");
+        write_at(&path, 9 * BLOCK_SIZE, &vec![0u8; BLOCK_SIZE as usize]);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        nix::fcntl::fallocate(
+            f.as_raw_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (17 * BLOCK_SIZE) as i64,
+            BLOCK_SIZE as i64,
+        )
+        .unwrap();
+        write_at(&path, 25 * BLOCK_SIZE + BLOCK_SIZE - 1, b"z");
+        let data = std::fs::read(&path).unwrap();
+        for threads in [1, 2, 5] {
+            let (now, found) = changes(&path, &old, threads);
+            assert_eq!(now, naive(&path), "{threads} threads");
+            let indices: Vec<u64> = found.iter().map(|f| f.0).collect();
+            assert_eq!(indices, old.changed(&now), "{threads} threads");
+            assert_eq!(indices, vec![3, 9, 17, 25]);
+            for (index, bytes, hash) in &found {
+                let at = (*index * BLOCK_SIZE) as usize;
+                assert_eq!(
+                    &bytes[..],
+                    &data[at..at + BLOCK_SIZE as usize],
+                    "block {index}"
+                );
+                assert_eq!(*hash, hash_block(bytes), "block {index}");
+            }
+        }
+        // Against a map of nothing (never shipped): every data block, and nothing else.
+        let (now, found) = changes(&path, &BlockMap::zeros(0), 2);
+        let indices: Vec<u64> = found.iter().map(|f| f.0).collect();
+        assert_eq!(indices, vec![0, 3, 25, 30, 39]);
+        assert_eq!(now.data_blocks(), 5);
+    }
+
+    #[test]
+    fn scan_changes_stops_when_nothing_takes_its_blocks() {
+        let (_d, path) = image(64);
+        for i in 0..64 {
+            write_at(&path, i * BLOCK_SIZE, b"data");
+        }
+        let taken = std::sync::atomic::AtomicUsize::new(0);
+        let report = |_c: Changed| taken.fetch_add(1, Ordering::Relaxed) < 3;
+        let err = BlockMap::scan_changes(&path, &BlockMap::zeros(64), 2, &report).unwrap_err();
+        assert!(matches!(err, BlockMapError::Stopped), "{err}");
+        assert!(taken.load(Ordering::Relaxed) < 64);
     }
 
     proptest! {

@@ -280,25 +280,30 @@ pub struct Fetched {
     volume: String,
     snapshot: String,
     index: u64,
-    data: Bytes,
+    /// Bytes received.
+    len: usize,
+    /// Their SHA-256, computed as they arrived.
+    digest: [u8; 32],
     expected: Option<String>,
 }
 
 impl Fetched {
-    /// Checks the block's length and its SHA-256 against the checksum EBS sent; returns the data and
-    /// the digest, so the caller need not hash it again.
-    pub fn verify(self) -> Result<(Bytes, [u8; 32]), EbsError> {
-        let digest: [u8; 32] = Sha256::digest(&self.data).into();
-        let actual = base64::engine::general_purpose::STANDARD.encode(digest);
-        if self.data.len() as u64 != BLOCK_SIZE || self.expected.as_deref() != Some(actual.as_str())
-        {
-            return Err(EbsError::Checksum {
-                volume: self.volume,
-                snapshot: self.snapshot,
-                index: self.index,
-            });
+    /// Checks the block's length and its SHA-256 against the checksum EBS sent; returns the digest, so
+    /// the caller need not hash the block again.
+    pub fn verify(self) -> Result<[u8; 32], EbsError> {
+        let actual = base64::engine::general_purpose::STANDARD.encode(self.digest);
+        if self.len as u64 != BLOCK_SIZE || self.expected.as_deref() != Some(actual.as_str()) {
+            return Err(self.failed());
         }
-        Ok((self.data, digest))
+        Ok(self.digest)
+    }
+
+    fn failed(self) -> EbsError {
+        EbsError::Checksum {
+            volume: self.volume,
+            snapshot: self.snapshot,
+            index: self.index,
+        }
     }
 }
 
@@ -586,13 +591,16 @@ impl SnapshotClient {
         Ok(out)
     }
 
-    /// Reads one block as EBS sends it, with the checksum EBS sends beside it. Nothing is checked yet:
-    /// `Fetched::verify` does that, so a caller can free its network slot before spending CPU on the hash.
+    /// Reads one block as EBS sends it into `into` (`BLOCK_SIZE` bytes), with the checksum EBS sends
+    /// beside it. The body is hashed piece by piece as it arrives, while each piece is still in the CPU's
+    /// cache, and copied straight to `into` (collecting it first and copying it whole after was a second
+    /// pass over every byte). Nothing is checked yet: `Fetched::verify` does that.
     pub async fn fetch_block(
         &self,
         volume: &str,
         snapshot: &str,
         block: &BlockRef,
+        into: &mut [u8],
     ) -> Result<Fetched, EbsError> {
         let out = self
             .ebs
@@ -603,25 +611,39 @@ impl SnapshotClient {
             .send()
             .await
             .map_err(|e| self.fail("GetSnapshotBlock", volume, e))?;
-        let expected = out.checksum().map(str::to_string);
-        let data = out
-            .block_data
-            .collect()
-            .await
-            .map_err(|e| EbsError::Unreachable {
-                op: "GetSnapshotBlock",
-                volume: volume.into(),
-                endpoint: self.endpoint.clone(),
-                reason: format!("the block's data stopped arriving: {e}"),
-            })?
-            .into_bytes();
-        Ok(Fetched {
+        let mut fetched = Fetched {
             volume: volume.into(),
             snapshot: snapshot.into(),
             index: block.index,
-            data,
-            expected,
-        })
+            len: 0,
+            digest: [0; 32],
+            expected: out.checksum().map(str::to_string),
+        };
+        let mut body = out.block_data;
+        let mut sha = Sha256::new();
+        loop {
+            let piece = match body.try_next().await {
+                Ok(Some(piece)) => piece,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(EbsError::Unreachable {
+                        op: "GetSnapshotBlock",
+                        volume: volume.into(),
+                        endpoint: self.endpoint.clone(),
+                        reason: format!("the block's data stopped arriving: {e}"),
+                    })
+                }
+            };
+            let Some(slot) = into.get_mut(fetched.len..fetched.len + piece.len()) else {
+                // Longer than a block: it cannot pass its check, whatever its checksum says.
+                return Err(fetched.failed());
+            };
+            slot.copy_from_slice(&piece);
+            sha.update(&piece);
+            fetched.len += piece.len();
+        }
+        fetched.digest = sha.finalize().into();
+        Ok(fetched)
     }
 
     /// Every snapshot of `namespace` carrying a `ferry:volume` tag of `volume`, or of every volume when

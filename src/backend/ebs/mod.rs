@@ -748,17 +748,20 @@ impl Inner {
         let p = self.paths(name);
         self.check_base(name, copy).await?;
         let (image, blocks) = (p.image.clone(), p.blocks.clone());
-        let (old, now) = blocking(move || {
-            let now = BlockMap::scan(&image).map_err(internal)?;
+        // The scan feeds the upload as it finds changed blocks, instead of hashing the whole image first.
+        let mut feed = ship::Feed::spawn(self.settings.concurrency, move |sink| {
             let old = BlockMap::load(&blocks)
                 .map_err(internal)?
-                .unwrap_or_else(|| BlockMap::zeros(now.len()));
-            Ok((old, now))
-        })
-        .await?;
-        let changed = old.changed(&now);
-        let generation = match decide::push(copy, &changed) {
+                .unwrap_or_else(|| BlockMap::zeros(0));
+            let found = |c: blockmap::Changed| sink.send(c.into());
+            BlockMap::scan_changes(&image, &old, blockmap::hash_threads(), &found).map_err(internal)
+        });
+        // Whether anything changed is known at the first changed block; the snapshot starts only then.
+        let first = feed.first().await;
+        let generation = match decide::push(copy, first.as_slice()) {
             PushPlan::Unchanged => {
+                // No block at all may also mean a scan that failed at once.
+                feed.finish().await?;
                 tracing::info!(
                     volume = name,
                     generation = copy.generation,
@@ -769,14 +772,7 @@ impl Inner {
             }
             PushPlan::Ship { generation } => generation,
         };
-        let offsets: Vec<u64> = changed.iter().map(|i| i * blockmap::BLOCK_SIZE).collect();
-        let src = ship::BlockSource {
-            path: &p.image,
-            indices: &changed,
-            offsets: &offsets,
-            now: &now,
-        };
-        let id = ship::push(&self.shipper(), name, spec, copy, generation, src).await?;
+        let (id, now) = ship::push(&self.shipper(), name, spec, copy, generation, feed).await?;
         self.publish(name, copy, &id, generation).await?;
         // The snapshot is complete: it is the newest. Record that first, still dirty, so a crash before
         // the block map is saved only makes the next push repeat blocks.
@@ -848,16 +844,9 @@ impl Inner {
             PushPlan::Unchanged => return Ok(current(&copy)),
             PushPlan::Ship { generation } => generation,
         };
-        let offsets: Vec<u64> = (0..changed.len() as u64)
-            .map(|k| k * blockmap::BLOCK_SIZE)
-            .collect();
-        let src = ship::BlockSource {
-            path: &spool,
-            indices: &changed,
-            offsets: &offsets,
-            now: &now,
-        };
-        let id = ship::push(&self.shipper(), name, spec, &mut copy, generation, src).await?;
+        let feed = ship::spooled(&spool, changed, now, self.settings.concurrency);
+        let (id, now) =
+            ship::push(&self.shipper(), name, spec, &mut copy, generation, feed).await?;
         self.publish(name, &mut copy, &id, generation).await?;
         // Still mounted, so still dirty: what changed after the freeze ships next time.
         copy = LocalCopy {
