@@ -47,22 +47,6 @@ fn rewrite(d: &Daemon, name: &str, seed: u64, offset: u64, len: usize) -> Result
     d.unmount(name, "w")
 }
 
-/// The completed snapshots of `volume` by generation, as the emulator holds them.
-fn completed(ebs: &StrictEbs, volume: &str) -> std::collections::BTreeMap<u64, String> {
-    ebs.snapshot_ids()
-        .into_iter()
-        .filter(|id| ebs.is_completed(id))
-        .filter_map(|id| {
-            let tags = ebs.tags(&id);
-            let tag = |k: &str| tags.iter().find(|(tk, _)| tk == k).map(|(_, v)| v.clone());
-            if tag("ferry:volume").as_deref() != Some(volume) {
-                return None;
-            }
-            Some((tag("ferry:generation")?.parse().ok()?, id.clone()))
-        })
-        .collect()
-}
-
 /// Peak resident memory of a process, in MiB (VmHWM).
 fn peak_rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -105,7 +89,8 @@ pub(crate) fn history(args: HistoryArgs) -> Result<()> {
                 rewrite(&a, "k", seed, (seed * 9_999_991) % (250 << 20), 4 << 20)?;
             }
             let newest = a.status("k")?["generation"].as_u64().unwrap_or(0);
-            let changed: std::collections::BTreeSet<u64> = completed(&ebs, "k")
+            let changed: std::collections::BTreeSet<u64> = ebs
+                .completed_by_generation("k")
                 .range(from + 1..=newest)
                 .flat_map(|(_, id)| ebs.own_blocks(id))
                 .collect();
@@ -152,7 +137,7 @@ pub(crate) fn history(args: HistoryArgs) -> Result<()> {
         for g in 2..=args.generations {
             rewrite(&a, "old", 100 + g, (g * 7_777_777) % (60 << 20), 64 << 10)?;
         }
-        let kept = completed(&ebs, "old").len();
+        let kept = ebs.completed_by_generation("old").len();
         notes.push(json!(format!(
             "{} generations made in {:.0} s with no latency; {kept} snapshots kept ([ebs] keep default)",
             args.generations,

@@ -199,6 +199,22 @@ impl StrictEbs {
             .collect()
     }
 
+    /// The completed snapshots Ferry made for one volume, by generation (from their tags).
+    pub fn completed_by_generation(&self, volume: &str) -> BTreeMap<u64, String> {
+        self.snapshot_ids()
+            .into_iter()
+            .filter(|id| self.is_completed(id))
+            .filter_map(|id| {
+                let tags = self.tags(&id);
+                let tag = |k: &str| tags.iter().find(|(tk, _)| tk == k).map(|(_, v)| v.clone());
+                if tag("ferry:volume").as_deref() != Some(volume) {
+                    return None;
+                }
+                Some((tag("ferry:generation")?.parse().ok()?, id.clone()))
+            })
+            .collect()
+    }
+
     pub fn tags(&self, snapshot: &str) -> Vec<(String, String)> {
         let state = self.inner.state.lock().unwrap();
         state
@@ -802,6 +818,41 @@ impl Inner {
         all.into_iter().collect()
     }
 
+    /// One page of a listing of the ascending block indices `all`, as the query asks (`maxResults`, at most
+    /// the emulator's page size; `pageToken` or `startingBlockIndex`), with the token of the next page.
+    fn page(
+        &self,
+        q: &HashMap<String, String>,
+        all: Vec<u64>,
+    ) -> Result<(Vec<u64>, Option<String>), Box<Reply>> {
+        let asked = q
+            .get("maxResults")
+            .and_then(|m| m.parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        let page = asked.min(self.page_size);
+        let start = match q.get("pageToken") {
+            Some(t) => match t.strip_prefix("after-").and_then(|n| n.parse::<u64>().ok()) {
+                Some(n) => n + 1,
+                None => {
+                    return Err(Box::new(invalid(
+                        "INVALID_PAGE_TOKEN",
+                        "the page token is not one of ours",
+                    )))
+                }
+            },
+            None => q
+                .get("startingBlockIndex")
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0),
+        };
+        let visible: Vec<u64> = all.into_iter().filter(|i| *i >= start).collect();
+        let this: Vec<u64> = visible.iter().copied().take(page).collect();
+        let next = (visible.len() > this.len())
+            .then(|| this.last().map(|l| format!("after-{l}")))
+            .flatten();
+        Ok((this, next))
+    }
+
     fn list_blocks(&self, req: &Request<Incoming>, id: &str) -> Reply {
         let q = query(req);
         let state = self.state.lock().unwrap();
@@ -814,34 +865,18 @@ impl Inner {
                 &format!("snapshot {id} is not completed"),
             );
         }
-        let asked = q
-            .get("maxResults")
-            .and_then(|m| m.parse::<usize>().ok())
-            .unwrap_or(usize::MAX);
-        let page = asked.min(self.page_size);
-        let start = match q.get("pageToken") {
-            Some(t) => match t.strip_prefix("after-").and_then(|n| n.parse::<u64>().ok()) {
-                Some(n) => n + 1,
-                None => return invalid("INVALID_PAGE_TOKEN", "the page token is not one of ours"),
-            },
-            None => q
-                .get("startingBlockIndex")
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0),
+        let (this, next) = match self.page(&q, Self::visible_blocks(&state, id)) {
+            Ok(p) => p,
+            Err(reply) => return *reply,
         };
-        let visible: Vec<u64> = Self::visible_blocks(&state, id)
-            .into_iter()
-            .filter(|i| *i >= start)
-            .collect();
-        let this: Vec<u64> = visible.iter().copied().take(page).collect();
         let mut body = json!({
             "Blocks": this.iter().map(|i| json!({ "BlockIndex": i, "BlockToken": block_token(id, *i) })).collect::<Vec<_>>(),
             "VolumeSize": s.volume_size_gib,
             "BlockSize": BLOCK_SIZE,
             "ExpiryTime": 4_000_000_000u64,
         });
-        if visible.len() > this.len() {
-            body["NextToken"] = json!(format!("after-{}", this.last().unwrap()));
+        if let Some(next) = next {
+            body["NextToken"] = json!(next);
         }
         self.counters.list_pages.fetch_add(1, Ordering::Relaxed);
         reply(StatusCode::OK, body)
@@ -898,23 +933,10 @@ impl Inner {
             .filter_map(|id| state.snapshots.get(id))
             .flat_map(|s| s.blocks.keys().copied())
             .collect();
-        let asked = q
-            .get("maxResults")
-            .and_then(|m| m.parse::<usize>().ok())
-            .unwrap_or(usize::MAX);
-        let page = asked.min(self.page_size);
-        let start = match q.get("pageToken") {
-            Some(t) => match t.strip_prefix("after-").and_then(|n| n.parse::<u64>().ok()) {
-                Some(n) => n + 1,
-                None => return invalid("INVALID_PAGE_TOKEN", "the page token is not one of ours"),
-            },
-            None => q
-                .get("startingBlockIndex")
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0),
+        let (this, next) = match self.page(&q, changed.into_iter().collect()) {
+            Ok(p) => p,
+            Err(reply) => return *reply,
         };
-        let visible: Vec<u64> = changed.into_iter().filter(|i| *i >= start).collect();
-        let this: Vec<u64> = visible.iter().copied().take(page).collect();
         let first_has = |i: u64| first.is_some_and(|f| Self::owner_of(&state, f, i).is_some());
         let blocks: Vec<Value> = this
             .iter()
@@ -933,8 +955,8 @@ impl Inner {
             "BlockSize": BLOCK_SIZE,
             "ExpiryTime": 4_000_000_000u64,
         });
-        if visible.len() > this.len() {
-            body["NextToken"] = json!(format!("after-{}", this.last().unwrap()));
+        if let Some(next) = next {
+            body["NextToken"] = json!(next);
         }
         self.counters.list_pages.fetch_add(1, Ordering::Relaxed);
         self.counters.changed_lists.fetch_add(1, Ordering::Relaxed);

@@ -39,20 +39,16 @@ fn reconfigure(ebs: &StrictEbs, d: &mut Daemon, concurrency: usize, lines: &str)
     restart(d);
 }
 
-/// The volume's completed snapshots, by generation.
-fn completed(ebs: &StrictEbs, volume: &str) -> BTreeMap<u64, String> {
-    ebs.snapshot_ids()
-        .into_iter()
-        .filter(|id| ebs.is_completed(id))
-        .filter_map(|id| {
-            let tags = ebs.tags(&id);
-            let tag = |k: &str| tags.iter().find(|(tk, _)| tk == k).map(|(_, v)| v.clone());
-            if tag("ferry:volume").as_deref() != Some(volume) {
-                return None;
-            }
-            Some((tag("ferry:generation")?.parse().ok()?, id.clone()))
-        })
-        .collect()
+/// `ferry prune NAME` against a daemon, which must succeed; its output (JSON with `json`).
+fn prune(d: &Daemon, name: &str, json: bool) -> String {
+    let config = d.dir.join("ferry.toml");
+    let mut args = vec!["prune", name, "--config", config.to_str().unwrap()];
+    if json {
+        args.push("--json");
+    }
+    let out = common::ferry(&args, &d.state);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.stdout
 }
 
 fn snapshot(d: &Daemon, name: &str) -> String {
@@ -134,7 +130,7 @@ fn hosts_behind_by_one_and_ten_generations_fetch_exactly_the_changed_blocks() {
         }
         let newest = generation(&a, "kv").unwrap();
         // What the generations after b's base wrote, as the emulator holds them.
-        let gens = completed(&ebs, "kv");
+        let gens = ebs.completed_by_generation("kv");
         let changed: BTreeSet<u64> = gens
             .range(from + 1..=newest)
             .flat_map(|(_, id)| ebs.own_blocks(id))
@@ -189,7 +185,7 @@ fn retention_keeps_exactly_keep_generations_over_fifty_round_trips() {
             (i as usize * 77_777) % (3 << 20),
             64 * 1024,
         );
-        let gens = completed(&ebs, "rv");
+        let gens = ebs.completed_by_generation("rv");
         let newest = generation(&a, "rv").unwrap();
         assert_eq!(newest, i, "one generation per round trip");
         let kept: Vec<u64> = gens.keys().copied().collect();
@@ -212,18 +208,7 @@ fn retention_keeps_exactly_keep_generations_over_fifty_round_trips() {
     let mb = b.mount("rv", "r");
     check(&mb, &model);
     // `ferry prune` says what it keeps, and with nothing to delete deletes nothing.
-    let out = common::ferry(
-        &[
-            "prune",
-            "rv",
-            "--json",
-            "--config",
-            a.dir.join("ferry.toml").to_str().unwrap(),
-        ],
-        &a.state,
-    );
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let pruned: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let pruned: serde_json::Value = serde_json::from_str(&prune(&a, "rv", true)).unwrap();
     assert_eq!(pruned["deleted"].as_array().unwrap().len(), 0, "{pruned}");
     assert_eq!(pruned["kept"].as_array().unwrap().len(), 3, "{pruned}");
     b.unmount("rv", "r");
@@ -245,7 +230,7 @@ fn a_pull_in_progress_survives_retention_elsewhere() {
     a.unmount("pv", "w");
     round(&a, "pv", &mut model, 2, 1 << 20, 512 * 1024);
     round(&a, "pv", &mut model, 3, 9 << 20, 512 * 1024);
-    assert_eq!(completed(&ebs, "pv").len(), 3);
+    assert_eq!(ebs.completed_by_generation("pv").len(), 3);
     let third = snapshot(&a, "pv");
     reconfigure(&ebs, &mut a, 4, "keep = 1\n");
 
@@ -262,23 +247,12 @@ fn a_pull_in_progress_survives_retention_elsewhere() {
             std::thread::sleep(Duration::from_millis(20));
         }
         // Its parents go while it reads.
-        let out = common::ferry(
-            &[
-                "prune",
-                "pv",
-                "--json",
-                "--config",
-                a.dir.join("ferry.toml").to_str().unwrap(),
-            ],
-            &a.state,
-        );
-        assert_eq!(out.code, 0, "{}", out.stderr);
-        let pruned: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let pruned: serde_json::Value = serde_json::from_str(&prune(&a, "pv", true)).unwrap();
         assert_eq!(pruned["deleted"].as_array().unwrap().len(), 2, "{pruned}");
         // A push elsewhere: with keep = 1, generation 3 would go, but b is pulling it.
         let mut elsewhere = model.clone();
         round(&a, "pv", &mut elsewhere, 4, 20 << 20, 512 * 1024);
-        let gens = completed(&ebs, "pv");
+        let gens = ebs.completed_by_generation("pv");
         assert!(
             !pulling.is_finished(),
             "the pull ended before the push elsewhere; make it slower"
@@ -298,30 +272,20 @@ fn a_pull_in_progress_survives_retention_elsewhere() {
         assert!(Instant::now() < deadline, "b never cleared its pulling tag");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let prune = || {
-        let out = common::ferry(
-            &[
-                "prune",
-                "pv",
-                "--config",
-                a.dir.join("ferry.toml").to_str().unwrap(),
-            ],
-            &a.state,
-        );
-        assert_eq!(out.code, 0, "{}", out.stderr);
-        out.stdout
-    };
     // b still has it mounted: kept.
-    let out = prune();
+    let out = prune(&a, "pv", false);
     assert!(out.contains("deleted 0 snapshot"), "{out}");
     // b's copy is now behind what a shipped meanwhile, so its Unmount refuses to ship over it; it is
     // no longer mounted there all the same.
     let err = b.err("/VolumeDriver.Unmount", r#"{"Name":"pv","ID":"r"}"#);
     assert!(err.contains("changed elsewhere"), "{err}");
-    let out = prune();
+    let out = prune(&a, "pv", false);
     assert!(out.contains("deleted 1 snapshot"), "{out}");
     assert_eq!(
-        completed(&ebs, "pv").keys().copied().collect::<Vec<_>>(),
+        ebs.completed_by_generation("pv")
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
         [4]
     );
 }
@@ -343,7 +307,7 @@ fn a_retention_killed_midway_is_finished_after_restart() {
         round(&a, "xv", &mut model, i, (i as usize) * 100_000, 64 * 1024);
     }
     let newest = snapshot(&a, "xv");
-    assert_eq!(completed(&ebs, "xv").len(), 8);
+    assert_eq!(ebs.completed_by_generation("xv").len(), 8);
     reconfigure(&ebs, &mut a, 4, "keep = 2\n");
 
     // Every call now answers after 400 ms, so the kill lands between the first deletions and the rest.
@@ -369,7 +333,7 @@ fn a_retention_killed_midway_is_finished_after_restart() {
     let _ = prune.join();
     let intent = a.state.join("ebs/xv/retiring");
     assert!(intent.is_file(), "the intent outlives the kill");
-    let left = completed(&ebs, "xv");
+    let left = ebs.completed_by_generation("xv");
     assert!(
         left.len() > 2,
         "the kill came before every deletion: {left:?}"
@@ -382,17 +346,20 @@ fn a_retention_killed_midway_is_finished_after_restart() {
     ebs.faults().latency_ms.store(0, Ordering::Relaxed);
     restart(&mut a);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while completed(&ebs, "xv").len() > 2 {
+    while ebs.completed_by_generation("xv").len() > 2 {
         assert!(
             Instant::now() < deadline,
             "the restart never finished the deletion: {:?}\n{}",
-            completed(&ebs, "xv"),
+            ebs.completed_by_generation("xv"),
             a.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
-        completed(&ebs, "xv").keys().copied().collect::<Vec<_>>(),
+        ebs.completed_by_generation("xv")
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
         [7, 8]
     );
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -524,18 +524,7 @@ impl Inner {
                 return Err(self.copies.conflict(name, &mut copy, err));
             }
             AttachPlan::Pull { newest, blocks } => {
-                let listing = self.listing(name, &blocks).await?;
-                let map = ship::pull(
-                    &self.shipper(),
-                    name,
-                    spec,
-                    listing,
-                    &p,
-                    ship::PullInto::New,
-                )
-                .await;
-                self.pulled_from(name, &blocks);
-                copy = self.pulled(name, &p, map?, newest).await?;
+                copy = self.pull_whole(name, spec, &p, &blocks, newest).await?;
                 false
             }
             AttachPlan::Patch { newest, blocks } => {
@@ -603,18 +592,7 @@ impl Inner {
                                 ))
                             }
                         };
-                        let listing = self.listing(name, &whole).await?;
-                        let map = ship::pull(
-                            &self.shipper(),
-                            name,
-                            spec,
-                            listing,
-                            &p,
-                            ship::PullInto::New,
-                        )
-                        .await;
-                        self.pulled_from(name, &whole);
-                        copy = self.pulled(name, &p, map?, newest).await?;
+                        copy = self.pull_whole(name, spec, &p, &whole, newest).await?;
                     }
                 }
                 false
@@ -926,6 +904,22 @@ impl Inner {
         if let Err(e) = self.retain(name, copy, shipped).await {
             tracing::warn!(volume = name, error = %e, "cannot delete old snapshots now; the next push, `ferry prune` or a restart tries again");
         }
+    }
+
+    /// Pulls `blocks` into a new image that replaces the local copy's, and records the copy as based on
+    /// `newest`.
+    async fn pull_whole(
+        &self,
+        name: &str,
+        spec: &VolumeSpec,
+        p: &Paths,
+        blocks: &decide::Blocks,
+        newest: Shipped,
+    ) -> Result<LocalCopy, BackendError> {
+        let listing = self.listing(name, blocks).await?;
+        let map = ship::pull(&self.shipper(), name, spec, listing, p, ship::PullInto::New).await;
+        self.pulled_from(name, blocks);
+        self.pulled(name, p, map?, newest).await
     }
 
     /// Lists what a pull reads. On EBS, the snapshot it reads from is first tagged as being pulled by
