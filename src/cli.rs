@@ -738,6 +738,45 @@ mod tests {
     }
 
     #[test]
+    fn inspect_and_prune_show_the_kept_generations() {
+        let mut v = volume("v");
+        v.backend = "ebs".into();
+        v.backend_status.insert(
+            "generations".into(),
+            json!([
+                {"generation": 9, "snapshot": "snap-9", "started": 86400, "changed_bytes": 3 << 20},
+                {"generation": 8, "snapshot": "snap-8"},
+            ]),
+        );
+        let text = render_inspect(&v);
+        assert!(
+            text.contains("kept generation 9")
+                && text.contains("snap-9, started 1970-01-02T00:00:00Z, 3.0 MiB changed"),
+            "{text}"
+        );
+        assert!(text.contains("kept generation 8  snap-8\n"), "{text}");
+        assert!(!text.contains("ebs generations"), "{text}");
+        let pruned = crate::backend::ebs::Pruned {
+            volume: "v".into(),
+            keep: 1,
+            kept: vec![crate::backend::ebs::Generation {
+                generation: 9,
+                snapshot: "snap-9".into(),
+                started: None,
+                changed_bytes: None,
+            }],
+            deleted: vec!["snap-8".into()],
+            note: None,
+        };
+        let text = render_pruned(&pruned);
+        assert!(
+            text.starts_with("v: deleted 1 snapshot(s); keeping 1 generation(s) ([ebs] keep = 1)"),
+            "{text}"
+        );
+        assert!(text.contains("deleted snap-8") && text.contains("kept generation 9: snap-9"));
+    }
+
+    #[test]
     fn names_are_escaped_for_the_path() {
         assert_eq!(percent_encode("a.b-c_d9"), "a.b-c_d9");
         assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
