@@ -306,7 +306,7 @@ impl Inner {
 }
 
 /// At start-up: finishes the retentions a crash interrupted, once cluster mode had time to load.
-pub(super) async fn resume(inner: std::sync::Weak<Inner>) {
+async fn resume(inner: std::sync::Weak<Inner>) {
     tokio::time::sleep(RESUME_AFTER).await;
     let Some(inner) = inner.upgrade() else {
         return;
@@ -333,7 +333,7 @@ pub(super) async fn resume(inner: std::sync::Weak<Inner>) {
     }
 }
 
-/// Keeps `Arc` in use for the spawn in `EbsBackend::new`.
+/// Starts `resume` in the background; it holds the backend only weakly, so a dropped backend ends it.
 pub(super) fn spawn_resume(inner: &Arc<Inner>) {
     tokio::spawn(resume(Arc::downgrade(inner)));
 }
