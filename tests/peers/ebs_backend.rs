@@ -96,6 +96,24 @@ pub(crate) fn create(d: &Daemon, name: &str, size: &str) {
     );
 }
 
+/// Waits for the retention pass that follows an Unmount's push (it runs once the Unmount has answered)
+/// to be over for generation `newest`: the generations Status lists are recorded at its end.
+pub(crate) fn retained(d: &Daemon, name: &str, newest: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = d.get(name)["Status"].clone();
+        if status["generations"][0]["generation"].as_u64() == Some(newest) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no retention pass after generation {newest}: {status}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub(crate) fn generation(d: &Daemon, name: &str) -> Option<u64> {
     d.get(name)["Status"]["generation"].as_u64()
 }
@@ -454,6 +472,8 @@ fn a_deleted_local_copy_is_pulled_again_and_never_advises_removal() {
     let m = a.mount("d", "x");
     write_file(&m.join("kept"), b"shipped");
     a.unmount("d", "x");
+    // Once the retention pass after the push is over: it writes into that directory.
+    retained(&a, "d", 1);
     // Deleting the volume's directory under STATE_DIR/ebs (as the troubleshooting guide allows for a
     // copy with nothing unshipped) makes the next Mount pull the newest snapshot.
     std::fs::remove_dir_all(a.state.join("ebs/d")).unwrap();

@@ -5,7 +5,7 @@
 
 use crate::common::{self, Daemon};
 use crate::ebs_backend::{
-    create, generation, host_lines, last_pull, pattern, restart, runtime, write_file,
+    create, generation, host_lines, last_pull, pattern, restart, retained, runtime, write_file,
 };
 use crate::ebs_strict::StrictEbs;
 
@@ -163,8 +163,9 @@ fn hosts_behind_by_one_and_ten_generations_fetch_exactly_the_changed_blocks() {
     }
 }
 
-/// `[ebs] keep = 3` (the default): after every push the volume has at most three snapshots, the data
-/// of 50 round trips stays whole, and a host that never saw any of it pulls the newest alone.
+/// `[ebs] keep = 3` (the default): once the retention pass after every push is over, the volume has its
+/// newest three snapshots, the data of 50 round trips stays whole, and a host that never saw any of it
+/// pulls the newest alone.
 #[test]
 fn retention_keeps_exactly_keep_generations_over_fifty_round_trips() {
     let rt = runtime();
@@ -185,9 +186,10 @@ fn retention_keeps_exactly_keep_generations_over_fifty_round_trips() {
             (i as usize * 77_777) % (3 << 20),
             64 * 1024,
         );
-        let gens = ebs.completed_by_generation("rv");
         let newest = generation(&a, "rv").unwrap();
         assert_eq!(newest, i, "one generation per round trip");
+        retained(&a, "rv", newest);
+        let gens = ebs.completed_by_generation("rv");
         let kept: Vec<u64> = gens.keys().copied().collect();
         let want: Vec<u64> = (newest.saturating_sub(2).max(1)..=newest).collect();
         assert_eq!(kept, want, "round {i}: the newest three generations");
@@ -252,6 +254,7 @@ fn a_pull_in_progress_survives_retention_elsewhere() {
         // A push elsewhere: with keep = 1, generation 3 would go, but b is pulling it.
         let mut elsewhere = model.clone();
         round(&a, "pv", &mut elsewhere, 4, 20 << 20, 512 * 1024);
+        retained(&a, "pv", 4);
         let gens = ebs.completed_by_generation("pv");
         assert!(
             !pulling.is_finished(),

@@ -81,6 +81,9 @@ pub struct EbsBackend {
     inner: Arc<Inner>,
 }
 
+/// EBS's listing of a volume's snapshots, and the newest of them a push or pull may start from.
+type History = (Vec<SnapshotInfo>, Option<SnapshotInfo>);
+
 struct Inner {
     settings: EbsSettings,
     /// The local copies, their records and the conflicts recorded against them.
@@ -315,7 +318,7 @@ impl Inner {
         &self,
         name: &str,
         own_pending: Option<&str>,
-    ) -> Result<(Vec<SnapshotInfo>, Option<SnapshotInfo>), BackendError> {
+    ) -> Result<History, BackendError> {
         let list: Vec<SnapshotInfo> = self
             .client
             .find(&self.settings.namespace, Some(name))
@@ -676,55 +679,89 @@ impl Inner {
     }
 
     /// Unmounts the volume and ships what its local copy may hold unshipped (see `decide::detach`).
+    /// Unmounts the image and ships what changed. Also says whether a new generation was shipped, after
+    /// which retention is due (see `Backend::detach`, which runs it once the Unmount has answered).
     async fn detach(
         &self,
         name: &str,
         spec: &VolumeSpec,
         shipped: Option<&Shipped>,
-    ) -> Result<Option<Shipped>, BackendError> {
+    ) -> Result<(Option<Shipped>, bool), BackendError> {
         let target = self.exposed(name);
-        let mounter = self.mounter.clone();
-        let t = target.clone();
-        blocking(move || release_mount(mounter.as_ref(), &t, WhenBusy::Refuse)).await?;
-        self.wait_until_unheld(name).await?;
-        self.stop_mounted(name).await;
         let found = if self.paths(name).dir.is_dir() {
             Some(self.copies.load(name)?)
         } else {
             None
         };
-        let copy = match (decide::detach(found.as_ref()), found) {
-            (DetachPlan::Push, Some(mut copy)) => {
-                let before = copy.generation;
-                self.push(name, spec, &mut copy).await?;
-                if copy.generation != before {
-                    self.retain_quietly(name, &copy, shipped).await;
-                }
-                copy
+        let plan = decide::detach(found.as_ref());
+        let mounter = self.mounter.clone();
+        let t = target.clone();
+        let unmount = blocking(move || release_mount(mounter.as_ref(), &t, WhenBusy::Refuse));
+        // A push starts from EBS's listing of the volume's snapshots: it is asked for while the
+        // filesystem is unmounted, not after (one call's latency off every Unmount that ships).
+        let (unmounted, history) = match (&plan, &found) {
+            (DetachPlan::Push, Some(copy)) => {
+                let (u, h) = tokio::join!(unmount, self.history(name, copy.pending.as_deref()));
+                (u, Some(h))
             }
-            (DetachPlan::Clean, Some(copy)) => copy,
-            // No local copy here: the catalog's record stands.
-            _ => return Ok(shipped.cloned()),
+            _ => (unmount.await, None),
         };
-        Ok(copy
+        unmounted?;
+        self.wait_until_unheld(name).await?;
+        let ship = async {
+            match (plan, found, history) {
+                (DetachPlan::Push, Some(mut copy), Some(history)) => {
+                    let before = copy.generation;
+                    self.push(name, spec, &mut copy, history?).await?;
+                    let pushed = copy.generation != before;
+                    Ok(Some((copy, pushed)))
+                }
+                (DetachPlan::Clean, Some(copy), _) => Ok(Some((copy, false))),
+                // No local copy here: the catalog's record stands.
+                _ => Ok::<_, BackendError>(None),
+            }
+        };
+        // Clearing the mounted tag is one more call: it goes out beside the push, not before it.
+        let ((), shipping) = tokio::join!(self.stop_mounted(name), ship);
+        let Some((copy, pushed)) = shipping? else {
+            return Ok((shipped.cloned(), false));
+        };
+        let now = copy
             .snapshot
             .clone()
             .map(|snapshot| Shipped {
                 snapshot,
                 generation: copy.generation,
             })
-            .or_else(|| shipped.cloned()))
+            .or_else(|| shipped.cloned());
+        Ok((now, pushed))
     }
 
-    /// Ships what changed in an unmounted image since its base snapshot, as the next generation.
+    /// Retention after an Unmount's push, under the volume's ship lock: the local copy and the catalog's
+    /// record (`shipped`, as the Unmount was given it) name what must stay.
+    async fn retain_after_unmount(&self, name: &str, shipped: Option<&Shipped>) {
+        if !self.paths(name).dir.is_dir() {
+            return;
+        }
+        match self.copies.load(name) {
+            Ok(copy) => self.retain_quietly(name, &copy, shipped).await,
+            Err(e) => {
+                tracing::warn!(volume = name, error = %e, "cannot delete old snapshots now; the next push, `ferry prune` or a restart tries again")
+            }
+        }
+    }
+
+    /// Ships what changed in an unmounted image since its base snapshot (`history`: EBS's listing of the
+    /// volume's snapshots), as the next generation.
     async fn push(
         &self,
         name: &str,
         spec: &VolumeSpec,
         copy: &mut LocalCopy,
+        history: History,
     ) -> Result<(), BackendError> {
         let p = self.paths(name);
-        self.check_base(name, copy).await?;
+        self.check_base(name, copy, history).await?;
         let (image, blocks) = (p.image.clone(), p.blocks.clone());
         // The scan feeds the upload as it finds changed blocks, instead of hashing the whole image first.
         let mut feed = ship::Feed::spawn(self.settings.concurrency, move |sink| {
@@ -791,7 +828,8 @@ impl Inner {
         if !self.mounter.mount_table()?.is_mounted(&target) {
             return Ok(current(&copy));
         }
-        self.check_base(name, &mut copy).await?;
+        let history = self.history(name, copy.pending.as_deref()).await?;
+        self.check_base(name, &mut copy, history).await?;
         let spool = p.dir.join("spool");
         let (image, blocks, t, s) = (
             p.image.clone(),
@@ -1017,9 +1055,13 @@ impl Inner {
 
     /// Refuses to ship unless the copy's base is still the newest completed snapshot in EBS, after
     /// settling what an interrupted push left.
-    async fn check_base(&self, name: &str, copy: &mut LocalCopy) -> Result<(), BackendError> {
+    async fn check_base(
+        &self,
+        name: &str,
+        copy: &mut LocalCopy,
+        (list, newest): History,
+    ) -> Result<(), BackendError> {
         let p = self.paths(name);
-        let (list, newest) = self.history(name, copy.pending.as_deref()).await?;
         self.settle_pending(name, copy, &list).await?;
         let err = match decide::base(copy, newest.as_ref()) {
             BaseCheck::Newest => return Ok(()),
@@ -1155,6 +1197,10 @@ impl Backend for EbsBackend {
 
     async fn remove(&self, name: &str, _spec: &VolumeSpec) -> Result<(), BackendError> {
         let inner = &self.inner;
+        // Under the ship lock: the retention pass an Unmount left running deletes snapshots and writes
+        // into the volume's directory, both of which this removes.
+        let lock = inner.ship_lock(name);
+        let _shipping = lock.lock().await;
         let snapshots = inner
             .client
             .find(&inner.settings.namespace, Some(name))
@@ -1199,8 +1245,18 @@ impl Backend for EbsBackend {
         shipped: Option<&Shipped>,
     ) -> Result<Option<Shipped>, BackendError> {
         let lock = self.inner.ship_lock(name);
-        let _shipping = lock.lock().await;
-        self.inner.detach(name, spec, shipped).await
+        let shipping = lock.clone().lock_owned().await;
+        let (now, pushed) = self.inner.detach(name, spec, shipped).await?;
+        if pushed {
+            // Deleting old generations is not what the Unmount waits for: it runs right after, still
+            // under the ship lock, so the next Mount or Unmount of the volume here starts once it is done.
+            let (inner, name, record) = (self.inner.clone(), name.to_string(), shipped.cloned());
+            tokio::spawn(async move {
+                let _shipping = shipping;
+                inner.retain_after_unmount(&name, record.as_ref()).await;
+            });
+        }
+        Ok(now)
     }
 
     async fn checkpoint(
