@@ -238,7 +238,10 @@ impl Daemon {
             .arg("--state-dir")
             .arg(&d.state)
             .env("FERRY_CONFIG", &config)
-            .env("FERRY_LOG", "info")
+            .env(
+                "FERRY_LOG",
+                std::env::var("BENCH_FERRY_LOG").unwrap_or("info".into()),
+            )
             // Dummy credentials through the standard chain, and nothing of this machine's AWS setup.
             .env("AWS_ACCESS_KEY_ID", "AKIDFERRYBENCH")
             .env("AWS_SECRET_ACCESS_KEY", "ferry-bench-dummy-secret")

@@ -707,7 +707,13 @@ impl Inner {
             _ => (unmount.await, None),
         };
         unmounted?;
+        let t = std::time::Instant::now();
         self.wait_until_unheld(name).await?;
+        tracing::debug!(
+            volume = name,
+            unheld_ms = t.elapsed().as_millis() as u64,
+            "unmounted"
+        );
         let ship = async {
             match (plan, found, history) {
                 (DetachPlan::Push, Some(mut copy), Some(history)) => {
