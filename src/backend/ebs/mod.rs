@@ -642,7 +642,7 @@ impl Inner {
             .mount_root()
             .unwrap_or(self.copies.root())
             .to_path_buf();
-        let mounted = blocking(move || {
+        let mount = blocking(move || {
             DirBuilder::new()
                 .recursive(true)
                 .mode(0o755)
@@ -658,9 +658,12 @@ impl Inner {
                 }
             }
             Ok(())
-        })
-        .await;
+        });
+        // The mounted tag (what other hosts' Remove and retention look for) is set while the image
+        // mounts, not after: it is in place before the Mount answers either way, one call sooner.
+        let (mounted, ()) = tokio::join!(mount, self.start_mounted(name));
         if let Err(e) = mounted {
+            self.stop_mounted(name).await;
             copy.dirty = was_dirty;
             if let Err(s) = self.copies.save(name, &copy) {
                 tracing::error!(volume = name, error = %s, "cannot clear the changed flag after a failed mount");
@@ -671,7 +674,6 @@ impl Inner {
             self.copies.settled(name, &mut copy);
             self.copies.save(name, &copy)?;
         }
-        self.start_mounted(name).await;
         Ok(Attached {
             path: target,
             shipped: from_copy(&copy).or_else(|| shipped.cloned()),
