@@ -137,6 +137,11 @@ pub(crate) fn history(args: HistoryArgs) -> Result<()> {
         for g in 2..=args.generations {
             rewrite(&a, "old", 100 + g, (g * 7_777_777) % (60 << 20), 64 << 10)?;
         }
+        // The retention pass after the last Unmount runs once that Unmount has answered.
+        let settle = Instant::now() + std::time::Duration::from_secs(10);
+        while ebs.completed_by_generation("old").len() > 3 && Instant::now() < settle {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let kept = ebs.completed_by_generation("old").len();
         notes.push(json!(format!(
             "{} generations made in {:.0} s with no latency; {kept} snapshots kept ([ebs] keep default)",
