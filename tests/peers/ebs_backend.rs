@@ -740,12 +740,14 @@ fn remove_on_another_host_is_refused_while_the_volume_is_mounted() {
         .as_str()
         .unwrap()
         .to_string();
+    let host_id = std::fs::read_to_string(a.state.join("host-id")).unwrap();
+    // One key per host, so that two hosts on one snapshot never clear each other's.
+    let key = format!("ferry:mounted:{}", host_id.trim());
     let tag = ebs
         .tags(&first)
         .into_iter()
-        .find(|(k, _)| k == "ferry:mounted")
+        .find(|(k, _)| *k == key)
         .map(|(_, v)| v);
-    let host_id = std::fs::read_to_string(a.state.join("host-id")).unwrap();
     assert!(
         tag.as_deref().is_some_and(|t| t.contains(host_id.trim())),
         "{tag:?}"
@@ -766,7 +768,10 @@ fn remove_on_another_host_is_refused_while_the_volume_is_mounted() {
     // Once a unmounts (shipping generation 2), the tag is gone and b's Remove goes ahead.
     write_file(&m.join("g"), b"second");
     a.unmount("held", "y");
-    assert!(!ebs.tags(&first).iter().any(|(k, _)| k == "ferry:mounted"));
+    assert!(!ebs
+        .tags(&first)
+        .iter()
+        .any(|(k, _)| k.starts_with("ferry:mounted")));
     b.remove("held");
     assert!(snapshots_of(&ebs, "held", 1).is_empty() && snapshots_of(&ebs, "held", 2).is_empty());
     drop(rt);
@@ -800,10 +805,10 @@ fn remove_elsewhere_goes_ahead_once_a_dead_hosts_tag_is_stale() {
     let aged = ferry::backend::ebs::MOUNTED_STALE.as_secs() + 2;
     let mut rewritten = 0;
     for id in ebs.snapshot_ids() {
-        let Some((_, value)) = ebs
+        let Some((key, value)) = ebs
             .tags(&id)
             .into_iter()
-            .find(|(k, _)| k == "ferry:mounted")
+            .find(|(k, _)| k.starts_with("ferry:mounted:"))
         else {
             continue;
         };
@@ -811,7 +816,7 @@ fn remove_elsewhere_goes_ahead_once_a_dead_hosts_tag_is_stale() {
             .split_once(' ')
             .expect("a mounted tag starts with its time");
         let at: u64 = at.parse().expect("a mounted tag's time is a number");
-        ebs.set_tag(&id, "ferry:mounted", &format!("{} {rest}", at - aged));
+        ebs.set_tag(&id, &key, &format!("{} {rest}", at - aged));
         rewritten += 1;
     }
     assert!(rewritten > 0, "the dead host left no mounted tag to age");

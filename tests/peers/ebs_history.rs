@@ -275,7 +275,7 @@ fn a_pull_in_progress_survives_retention_elsewhere() {
         assert!(Instant::now() < deadline, "b never cleared its pulling tag");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // b still has it mounted: kept.
+    // b still has it mounted (a's Unmount of its own copy of that base cleared only a's tag): kept.
     let out = prune(&a, "pv", false);
     assert!(out.contains("deleted 0 snapshot"), "{out}");
     // b's copy is now behind what a shipped meanwhile, so its Unmount refuses to ship over it; it is

@@ -35,9 +35,16 @@ pub mod tags {
     /// The volume's options (size, fs, uid, gid, mode, checkpoint) as canonical JSON, so a Create on
     /// another host can adopt the volume or refuse contradicting options.
     pub const OPTIONS: &str = "ferry:options";
-    /// "EPOCH_SECS HOST_ID HOSTNAME" of the host that has the volume mounted, on its newest snapshot;
-    /// refreshed while mounted and deleted at unmount, so a Remove elsewhere can tell the volume is in use.
-    pub const MOUNTED: &str = "ferry:mounted";
+    /// Prefix of "ferry:mounted:HOST_ID" = "EPOCH_SECS HOST_ID HOSTNAME", on the snapshot a host's mounted
+    /// copy is based on; refreshed while mounted and deleted at unmount, so a Remove elsewhere can tell
+    /// the volume is in use. One key per host: two hosts on one snapshot never overwrite or clear each
+    /// other's. A bare `ferry:mounted` key (written by Ferry before it had one per host) is still read.
+    pub const MOUNTED: &str = "ferry:mounted:";
+
+    /// The key of `host_id`'s mounted tag.
+    pub fn mounted_key(host_id: &str) -> String {
+        format!("{MOUNTED}{host_id}")
+    }
     /// Prefix of "ferry:pulling:HOST_ID" = "EPOCH_SECS", on a snapshot a host is pulling: retention leaves
     /// it alone while the tag is fresh. One key per host, so a host clears only its own.
     pub const PULLING: &str = "ferry:pulling:";
@@ -250,8 +257,8 @@ pub struct SnapshotInfo {
     pub host: String,
     /// The `ferry:options` tag, parsed; empty if absent or unreadable.
     pub options: BTreeMap<String, String>,
-    /// The `ferry:mounted` tag, as it is.
-    pub mounted: Option<String>,
+    /// The values of the snapshot's `ferry:mounted:*` tags (and of a bare `ferry:mounted`), as they are.
+    pub mounted: Vec<String>,
     /// When the snapshot was started, in seconds since the epoch, if EC2 said.
     pub started: Option<u64>,
     /// The `ferry:blocks` tag: how many blocks this generation changed.
@@ -721,7 +728,16 @@ impl SnapshotClient {
                         options: tag(tags::OPTIONS)
                             .and_then(|o| serde_json::from_str(&o).ok())
                             .unwrap_or_default(),
-                        mounted: tag(tags::MOUNTED),
+                        mounted: s
+                            .tags()
+                            .iter()
+                            .filter(|t| {
+                                t.key().is_some_and(|k| {
+                                    k.starts_with(tags::MOUNTED) || k == "ferry:mounted"
+                                })
+                            })
+                            .filter_map(|t| t.value().map(str::to_string))
+                            .collect(),
                         started: s.start_time().map(|t| t.secs().max(0) as u64),
                         blocks: tag(tags::BLOCKS).and_then(|b| b.parse().ok()),
                         pulling: s

@@ -323,11 +323,7 @@ pub(super) fn retire(
             SnapState::Failed => s.generation <= newest.generation,
             SnapState::Pending => false,
         })
-        .filter(|s| {
-            !s.mounted
-                .as_deref()
-                .is_some_and(|m| super::mounted::fresh(m, now))
-        })
+        .filter(|s| !s.mounted.iter().any(|m| super::mounted::fresh(m, now)))
         .filter(|s| s.pulling.is_none_or(|at| now.saturating_sub(at) >= stale))
         .cloned()
         .collect();
@@ -460,7 +456,7 @@ mod tests {
             parent: parent.map(str::to_string),
             host: "h".into(),
             options: Default::default(),
-            mounted: None,
+            mounted: Vec::new(),
             started: None,
             blocks: None,
             pulling: None,
@@ -843,7 +839,7 @@ mod tests {
         );
         // What the catalog or the local copy names, and what a host has mounted or is pulling, stays
         // while its tag is fresh.
-        list[1].mounted = Some(super::super::mounted::tag_value("h2", "n2", now - 10));
+        list[1].mounted = vec![super::super::mounted::tag_value("h2", "n2", now - 10)];
         list[2].pulling = Some(now - 5);
         list[0].pulling = Some(now - 100_000);
         assert_eq!(ids(retire(&list, &newest, 3, &["s1"], now)), ["f"]);

@@ -14,7 +14,8 @@
 //!
 //! This module does the backend's I/O: it gathers the facts (the local copy's record, the snapshots found
 //! by tag, the mount table), asks `decide` what they mean, and acts on the answer. The local copies' files
-//! and records are `copy`'s, moving blocks is `ship`'s, the `ferry:mounted` tag's format is `mounted`'s.
+//! and records are `copy`'s, moving blocks is `ship`'s, the format of the `ferry:mounted:HOST_ID` tags is
+//! `mounted`'s.
 
 pub mod blockmap;
 pub mod client;
@@ -201,7 +202,12 @@ impl Inner {
             let value = mounted::tag_value(&self.host_id, &self.hostname, now_secs());
             if let Err(e) = self
                 .client
-                .set_tag(name, snap, client::tags::MOUNTED, &value)
+                .set_tag(
+                    name,
+                    snap,
+                    &client::tags::mounted_key(&self.host_id),
+                    &value,
+                )
                 .await
             {
                 tracing::warn!(volume = name, error = %e, "cannot refresh the mounted tag");
@@ -212,7 +218,7 @@ impl Inner {
             if let Some(old) = &before {
                 if let Err(e) = self
                     .client
-                    .delete_tag(name, old, client::tags::MOUNTED)
+                    .delete_tag(name, old, &client::tags::mounted_key(&self.host_id))
                     .await
                 {
                     tracing::warn!(volume = name, error = %e, "cannot clear an old mounted tag");
@@ -240,7 +246,7 @@ impl Inner {
         if let Some(snap) = tagged {
             if let Err(e) = self
                 .client
-                .delete_tag(name, &snap, client::tags::MOUNTED)
+                .delete_tag(name, &snap, &client::tags::mounted_key(&self.host_id))
                 .await
             {
                 tracing::warn!(volume = name, error = %e, "cannot clear the mounted tag; it goes stale by itself");
@@ -477,154 +483,208 @@ impl Inner {
             },
         )
         .map_err(ebs_err)?;
-        let fresh_fs = match plan {
-            AttachPlan::Current => {
-                tracing::info!(
-                    volume = name,
-                    generation = copy.generation,
-                    dirty = copy.dirty,
-                    "the local copy is current"
-                );
-                false
+        // A pull is for a Mount: the snapshot it reads is tagged as mounted here while it is read (other
+        // hosts' Remove refuses it, and their retention keeps it), instead of with one more call after.
+        let early = match &plan {
+            AttachPlan::Pull { newest, .. } | AttachPlan::Patch { newest, .. } => {
+                Some(newest.snapshot.clone())
             }
-            AttachPlan::CatalogAhead {
-                generation,
-                snapshot,
-                newest,
-            } => {
-                return Err(ebs_err(EbsError::Invalid {
-                    volume: name.into(),
-                    reason: format!(
-                        "this host's catalog records generation {generation} (snapshot {snapshot}) but EBS holds only up to \
-                         generation {newest}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
-                         Run `ferry ebs set-aside {name}` to move this host's copy aside (it prints where) and take what EBS holds now",
-                    ),
-                }));
+            _ => None,
+        };
+        let tagged_at = std::time::Instant::now();
+        let early_tag = async {
+            let Some(snap) = &early else {
+                return false;
+            };
+            let value = mounted::tag_value(&self.host_id, &self.hostname, now_secs());
+            match self
+                .client
+                .set_tag(
+                    name,
+                    snap,
+                    &client::tags::mounted_key(&self.host_id),
+                    &value,
+                )
+                .await
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(volume = name, error = %e, "cannot set the mounted tag; it is set again once mounted");
+                    false
+                }
             }
-            AttachPlan::Diverged {
-                newest,
-                snapshot,
-                base,
-            } => {
-                let err = EbsError::Diverged {
-                    volume: name.into(),
+        };
+        let prepare = async {
+            Ok::<bool, BackendError>(match plan {
+                AttachPlan::Current => {
+                    tracing::info!(
+                        volume = name,
+                        generation = copy.generation,
+                        dirty = copy.dirty,
+                        "the local copy is current"
+                    );
+                    false
+                }
+                AttachPlan::CatalogAhead {
+                    generation,
+                    snapshot,
+                    newest,
+                } => {
+                    return Err(ebs_err(EbsError::Invalid {
+                        volume: name.into(),
+                        reason: format!(
+                            "this host's catalog records generation {generation} (snapshot {snapshot}) but EBS holds only up to \
+                             generation {newest}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
+                             Run `ferry ebs set-aside {name}` to move this host's copy aside (it prints where) and take what EBS holds now",
+                        ),
+                    }));
+                }
+                AttachPlan::Diverged {
                     newest,
                     snapshot,
                     base,
-                    image: p.image.display().to_string(),
-                };
-                return Err(self.copies.conflict(name, &mut copy, err));
-            }
-            AttachPlan::DeletedElsewhere { base, newest } => {
-                let err = EbsError::Invalid {
-                    volume: name.into(),
-                    reason: format!(
-                        "the local copy is based on generation {base} but EBS holds only up to generation \
-                         {newest}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
-                         Run `ferry ebs set-aside {name}` to move this copy aside (it prints where) and start from EBS's data",
-                    ),
-                };
-                return Err(self.copies.conflict(name, &mut copy, err));
-            }
-            AttachPlan::Pull { newest, blocks } => {
-                copy = self.pull_whole(name, spec, &p, &blocks, newest).await?;
-                false
-            }
-            AttachPlan::Patch { newest, blocks } => {
-                let listing = match self.listing(name, &blocks).await {
-                    Ok(l) => Some(l),
-                    // EBS refused to compare the two (its base was just deleted, or is of another
-                    // lineage after all): the whole volume is pulled instead.
-                    Err(BackendError::Ebs(e))
-                        if e.kind() == "ebs_not_found"
-                            || e.kind() == "ebs_invalid_request"
-                            || e.kind() == "ebs_invalid" =>
+                } => {
+                    let err = EbsError::Diverged {
+                        volume: name.into(),
+                        newest,
+                        snapshot,
+                        base,
+                        image: p.image.display().to_string(),
+                    };
+                    return Err(self.copies.conflict(name, &mut copy, err));
+                }
+                AttachPlan::DeletedElsewhere { base, newest } => {
+                    let err = EbsError::Invalid {
+                        volume: name.into(),
+                        reason: format!(
+                            "the local copy is based on generation {base} but EBS holds only up to generation \
+                             {newest}: its snapshots were deleted (by a Remove on another host, or outside Ferry). \
+                             Run `ferry ebs set-aside {name}` to move this copy aside (it prints where) and start from EBS's data",
+                        ),
+                    };
+                    return Err(self.copies.conflict(name, &mut copy, err));
+                }
+                AttachPlan::Pull { newest, blocks } => {
+                    copy = self.pull_whole(name, spec, &p, &blocks, newest).await?;
+                    false
+                }
+                AttachPlan::Patch { newest, blocks } => {
+                    let listing = match self.listing(name, &blocks).await {
+                        Ok(l) => Some(l),
+                        // EBS refused to compare the two (its base was just deleted, or is of another
+                        // lineage after all): the whole volume is pulled instead.
+                        Err(BackendError::Ebs(e))
+                            if e.kind() == "ebs_not_found"
+                                || e.kind() == "ebs_invalid_request"
+                                || e.kind() == "ebs_invalid" =>
+                        {
+                            tracing::warn!(volume = name, error = %e, "cannot list the blocks changed since the local copy's base; pulling the volume whole");
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let (b, size) = (p.blocks.clone(), sized(spec)?.0);
+                    let old = match listing {
+                        Some(_) => blocking(move || BlockMap::load(&b).map_err(internal)).await?,
+                        None => None,
+                    };
+                    let old = old.filter(|m| BlockMap::count_for(size).is_ok_and(|c| c == m.len()));
+                    match (listing, old) {
+                        (Some(listing), Some(old)) => {
+                            tracing::info!(
+                                volume = name,
+                                base = copy.generation,
+                                newest = newest.generation,
+                                blocks = listing.iter().map(|(_, b)| b.len()).sum::<usize>(),
+                                "the local copy is an older generation; fetching only what changed since"
+                            );
+                            // Until the patch completes the image is based on nothing: an interruption makes
+                            // the next Mount pull it whole rather than mount a mix of two generations.
+                            copy = LocalCopy::default();
+                            self.copies.save(name, &copy)?;
+                            let b = p.blocks.clone();
+                            blocking(move || match std::fs::remove_file(&b) {
+                                Ok(()) => Ok(()),
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                                Err(e) => Err(BackendError::io("delete", &b)(e)),
+                            })
+                            .await?;
+                            let map = ship::pull(
+                                &self.shipper(),
+                                name,
+                                spec,
+                                listing,
+                                &p,
+                                ship::PullInto::Image(old),
+                            )
+                            .await;
+                            self.pulled_from(name, &blocks);
+                            copy = self.pulled(name, &p, map?, newest).await?;
+                        }
+                        _ => {
+                            let whole = match &blocks {
+                                decide::Blocks::Changed { newest, .. } => {
+                                    decide::Blocks::Newest(newest.clone())
+                                }
+                                _ => {
+                                    return Err(BackendError::Internal(
+                                        BackendKind::Ebs,
+                                        "the local copy's block map is unreadable; set the copy aside (`ferry ebs set-aside`) to pull the volume whole".into(),
+                                    ))
+                                }
+                            };
+                            copy = self.pull_whole(name, spec, &p, &whole, newest).await?;
+                        }
+                    }
+                    false
+                }
+                AttachPlan::Fresh => {
+                    // A new volume: nothing shipped yet, so an empty filesystem it is.
+                    let (size, fs) = sized(spec)?;
+                    let image = p.image.clone();
+                    let mounter = self.mounter.clone();
+                    blocking(move || {
+                        let tmp = image.with_extension("new");
+                        let f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(0o600)
+                            .custom_flags(libc::O_NOFOLLOW)
+                            .open(&tmp)
+                            .map_err(BackendError::io("create", &tmp))?;
+                        f.set_len(size).map_err(BackendError::io("size", &tmp))?;
+                        drop(f);
+                        mounter.format(&tmp, fs)?;
+                        std::fs::rename(&tmp, &image).map_err(BackendError::io("rename", &tmp))
+                    })
+                    .await?;
+                    copy = LocalCopy::default();
+                    true
+                }
+            })
+        };
+        let (prepared, early_tagged) = tokio::join!(prepare, early_tag);
+        let fresh_fs = match prepared {
+            Ok(f) => f,
+            Err(e) => {
+                if let (true, Some(snap)) = (early_tagged, &early) {
+                    if let Err(e) = self
+                        .client
+                        .delete_tag(name, snap, &client::tags::mounted_key(&self.host_id))
+                        .await
                     {
-                        tracing::warn!(volume = name, error = %e, "cannot list the blocks changed since the local copy's base; pulling the volume whole");
-                        None
-                    }
-                    Err(e) => return Err(e),
-                };
-                let (b, size) = (p.blocks.clone(), sized(spec)?.0);
-                let old = match listing {
-                    Some(_) => blocking(move || BlockMap::load(&b).map_err(internal)).await?,
-                    None => None,
-                };
-                let old = old.filter(|m| BlockMap::count_for(size).is_ok_and(|c| c == m.len()));
-                match (listing, old) {
-                    (Some(listing), Some(old)) => {
-                        tracing::info!(
-                            volume = name,
-                            base = copy.generation,
-                            newest = newest.generation,
-                            blocks = listing.iter().map(|(_, b)| b.len()).sum::<usize>(),
-                            "the local copy is an older generation; fetching only what changed since"
-                        );
-                        // Until the patch completes the image is based on nothing: an interruption makes
-                        // the next Mount pull it whole rather than mount a mix of two generations.
-                        copy = LocalCopy::default();
-                        self.copies.save(name, &copy)?;
-                        let b = p.blocks.clone();
-                        blocking(move || match std::fs::remove_file(&b) {
-                            Ok(()) => Ok(()),
-                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                            Err(e) => Err(BackendError::io("delete", &b)(e)),
-                        })
-                        .await?;
-                        let map = ship::pull(
-                            &self.shipper(),
-                            name,
-                            spec,
-                            listing,
-                            &p,
-                            ship::PullInto::Image(old),
-                        )
-                        .await;
-                        self.pulled_from(name, &blocks);
-                        copy = self.pulled(name, &p, map?, newest).await?;
-                    }
-                    _ => {
-                        let whole = match &blocks {
-                            decide::Blocks::Changed { newest, .. } => {
-                                decide::Blocks::Newest(newest.clone())
-                            }
-                            _ => {
-                                return Err(BackendError::Internal(
-                                    BackendKind::Ebs,
-                                    "the local copy's block map is unreadable; set the copy aside (`ferry ebs set-aside`) to pull the volume whole".into(),
-                                ))
-                            }
-                        };
-                        copy = self.pull_whole(name, spec, &p, &whole, newest).await?;
+                        tracing::warn!(volume = name, error = %e, "cannot clear the mounted tag; it goes stale by itself");
                     }
                 }
-                false
-            }
-            AttachPlan::Fresh => {
-                // A new volume: nothing shipped yet, so an empty filesystem it is.
-                let (size, fs) = sized(spec)?;
-                let image = p.image.clone();
-                let mounter = self.mounter.clone();
-                blocking(move || {
-                    let tmp = image.with_extension("new");
-                    let f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&tmp)
-                        .map_err(BackendError::io("create", &tmp))?;
-                    f.set_len(size).map_err(BackendError::io("size", &tmp))?;
-                    drop(f);
-                    mounter.format(&tmp, fs)?;
-                    std::fs::rename(&tmp, &image).map_err(BackendError::io("rename", &tmp))
-                })
-                .await?;
-                copy = LocalCopy::default();
-                true
+                return Err(e);
             }
         };
+        // The early tag stands for the mount if it names the copy's base and is younger than a refresh.
+        let tagged = early_tagged
+            && early.is_some()
+            && early == copy.snapshot
+            && tagged_at.elapsed() < MOUNTED_REFRESH;
         // Dirty before the mount, so a crash while mounted never hides changes; a mount that fails
         // changed nothing, and puts the flag back.
         let was_dirty = copy.dirty;
@@ -659,9 +719,18 @@ impl Inner {
             }
             Ok(())
         });
-        // The mounted tag (what other hosts' Remove and retention look for) is set while the image
-        // mounts, not after: it is in place before the Mount answers either way, one call sooner.
-        let (mounted, ()) = tokio::join!(mount, self.start_mounted(name));
+        // Otherwise the mounted tag (what other hosts' Remove and retention look for) is set while the
+        // image mounts: in place before the Mount answers either way.
+        let mounted = if tagged {
+            self.mounted
+                .lock()
+                .recover()
+                .insert(name.to_string(), copy.snapshot.clone());
+            mount.await
+        } else {
+            let (mounted, ()) = tokio::join!(mount, self.start_mounted(name));
+            mounted
+        };
         if let Err(e) = mounted {
             self.stop_mounted(name).await;
             copy.dirty = was_dirty;

@@ -1,6 +1,6 @@
-//! The `ferry:mounted` tag: the value a host writes on the snapshot its mounted copy is based on, and
-//! what the tags found on a volume's snapshots say about another host still using it, which is how a
-//! Remove learns it without a shared catalog.
+//! The `ferry:mounted:HOST_ID` tags: the value a host writes on the snapshot its mounted copy is based
+//! on, and what the tags found on a volume's snapshots say about another host still using it, which is
+//! how a Remove learns it without a shared catalog.
 //!
 //! Pure: the time comes in as seconds since the epoch. Writing, refreshing and clearing the tag is the
 //! backend's (`mod.rs`), which knows what is mounted here.
@@ -41,7 +41,7 @@ pub(super) fn elsewhere(
 ) -> Option<BackendError> {
     snapshots
         .iter()
-        .filter_map(|(_, s)| parse(s.mounted.as_deref()?))
+        .flat_map(|(_, s)| s.mounted.iter().filter_map(|m| parse(m)))
         .filter(|(_, id, _)| *id != host_id)
         .filter(|(at, _, _)| now.saturating_sub(*at) < MOUNTED_STALE.as_secs())
         .max_by_key(|(at, _, _)| *at)
@@ -67,6 +67,7 @@ mod tests {
     }
 
     fn tagged(id: &str, mounted: Option<String>) -> (String, SnapshotInfo) {
+        let mounted: Vec<String> = mounted.into_iter().collect();
         let info = SnapshotInfo {
             id: id.into(),
             state: SnapState::Completed,
