@@ -188,6 +188,19 @@ impl Inner {
             .clone()
     }
 
+    /// Writes this host's mounted tag, stamped now, on `snap`.
+    async fn set_mounted_tag(&self, name: &str, snap: &str) -> Result<(), EbsError> {
+        let value = mounted::tag_value(&self.host_id, &self.hostname, now_secs());
+        let key = client::tags::mounted_key(&self.host_id);
+        self.client.set_tag(name, snap, &key, &value).await
+    }
+
+    /// Deletes this host's mounted tag from `snap` (another host's, under its own key, stays).
+    async fn clear_mounted_tag(&self, name: &str, snap: &str) -> Result<(), EbsError> {
+        let key = client::tags::mounted_key(&self.host_id);
+        self.client.delete_tag(name, snap, &key).await
+    }
+
     /// Tags the snapshot the local copy is based on as mounted here (and untags the one tagged before,
     /// after a checkpoint moved the base). Failures are logged: the tag only informs other hosts' Remove.
     async fn tag_mounted(&self, name: &str) {
@@ -199,28 +212,14 @@ impl Inner {
             None => return,
         };
         if let Some(snap) = &copy.snapshot {
-            let value = mounted::tag_value(&self.host_id, &self.hostname, now_secs());
-            if let Err(e) = self
-                .client
-                .set_tag(
-                    name,
-                    snap,
-                    &client::tags::mounted_key(&self.host_id),
-                    &value,
-                )
-                .await
-            {
+            if let Err(e) = self.set_mounted_tag(name, snap).await {
                 tracing::warn!(volume = name, error = %e, "cannot refresh the mounted tag");
                 return;
             }
         }
         if before.is_some() && before != copy.snapshot {
             if let Some(old) = &before {
-                if let Err(e) = self
-                    .client
-                    .delete_tag(name, old, &client::tags::mounted_key(&self.host_id))
-                    .await
-                {
+                if let Err(e) = self.clear_mounted_tag(name, old).await {
                     tracing::warn!(volume = name, error = %e, "cannot clear an old mounted tag");
                 }
             }
@@ -244,11 +243,7 @@ impl Inner {
     async fn stop_mounted(&self, name: &str) {
         let tagged = self.mounted.lock().recover().remove(name).flatten();
         if let Some(snap) = tagged {
-            if let Err(e) = self
-                .client
-                .delete_tag(name, &snap, &client::tags::mounted_key(&self.host_id))
-                .await
-            {
+            if let Err(e) = self.clear_mounted_tag(name, &snap).await {
                 tracing::warn!(volume = name, error = %e, "cannot clear the mounted tag; it goes stale by itself");
             }
         }
@@ -496,17 +491,7 @@ impl Inner {
             let Some(snap) = &early else {
                 return false;
             };
-            let value = mounted::tag_value(&self.host_id, &self.hostname, now_secs());
-            match self
-                .client
-                .set_tag(
-                    name,
-                    snap,
-                    &client::tags::mounted_key(&self.host_id),
-                    &value,
-                )
-                .await
-            {
+            match self.set_mounted_tag(name, snap).await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(volume = name, error = %e, "cannot set the mounted tag; it is set again once mounted");
@@ -669,11 +654,7 @@ impl Inner {
             Ok(f) => f,
             Err(e) => {
                 if let (true, Some(snap)) = (early_tagged, &early) {
-                    if let Err(e) = self
-                        .client
-                        .delete_tag(name, snap, &client::tags::mounted_key(&self.host_id))
-                        .await
-                    {
+                    if let Err(e) = self.clear_mounted_tag(name, snap).await {
                         tracing::warn!(volume = name, error = %e, "cannot clear the mounted tag; it goes stale by itself");
                     }
                 }
