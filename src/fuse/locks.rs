@@ -9,8 +9,9 @@
 //! table in this process (`LocalLocks`). With no store (`Locking::Refuse`) every lock request fails with
 //! ENOLCK: granting a lock that no other host sees would protect nothing.
 //!
-//! `flock(2)` never reaches here: fuse3 0.10 does not offer FUSE_FLOCK_LOCKS at init, so the kernel keeps
-//! flock locks on this host (see docs/nfs.md, "Locks").
+//! `flock(2)` comes here too: the session asks for FUSE_FLOCK_LOCKS at INIT, and the kernel then sends a
+//! flock as a whole-file lock whose owner is the open file (released by the file's RELEASE), which goes to
+//! the same store as a kernel NFS client sends it to the server's lock manager.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -121,16 +122,16 @@ pub(crate) struct Locks {
     held: Mutex<HashMap<u64, Vec<u64>>>,
     /// Blocked SETLKW requests by their FUSE request id.
     waits: Mutex<HashMap<u64, CancellationToken>>,
-    /// Interrupts that arrived before their request was registered (the two race in fuse3's tasks).
+    /// Interrupts that arrived before their request was registered (each request runs in its own task).
     early_interrupts: Mutex<Vec<u64>>,
     /// Tells the kernel to drop an inode's cached pages and attributes; set once the session is ready.
-    notify: std::sync::OnceLock<fuse3::notify::Notify>,
+    notify: std::sync::OnceLock<super::session::Notifier>,
 }
 
 /// At most this many unmatched interrupts are remembered; older ones are for requests long finished.
 const EARLY_INTERRUPTS: usize = 64;
 
-fn lock_err(op: &'static str, e: LockError) -> fuse3::Errno {
+fn lock_err(op: &'static str, e: LockError) -> super::Errno {
     tracing::warn!(op, error = %e, "lock request failed");
     e.errno.into()
 }
@@ -158,7 +159,7 @@ impl Locks {
         }
     }
 
-    fn store(&self) -> fuse3::Result<&Arc<dyn LockStore>> {
+    fn store(&self) -> super::FuseResult<&Arc<dyn LockStore>> {
         match &self.locking {
             Locking::Store(s) => Ok(s),
             Locking::Refuse => Err(libc::ENOLCK.into()),
@@ -197,9 +198,9 @@ impl Locks {
         end: u64,
         r#type: u32,
         pid: u32,
-    ) -> fuse3::Result<fuse3::raw::reply::ReplyLock> {
+    ) -> super::FuseResult<super::ReplyLock> {
         let store = self.store()?;
-        let kind = kind_of(r#type).ok_or(fuse3::Errno::from(libc::EINVAL))?;
+        let kind = kind_of(r#type).ok_or(super::Errno::from(libc::EINVAL))?;
         let request = LockRequest {
             owner,
             pid,
@@ -212,13 +213,13 @@ impl Locks {
             .await
             .map_err(|e| lock_err("getlk", e))?
         {
-            Some(c) => Ok(fuse3::raw::reply::ReplyLock {
+            Some(c) => Ok(super::ReplyLock {
                 start: c.start,
                 end: c.end.min(TO_EOF),
                 r#type: type_of(c.kind),
                 pid: c.pid,
             }),
-            None => Ok(fuse3::raw::reply::ReplyLock {
+            None => Ok(super::ReplyLock {
                 start,
                 end,
                 r#type: libc::F_UNLCK as u32,
@@ -240,7 +241,7 @@ impl Locks {
         r#type: u32,
         pid: u32,
         block: bool,
-    ) -> fuse3::Result<()> {
+    ) -> super::FuseResult<()> {
         let store = self.store()?;
         let end = end.min(TO_EOF);
         if r#type as i32 == libc::F_UNLCK {
@@ -250,7 +251,7 @@ impl Locks {
                 .map_err(|e| lock_err("unlock", e))?;
             return Ok(());
         }
-        let kind = kind_of(r#type).ok_or(fuse3::Errno::from(libc::EINVAL))?;
+        let kind = kind_of(r#type).ok_or(super::Errno::from(libc::EINVAL))?;
         let request = LockRequest {
             owner,
             pid,
@@ -290,7 +291,7 @@ impl Locks {
         file: &FileHandle,
         request: &LockRequest,
         cancel: &CancellationToken,
-    ) -> fuse3::Result<()> {
+    ) -> super::FuseResult<()> {
         let mut pause = FIRST_PAUSE;
         loop {
             match store.try_lock(file, request).await {
@@ -306,7 +307,7 @@ impl Locks {
         }
     }
 
-    pub(crate) fn set_notify(&self, notify: fuse3::notify::Notify) {
+    pub(crate) fn set_notify(&self, notify: super::session::Notifier) {
         let _ = self.notify.set(notify);
     }
 
@@ -314,11 +315,10 @@ impl Locks {
     /// under the lock just released there (NFS clients revalidate on locking too). Only the attributes are
     /// dropped, before the grant is answered: the next read then asks the server for them, and the kernel
     /// drops the cached pages itself when the change time or size moved (FUSE_AUTO_INVAL_DATA). Dropping
-    /// pages from here could deadlock: the kernel waits for a page that a read holds locked, and that read's
-    /// reply waits for fuse3's writer, which the notification holds.
+    /// pages from here could wait for a page that a read in flight holds locked.
     pub(crate) async fn invalidate(&self, inode: u64) {
         if let Some(n) = self.notify.get() {
-            n.clone().invalid_inode(inode, -1, 0).await;
+            n.inval_inode(inode, -1, 0);
         }
     }
 
@@ -530,7 +530,7 @@ mod tests {
             .setlk(1, &file(), 1, 1, 0, TO_EOF, libc::F_WRLCK as u32, 1, false)
             .await
             .unwrap_err();
-        assert_eq!(-i32::from(err), libc::ENOLCK);
+        assert_eq!(err.raw(), libc::ENOLCK);
 
         let locks = Arc::new(Locks::new(Locking::Store(Arc::new(LocalLocks::default()))));
         let w = libc::F_WRLCK as u32;
@@ -542,7 +542,7 @@ mod tests {
             .setlk(1, &file(), 2, 2, 0, 0, w, 2, false)
             .await
             .unwrap_err();
-        assert_eq!(-i32::from(err), libc::EAGAIN);
+        assert_eq!(err.raw(), libc::EAGAIN);
         // A blocked request is granted once the holder closes the file.
         let waiter = {
             let locks = Arc::clone(&locks);
@@ -560,6 +560,6 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         locks.interrupt(4);
         let err = waiter.await.unwrap().unwrap_err();
-        assert_eq!(-i32::from(err), libc::EINTR);
+        assert_eq!(err.raw(), libc::EINTR);
     }
 }

@@ -14,37 +14,32 @@
 //! `store::as_request`, which tells the store when the system call began), and the kernel owns the page
 //! cache and permission checks (`default_permissions`).
 //!
-//! Mounting is the `fuse3` session's; unmounting goes through the real `SystemMounter`, as every umount2(2)
-//! does (a FUSE mount has no recording double: there is no session without the kernel).
+//! Mounting and the kernel's messages are `session`'s and `wire`'s; unmounting goes through the real
+//! `SystemMounter`, as every umount2(2) does (a FUSE mount has no recording double: there is no session
+//! without the kernel).
 //!
-//! Every request runs in its own task (the `fuse3` session spawns one per request) and holds no lock across
-//! a store call, so a request stuck on an unreachable server never delays the others.
+//! Every request runs in its own task (`session` spawns one per request) and holds no lock across a store
+//! call, so a request stuck on an unreachable server never delays the others.
 
 pub mod fence;
 mod inode;
 pub mod locks;
 pub mod memory;
+mod session;
 pub mod store;
+mod wire;
 mod write_behind;
 
 use std::ffi::OsStr;
-use std::num::NonZeroU32;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use fuse3::raw::prelude::{
-    DirectoryEntry, DirectoryEntryPlus, FileAttr, Filesystem, ReplyAttr, ReplyCreated, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyInit, ReplyOpen, ReplyStatFs, ReplyWrite,
-    Request,
-};
-use fuse3::{FileType, Timestamp};
-use futures_core::Stream;
+use polyfuse_kernel as k;
+use wire::{DirBuf, FileAttr, FileType, Op, Reply};
 
 pub use inode::{InodeTable, ROOT_INODE};
 pub use memory::MemoryStore;
@@ -62,12 +57,6 @@ use write_behind::WriteBehind;
 /// the usual NFS rsize/wsize, so one FUSE request becomes one NFS call.
 pub const MAX_IO: u32 = 1 << 20;
 
-/// `MAX_IO` as fuse3 wants it; checked at compile time.
-const MAX_WRITE: NonZeroU32 = match NonZeroU32::new(MAX_IO) {
-    Some(n) => n,
-    None => panic!("MAX_IO must not be zero"),
-};
-
 /// How many directory entries to ask the store for per FUSE readdir. The kernel's reply buffer usually holds
 /// a few dozen; more would be fetched only to be thrown away.
 const DIR_PAGE: u32 = 128;
@@ -75,8 +64,8 @@ const DIR_PAGE: u32 = 128;
 /// The block size reported to `statfs` and used to count blocks.
 const BLOCK: u64 = 4096;
 
-/// FUSE's open reply flag that keeps the kernel's cached pages of the file (`FOPEN_KEEP_CACHE`).
-const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+/// FUSE's open reply flag that keeps the kernel's cached pages of the file.
+const FOPEN_KEEP_CACHE: u32 = k::FOPEN_KEEP_CACHE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
@@ -134,10 +123,9 @@ impl Default for MountOptions {
 /// serving and unmounts in the background (non-lazily: if the mount is busy it is left dead, answering
 /// "transport endpoint is not connected", until a lazy `umount -l`), so unmount explicitly.
 pub struct MountHandle {
-    session: Option<fuse3::raw::MountHandle>,
+    /// Reports once the reading threads have ended (the filesystem is unmounted or its connection cut).
+    session: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
     mountpoint: PathBuf,
-    /// The session's own teardown on drop spawns a task, which needs the runtime it was mounted in.
-    runtime: tokio::runtime::Handle,
     /// Writes the session acknowledged may still be on their way when it ends; `finished` waits for them.
     writes: Arc<WriteBehind>,
 }
@@ -200,7 +188,11 @@ impl MountHandle {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
-        let ended = session.await.map_err(|source| FuseError::Session {
+        let ended = match session.await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::other("the FUSE session's threads are gone")),
+        }
+        .map_err(|source| FuseError::Session {
             path: self.mountpoint.clone(),
             source,
         });
@@ -214,9 +206,21 @@ impl MountHandle {
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
-        if let Some(session) = self.session.take() {
-            let _guard = self.runtime.enter();
-            drop(session);
+        if self.session.take().is_none() {
+            return;
+        }
+        // Still served: unmount in the background, never lazily; a busy mount is cut off instead, so it
+        // answers "transport endpoint is not connected" until someone unmounts it.
+        let path = self.mountpoint.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ferry-fuse-drop".into())
+            .spawn(move || {
+                if SystemMounter.unmount(&path).is_err() {
+                    session::abort(&path);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot unmount a dropped FUSE mount");
         }
     }
 }
@@ -236,26 +240,43 @@ pub async fn mount(
     let mut fs = FerryFs::new(store, root, opts.attr_ttl);
     fs.locks = locks::Locks::new(opts.locks.clone());
     let writes = Arc::clone(&fs.writes);
-    let mut options = fuse3::MountOptions::default();
-    options
-        .fs_name(opts.fsname.clone())
-        .allow_other(opts.allow_other)
-        .default_permissions(true)
-        // Always readdirplus: one store call lists names with attributes, no lookup per entry afterwards.
-        .force_readdir_plus(true)
-        .custom_options(format!("subtype={},max_read={MAX_IO}", opts.subtype));
-    let session = fuse3::raw::Session::new(options)
-        .mount(fs, mountpoint)
-        .await
-        .map_err(|source| FuseError::Mount {
-            path: mountpoint.to_path_buf(),
-            source,
-        })?;
+    let mount_error = |source| FuseError::Mount {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    let (path, o) = (mountpoint.to_path_buf(), opts.clone());
+    let ch = tokio::task::spawn_blocking(move || {
+        let spec = session::MountSpec {
+            fsname: &o.fsname,
+            subtype: &o.subtype,
+            allow_other: o.allow_other,
+        };
+        session::mount(&path, &spec)
+    })
+    .await
+    .map_err(|e| mount_error(std::io::Error::other(e.to_string())))?
+    .map_err(mount_error)?;
+    let notifier = session::Notifier::new(Arc::clone(&ch));
+    let _ = fs.notify.set(notifier.clone());
+    fs.locks.set_notify(notifier);
+    let started = session::serve(ch, Arc::new(fs), tokio::runtime::Handle::current());
+    let ended = match started {
+        Ok(ended) => ended,
+        Err(e) => {
+            let path = mountpoint.to_path_buf();
+            let _ = tokio::task::spawn_blocking(move || {
+                if SystemMounter.unmount(&path).is_err() {
+                    session::abort(&path);
+                }
+            })
+            .await;
+            return Err(mount_error(e));
+        }
+    };
     raise_readahead(mountpoint).await;
     Ok(MountHandle {
-        session: Some(session),
+        session: Some(ended),
         mountpoint: mountpoint.to_path_buf(),
-        runtime: tokio::runtime::Handle::current(),
         writes,
     })
 }
@@ -302,12 +323,126 @@ struct FerryFs {
     /// replaces an inode's data or size, or reports its attributes, settles them first.
     writes: Arc<WriteBehind>,
     /// The session's channel for telling the kernel to drop cached attributes; set when the session starts.
-    notify: std::sync::OnceLock<fuse3::notify::Notify>,
+    notify: std::sync::OnceLock<session::Notifier>,
     /// Advisory locks: where they go, who may hold some, which waits an interrupt cancels.
     locks: locks::Locks,
 }
 
-type FuseResult<T> = fuse3::Result<T>;
+/// A failed request's errno (positive), as the application will see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Errno(i32);
+
+impl From<i32> for Errno {
+    fn from(errno: i32) -> Self {
+        Errno(errno)
+    }
+}
+
+impl From<Errno> for std::io::Error {
+    fn from(e: Errno) -> Self {
+        std::io::Error::from_raw_os_error(e.0)
+    }
+}
+
+impl Errno {
+    pub(crate) fn raw(self) -> i32 {
+        self.0
+    }
+}
+
+type FuseResult<T> = Result<T, Errno>;
+
+/// Who asks: the request's id (which an interrupt names) and the caller's credentials.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Request {
+    pub unique: u64,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub(crate) struct ReplyEntry {
+    pub ttl: Duration,
+    pub attr: FileAttr,
+    pub generation: u64,
+}
+
+pub(crate) struct ReplyAttr {
+    pub ttl: Duration,
+    pub attr: FileAttr,
+}
+
+pub(crate) struct ReplyData {
+    pub data: Bytes,
+}
+
+pub(crate) struct ReplyOpen {
+    pub fh: u64,
+    pub flags: u32,
+}
+
+pub(crate) struct ReplyCreated {
+    pub ttl: Duration,
+    pub attr: FileAttr,
+    pub fh: u64,
+    pub flags: u32,
+}
+
+pub(crate) struct ReplyWrite {
+    pub written: u32,
+}
+
+pub(crate) struct ReplyStatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+pub(crate) struct ReplyLock {
+    pub start: u64,
+    pub end: u64,
+    pub r#type: u32,
+    pub pid: u32,
+}
+
+/// What a SETATTR asks to change; times as instants ("now" is this host's clock, as the kernel's own
+/// `utimensat(UTIME_NOW)` would take it).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct KernelSetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+}
+
+impl From<&k::fuse_setattr_in> for KernelSetAttr {
+    fn from(s: &k::fuse_setattr_in) -> Self {
+        let has = |bit: u32| s.valid & bit != 0;
+        let time = |set: u32, now: u32, secs: u64, nanos: u32| {
+            if has(now) {
+                Some(SystemTime::now())
+            } else if has(set) {
+                Some(wire::system_time(secs, nanos))
+            } else {
+                None
+            }
+        };
+        KernelSetAttr {
+            mode: has(k::FATTR_MODE).then_some(s.mode),
+            uid: has(k::FATTR_UID).then_some(s.uid),
+            gid: has(k::FATTR_GID).then_some(s.gid),
+            size: has(k::FATTR_SIZE).then_some(s.size),
+            atime: time(k::FATTR_ATIME, k::FATTR_ATIME_NOW, s.atime, s.atimensec),
+            mtime: time(k::FATTR_MTIME, k::FATTR_MTIME_NOW, s.mtime, s.mtimensec),
+        }
+    }
+}
 
 /// What `hide_if_open` did with a name about to vanish.
 #[derive(Debug)]
@@ -350,7 +485,7 @@ async fn write_all(
 
 /// Turns a store failure into the errno the application sees, logging it here, once. Expected outcomes
 /// (ENOENT for a missing name, EEXIST, ...) are debug noise; a failing or silent server is a warning.
-fn fail(op: &'static str, e: StoreError) -> fuse3::Errno {
+fn fail(op: &'static str, e: StoreError) -> Errno {
     match e.kind {
         StoreErrorKind::Io | StoreErrorKind::TimedOut | StoreErrorKind::Stale => {
             tracing::warn!(op, error = %e, "fuse request failed")
@@ -377,9 +512,9 @@ fn fuse_attr(inode: u64, a: &Attr) -> FileAttr {
         ino: inode,
         size: a.size,
         blocks: a.used.div_ceil(512),
-        atime: Timestamp::from(a.atime),
-        mtime: Timestamp::from(a.mtime),
-        ctime: Timestamp::from(a.ctime),
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
         kind: file_type(a.kind),
         perm: (a.mode & 0o7777) as u16,
         nlink: a.nlink,
@@ -389,20 +524,6 @@ fn fuse_attr(inode: u64, a: &Attr) -> FileAttr {
         rdev: libc::makedev(a.rdev.0, a.rdev.1) as u32,
         blksize: BLOCK as u32,
     }
-}
-
-/// A FUSE timestamp as a `SystemTime`; times beyond what `SystemTime` holds clamp to the epoch rather than
-/// panic (the kernel does not send them for real files).
-fn system_time(t: Timestamp) -> SystemTime {
-    let secs = Duration::from_secs(t.sec.unsigned_abs());
-    let whole = if t.sec >= 0 {
-        UNIX_EPOCH.checked_add(secs)
-    } else {
-        UNIX_EPOCH.checked_sub(secs)
-    };
-    whole
-        .and_then(|w| w.checked_add(Duration::from_nanos(u64::from(t.nsec))))
-        .unwrap_or(UNIX_EPOCH)
 }
 
 /// Runs one request's work with its deadline starting now (`store::as_request`): the store's calls for it
@@ -496,7 +617,7 @@ impl FerryFs {
     /// Takes a write the way the kernel NFS client does: waits for its turn (`WriteBehind` bounds what is in
     /// flight and orders overlapping writes), copies the data, starts the store write in its own task and
     /// returns without waiting for the server. A failure is reported by the next write, flush or fsync.
-    async fn write_behind(&self, inode: u64, offset: u64, data: &[u8]) -> FuseResult<u32> {
+    async fn write_behind(&self, inode: u64, offset: u64, data: Bytes) -> FuseResult<u32> {
         let handle = self.handle(inode)?;
         if data.is_empty() {
             return Ok(0);
@@ -506,9 +627,8 @@ impl FerryFs {
             .writes
             .begin(inode, offset, data.len() as u64)
             .await
-            .map_err(|e| fuse3::Errno::from(e.errno()))?;
-        // The request's buffer is gone after the reply; the store needs the data until it is written.
-        let data = Bytes::copy_from_slice(data);
+            .map_err(|e| Errno::from(e.errno()))?;
+        // The request's own copy of the message: the store keeps it until the data is written.
         let written = data.len() as u32;
         let store = Arc::clone(&self.store);
         let inodes = Arc::clone(&self.inodes);
@@ -546,7 +666,7 @@ impl FerryFs {
         // when the open completes. The notification is written before the reply, so the kernel has
         // forgotten the old size before the application can read.
         if let Some(notify) = self.notify.get() {
-            notify.clone().invalid_inode(inode, -1, 0).await;
+            notify.inval_inode(inode, -1, 0);
         }
         Ok(0)
     }
@@ -690,79 +810,8 @@ impl FerryFs {
     }
 }
 
-/// The entries of one readdirplus reply. `fuse3` pulls entries until one does not fit the kernel's buffer,
-/// then drops the stream; the kernel counts a lookup only for the entries it received. So an entry's lookup
-/// is counted when it is handed out and undone if the stream is dropped before being asked for the next one
-/// (the entry that did not fit). This relies on `fuse3` asking for the next entry right after writing one.
-struct DirPlusStream {
-    inodes: Arc<InodeTable>,
-    entries: std::vec::IntoIter<DirEntry>,
-    /// The inode of the last entry handed out, not yet known to have been sent.
-    unconfirmed: Option<u64>,
-    ttl: Duration,
-}
-
-impl Stream for DirPlusStream {
-    type Item = FuseResult<DirectoryEntryPlus>;
-
-    fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        // Being asked again means the previous entry was written into the reply.
-        self.unconfirmed = None;
-        let Some(e) = self.entries.next() else {
-            return Poll::Ready(None);
-        };
-        let inode = self.inodes.remember(&e.handle, e.attr.fileid);
-        self.unconfirmed = Some(inode);
-        Poll::Ready(Some(Ok(DirectoryEntryPlus {
-            inode,
-            generation: 0,
-            kind: file_type(e.attr.kind),
-            name: OsStr::from_bytes(&e.name).to_os_string(),
-            offset: e.cookie as i64,
-            attr: fuse_attr(inode, &e.attr),
-            entry_ttl: self.ttl,
-            attr_ttl: self.ttl,
-        })))
-    }
-}
-
-impl Drop for DirPlusStream {
-    fn drop(&mut self) {
-        if let Some(inode) = self.unconfirmed.take() {
-            self.inodes.forget(inode, 1);
-        }
-    }
-}
-
-/// A stream over a finished list (plain readdir).
-struct ListStream(std::vec::IntoIter<DirectoryEntry>);
-
-impl Stream for ListStream {
-    type Item = FuseResult<DirectoryEntry>;
-
-    fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Poll::Ready(self.0.next().map(Ok))
-    }
-}
-
-impl Filesystem for FerryFs {
-    async fn init(&self, _req: Request) -> FuseResult<ReplyInit> {
-        let mut reply = ReplyInit::new(MAX_WRITE);
-        // Enough background requests for readahead and async writes of several files at once.
-        reply.max_background = Some(64);
-        reply.congestion_threshold = Some(48);
-        Ok(reply)
-    }
-
-    async fn ready(&self, notify: fuse3::notify::Notify) {
-        let _ = self.notify.set(notify.clone());
-        self.locks.set_notify(notify);
-    }
-
-    async fn destroy(&self, _req: Request) {
-        self.writes.settle_all().await;
-    }
-
+/// The requests the kernel sends, one method each, as `session` hands them over.
+impl FerryFs {
     async fn lookup(&self, _req: Request, parent: u64, name: &OsStr) -> FuseResult<ReplyEntry> {
         request(async {
             let fs = self;
@@ -776,16 +825,6 @@ impl Filesystem for FerryFs {
             Ok(fs.entry(&handle, &attr))
         })
         .await
-    }
-
-    async fn forget(&self, _req: Request, inode: u64, nlookup: u64) {
-        self.inodes.forget(inode, nlookup);
-    }
-
-    async fn batch_forget(&self, _req: Request, inodes: &[(u64, u64)]) {
-        for &(inode, n) in inodes {
-            self.inodes.forget(inode, n);
-        }
     }
 
     async fn getattr(
@@ -817,21 +856,20 @@ impl Filesystem for FerryFs {
         _req: Request,
         inode: u64,
         _fh: Option<u64>,
-        set: fuse3::SetAttr,
+        set: KernelSetAttr,
     ) -> FuseResult<ReplyAttr> {
         request(async {
             let fs = self;
             let handle = fs.handle(inode)?;
             // A truncation must not be overtaken by earlier writes, and the reply carries the size.
             fs.writes.settle(inode).await;
-            // fuse3 turns UTIME_NOW into this process's clock, so "now" arrives as an instant.
             let to_set = SetAttr {
                 mode: set.mode.map(|m| m & 0o7777),
                 uid: set.uid,
                 gid: set.gid,
                 size: set.size,
-                atime: set.atime.map(|t| SetTime::At(system_time(t))),
-                mtime: set.mtime.map(|t| SetTime::At(system_time(t))),
+                atime: set.atime.map(SetTime::At),
+                mtime: set.mtime.map(SetTime::At),
             };
             let attr = fs
                 .store
@@ -1005,7 +1043,7 @@ impl Filesystem for FerryFs {
         request(async {
             let fs = self;
             let handle = fs.handle(inode)?;
-            // fuse3 negotiates FUSE_ATOMIC_O_TRUNC, so truncation on open is ours to do.
+            // FUSE_ATOMIC_O_TRUNC is negotiated, so truncation on open is ours to do.
             if flags as i32 & libc::O_TRUNC != 0 {
                 // Writes through another open file that arrived before this open must not land after the
                 // truncation.
@@ -1119,7 +1157,6 @@ impl Filesystem for FerryFs {
             Ok(ReplyCreated {
                 ttl: entry.ttl,
                 attr: entry.attr,
-                generation: 0,
                 fh: fs.new_fh(),
                 flags: 0,
             })
@@ -1162,9 +1199,7 @@ impl Filesystem for FerryFs {
         inode: u64,
         _fh: u64,
         offset: u64,
-        data: &[u8],
-        _write_flags: u32,
-        _flags: u32,
+        data: Bytes,
     ) -> FuseResult<ReplyWrite> {
         let written = self.write_behind(inode, offset, data).await?;
         Ok(ReplyWrite { written })
@@ -1266,7 +1301,7 @@ impl Filesystem for FerryFs {
         end: u64,
         r#type: u32,
         pid: u32,
-    ) -> FuseResult<fuse3::raw::reply::ReplyLock> {
+    ) -> FuseResult<ReplyLock> {
         let handle = self.handle(inode)?;
         self.locks
             .getlk(&handle, lock_owner, start, end, r#type, pid)
@@ -1293,7 +1328,7 @@ impl Filesystem for FerryFs {
             if let Err(e) = self.flush_data(inode).await {
                 tracing::warn!(
                     inode,
-                    errno = -i32::from(e),
+                    errno = e.raw(),
                     "cannot commit a file's writes before unlocking it"
                 );
             }
@@ -1306,11 +1341,6 @@ impl Filesystem for FerryFs {
         if !unlock {
             self.locks.invalidate(inode).await;
         }
-        Ok(())
-    }
-
-    async fn interrupt(&self, _req: Request, unique: u64) -> FuseResult<()> {
-        self.locks.interrupt(unique);
         Ok(())
     }
 
@@ -1338,46 +1368,42 @@ impl Filesystem for FerryFs {
         Ok(())
     }
 
-    async fn readdir<'a>(
-        &'a self,
-        _req: Request,
-        parent: u64,
-        fh: u64,
-        offset: i64,
-    ) -> FuseResult<ReplyDirectory<impl Stream<Item = FuseResult<DirectoryEntry>> + Send + 'a>>
-    {
-        request(async {
-            let fs = self;
-            let dir = fs.handle(parent)?;
-            // Offsets are the store's cookies, passed through unchanged (u64 in an i64).
-            let page = fs.dir_page(&dir, fh, offset as u64).await?;
-            let entries: Vec<DirectoryEntry> = page
-                .entries
-                .into_iter()
-                .map(|e| DirectoryEntry {
-                    inode: fs.inodes.inode_of(&e.handle).unwrap_or(e.attr.fileid),
-                    kind: file_type(e.attr.kind),
-                    name: OsStr::from_bytes(&e.name).to_os_string(),
-                    offset: e.cookie as i64,
-                })
-                .collect();
-            Ok(ReplyDirectory {
-                entries: ListStream(entries.into_iter()),
-            })
-        })
-        .await
-    }
-
-    async fn readdirplus<'a>(
-        &'a self,
+    async fn readdir(
+        &self,
         _req: Request,
         parent: u64,
         fh: u64,
         offset: u64,
-        _lock_owner: u64,
-    ) -> FuseResult<
-        ReplyDirectoryPlus<impl Stream<Item = FuseResult<DirectoryEntryPlus>> + Send + 'a>,
-    > {
+        size: u32,
+    ) -> FuseResult<DirBuf> {
+        request(async {
+            let fs = self;
+            let dir = fs.handle(parent)?;
+            // Offsets are the store's cookies, passed through unchanged.
+            let page = fs.dir_page(&dir, fh, offset).await?;
+            let mut buf = DirBuf::new(size);
+            for e in page.entries {
+                if !buf.fits(&e.name, false) {
+                    break;
+                }
+                let inode = fs.inodes.inode_of(&e.handle).unwrap_or(e.attr.fileid);
+                buf.add(inode, e.cookie, file_type(e.attr.kind), &e.name);
+            }
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// Every entry handed to the kernel counts as a lookup of its inode; one that does not fit is not
+    /// counted (the kernel asks again from its cookie).
+    async fn readdirplus(
+        &self,
+        _req: Request,
+        parent: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> FuseResult<DirBuf> {
         request(async {
             let fs = self;
             let dir = fs.handle(parent)?;
@@ -1387,16 +1413,187 @@ impl Filesystem for FerryFs {
                     e.attr = fs.settled_attr(&e.handle, e.attr.clone()).await?;
                 }
             }
-            Ok(ReplyDirectoryPlus {
-                entries: DirPlusStream {
-                    inodes: Arc::clone(&fs.inodes),
-                    entries: page.entries.into_iter(),
-                    unconfirmed: None,
-                    ttl: fs.ttl,
-                },
-            })
+            let mut buf = DirBuf::new(size);
+            for e in page.entries {
+                if !buf.fits(&e.name, true) {
+                    break;
+                }
+                let inode = fs.inodes.remember(&e.handle, e.attr.fileid);
+                buf.add_plus(e.cookie, fs.ttl, &fuse_attr(inode, &e.attr), &e.name);
+            }
+            Ok(buf)
         })
         .await
+    }
+}
+
+impl session::Serve for FerryFs {
+    fn inline(&self, _header: wire::Header, op: Op<'_>) {
+        match op {
+            Op::Forget { nlookup } => self.inodes.forget(_header.nodeid, nlookup),
+            Op::BatchForget(all) => {
+                for (inode, n) in all {
+                    self.inodes.forget(inode, n);
+                }
+            }
+            Op::Interrupt { unique } => self.locks.interrupt(unique),
+            _ => {}
+        }
+    }
+
+    async fn answer(self: Arc<Self>, msg: Bytes) -> Option<Reply> {
+        let (h, op) = match wire::decode(&msg) {
+            Ok(parsed) => parsed,
+            // Checked by the reading thread already.
+            Err(_) => return None,
+        };
+        let u = h.unique;
+        let req = Request {
+            unique: u,
+            uid: h.uid,
+            gid: h.gid,
+        };
+        let ino = h.nodeid;
+        let fs = &*self;
+        let entry = |e: ReplyEntry| Reply::entry(u, e.ttl, &e.attr, e.generation);
+        let attr = |a: ReplyAttr| Reply::attr(u, a.ttl, &a.attr);
+        let empty = |()| Reply::empty(u);
+        let result = match op {
+            Op::Lookup { name } => fs.lookup(req, ino, name).await.map(entry),
+            Op::Getattr => fs.getattr(req, ino, None, 0).await.map(attr),
+            Op::Setattr(set) => fs.setattr(req, ino, None, (&set).into()).await.map(attr),
+            Op::Readlink => fs
+                .readlink(req, ino)
+                .await
+                .map(|d| Reply::new(u, &[], d.data)),
+            Op::Symlink { name, link } => fs.symlink(req, ino, name, link).await.map(entry),
+            Op::Mknod { mode, rdev, name } => fs.mknod(req, ino, name, mode, rdev).await.map(entry),
+            Op::Mkdir { mode, name } => fs.mkdir(req, ino, name, mode, 0).await.map(entry),
+            Op::Unlink { name } => fs.unlink(req, ino, name).await.map(empty),
+            Op::Rmdir { name } => fs.rmdir(req, ino, name).await.map(empty),
+            Op::Rename {
+                newdir,
+                flags,
+                name,
+                newname,
+            } => fs
+                .rename2(req, ino, name, newdir, newname, flags)
+                .await
+                .map(empty),
+            // The header names the new parent; the body the inode linked.
+            Op::Link { oldnodeid, newname } => {
+                fs.link(req, oldnodeid, ino, newname).await.map(entry)
+            }
+            Op::Open { flags } => fs
+                .open(req, ino, flags)
+                .await
+                .map(|o| Reply::open(u, o.fh, o.flags)),
+            Op::Read { offset, size } => fs
+                .read(req, ino, 0, offset, size)
+                .await
+                .map(|d| Reply::new(u, &[], d.data)),
+            Op::Write { offset, data } => fs
+                .write(req, ino, 0, offset, msg.slice(data))
+                .await
+                .map(|w| Reply::write(u, w.written)),
+            Op::Statfs => fs.statfs(req, ino).await.map(|st| {
+                Reply::statfs(
+                    u,
+                    k::fuse_kstatfs {
+                        blocks: st.blocks,
+                        bfree: st.bfree,
+                        bavail: st.bavail,
+                        files: st.files,
+                        ffree: st.ffree,
+                        bsize: st.bsize,
+                        namelen: st.namelen,
+                        frsize: st.frsize,
+                        padding: 0,
+                        spare: [0; 6],
+                    },
+                )
+            }),
+            Op::Release {
+                release_flags,
+                lock_owner,
+            } => {
+                // Only a RELEASE of a file that took flock locks carries their owner.
+                let owner =
+                    (release_flags & k::FUSE_RELEASE_FLOCK_UNLOCK != 0).then_some(lock_owner);
+                fs.release(req, ino, 0, 0, owner.unwrap_or(0), false)
+                    .await
+                    .map(empty)
+            }
+            Op::Fsync => fs.fsync(req, ino, 0, false).await.map(empty),
+            Op::Flush { lock_owner } => fs.flush(req, ino, 0, lock_owner).await.map(empty),
+            Op::Opendir => fs
+                .opendir(req, ino, 0)
+                .await
+                .map(|o| Reply::open(u, o.fh, o.flags)),
+            Op::Readdir {
+                fh,
+                offset,
+                size,
+                plus,
+            } => if plus {
+                fs.readdirplus(req, ino, fh, offset, size).await
+            } else {
+                fs.readdir(req, ino, fh, offset, size).await
+            }
+            .map(|buf| buf.reply(u)),
+            Op::Releasedir { fh } => fs.releasedir(req, ino, fh, 0).await.map(empty),
+            Op::Fsyncdir => fs.fsyncdir(req, ino, 0, false).await.map(empty),
+            Op::Getlk(lk) => fs
+                .getlk(
+                    req,
+                    ino,
+                    lk.fh,
+                    lk.owner,
+                    lk.lk.start,
+                    lk.lk.end,
+                    lk.lk.typ,
+                    lk.lk.pid,
+                )
+                .await
+                .map(|l| {
+                    Reply::lock(
+                        u,
+                        k::fuse_file_lock {
+                            start: l.start,
+                            end: l.end,
+                            typ: l.r#type,
+                            pid: l.pid,
+                        },
+                    )
+                }),
+            Op::Setlk { lk, block } => fs
+                .setlk(
+                    req,
+                    ino,
+                    lk.fh,
+                    lk.owner,
+                    lk.lk.start,
+                    lk.lk.end,
+                    lk.lk.typ,
+                    lk.lk.pid,
+                    block,
+                )
+                .await
+                .map(empty),
+            Op::Create { flags, mode, name } => fs
+                .create(req, ino, name, mode, flags)
+                .await
+                .map(|c| Reply::created(u, c.ttl, &c.attr, c.fh, c.flags)),
+            Op::Destroy => {
+                fs.writes.settle_all().await;
+                Ok(Reply::empty(u))
+            }
+            // A second INIT, or an operation NFSv3 has no use for (xattrs, fallocate, ...).
+            Op::Init(_) => Err(Errno(libc::EIO)),
+            Op::Unsupported => Err(Errno(libc::ENOSYS)),
+            Op::Forget { .. } | Op::BatchForget(_) | Op::Interrupt { .. } => return None,
+        };
+        Some(result.unwrap_or_else(|e| Reply::error(u, e.0)))
     }
 }
 
@@ -1459,7 +1656,6 @@ mod tests {
             unique: 0,
             uid: 0,
             gid: 0,
-            pid: 0,
         }
     }
 
@@ -1476,7 +1672,7 @@ mod tests {
     }
 
     async fn write(fs: &FerryFs, inode: u64, offset: u64, data: &[u8]) -> FuseResult<u32> {
-        fs.write(req(), inode, 0, offset, data, 0, 0)
+        fs.write(req(), inode, 0, offset, Bytes::copy_from_slice(data))
             .await
             .map(|w| w.written)
     }
@@ -1660,9 +1856,9 @@ mod tests {
         let (fs, store, inode, _) = one_open_file(MemoryStore::new()).await;
         store.set_delay(Duration::from_millis(100));
         write(&fs, inode, 0, &[5u8; 1000]).await.unwrap();
-        let set = fuse3::SetAttr {
+        let set = KernelSetAttr {
             size: Some(10),
-            ..fuse3::SetAttr::default()
+            ..KernelSetAttr::default()
         };
         let attr = fs.setattr(req(), inode, None, set).await.unwrap();
         assert_eq!(
@@ -1819,14 +2015,15 @@ mod tests {
 
     #[test]
     fn timestamps_convert_both_sides_of_the_epoch() {
-        let t = system_time(Timestamp::new(1_600_000_000, 5));
+        use std::time::UNIX_EPOCH;
+        let t = wire::system_time(1_600_000_000, 5);
         assert_eq!(t, UNIX_EPOCH + Duration::new(1_600_000_000, 5));
         // -1.5 s is sec -2 plus 0.5 s, as timespec holds it.
-        let t = system_time(Timestamp::new(-2, 500_000_000));
+        let t = wire::system_time((-2i64) as u64, 500_000_000);
         assert_eq!(t, UNIX_EPOCH - Duration::from_millis(1500));
         // The extremes convert without panicking.
-        assert!(system_time(Timestamp::new(i64::MAX, 999_999_999)) > SystemTime::now());
-        assert!(system_time(Timestamp::new(i64::MIN, 0)) < UNIX_EPOCH);
+        assert!(wire::system_time((i64::MAX) as u64, 999_999_999) > SystemTime::now());
+        assert!(wire::system_time((i64::MIN) as u64, 0) < UNIX_EPOCH);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Cross-host advisory locks on nfs volumes: two daemons standing in for two hosts mount one volume of a
 //! real NFS-Ganesha with its lock manager (NLM 4) through FUSE, and `fcntl` locks taken on one refuse the
-//! other, wait for it, go with a close or a killed helper; two SQLite writers lose nothing. Without a lock
-//! manager, locks fail with ENOLCK, or stay on one host with `locks = "local"`.
+//! other, wait for it, go with a close or a killed helper, as `flock` locks do; two SQLite writers lose
+//! nothing. Without a lock manager, locks fail with ENOLCK, or stay on one host with `locks = "local"`.
 //! Needs root, /dev/fuse and ganesha.
 
 use crate::common;
@@ -109,6 +109,27 @@ fn getlk(f: &File) -> (libc::c_int, i32) {
     (libc::c_int::from(fl.l_type), fl.l_pid)
 }
 
+/// flock(2) with `op` (LOCK_SH, LOCK_EX, LOCK_UN, with LOCK_NB).
+fn flock(f: &File, op: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: flock(2) on a descriptor `f` owns; it touches no memory.
+    Errno::result(unsafe { libc::flock(f.as_raw_fd(), op) }).map(drop)
+}
+
+/// A non-blocking flock that may have to wait for a close just made elsewhere: the kernel releases a flock
+/// with its file's RELEASE, which it sends after close(2) has returned.
+fn flock_after_close(f: &File, op: libc::c_int) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match flock(f, op | libc::LOCK_NB) {
+            Ok(()) => return,
+            Err(Errno::EWOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("flock still refused 5 s after the holder closed the file: {e}"),
+        }
+    }
+}
+
 /// Takes a blocking write lock on the whole file in a thread; the receiver gets its result.
 fn lock_in_thread(f: File) -> mpsc::Receiver<(Result<(), Errno>, File)> {
     let (tx, rx) = mpsc::channel();
@@ -167,6 +188,64 @@ fn a_lock_on_one_host_refuses_the_other_and_a_blocked_lock_waits_for_the_close()
 }
 
 #[test]
+fn a_flock_on_one_host_refuses_the_other_and_goes_with_the_last_close() {
+    let g = ganesha();
+    let a = Host::start(&g, "a", "");
+    let b = Host::start(&g, "b", "");
+
+    // Shared locks on both hosts go together; an exclusive one waits for both to let go.
+    let sa = a.open("f");
+    let sb = b.open("f");
+    flock(&sa, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    flock(&sb, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    let xa = a.open("f");
+    assert_eq!(
+        flock(&xa, libc::LOCK_EX | libc::LOCK_NB),
+        Err(Errno::EWOULDBLOCK),
+        "host a got an exclusive flock while host b held a shared one; helper log of a:\n{}",
+        a.helper_log()
+    );
+    flock(&sb, libc::LOCK_UN).unwrap();
+    drop(sa);
+    flock_after_close(&xa, libc::LOCK_EX);
+
+    // Host b is refused both kinds while a holds it, and a blocking flock waits for a's close.
+    let fb = b.open("f");
+    assert_eq!(
+        flock(&fb, libc::LOCK_EX | libc::LOCK_NB),
+        Err(Errno::EWOULDBLOCK),
+        "host b got a flock host a holds; helper log of b:\n{}",
+        b.helper_log()
+    );
+    assert_eq!(
+        flock(&fb, libc::LOCK_SH | libc::LOCK_NB),
+        Err(Errno::EWOULDBLOCK)
+    );
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = flock(&fb, libc::LOCK_EX);
+        let _ = tx.send((r, fb));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(700)).is_err(),
+        "host b's blocking flock returned while host a held the lock"
+    );
+    // The last close of the open file releases a flock (no unlock).
+    drop(xa);
+    let (r, fb) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("host b's blocking flock still waits 10 s after host a closed the file");
+    r.unwrap();
+    let fa = a.open("f");
+    assert_eq!(
+        flock(&fa, libc::LOCK_SH | libc::LOCK_NB),
+        Err(Errno::EWOULDBLOCK)
+    );
+    drop(fb);
+    flock_after_close(&fa, libc::LOCK_EX);
+}
+
+#[test]
 fn locks_of_a_killed_helper_are_released() {
     let g = ganesha();
     let a = Host::start(&g, "a", "");
@@ -188,11 +267,14 @@ fn locks_of_a_killed_helper_are_released() {
         .expect("host b still waits 15 s after host a's helper was killed");
     r.unwrap();
     drop((fa, fb));
-    let log = a.d.log_text();
-    assert!(
-        log.contains("released the locks of a FUSE helper that died"),
-        "{log}"
-    );
+    // Logged once the unlock is answered, which may be just after host b's lock attempt got it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = a.d.log_text();
+    while !log.contains("released the locks of a FUSE helper that died") {
+        assert!(Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(50));
+        log = a.d.log_text();
+    }
 }
 
 /// Runs `n` single-row transactions from one sqlite3 process against `db`; returns how many it reported
@@ -291,6 +373,7 @@ fn without_a_lock_manager_locks_fail_with_enolck_unless_local_is_chosen() {
     let f = a.open("f");
     assert_eq!(setlk(&f, libc::F_WRLCK, 0, 0, false), Err(Errno::ENOLCK));
     assert_eq!(setlk(&f, libc::F_RDLCK, 0, 0, true), Err(Errno::ENOLCK));
+    assert_eq!(flock(&f, libc::LOCK_EX | libc::LOCK_NB), Err(Errno::ENOLCK));
     let log = a.helper_log();
     assert!(log.contains("no lock manager"), "{log}");
     // Reading and writing are not affected.
@@ -316,6 +399,14 @@ fn without_a_lock_manager_locks_fail_with_enolck_unless_local_is_chosen() {
         "{out:?}"
     );
     drop(f1);
+    // flock locks belong to the open file: a second open of it is refused even in this process.
+    let f2 = l.open("f");
+    flock(&f2, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    assert_eq!(
+        flock(&l.open("f"), libc::LOCK_SH | libc::LOCK_NB),
+        Err(Errno::EWOULDBLOCK)
+    );
+    drop(f2);
     let out = Command::new("python3")
         .arg("-c")
         .arg("import fcntl, sys\nf = open(sys.argv[1], 'r+')\nfcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nprint('granted')\n")

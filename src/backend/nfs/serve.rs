@@ -180,8 +180,8 @@ const TRIM_THRESHOLD: libc::c_int = 128 << 20;
 /// Tunes the allocator for the helper's data path. Call before the runtime starts, so the buffers of the
 /// first requests already follow it.
 ///
-/// Every FUSE WRITE and READ moves 1 MiB through several freshly allocated buffers (fuse3's copy of the
-/// request, the adapter's copy for the store, the NFS client's encoding). With glibc's defaults each of
+/// Every FUSE WRITE and READ moves 1 MiB through several freshly allocated buffers (the session's copy of the
+/// request, which the store then writes from, and the NFS client's encoding). With glibc's defaults each of
 /// those is an mmap of its own, or is given back to the kernel when freed: the kernel zeroes every page
 /// again on the next use and unmaps it on free, which perf showed as a fifth of the helper's CPU while
 /// writing. Above these thresholds the buffers come from the heap and are reused. The price is up to
