@@ -123,7 +123,7 @@ impl Default for MountOptions {
 /// serving and unmounts in the background (non-lazily: if the mount is busy it is left dead, answering
 /// "transport endpoint is not connected", until a lazy `umount -l`), so unmount explicitly.
 pub struct MountHandle {
-    /// Reports once the reading threads have ended (the filesystem is unmounted or its connection cut).
+    /// Reports once the session has ended (the filesystem is unmounted or its connection cut).
     session: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
     mountpoint: PathBuf,
     /// Writes the session acknowledged may still be on their way when it ends; `finished` waits for them.
@@ -190,7 +190,7 @@ impl MountHandle {
         };
         let ended = match session.await {
             Ok(result) => result,
-            Err(_) => Err(std::io::Error::other("the FUSE session's threads are gone")),
+            Err(_) => Err(std::io::Error::other("the FUSE session's task is gone")),
         }
         .map_err(|source| FuseError::Session {
             path: self.mountpoint.clone(),
@@ -259,7 +259,7 @@ pub async fn mount(
     let notifier = session::Notifier::new(Arc::clone(&ch));
     let _ = fs.notify.set(notifier.clone());
     fs.locks.set_notify(notifier);
-    let started = session::serve(ch, Arc::new(fs), tokio::runtime::Handle::current());
+    let started = session::serve(ch, Arc::new(fs), &tokio::runtime::Handle::current());
     let ended = match started {
         Ok(ended) => ended,
         Err(e) => {
