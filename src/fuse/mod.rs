@@ -1290,37 +1290,25 @@ impl FerryFs {
         .await
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn getlk(
-        &self,
-        _req: Request,
-        inode: u64,
-        _fh: u64,
-        lock_owner: u64,
-        start: u64,
-        end: u64,
-        r#type: u32,
-        pid: u32,
-    ) -> FuseResult<ReplyLock> {
+    /// F_GETLK: `lk` as the kernel sent it (owner, range, type, pid).
+    async fn getlk(&self, _req: Request, inode: u64, lk: &k::fuse_lk_in) -> FuseResult<ReplyLock> {
         let handle = self.handle(inode)?;
+        let l = &lk.lk;
         self.locks
-            .getlk(&handle, lock_owner, start, end, r#type, pid)
+            .getlk(&handle, lk.owner, l.start, l.end, l.typ, l.pid)
             .await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// F_SETLK, F_SETLKW (`block`) and flock(2), which the kernel sends as a whole-file lock of the open
+    /// file's owner (FUSE_LK_FLOCK in `lk.lk_flags`, needing nothing else here).
     async fn setlk(
         &self,
         req: Request,
         inode: u64,
-        _fh: u64,
-        lock_owner: u64,
-        start: u64,
-        end: u64,
-        r#type: u32,
-        pid: u32,
+        lk: &k::fuse_lk_in,
         block: bool,
     ) -> FuseResult<()> {
+        let (lock_owner, r#type) = (lk.owner, lk.lk.typ);
         let handle = self.handle(inode)?;
         let unlock = r#type as i32 == libc::F_UNLCK;
         if unlock {
@@ -1335,7 +1323,15 @@ impl FerryFs {
         }
         self.locks
             .setlk(
-                inode, &handle, req.unique, lock_owner, start, end, r#type, pid, block,
+                inode,
+                &handle,
+                req.unique,
+                lock_owner,
+                lk.lk.start,
+                lk.lk.end,
+                r#type,
+                lk.lk.pid,
+                block,
             )
             .await?;
         if !unlock {
@@ -1543,43 +1539,18 @@ impl session::Serve for FerryFs {
             .map(|buf| buf.reply(u)),
             Op::Releasedir { fh } => fs.releasedir(req, ino, fh, 0).await.map(empty),
             Op::Fsyncdir => fs.fsyncdir(req, ino, 0, false).await.map(empty),
-            Op::Getlk(lk) => fs
-                .getlk(
-                    req,
-                    ino,
-                    lk.fh,
-                    lk.owner,
-                    lk.lk.start,
-                    lk.lk.end,
-                    lk.lk.typ,
-                    lk.lk.pid,
+            Op::Getlk(lk) => fs.getlk(req, ino, &lk).await.map(|l| {
+                Reply::lock(
+                    u,
+                    k::fuse_file_lock {
+                        start: l.start,
+                        end: l.end,
+                        typ: l.r#type,
+                        pid: l.pid,
+                    },
                 )
-                .await
-                .map(|l| {
-                    Reply::lock(
-                        u,
-                        k::fuse_file_lock {
-                            start: l.start,
-                            end: l.end,
-                            typ: l.r#type,
-                            pid: l.pid,
-                        },
-                    )
-                }),
-            Op::Setlk { lk, block } => fs
-                .setlk(
-                    req,
-                    ino,
-                    lk.fh,
-                    lk.owner,
-                    lk.lk.start,
-                    lk.lk.end,
-                    lk.lk.typ,
-                    lk.lk.pid,
-                    block,
-                )
-                .await
-                .map(empty),
+            }),
+            Op::Setlk { lk, block } => fs.setlk(req, ino, &lk, block).await.map(empty),
             Op::Create { flags, mode, name } => fs
                 .create(req, ino, name, mode, flags)
                 .await

@@ -375,6 +375,52 @@ fn drop_foreign_mounts(pid: u32) {
     }
 }
 
+/// Waits, up to `limit`, until no process in another mount namespace has a mount at `path`. Tests running
+/// beside this one start processes in mount namespaces of their own (holders, `ip netns exec` for the
+/// cluster tests' daemons), and each copies every mount of that moment, this test's volumes included,
+/// until it ends or drops them. A test that needs "nothing else holds the volume" waits for this first.
+pub fn wait_until_no_other_namespace_mounts(path: &Path, limit: Duration) {
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let deadline = Instant::now() + limit;
+    let held_elsewhere = || -> Option<String> {
+        let entries = std::fs::read_dir("/proc").ok()?;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+            if ns.is_none() || ns == own {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+                continue;
+            };
+            if text
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .any(|p| Path::new(&p.replace("\\040", " ")) == path)
+            {
+                return Some(pid.to_string());
+            }
+        }
+        None
+    };
+    while let Some(pid) = held_elsewhere() {
+        if Instant::now() >= deadline {
+            eprintln!(
+                "{} is still mounted in the mount namespace of pid {pid} after {limit:?}",
+                path.display()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A process in a mount namespace of its own (`unshare -m`, private propagation), made while the volumes
 /// the test mounted existed: it keeps its copy of those mounts whatever happens to the host's, as a running
 /// container keeps its volumes. Dropping it kills it, which ends the copies.

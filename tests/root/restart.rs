@@ -169,6 +169,10 @@ fn mount_ids_of_containers_gone_while_down_are_released_at_start() {
     container.bind(&dir, &d.dir.join("container-dir"));
     d.kill9();
     container.stop();
+    // What this test means by "gone" includes other tests' namespaces that copied the volumes' mounts.
+    for mp in [&capped, &dir] {
+        common::wait_until_no_other_namespace_mounts(mp, std::time::Duration::from_secs(120));
+    }
     d.spawn(&[]);
     let log = d.log_text();
     assert_eq!(
