@@ -119,12 +119,14 @@ impl Default for MountOptions {
     }
 }
 
-/// A mounted FUSE filesystem. `unmount` unmounts and waits. Dropping a handle whose session still runs stops
-/// serving and unmounts in the background (non-lazily: if the mount is busy it is left dead, answering
-/// "transport endpoint is not connected", until a lazy `umount -l`), so unmount explicitly.
+/// A mounted FUSE filesystem. `unmount` unmounts and waits. Dropping a handle whose session still runs
+/// unmounts in the background, never lazily: if a process still uses the mount, its connection is cut
+/// instead, so it answers "transport endpoint is not connected" at once (rather than waiting on a session
+/// nobody will end) until it is unmounted once that process has left. So unmount explicitly.
 pub struct MountHandle {
     /// Reports once the session has ended (the filesystem is unmounted or its connection cut).
     session: Option<tokio::sync::oneshot::Receiver<std::io::Result<()>>>,
+    channel: Arc<session::Channel>,
     mountpoint: PathBuf,
     /// Writes the session acknowledged may still be on their way when it ends; `finished` waits for them.
     writes: Arc<WriteBehind>,
@@ -209,19 +211,27 @@ impl Drop for MountHandle {
         if self.session.take().is_none() {
             return;
         }
-        // Still served: unmount in the background, never lazily; a busy mount is cut off instead, so it
-        // answers "transport endpoint is not connected" until someone unmounts it.
+        // Still served: unmount in the background (the kernel may ask the session for a last flush),
+        // never lazily; a busy mount is cut off instead.
         let path = self.mountpoint.clone();
+        let channel = Arc::clone(&self.channel);
         let spawned = std::thread::Builder::new()
             .name("ferry-fuse-drop".into())
-            .spawn(move || {
-                if SystemMounter.unmount(&path).is_err() {
-                    session::abort(&path);
-                }
-            });
+            .spawn(move || cut_off_unless_unmounted(&path, &channel));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot unmount a dropped FUSE mount");
         }
+    }
+}
+
+/// Unmounts a mount whose session nobody will end, or, if a process still uses it, cuts its connection.
+/// Blocking.
+fn cut_off_unless_unmounted(path: &Path, channel: &session::Channel) {
+    if SystemMounter.unmount(path).is_ok() {
+        return;
+    }
+    if let Err(e) = channel.abort() {
+        tracing::warn!(path = %path.display(), error = %e, "cannot cut off a dropped FUSE mount");
     }
 }
 
@@ -259,23 +269,23 @@ pub async fn mount(
     let notifier = session::Notifier::new(Arc::clone(&ch));
     let _ = fs.notify.set(notifier.clone());
     fs.locks.set_notify(notifier);
-    let started = session::serve(ch, Arc::new(fs), &tokio::runtime::Handle::current());
+    let started = session::serve(
+        Arc::clone(&ch),
+        Arc::new(fs),
+        &tokio::runtime::Handle::current(),
+    );
     let ended = match started {
         Ok(ended) => ended,
         Err(e) => {
             let path = mountpoint.to_path_buf();
-            let _ = tokio::task::spawn_blocking(move || {
-                if SystemMounter.unmount(&path).is_err() {
-                    session::abort(&path);
-                }
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || cut_off_unless_unmounted(&path, &ch)).await;
             return Err(mount_error(e));
         }
     };
     raise_readahead(mountpoint).await;
     Ok(MountHandle {
         session: Some(ended),
+        channel: ch,
         mountpoint: mountpoint.to_path_buf(),
         writes,
     })

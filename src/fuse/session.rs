@@ -9,13 +9,14 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use nix::errno::Errno as NixErrno;
 use polyfuse_kernel as k;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Op, Reply};
 use super::MAX_IO;
@@ -32,9 +33,32 @@ const READ_BUFFER: usize = MAX_IO as usize + 2 * k::FUSE_MIN_READ_BUFFER as usiz
 #[derive(Debug)]
 pub(crate) struct Channel {
     fd: OwnedFd,
+    /// Cancelled by `abort`: the reading task ends, as the device it waits on is gone.
+    aborted: CancellationToken,
 }
 
 impl Channel {
+    /// Cuts the connection now, whatever still holds the channel: every request in flight and every later
+    /// one fails with ENOTCONN until the filesystem is unmounted, and the reading task ends. For a mount that
+    /// cannot be unmounted because a process still uses it.
+    ///
+    /// The kernel aborts a connection when the last descriptor of its device is closed. Tasks in flight (a
+    /// lock waiting on a server, say) hold the channel and would keep it open, so the descriptor is not
+    /// closed but replaced, with dup2(2), by /dev/null: the device is released at once, and the number stays
+    /// valid for the replies still being written, which go nowhere. This needs no fusectl filesystem
+    /// (/sys/fs/fuse/connections), which many hosts and containers do not mount.
+    pub(crate) fn abort(&self) -> std::io::Result<()> {
+        use nix::fcntl::{open, OFlag};
+        let null = open(
+            "/dev/null",
+            OFlag::O_RDWR | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let replaced = nix::unistd::dup3(null.as_raw_fd(), self.fd.as_raw_fd(), OFlag::O_CLOEXEC);
+        self.aborted.cancel();
+        replaced.map(drop).map_err(std::io::Error::from)
+    }
+
     /// Writes one reply or notification. ENOENT means the request was interrupted and is gone: not an error.
     pub(crate) fn send(&self, parts: &[&[u8]]) -> Result<(), NixErrno> {
         let slices: Vec<IoSlice<'_>> = parts
@@ -132,6 +156,7 @@ pub(crate) fn mount(mountpoint: &Path, spec: &MountSpec<'_>) -> std::io::Result<
     let ch = Arc::new(Channel {
         // SAFETY: `open` returned this descriptor to us alone; nothing else closes it.
         fd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+        aborted: CancellationToken::new(),
     });
     if let Err(e) = handshake(&ch) {
         // A mount whose INIT failed serves nothing: take it away again.
@@ -268,9 +293,12 @@ async fn read_loop<S: Serve>(
     loop {
         // A cut connection (after an unmount, or an abort) polls as EPOLLERR only, not as readable; the
         // read then says ENODEV.
-        let mut guard = ready
-            .ready(tokio::io::Interest::READABLE | tokio::io::Interest::ERROR)
-            .await?;
+        let mut guard = tokio::select! {
+            biased;
+            // The device was replaced by /dev/null: it will never be ready again.
+            () = ch.aborted.cancelled() => return Ok(()),
+            guard = ready.ready(tokio::io::Interest::READABLE | tokio::io::Interest::ERROR) => guard?,
+        };
         let n = match guard.try_io(|r| match nix::unistd::read(r.as_raw_fd(), &mut buf) {
             Ok(n) => Ok(Some(n)),
             // Interrupted before we read it: gone, as if never sent.
@@ -278,6 +306,8 @@ async fn read_loop<S: Serve>(
             Err(NixErrno::ENODEV) => Err(std::io::Error::from_raw_os_error(libc::ENODEV)),
             Err(e) => Err(e.into()),
         }) {
+            // End of file: /dev/null in the device's place after an abort.
+            Ok(Ok(Some(0))) => return Ok(()),
             Ok(Ok(Some(n))) => n,
             Ok(Ok(None)) => continue,
             // Unmounted, or the connection was cut: the session is over.
@@ -314,21 +344,6 @@ async fn read_loop<S: Serve>(
                 });
             }
         }
-    }
-}
-
-/// Cuts the connection of the FUSE mount on `mountpoint`: every request in flight and every later one
-/// fails with ENOTCONN, and the reading threads end. For a mount that cannot be unmounted.
-pub(crate) fn abort(mountpoint: &Path) {
-    let Ok(st) = nix::sys::stat::stat(mountpoint) else {
-        return;
-    };
-    let knob = PathBuf::from(format!(
-        "/sys/fs/fuse/connections/{}/abort",
-        nix::sys::stat::minor(st.st_dev)
-    ));
-    if let Err(e) = std::fs::write(&knob, "1") {
-        tracing::warn!(path = %knob.display(), error = %e, "cannot abort a FUSE connection");
     }
 }
 

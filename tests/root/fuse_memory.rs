@@ -624,6 +624,78 @@ fn unmount_of_a_busy_mount_fails_and_leaves_it_working() {
     assert!(mounts_at(&path).is_empty());
 }
 
+#[test]
+fn a_dropped_handle_unmounts_an_idle_mount() {
+    let mut m = Mounted::default();
+    let path = m.root().to_path_buf();
+    fs::write(path.join("f"), b"x").unwrap();
+    drop(m.handle.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mounts_at(&path).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "a dropped handle left {path:?} mounted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A handle dropped while a process still uses its mount (a helper stopping on a signal) cannot unmount it,
+/// and must not leave it served by nobody, where every access would wait: it cuts the connection, so every
+/// access fails at once with ENOTCONN, and the mount goes with the first `umount` once the process left.
+#[test]
+fn a_dropped_handle_of_a_busy_mount_cuts_the_connection() {
+    let mut m = Mounted::default();
+    let path = m.root().to_path_buf();
+    fs::create_dir(path.join("d")).unwrap();
+    fs::write(path.join("d/f"), b"x").unwrap();
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .current_dir(path.join("d"))
+        .spawn()
+        .unwrap();
+    drop(m.handle.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let errno = loop {
+        match fs::read(path.join("d/f")) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => break libc::ENOTCONN,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the dropped mount still answers: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert_eq!(errno, libc::ENOTCONN);
+    assert_eq!(
+        mounts_at(&path).len(),
+        1,
+        "a busy mount must stay in the table, cut off, not be detached lazily"
+    );
+    // A name the kernel has not cached needs the session: it fails at once too.
+    let started = Instant::now();
+    assert_eq!(
+        fs::metadata(path.join("d/never-looked-up"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOTCONN)
+    );
+    assert_eq!(
+        fs::read_dir(path.join("d")).unwrap_err().raw_os_error(),
+        Some(libc::ENOTCONN)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a cut-off mount must not wait"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    nix::mount::umount2(&path, nix::mount::MntFlags::empty()).unwrap();
+    assert!(mounts_at(&path).is_empty());
+}
+
 /// Closes `f` and returns what close(2) said, which `File`'s drop throws away.
 fn close(f: File) -> nix::Result<()> {
     nix::unistd::close(std::os::fd::IntoRawFd::into_raw_fd(f))
