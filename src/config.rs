@@ -880,7 +880,8 @@ pub const REFERENCE: &[ConfigKey] = &[
         key: "nfs.connections",
         default: "`8`",
         meaning: "connections to the server per FUSE mount (and for control operations): requests in flight \
-                  at once; 1 to 64",
+                  at once; 1 to 64. Each mount's FUSE helper serves them on one thread per two cores (at \
+                  least one; docs/benchmarks.md says why not more)",
         example: "8",
     },
     ConfigKey {

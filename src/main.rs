@@ -295,9 +295,9 @@ fn nfs_mount(spec: &str) -> anyhow::Result<u8> {
     };
     // Before the runtime's threads exist.
     serve::tune_allocator();
-    // Several FUSE requests wait on the server at once; more workers than cores keeps them flowing.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
+        .worker_threads(serve::worker_threads(cores))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -6,8 +6,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use nfs3_client::io::{AsyncRead, AsyncWrite};
 use nfs3_client::net::Connector;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
+
+/// Bytes read from the socket at once. `nfs3_client` reads each reply as its 4-byte record mark and then
+/// its body: unbuffered, that is two `recv` calls per RPC where one does, as a 4 KiB READ reply and its mark
+/// arrive together. A bigger reply (1 MiB READs) bypasses the buffer once it is empty.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Connects to NFS and MOUNT services over TCP with `TCP_NODELAY`.
 ///
@@ -18,15 +23,17 @@ use tokio::net::{TcpSocket, TcpStream};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TcpConnector;
 
-/// One TCP stream, read and written through `nfs3_client`'s I/O traits.
+/// One TCP stream, read (through a buffer) and written through `nfs3_client`'s I/O traits. The client
+/// makes one call at a time per connection and reads its whole reply, so the buffer never holds bytes of a
+/// later reply when a call ends.
 #[derive(Debug)]
-pub struct TcpStreamIo(TcpStream);
+pub struct TcpStreamIo(BufReader<TcpStream>);
 
 impl TcpStreamIo {
     fn new(stream: TcpStream) -> io::Result<Self> {
         // RPC calls are small request/response pairs: Nagle's algorithm would hold each one back.
         stream.set_nodelay(true)?;
-        Ok(Self(stream))
+        Ok(Self(BufReader::with_capacity(READ_BUFFER, stream)))
     }
 }
 
