@@ -17,12 +17,14 @@
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{median, save, terminate, unmount_under, verdict, verify_data, Pattern, CHUNK};
+use support::{
+    median, plugin_call, save, start_serve, terminate, unmount_under, verdict, verify_data,
+    Pattern, ServeDir, CHUNK,
+};
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::{Read, Seek, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -214,68 +216,23 @@ struct Daemon {
 
 impl Daemon {
     fn start(common: &Common, label: &str, config: &Config) -> Result<Daemon> {
-        let dir = common.work.join(label);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let config_path = dir.join("ferry.toml");
-        std::fs::write(&config_path, config.toml())?;
-        // Empty AWS files rather than none: a missing file named by AWS_CONFIG_FILE is logged as a warning.
-        let aws = dir.join("aws-empty");
-        std::fs::write(&aws, "")?;
-        let mut d = Daemon {
-            child: None,
+        let at = ServeDir::new(common.work.join(label));
+        let child = start_serve(
+            &common.ferry,
+            &at,
+            &config.toml(),
+            "info",
+            &common.pids,
+            label,
+        )?;
+        Ok(Daemon {
+            child: Some(child),
             label: label.to_string(),
-            socket: dir.join("ferry.sock"),
-            state: dir.join("state"),
-            log: dir.join("ferry.log"),
-            dir,
-        };
-        let log = std::fs::File::create(&d.log)?;
-        let child = Command::new(&common.ferry)
-            .arg("serve")
-            .arg("--socket")
-            .arg(&d.socket)
-            .arg("--state-dir")
-            .arg(&d.state)
-            .env("FERRY_CONFIG", &config_path)
-            .env("FERRY_LOG", "info")
-            // Dummy credentials through the standard chain, and nothing of this machine's AWS setup.
-            .env("AWS_ACCESS_KEY_ID", "AKIDFERRYBENCH")
-            .env("AWS_SECRET_ACCESS_KEY", "ferry-bench-dummy-secret")
-            .env("AWS_CONFIG_FILE", &aws)
-            .env("AWS_SHARED_CREDENTIALS_FILE", &aws)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_PROFILE")
-            .env_remove("FERRY_ADMIN_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", common.ferry.display()))?;
-        let mut pids = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&common.pids)?;
-        writeln!(pids, "{}", child.id())?;
-        // From here on, dropping `d` on an error stops the daemon.
-        let child = d.child.insert(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&d.socket).is_err() {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "ferry serve ({label}) exited at start-up ({status}):\n{}",
-                    std::fs::read_to_string(&d.log).unwrap_or_default()
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "ferry serve ({label}) did not listen on {} within 20 s",
-                d.socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(d)
+            socket: at.socket,
+            state: at.state,
+            log: at.log,
+            dir: at.dir,
+        })
     }
 
     fn pid(&self) -> u32 {
@@ -284,42 +241,7 @@ impl Daemon {
 
     /// One protocol call. The outer error is a broken exchange; the inner one is the plugin's `Err`.
     fn call(&self, endpoint: &str, body: &Value) -> Result<std::result::Result<Value, String>> {
-        let body = body.to_string();
-        let mut s = UnixStream::connect(&self.socket).with_context(|| {
-            format!(
-                "cannot connect to {} ({})",
-                self.socket.display(),
-                self.label
-            )
-        })?;
-        // Docker gives Create and Mount 2 minutes; a slow pull must not be cut short here.
-        s.set_read_timeout(Some(Duration::from_secs(300)))?;
-        write!(
-            s,
-            "POST /VolumeDriver.{endpoint} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n\
-             Accept: application/vnd.docker.plugins.v1.2+json\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)
-            .with_context(|| format!("VolumeDriver.{endpoint} on {}: no reply", self.label))?;
-        let text = String::from_utf8_lossy(&out);
-        let (head, reply) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("VolumeDriver.{endpoint}: bad reply {text:?}"))?;
-        let v: Value = serde_json::from_str(reply)
-            .with_context(|| format!("VolumeDriver.{endpoint}: non-JSON reply {reply:?}"))?;
-        let err = v.get("Err").and_then(Value::as_str).unwrap_or("");
-        if !err.is_empty() {
-            return Ok(Err(err.to_string()));
-        }
-        ensure!(
-            head.starts_with("HTTP/1.1 200"),
-            "VolumeDriver.{endpoint} {body} on {}: {head}",
-            self.label
-        );
-        Ok(Ok(v))
+        plugin_call(&self.socket, &self.label, endpoint, body)
     }
 
     /// A call that must succeed.

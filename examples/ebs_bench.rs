@@ -30,18 +30,20 @@ mod support;
 
 #[path = "support/ebs_history.rs"]
 mod history;
-use support::{median, save, terminate, unmount_under, verdict, verify_data, Pattern, CHUNK};
+use support::{
+    median, plugin_call, save, start_serve, terminate, unmount_under, verdict, verify_data,
+    Pattern, ServeDir, CHUNK,
+};
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::ChecksumAlgorithm;
 use base64::Engine;
@@ -205,9 +207,6 @@ impl Daemon {
         lines: &str,
     ) -> Result<Daemon> {
         let dir = common.work.join(label);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let config = dir.join("ferry.toml");
         let mut text = format!("[ebs]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n");
         if let Some(c) = concurrency {
             writeln!(text, "concurrency = {c}")?;
@@ -219,66 +218,16 @@ impl Daemon {
         if !lines.is_empty() {
             writeln!(text, "{lines}")?;
         }
-        std::fs::write(&config, text)?;
-        // Empty AWS files rather than none: a missing file named by AWS_CONFIG_FILE is logged as a warning.
-        let aws = dir.join("aws-empty");
-        std::fs::write(&aws, "")?;
-        let mut d = Daemon {
-            child: None,
-            socket: dir.join("ferry.sock"),
-            state: dir.join("state"),
-            log: dir.join("ferry.log"),
-            dir,
-        };
-        let log = std::fs::File::create(&d.log)?;
-        let mut cmd = Command::new(&common.ferry);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&d.socket)
-            .arg("--state-dir")
-            .arg(&d.state)
-            .env("FERRY_CONFIG", &config)
-            .env(
-                "FERRY_LOG",
-                std::env::var("BENCH_FERRY_LOG").unwrap_or("info".into()),
-            )
-            // Dummy credentials through the standard chain, and nothing of this machine's AWS setup.
-            .env("AWS_ACCESS_KEY_ID", "AKIDFERRYBENCH")
-            .env("AWS_SECRET_ACCESS_KEY", "ferry-bench-dummy-secret")
-            .env("AWS_CONFIG_FILE", &aws)
-            .env("AWS_SHARED_CREDENTIALS_FILE", &aws)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_PROFILE")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", common.ferry.display()))?;
-        let mut pids = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&common.pids)?;
-        writeln!(pids, "{}", child.id())?;
-        // From here on, dropping `d` on an error stops the daemon.
-        let child = d.child.insert(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&d.socket).is_err() {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "ferry serve exited at start-up ({status}):\n{}",
-                    std::fs::read_to_string(&d.log).unwrap_or_default()
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "ferry serve did not listen on {} within 20 s",
-                d.socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(d)
+        let at = ServeDir::new(dir);
+        let log = std::env::var("BENCH_FERRY_LOG").unwrap_or("info".into());
+        let child = start_serve(&common.ferry, &at, &text, &log, &common.pids, label)?;
+        Ok(Daemon {
+            child: Some(child),
+            socket: at.socket,
+            state: at.state,
+            log: at.log,
+            dir: at.dir,
+        })
     }
 
     fn pid(&self) -> u32 {
@@ -287,34 +236,8 @@ impl Daemon {
 
     /// One protocol call that must succeed; returns the reply.
     fn call(&self, endpoint: &str, body: &Value) -> Result<Value> {
-        let body = body.to_string();
-        let mut s = UnixStream::connect(&self.socket)
-            .with_context(|| format!("cannot connect to {}", self.socket.display()))?;
-        // Docker gives Create and Mount 2 minutes; a slow pull of a big volume must not be cut short here.
-        s.set_read_timeout(Some(Duration::from_secs(300)))?;
-        write!(
-            s,
-            "POST /VolumeDriver.{endpoint} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n\
-             Accept: application/vnd.docker.plugins.v1.2+json\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)
-            .with_context(|| format!("VolumeDriver.{endpoint}: no reply"))?;
-        let text = String::from_utf8_lossy(&out);
-        let (head, reply) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("VolumeDriver.{endpoint}: bad reply {text:?}"))?;
-        let v: Value = serde_json::from_str(reply)
-            .with_context(|| format!("VolumeDriver.{endpoint}: non-JSON reply {reply:?}"))?;
-        let err = v.get("Err").and_then(Value::as_str).unwrap_or("");
-        ensure!(
-            head.starts_with("HTTP/1.1 200") && err.is_empty(),
-            "VolumeDriver.{endpoint} {body} failed: {}",
-            if err.is_empty() { head } else { err }
-        );
-        Ok(v)
+        plugin_call(&self.socket, "ferry serve", endpoint, body)?
+            .map_err(|e| anyhow!("VolumeDriver.{endpoint} {body} failed: {e}"))
     }
 
     fn create(&self, name: &str, size_mib: u64) -> Result<()> {
