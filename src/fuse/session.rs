@@ -44,7 +44,7 @@ impl Channel {
     ///
     /// The kernel aborts a connection when the last descriptor of its device is closed. Tasks in flight (a
     /// lock waiting on a server, say) hold the channel and would keep it open, so the descriptor is not
-    /// closed but replaced, with dup2(2), by /dev/null: the device is released at once, and the number stays
+    /// closed but replaced, with dup3(2), by /dev/null: the device is released at once, and the number stays
     /// valid for the replies still being written, which go nowhere. This needs no fusectl filesystem
     /// (/sys/fs/fuse/connections), which many hosts and containers do not mount.
     pub(crate) fn abort(&self) -> std::io::Result<()> {
@@ -54,9 +54,10 @@ impl Channel {
             OFlag::O_RDWR | OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
         )?;
-        let replaced = nix::unistd::dup3(null.as_raw_fd(), self.fd.as_raw_fd(), OFlag::O_CLOEXEC);
+        nix::unistd::dup3(null.as_raw_fd(), self.fd.as_raw_fd(), OFlag::O_CLOEXEC)?;
+        // Only now: a reader that stopped while the device was still there would leave the mount hanging.
         self.aborted.cancel();
-        replaced.map(drop).map_err(std::io::Error::from)
+        Ok(())
     }
 
     /// Writes one reply or notification. ENOENT means the request was interrupted and is gone: not an error.

@@ -640,9 +640,10 @@ fn a_dropped_handle_unmounts_an_idle_mount() {
     }
 }
 
-/// A handle dropped while a process still uses its mount (a helper stopping on a signal) cannot unmount it,
-/// and must not leave it served by nobody, where every access would wait: it cuts the connection, so every
-/// access fails at once with ENOTCONN, and the mount goes with the first `umount` once the process left.
+/// A handle dropped while a process still uses its mount (an error path that returns without unmounting)
+/// cannot unmount it, and must not leave it served by nobody, where every access would wait: it cuts the
+/// connection, so every access fails at once with ENOTCONN, and the mount goes with the first `umount`
+/// once the process left.
 #[test]
 fn a_dropped_handle_of_a_busy_mount_cuts_the_connection() {
     let mut m = Mounted::default();

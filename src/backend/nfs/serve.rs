@@ -209,9 +209,9 @@ pub fn tune_allocator() {
 /// application that made it, the kernel's FUSE and TCP paths and (on the same host, as in the tests) the
 /// server, so the helper itself keeps at most about half the cores busy. Workers beyond that cost more than
 /// they bring: each new task wakes an idle worker to steal it, and on a machine with as many busy threads
-/// as cores every wake-up is a context switch. Measured with fio on 2 cores (4 KiB random reads, 4 jobs,
-/// docs/benchmarks.md): 4 workers spent 46 µs of helper CPU per read and reached 2.3 times one job's
-/// rate, 2 workers 39 µs and 2.7 times, 1 worker 35 µs and 3.2 times.
+/// as cores every wake-up is a context switch. Measured with fio on 2 cores (4 KiB random reads, 4 jobs
+/// against 1, docs/benchmarks.md): 4 workers spent 42–44 µs of helper CPU per read at 4 jobs and reached
+/// 2.4–2.8 times one job's rate, 1 worker 28–36 µs and 2.8–3.3 times; 2 workers fell between.
 pub fn worker_threads(cores: usize) -> usize {
     (cores / 2).max(1)
 }
